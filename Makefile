@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - install into .venv, then run the main job (ingest real DICOM, augment, train, export)
+#   make test   - install into .venv, then run the test suite
+# Override PYTHON, VENV or TORCH on the command line, e.g. `make demo TORCH="torch==2.13.0+cu130"`.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.medswav-installed
+
+.PHONY: install demo test bench-quick clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(wildcard augment_dali/csrc/*) $(wildcard augment_dali/build.py)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[all]'
+	@if [ -f augment_dali/build.py ]; then $(PY) -m augment_dali.build; fi
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m ingest.demo --out demo_output
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks --quick
+
+clean:
+	rm -rf $(VENV) demo_output build *.egg-info augment_dali/_lib
