@@ -1,0 +1,64 @@
+"""The Dask side: connect to a cluster (or start one) and run a phase's tasks with a progress bar."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from .config import ConfigError, IngestConfig
+
+
+@contextmanager
+def dask_client(cfg: IngestConfig) -> Iterator[Any]:
+    """`--scheduler ADDRESS` connects to a running cluster; otherwise an embedded LocalCluster
+    with `--workers N` single-threaded worker processes (pydicom decoding holds the GIL)."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    # workers that die mid-task are replaced and the task rerun elsewhere; shard names make reruns idempotent
+    dask.config.set({"distributed.scheduler.allowed-failures": 5})
+    if cfg.scheduler:
+        try:
+            client = Client(cfg.scheduler, timeout="10s")
+        except (OSError, TimeoutError) as e:
+            raise ConfigError(f"cannot reach Dask scheduler at {cfg.scheduler}: {e}") from None
+        cluster = None
+    else:
+        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=cfg.dashboard_address, silence_logs=40)
+        client = Client(cluster)
+    try:
+        n = len(client.scheduler_info().get("workers", {}))
+        where = cfg.scheduler or f"local cluster, {cfg.workers} worker process(es)"
+        print(f"dask: {where}; {n} worker(s) connected; dashboard: {client.dashboard_link}", file=sys.stderr)
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def run_phase(client, desc: str, fn: Callable, items: list, key_of: Callable[[Any], str], progress: bool,
+              **kwargs) -> tuple[list, list[tuple[Any, BaseException]]]:
+    """Submit fn(item, **kwargs) per item (task key from the item's identity); collect results as they
+    finish. Returns (results, failures); a failing task does not stop the others."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    if not items:
+        return [], []
+    futures = {}
+    for item in items:
+        fut = client.submit(fn, item, key=key_of(item), pure=False, **kwargs)
+        futures[fut] = item
+    results, failures = [], []
+    with tqdm(total=len(futures), desc=desc, unit="task", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for fut in as_completed(futures):
+            try:
+                results.append(fut.result())
+            except Exception as e:  # noqa: BLE001 - reported per task by the caller
+                failures.append((futures[fut], e))
+            bar.update(1)
+            fut.release()
+    return results, failures
