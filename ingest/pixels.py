@@ -6,8 +6,9 @@ Applied in this order (each rule is exact or documented as rounding):
    colour handling (YBR_* decoded to RGB). Big-endian arrays become native little-endian.
 2. Colour -> one channel:
    - PALETTE COLOR: pydicom's `apply_color_lut` (RGB in the LUT's depth, usually uint16), then luma.
-   - RGB (and YBR_* after decoding): ITU-R BT.601 luma  Y = 0.299 R + 0.587 G + 0.114 B, computed in
-     float64, rounded half-to-even (`np.rint`), stored in the unsigned dtype of the samples.
+   - RGB (and YBR_* after decoding): ITU-R BT.601 luma  Y = 0.299 R + 0.587 G + 0.114 B in exact
+     integer arithmetic, rounded half up: Y = (299 R + 587 G + 114 B + 500) // 1000, stored in the
+     unsigned dtype of the samples (the weights sum to 1, so Y never overflows).
 3. MONOCHROME1 (dark = high values) is reflected so that high = bright for every sample, within the
    BitsStored range: unsigned  x -> (2**BitsStored - 1) - x  (bits above BitsStored, which hold no
    pixel data, are masked first); signed  x -> -1 - x  (maps the signed range onto itself). Done on
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LUMA_BT601 = (0.299, 0.587, 0.114)
+LUMA_BT601_PERMILLE = (299, 587, 114)  # ITU-R BT.601 luma weights x 1000
 _INT_CANDIDATES = (np.dtype(np.int16), np.dtype(np.int32))
 
 
@@ -51,12 +52,14 @@ def native(arr: np.ndarray) -> np.ndarray:
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R BT.601 luma of an (..., 3) unsigned integer image, rounded half-to-even, same dtype."""
+    """ITU-R BT.601 luma of an (..., 3) unsigned integer image in exact integer arithmetic:
+    Y = floor((299 R + 587 G + 114 B + 500) / 1000), i.e. rounded half up; same dtype."""
     if rgb.dtype.kind != "u":
         raise ValueError(f"colour samples must be unsigned integers, got {rgb.dtype}")
-    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
-    y = np.rint(LUMA_BT601[0] * r + LUMA_BT601[1] * g + LUMA_BT601[2] * b)
-    return np.clip(y, 0, np.iinfo(rgb.dtype).max).astype(rgb.dtype)
+    c = rgb.astype(np.int64)
+    y = (LUMA_BT601_PERMILLE[0] * c[..., 0] + LUMA_BT601_PERMILLE[1] * c[..., 1]
+         + LUMA_BT601_PERMILLE[2] * c[..., 2] + 500) // 1000
+    return y.astype(rgb.dtype)  # weights sum to 1000: y never exceeds the dtype's maximum
 
 
 def invert_monochrome1(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -315,7 +316,9 @@ def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_pa
             errors.append(error_row(d, "scan", "unreadable folder", f"{type(e).__name__}: {e}"))
     for src in files:
         try:
-            row = read_header(src, salt, hash_paths)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom warns about every odd value; rejections say why
+                row = read_header(src, salt, hash_paths)
         except Rejected as e:
             errors.append(error_row(_shown(src, salt, hash_paths), "scan", e.reason, e.detail))
             continue
