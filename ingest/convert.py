@@ -32,6 +32,16 @@ def shard_done(root: Path, generation: int, modality: str, name: str) -> bool:
     return ShardWriter.is_committed(root, modality, name) or empty_marker(root, generation, name).exists()
 
 
+def _remove_stale_temporaries(root: Path, modality: str, name: str) -> None:
+    """Hidden temporaries of this shard left by a writer that died (killed worker or client)."""
+    from shards.layout import idx_path, manifest_path, tar_path
+
+    for final in (tar_path(root, modality, name), idx_path(root, modality, name), manifest_path(root, modality, name)):
+        if final.parent.is_dir():
+            for stale in final.parent.glob(f".{final.name}.tmp-*"):
+                stale.unlink(missing_ok=True)
+
+
 def load_dataset(src: str):
     import pydicom
 
@@ -152,6 +162,7 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
     if shard_done(root, generation, modality, name):
         result["skipped"] = True
         return result
+    _remove_stale_temporaries(root, modality, name)
     specs = pq.read_table(spec_path(root, generation, name)).to_pylist()
     cache: OrderedDict[str, object] = OrderedDict()
     failed: set[str] = set()
