@@ -163,3 +163,73 @@ def test_dataset_json_counts_match_manifest(ingested):
     assert {m: c["samples"] for m, c in info["modalities"].items()} == dict(per_mod)
     assert info["ingest"]["generations"] == [0]
     assert set(per_mod) == {"ct", "mr", "xr", "us"}
+
+
+IDENTIFYING = (
+    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames", "PatientAddress",
+    "PatientTelephoneNumbers", "PatientMotherBirthName", "AccessionNumber", "InstitutionName",
+    "InstitutionAddress", "InstitutionalDepartmentName", "ReferringPhysicianName", "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy", "OperatorsName", "RequestingPhysician", "StudyDescription",
+    "SeriesDescription", "ImageComments", "StudyComments", "AdditionalPatientHistory", "StudyID", "StationName",
+    "DeviceSerialNumber", "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "StudyTime",
+    "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID",
+)
+
+
+def _identifying_values(files) -> dict[str, str]:
+    import pydicom
+
+    values, legit = {}, set()
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+        except Exception:
+            continue
+        legit |= {str(ds.get("Manufacturer", "")).strip(), str(ds.get("BodyPartExamined", "")).strip()}
+        for name in IDENTIFYING:
+            try:
+                v = ds.get(name)
+            except Exception:
+                continue
+            if v is None:
+                continue
+            for item in (v if isinstance(v, pydicom.multival.MultiValue) else [v]):
+                text = str(item).strip()
+                if len(text) >= 6:
+                    values[text] = f"{name} of {os.path.basename(f)}"
+    # Manufacturer and BodyPartExamined are stored on purpose; an institution called like a vendor is no leak
+    return {v: w for v, w in values.items() if not any(v in ok for ok in legit)}
+
+
+def test_no_identifying_header_value_reaches_shards_or_manifests(ingested):
+    """Text (sample JSON, index, manifests, summaries) is searched for every value as a whole token;
+    the raw bytes of every tar (pixels included) for every value that is not a plain number (a date
+    such as 20000101 occurs in binary pixel data by chance)."""
+    import re
+    import tarfile
+
+    values = _identifying_values(ingested["files"])
+    assert len(values) > 300  # names, IDs, dates, UIDs of the real files
+    root = ingested["root"]
+    texts, binaries = [], []
+    for p in root.rglob("*"):
+        if not p.is_file() or p.parts[len(root.parts)] in ("inventory", "errors"):
+            continue  # the owner's audit trail (source paths), documented as such
+        if p.suffix == ".parquet":
+            table = pq.read_table(p)
+            texts.append(str(table.to_pylist()) + str(table.schema.metadata))
+        elif p.suffix == ".tar":
+            binaries.append(p.read_bytes())
+            with tarfile.open(p) as tar:
+                texts.extend(tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".json"))
+        else:
+            texts.append(p.read_text(errors="replace"))
+    assert binaries and any('"sop_hash"' in t for t in texts)
+    text, binary = "\n".join(texts), b"\n".join(binaries)
+    leaks = []
+    for v, where in values.items():
+        if re.search(r"(?<![\w.-])" + re.escape(v) + r"(?![\w.-])", text):
+            leaks.append((v, where, "text"))
+        elif not re.fullmatch(r"[\d.+-]+", v) and v.encode() in binary:
+            leaks.append((v, where, "tar bytes"))
+    assert not leaks, leaks[:10]
