@@ -43,15 +43,25 @@ def _remove_stale_temporaries(root: Path, modality: str, name: str) -> None:
 
 
 def load_dataset(src: str):
+    """The whole file (pixels included); force only for files without a meta header."""
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
     try:
         with _open(src) as fp:
-            return pydicom.dcmread(fp, force=True)
+            try:
+                ds = pydicom.dcmread(fp)
+            except InvalidDicomError:
+                fp.seek(0)
+                ds = pydicom.dcmread(fp, force=True)
     except OSError as e:
         raise Rejected("unreadable", f"{type(e).__name__}: {e}") from None
     except Exception as e:
-        raise Rejected("not DICOM", f"{type(e).__name__}: {str(e)[:200]}") from None
+        raise Rejected("damaged file", f"{type(e).__name__}: {str(e)[:200]}") from None
+    if "SOPInstanceUID" not in ds:
+        # pydicom returns an empty dataset when the file ends inside an element (often the pixel data)
+        raise Rejected("damaged file", "the file cannot be parsed to its end (truncated or corrupted data)")
+    return ds
 
 
 def _first(value):
@@ -192,7 +202,8 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
                 except Rejected as e:
                     failed.add(src)
                     cache.pop(src, None)
-                    detail = e.detail if spec["frames"] == 1 else f"frame {spec['frame']}: {e.detail}"
+                    frame_level = e.reason in ("pixel decoding failed", "unsupported pixels") and spec["frames"] > 1
+                    detail = f"frame {spec['frame']}: {e.detail}" if frame_level else e.detail
                     errors.append(error_row(shown_source(src, salt, hash_paths), "convert", e.reason, detail))
                 except Exception as e:  # a bug or an exotic file: record it, keep the shard going
                     failed.add(src)
