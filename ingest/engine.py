@@ -8,6 +8,14 @@ from typing import Any, Callable, Iterator
 from .config import ConfigError, IngestConfig
 
 
+def _warm_imports() -> None:
+    import pydicom.pixels  # noqa: F401  decoders and plugins
+    import shards.writer  # noqa: F401
+    import webdataset  # noqa: F401  (imports torch when installed: seconds per process)
+
+    from . import convert, scan  # noqa: F401
+
+
 @contextmanager
 def dask_client(cfg: IngestConfig) -> Iterator[Any]:
     """`--scheduler ADDRESS` connects to a running cluster; otherwise an embedded LocalCluster
@@ -28,6 +36,8 @@ def dask_client(cfg: IngestConfig) -> Iterator[Any]:
                                dashboard_address=cfg.dashboard_address, silence_logs=40)
         client = Client(cluster)
     try:
+        # import the heavy modules once per worker now, in parallel, rather than inside the first tasks
+        client.run(_warm_imports)
         n = len(client.scheduler_info().get("workers", {}))
         where = cfg.scheduler or f"local cluster, {cfg.workers} worker process(es)"
         print(f"dask: {where}; {n} worker(s) connected; dashboard: {client.dashboard_link}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import shutil
 import sys
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +44,11 @@ class RunStats:
     shards_written: int = 0
     shards_skipped: int = 0
     generations: list[int] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # scan, plan, convert, finalize
+    job_seconds: float = 0.0  # from the connected cluster to the written dataset.json
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
 
 
 def _now() -> str:
@@ -89,10 +95,12 @@ def _convert_generation(client, root: Path, g: int, cfg: IngestConfig, salt: str
     if todo:
         _log(f"generation g{g:03d}: {len(todo)} of {len(meta['shards'])} shard(s) to write")
     token = uuid.uuid4().hex[:8]
+    start = time.perf_counter()
     results, failures = run_phase(
         client, f"convert g{g:03d}", _convert_item, todo, key_of=lambda it: f"convert-{it[0]}-{token}",
         progress=cfg.progress, root=str(root), generation=g, label_names=label_names, salt=salt,
         max_side=meta.get("max_side"), hash_paths=meta.get("hash_paths", False))
+    stats.add_time("convert", time.perf_counter() - start)
     stats.shards_written += sum(1 for r in results if not r["skipped"])
     if failures:
         names = ", ".join(item[0] for item, _ in failures[:5])
@@ -149,6 +157,7 @@ def run(cfg: IngestConfig) -> tuple[dict, RunStats]:
                            "hash_paths": cfg.hash_paths, "created": _now(), "ingest_version": INGEST_VERSION})
     stats = RunStats()
     with dask_client(cfg) as client:
+        job_start = time.perf_counter()
         gens = planning.generations(root)
         resumed_sources = None
         for g in gens:
@@ -162,12 +171,15 @@ def run(cfg: IngestConfig) -> tuple[dict, RunStats]:
             _log("sources unchanged since the resumed generation: not rescanning (--rescan to force)")
         else:
             _scan_plan_convert(client, root, cfg, salt, labels, label_names, stats)
+    finalize_start = time.perf_counter()
     summary = finalize(root, {
         "version": INGEST_VERSION, "generations": planning.generations(root), "hash_paths": cfg.hash_paths,
         "val_fraction": cfg.val_fraction, "seed": cfg.seed, "shard_size": cfg.shard_size,
         "max_side": cfg.max_side, "salt_fingerprint": fingerprint(salt),
         "modality_map": {**planning.MODALITY_MAP, **{k.upper(): v for k, v in cfg.modality_map.items()}},
     })
+    stats.add_time("finalize", time.perf_counter() - finalize_start)
+    stats.job_seconds = time.perf_counter() - job_start
     return summary, stats
 
 
@@ -185,12 +197,15 @@ def _scan_plan_convert(client, root: Path, cfg: IngestConfig, salt: str, labels,
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     token = uuid.uuid4().hex[:8]
+    start = time.perf_counter()
     results, failures = run_phase(client, "scan", _scan_item, tasks, key_of=lambda t: f"{t.name}-g{g:03d}-{token}",
                                   progress=cfg.progress, root=str(root), generation=g, salt=salt,
                                   hash_paths=cfg.hash_paths)
     if failures:
         raise JobFailed(f"{len(failures)} scan task(s) failed: {failures[0][1]}; rerun the same command")
     stats.files = sum(r["files"] for r in results)
+    stats.add_time("scan", time.perf_counter() - start)
+    start = time.perf_counter()
     inventory = _read_inventory(root, g, cfg.hash_paths)
     from .scan import shown_source
 
@@ -208,11 +223,13 @@ def _scan_plan_convert(client, root: Path, cfg: IngestConfig, salt: str, labels,
     _log(f"plan g{g:03d}: {stats.files:,} files, {plan.slices:,} new slices in {len(plan.shards):,} shard(s), "
          f"{stats.already_ingested:,} already ingested, {len(scan_errors) + len(plan_errors):,} rejected")
     if not plan.shards:
+        stats.add_time("plan", time.perf_counter() - start)
         return
     planning.write_plan(root, plan, specs, {
         "sources_hash": _sources_hash(cfg, salt), "created": _now(), "status": "pending", "seed": cfg.seed,
         "shard_size": cfg.shard_size, "max_side": cfg.max_side, "hash_paths": cfg.hash_paths,
         "label_names": label_names, "config": {k: v for k, v in asdict(cfg).items() if k not in ("salt", "sources", "out", "labels")},
     })
+    stats.add_time("plan", time.perf_counter() - start)
     _convert_generation(client, root, g, cfg, salt, label_names, stats)
     stats.generations.append(g)

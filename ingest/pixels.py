@@ -83,7 +83,12 @@ def exact_rescale(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray
     for dt in (arr.dtype, *_INT_CANDIDATES):
         info = np.iinfo(dt)
         if info.min <= lo2 and hi2 <= info.max:
-            return (arr.astype(np.int64) * s + b).astype(dt)
+            # int32 arithmetic is exact whenever inputs and result fit it (the common case); else int64
+            wide = max(abs(lo), abs(hi), abs(s), abs(b), abs(lo2), abs(hi2)) * (abs(s) + 1) < 2**31
+            work = arr.astype(np.int32 if wide else np.int64)
+            work *= s
+            work += b
+            return work.astype(dt, copy=False)
     return None
 
 
