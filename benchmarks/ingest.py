@@ -68,7 +68,7 @@ def _template_bytes(path: str, syntax: str) -> bytes:
     from pydicom.uid import JPEGLSLossless
 
     ds = pydicom.dcmread(path)
-    ds.compress(JPEGLSLossless)  # lossless: decoded pixels stay identical
+    ds.compress(JPEGLSLossless, generate_instance_uid=False)  # lossless: same pixels, same UIDs (patched below)
     buf = io.BytesIO()
     ds.save_as(buf)
     return buf.getvalue()
