@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError, build_config, parse_size
@@ -64,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from .salt import ENV
+
+    # salt precedence: --salt > MEDSWAV_SALT > config file > DATASET.salt (the env must beat the config file)
+    salt = args.salt or os.environ.get(ENV) or None
     try:
         cfg = build_config(
             args.config,
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=parse_size(args.shard_size) if args.shard_size else None,
             max_pixel_bytes=parse_size(args.max_pixel_bytes) if args.max_pixel_bytes else None,
             max_side=args.max_side, frames_per_unit=args.frames_per_unit, val_fraction=args.val_fraction,
-            seed=args.seed, labels=args.labels, salt=args.salt, hash_paths=args.hash_paths, rescan=args.rescan,
+            seed=args.seed, labels=args.labels, salt=salt, hash_paths=args.hash_paths, rescan=args.rescan,
         )
         from .finalize import report
         from .job import JobFailed, run

@@ -39,7 +39,7 @@ def fingerprint(salt: str) -> str:
 def resolve_salt(root: Path, cli_salt: str | None) -> tuple[str, str]:
     """Return (salt, where it came from); create the salt file if no salt is given anywhere."""
     if cli_salt:
-        salt, origin = cli_salt, "config/command line"
+        salt, origin = cli_salt, "--salt, MEDSWAV_SALT or the config file"
     elif os.environ.get(ENV):
         salt, origin = os.environ[ENV], f"environment {ENV}"
     elif salt_file(root).exists():
