@@ -142,6 +142,9 @@ def _scan_item(task, **kwargs):
 def run(cfg: IngestConfig) -> tuple[dict, RunStats]:
     """Run the whole job; returns (dataset.json content, this run's counts)."""
     root = cfg.root
+    missing = [s for s in cfg.sources if "://" not in s and not Path(s).exists()]
+    if missing:  # fail before starting a cluster
+        raise ConfigError(f"source not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     root.mkdir(parents=True, exist_ok=True)
     salt, origin = resolve_salt(root, cfg.salt)
     _log(f"salt: from {origin}")

@@ -201,6 +201,7 @@ def _identifying_values(files) -> dict[str, str]:
     return {v: w for v, w in values.items() if not any(v in ok for ok in legit)}
 
 
+@pytest.mark.slow
 def test_no_identifying_header_value_reaches_shards_or_manifests(ingested):
     """Text (sample JSON, index, manifests, summaries) is searched for every value as a whole token;
     the raw bytes of every tar (pixels included) for every value that is not a plain number (a date
