@@ -46,8 +46,16 @@ def dask_client(cfg: IngestConfig) -> Iterator[Any]:
                                dashboard_address=cfg.dashboard_address, silence_logs=40)
         client = Client(cluster)
     try:
+        if cfg.scheduler:
+            try:
+                client.wait_for_workers(1, timeout=60)
+            except (TimeoutError, OSError):
+                raise ConfigError(f"no Dask worker connected to {cfg.scheduler} within 60 s") from None
         # import the heavy modules once per worker now, in parallel, rather than inside the first tasks
-        client.run(_warm_imports)
+        try:
+            client.run(_warm_imports)
+        except ImportError as e:
+            raise ConfigError(f"Dask workers cannot import the ingestion code ({e}); install medswav on them") from None
         n = len(client.scheduler_info().get("workers", {}))
         where = cfg.scheduler or f"local cluster, {cfg.workers} worker process(es)"
         print(f"dask: {where}; {n} worker(s) connected; dashboard: {client.dashboard_link}", file=sys.stderr)
