@@ -62,15 +62,27 @@ def _log(msg: str) -> None:
 def _read_inventory(root: Path, g: int, hash_paths: bool) -> pa.Table:
     parts = sorted((root / INVENTORY_DIR).glob(f"part-g{g:03d}-*.parquet"))
     table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else INVENTORY_SCHEMA.empty_table()
-    if hash_paths:
-        paths_dir = root / WORK_DIR / f"g{g:03d}" / "paths"
-        pparts = sorted(paths_dir.glob("part-*.parquet"))
-        paths = pa.concat_tables([pq.read_table(p) for p in pparts]) if pparts else None
-        lookup = dict(zip(paths.column("source_hash").to_pylist(), paths.column("path").to_pylist())) if paths else {}
-        path_col = [lookup.get(h, "") for h in table.column("source_hash").to_pylist()]
-    else:
-        path_col = table.column("source").to_pylist()
-    return table.append_column("path", pa.array(path_col, pa.string()))
+    table = _first_per_source(table)  # overlapping sources (/a and /a/b) list some files twice
+    if not hash_paths:
+        return table.append_column("path", table.column("source"))
+    pparts = sorted((root / WORK_DIR / f"g{g:03d}" / "paths").glob("part-*.parquet"))
+    if not pparts:
+        return table.append_column("path", pa.array([""] * table.num_rows, pa.string()))
+    paths = _first_per_source(pa.concat_tables([pq.read_table(p) for p in pparts]))
+    return table.join(paths, keys="source_hash", join_type="left outer")  # adds "path"
+
+
+def _first_per_source(table: pa.Table) -> pa.Table:
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if table.num_rows < 2:
+        return table
+    table = table.take(pc.sort_indices(table, sort_keys=[("source_hash", "ascending")]))
+    hashes = table.column("source_hash")
+    repeat = np.zeros(table.num_rows, dtype=bool)
+    repeat[1:] = pc.equal(hashes.slice(1), hashes.slice(0, table.num_rows - 1)).to_numpy(zero_copy_only=False)
+    return table.filter(pa.array(~repeat)) if repeat.any() else table
 
 
 def _previous_error_keys(root: Path, skip_prefixes: tuple[str, ...]) -> set[tuple[str, str]]:
@@ -219,7 +231,8 @@ def _scan_plan_convert(client, root: Path, cfg: IngestConfig, salt: str, labels,
         shown=lambda r: shown_source(r["path"], salt, cfg.hash_paths))
     stats.new_slices, stats.already_ingested = plan.slices, plan.already_ingested
     seen = _previous_error_keys(root, (f"scan-g{g:03d}", f"plan-g{g:03d}"))
-    scan_errors = [e for r in results for e in r["errors"] if (e["source"], e["reason"]) not in seen]
+    scan_errors = list({(e["source"], e["reason"]): e for r in results for e in r["errors"]
+                        if (e["source"], e["reason"]) not in seen}.values())
     plan_errors = [e for e in plan.errors if (e["source"], e["reason"]) not in seen]
     write_errors(root, f"scan-g{g:03d}", scan_errors)
     write_errors(root, f"plan-g{g:03d}", plan_errors)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,78 +145,164 @@ def _est_bytes(r: dict, max_side: int | None) -> int:
     return rows * cols * itemsize + SAMPLE_OVERHEAD
 
 
+def _np(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy()
+
+
+def _split_threshold(val_fraction: float) -> str | None:
+    """`split_of` as a string comparison: hash[:15] < threshold  <=>  int(hash[:15], 16) / 2**60 < f."""
+    if val_fraction <= 0:
+        return None
+    return format(math.ceil(val_fraction * SPLIT_SCALE), "015x")
+
+
 def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, str], max_pixel_bytes: int,
               max_side: int | None, shard_size: int, frames_per_unit: int, val_fraction: float, seed: int,
-              previous: set[tuple[str, int]], labels: "LabelTable | None" = None,
-              shown=lambda r: r["source"]) -> tuple[Plan, dict[str, list[dict]]]:
-    """Pure planning: returns the plan summary and the per-shard slice lists (in write order)."""
+              previous: "pa.Table | set[tuple[str, int]]", labels: "LabelTable | None" = None,
+              shown=lambda r: r["source"]) -> tuple[Plan, dict[str, pa.Table]]:
+    """Pure planning: the plan summary and, per shard, its slices (SPEC_SCHEMA) in write order.
+
+    Columnar (pyarrow + numpy) so that it scales to ~10**8 inventory rows on one head node; only
+    rejected rows and the per-unit shard cut go through Python.
+    """
+    import pyarrow.compute as pc
+
     mmap = {**MODALITY_MAP, **{k.upper(): v for k, v in modality_map.items()}}
     plan = Plan(generation)
-    rows = inventory.to_pylist()
-    # 1. rejections
-    ok = []
-    for r in rows:
+    inventory = inventory.combine_chunks()
+    # 1. rejections: a vectorised superset of suspects, each then judged exactly by _reject_reason
+    codes = pc.dictionary_encode(inventory.column("modality_code")).combine_chunks()
+    part_of_code = np.array([PARTITIONS.index(mmap[c]) if mmap.get(c) in PARTITIONS else -1
+                             for c in codes.dictionary.to_pylist()] or [-1], dtype=np.int64)
+    partition = part_of_code[codes.indices.to_numpy(zero_copy_only=False)] if len(inventory) else np.zeros(0, np.int64)
+    rows_, cols_, frames_ = _np(inventory, "rows"), _np(inventory, "cols"), _np(inventory, "frames")
+    plen, declared = _np(inventory, "pixel_length"), _np(inventory, "declared_bytes")
+    native = pc.is_in(inventory.column("transfer_syntax"), value_set=pa.array(sorted(NATIVE_SYNTAXES))).to_numpy(
+        zero_copy_only=False)
+    suspect = (
+        (pc.equal(inventory.column("sop_hash"), "").to_numpy(zero_copy_only=False)) | (partition < 0)
+        | ~inventory.column("has_pixels").to_numpy(zero_copy_only=False)
+        | inventory.column("float_pixels").to_numpy(zero_copy_only=False)
+        | (rows_ <= 0) | (cols_ <= 0) | ~np.isin(_np(inventory, "samples_per_pixel"), (1, 3))
+        | ~np.isin(_np(inventory, "bits_allocated"), (1, 8, 16, 32)) | (declared > max_pixel_bytes)
+        | (native & (plen >= 0) & ((plen < declared) | (_np(inventory, "pixel_end") > _np(inventory, "size"))))
+    )
+    accepted = ~suspect
+    suspects = np.nonzero(suspect)[0]
+    for i, r in zip(suspects, inventory.take(suspects).to_pylist()):
         why = _reject_reason(r, mmap, max_pixel_bytes)
         if why:
             plan.errors.append(error_row(shown(r), "plan", *why))
         else:
-            ok.append(r)
-    # 2. dedupe: lossless first, then path
-    ok.sort(key=lambda r: (r["sop_hash"], bool(r["lossy"]), r["path"]))
-    kept: list[dict] = []
-    for r in ok:
-        if kept and kept[-1]["sop_hash"] == r["sop_hash"]:
+            accepted[i] = True
+    # 2. dedupe by SOP instance: lossless first, then path
+    acc = np.nonzero(accepted)[0]
+    keys = inventory.select(["sop_hash", "lossy", "path"]).take(acc)
+    order = pc.sort_indices(keys, sort_keys=[("sop_hash", "ascending"), ("lossy", "ascending"),
+                                             ("path", "ascending")]).to_numpy()
+    ranked = acc[order]
+    sop_sorted = inventory.column("sop_hash").take(ranked)
+    dup = np.zeros(len(ranked), dtype=bool)
+    if len(ranked) > 1:
+        dup[1:] = pc.equal(sop_sorted.slice(1), sop_sorted.slice(0, len(ranked) - 1)).to_numpy(zero_copy_only=False)
+    if dup.any():
+        run_start = np.maximum.accumulate(np.where(dup, 0, np.arange(len(ranked))))
+        dup_rows = inventory.take(ranked[dup]).to_pylist()
+        kept_rows = inventory.take(ranked[run_start[dup]]).to_pylist()
+        for r, k in zip(dup_rows, kept_rows):
             plan.errors.append(error_row(shown(r), "plan", "duplicate SOPInstanceUID",
-                                         f"same SOP instance as {shown(kept[-1])}, which is kept"))
-            continue
-        kept.append(r)
-    # 3-5. units per (modality, split)
-    groups: dict[tuple[str, str], list[list[dict]]] = defaultdict(list)
-    for r in kept:
-        frames = [f for f in range(r["frames"]) if (r["sop_hash"], f) not in previous]
-        plan.already_ingested += r["frames"] - len(frames)
-        if not frames:
-            continue
-        modality = mmap[r["modality_code"]]
-        group = r["patient_hash"] or r["study_hash"] or r["series_hash"] or r["sop_hash"]
-        split = split_of(group, val_fraction)
-        label_vec = labels.lookup(r) if labels else None
-        est = _est_bytes(r, max_side)
-        base = {
-            "path": r["path"], "frames": r["frames"], "sop_hash": r["sop_hash"], "series_hash": r["series_hash"],
-            "study_hash": r["study_hash"], "patient_hash": r["patient_hash"], "source_hash": r["source_hash"],
-            "split": split, "labels": label_vec, "_est": est,
-        }
-        for i in range(0, len(frames), frames_per_unit):
-            groups[(modality, split)].append([{**base, "frame": f} for f in frames[i:i + frames_per_unit]])
-    specs: dict[str, list[dict]] = {}
+                                         f"same SOP instance as {shown(k)}, which is kept"))
+    kept = ranked[~dup]
+    # 3. one slice per (file, frame), minus frames planned by earlier generations
+    nf = frames_[kept].astype(np.int64)
+    slice_row = np.repeat(kept, nf)
+    frame_no = np.arange(len(slice_row), dtype=np.int64) - np.repeat(np.cumsum(nf) - nf, nf)
+    if isinstance(previous, set):
+        previous = pa.table({"sop_hash": pa.array([p[0] for p in previous], pa.string()),
+                             "frame": pa.array([p[1] for p in previous], pa.int64())})
+    if previous.num_rows and len(slice_row):
+        probe = pa.table({"sop_hash": inventory.column("sop_hash").take(slice_row), "frame": frame_no,
+                          "_i": np.arange(len(slice_row))})
+        prev = previous.select(["sop_hash", "frame"]).cast(pa.schema([("sop_hash", pa.string()), ("frame", pa.int64())]))
+        left = probe.join(prev, keys=["sop_hash", "frame"], join_type="left anti")
+        keep = np.sort(left.column("_i").to_numpy())
+        plan.already_ingested = len(slice_row) - len(keep)
+        slice_row, frame_no = slice_row[keep], frame_no[keep]
+    # 4. per-row attributes: partition, split, estimated bytes, labels
+    group = inventory.column("patient_hash")
+    for fallback in ("study_hash", "series_hash", "sop_hash"):
+        group = pc.if_else(pc.equal(group, ""), inventory.column(fallback), group)
+    threshold = _split_threshold(val_fraction)
+    is_val = np.zeros(len(inventory), dtype=bool)
+    if threshold is not None and len(inventory):
+        is_val = (pc.not_equal(group, "").to_numpy(zero_copy_only=False)
+                  & pc.less(pc.utf8_slice_codeunits(group, 0, 15), threshold).to_numpy(zero_copy_only=False))
+    out_r, out_c = rows_.astype(np.int64), cols_.astype(np.int64)
+    if max_side:
+        k = np.maximum(1, -(-np.maximum(out_r, out_c) // max_side))
+        out_r, out_c = out_r // k, out_c // k
+    itemsize = np.where(pc.equal(inventory.column("photometric"), "PALETTE COLOR").to_numpy(zero_copy_only=False),
+                        2, np.maximum(1, _np(inventory, "bits_allocated") // 8))
+    est_row = out_r * out_c * itemsize + SAMPLE_OVERHEAD
+    label_col = pa.nulls(len(inventory), pa.list_(pa.float32()))
+    if labels is not None and len(kept):
+        looked = [None] * len(inventory)
+        for i, r in zip(kept, inventory.select(["sop_hash", "series_hash", "study_hash"]).take(kept).to_pylist()):
+            looked[i] = labels.lookup(r)
+        label_col = pa.array(looked, pa.list_(pa.float32()))
+    # 5. planning units: runs of frames_per_unit remaining frames of one file
+    n = len(slice_row)
+    new_row = np.ones(n, dtype=bool)
+    new_row[1:] = slice_row[1:] != slice_row[:-1]
+    row_first = np.maximum.accumulate(np.where(new_row, np.arange(n), 0)) if n else np.zeros(0, np.int64)
+    unit_in_row = (np.arange(n) - row_first) // frames_per_unit
+    unit_start = new_row.copy()
+    unit_start[1:] |= unit_in_row[1:] != unit_in_row[:-1]
+    starts = np.nonzero(unit_start)[0]
+    lengths = np.diff(np.append(starts, n))
+    u_row = slice_row[starts]
+    u_bytes = est_row[u_row] * lengths
+    u_key = partition[u_row] * 2 + is_val[u_row]
+    slices = pa.table({
+        "path": inventory.column("path").take(slice_row), "frame": pa.array(frame_no, pa.int32()),
+        "frames": pa.array(frames_[slice_row], pa.int32()),
+        **{c: inventory.column(c).take(slice_row) for c in
+           ("sop_hash", "series_hash", "study_hash", "patient_hash", "source_hash")},
+        "split": pa.array(np.where(is_val[slice_row], "val", "train"), pa.string()),
+        "labels": label_col.take(slice_row),
+    }, schema=SPEC_SCHEMA)
+    u_sop = inventory.column("sop_hash").take(u_row)
+    specs: dict[str, pa.Table] = {}
+    # 6. per (modality, split): sort units by hash, seeded permutation, greedy cut by estimated bytes
     for mi, modality in enumerate(PARTITIONS):
         index = 0
         for si, split in enumerate(("train", "val")):
-            units = groups.get((modality, split), [])
-            if not units:
+            units = np.nonzero(u_key == mi * 2 + si)[0]
+            if not len(units):
                 continue
-            units.sort(key=lambda u: (u[0]["sop_hash"], u[0]["frame"]))
-            rng = np.random.default_rng([seed, generation, mi, si])
-            order = rng.permutation(len(units))
-            current: list[dict] = []
+            by_hash = pc.sort_indices(pa.table({"s": u_sop.take(units), "f": frame_no[starts[units]]}),
+                                      sort_keys=[("s", "ascending"), ("f", "ascending")]).to_numpy()
+            units = units[by_hash]
+            units = units[np.random.default_rng([seed, generation, mi, si]).permutation(len(units))]
+            chunks: list[list[int]] = []
+            current: list[int] = []
             size = 0
-            chunks: list[list[dict]] = []
-            for u in (units[i] for i in order):
-                if current and size + sum(s["_est"] for s in u) > shard_size:
+            for u, b in zip(units.tolist(), u_bytes[units].tolist()):
+                if current and size + b > shard_size:
                     chunks.append(current)
                     current, size = [], 0
-                current.extend(u)
-                size += sum(s["_est"] for s in u)
+                current.append(u)
+                size += b
             if current:
                 chunks.append(current)
             for chunk in chunks:
                 name = shard_name(modality, generation, index)
-                inner = np.random.default_rng([seed, generation, mi, si, index]).permutation(len(chunk))
-                specs[name] = [chunk[i] for i in inner]
-                plan.shards[name] = {"modality": modality, "split": split, "slices": len(chunk),
-                                     "est_bytes": int(sum(s["_est"] for s in chunk))}
-                plan.slices += len(chunk)
+                positions = np.concatenate([np.arange(starts[u], starts[u] + lengths[u]) for u in chunk])
+                inner = np.random.default_rng([seed, generation, mi, si, index]).permutation(len(positions))
+                specs[name] = slices.take(positions[inner])
+                plan.shards[name] = {"modality": modality, "split": split, "slices": len(positions),
+                                     "est_bytes": int(u_bytes[chunk].sum())}
+                plan.slices += len(positions)
                 index += 1
     return plan, specs
 
@@ -281,17 +366,21 @@ class LabelTable:
 
 # ---------------------------------------------------------------- persistence
 
-def write_plan(root: Path, plan: Plan, specs: dict[str, list[dict]], meta: dict) -> None:
+def write_plan(root: Path, plan: Plan, specs: dict[str, pa.Table], meta: dict) -> None:
     """Per-shard slice lists under _work (with paths), compact record + meta under plan/ (no paths)."""
     from shards.manifest import write_parquet_atomically
 
     records = []
-    for name, slices in specs.items():
-        write_parquet_atomically(pa.Table.from_pylist(slices, schema=SPEC_SCHEMA), spec_path(root, plan.generation, name))
+    for name, table in specs.items():
+        write_parquet_atomically(table, spec_path(root, plan.generation, name))
         info = plan.shards[name]
-        records.extend({"shard": name, "modality": info["modality"], "split": info["split"], "sop_hash": s["sop_hash"],
-                        "frame": s["frame"], "source_hash": s["source_hash"]} for s in slices)
-    write_parquet_atomically(pa.Table.from_pylist(records, schema=RECORD_SCHEMA), plan_record_path(root, plan.generation))
+        records.append(pa.table({
+            "shard": pa.array([name] * len(table), pa.string()),
+            "modality": pa.array([info["modality"]] * len(table), pa.string()),
+            "split": table.column("split"), "sop_hash": table.column("sop_hash"), "frame": table.column("frame"),
+            "source_hash": table.column("source_hash")}, schema=RECORD_SCHEMA))
+    record = pa.concat_tables(records) if records else RECORD_SCHEMA.empty_table()
+    write_parquet_atomically(record, plan_record_path(root, plan.generation))
     path = plan_meta_path(root, plan.generation)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps({**meta, "generation": plan.generation, "shards": plan.shards, "slices": plan.slices},
@@ -310,10 +399,10 @@ def generations(root: Path) -> list[int]:
     return sorted(int(p.stem[1:]) for p in base.glob("g*.json"))
 
 
-def previous_frames(root: Path) -> set[tuple[str, int]]:
+def previous_frames(root: Path) -> pa.Table:
     """(sop_hash, frame) of every slice planned by an existing generation."""
-    out: set[tuple[str, int]] = set()
-    for g in generations(root):
-        t = pq.read_table(plan_record_path(root, g), columns=["sop_hash", "frame"])
-        out.update(zip(t.column("sop_hash").to_pylist(), t.column("frame").to_pylist()))
-    return out
+    parts = [pq.read_table(plan_record_path(root, g), columns=["sop_hash", "frame"]) for g in generations(root)]
+    schema = pa.schema([("sop_hash", pa.string()), ("frame", pa.int64())])
+    if not parts:
+        return schema.empty_table()
+    return pa.concat_tables(parts).cast(schema)
