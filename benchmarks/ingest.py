@@ -166,7 +166,8 @@ def main(argv=None) -> dict:
         files = _files(corpus)
         print(f"corpus ({args.syntax}): {info['slices']:,} slices {info['per_modality']}, {info['bytes'] / 1e9:.2f} GB "
               f"(built in {time.perf_counter() - t0:.1f} s) in {corpus}")
-        shard_size = "256MB" if not args.quick else "64MB"
+        # ~32 shards: enough tasks that 2 workers finish together (at 1e8 slices, 1 GB shards give ~5e4 tasks)
+        shard_size = str(max(8 * 10**6, int(info["bytes"] * 1.2 / 32)))
         decode_s = decode_limit(files)  # also warms the page cache for every later pass
         naive_s = naive_baseline(files, work / "naive")
         shutil.rmtree(work / "naive", ignore_errors=True)
