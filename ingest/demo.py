@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     dataset = Path(args.out) / "dataset"
     code = ingest_main([*demo_sources(), "--out", str(dataset), "--workers", str(args.workers),
-                        "--shard-size", args.shard_size, "--dashboard-address", ":0"])
+                        "--shard-size", args.shard_size, "--dashboard-address", ":0",
+                        "--val-fraction", "0.2"])  # a few dozen patients only: a larger val share keeps val non-empty
     if code != 0:
         raise SystemExit(code)
     return dataset
