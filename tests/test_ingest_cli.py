@@ -136,3 +136,42 @@ def test_max_side_reduces_by_integer_block_mean(tmp_path, dicom_dir):
                                      pixels)]
         assert len(matches) == 1
         assert meta["pixel_spacing"] is not None and meta["pixel_spacing"][0] > 1.5  # 3 x the source spacing
+
+
+def test_scan_tasks_cover_every_file_once(dicom_dir, tmp_path):
+    """The client lists only the top levels; tasks (folder walks + file chunks) cover each file once."""
+    from ingest.scan import _walk, scan_tasks
+
+    from _ingest_fixtures import all_files
+
+    tasks = scan_tasks([str(dicom_dir), str(dicom_dir / "ct_kits_abdomen_18" / "1-001.dcm")], target_tasks=8,
+                       files_per_task=50)
+    assert len(tasks) >= 4 and [t.index for t in tasks] == list(range(len(tasks)))
+    covered = [f for t in tasks for f in t.files] + [f for t in tasks for d in t.walk for f in _walk(d)]
+    assert sorted(set(covered)) == all_files([str(dicom_dir)])
+    assert len(covered) == len(set(covered))  # 1-001.dcm, given twice (in its folder and alone), listed once
+    out = tmp_path / "ds"
+    run_ingest([dicom_dir / "ct_kits_abdomen_18", dicom_dir / "ct_kits_abdomen_18" / "1-001.dcm"], out)
+    rows = manifest_rows(out)
+    assert len(rows) == 18 and not error_rows(out)  # and ingested once, without a false duplicate error
+
+
+def test_parquet_labels_keyed_by_sop_instance(tmp_path, dicom_dir):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pydicom
+    from shards import salted_hash
+
+    files = sorted((dicom_dir / "mr_transfer_syntaxes").glob("*.dcm"))
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    pq.write_table(pa.table({"SOPInstanceUID": uids[:3], "finding": [1.0, 0.0, None]}), tmp_path / "labels.parquet")
+    out = tmp_path / "ds"
+    summary, _ = run_ingest([dicom_dir / "mr_transfer_syntaxes"], out, labels=str(tmp_path / "labels.parquet"))
+    by_sop = {r["sop_hash"]: r for r in manifest_rows(out)}
+    assert summary["label_names"] == ["finding"]
+    assert json.loads(by_sop[salted_hash(uids[0], SALT)]["labels"]) == {"finding": 1.0}
+    assert json.loads(by_sop[salted_hash(uids[1], SALT)]["labels"]) == {"finding": 0.0}
+    assert not by_sop[salted_hash(uids[2], SALT)]["labelled"]  # known row, unknown value
+    assert sum(r["labelled"] for r in by_sop.values()) == 2
