@@ -12,6 +12,7 @@ institution/physician names or free text.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import warnings
@@ -295,26 +296,48 @@ def read_header(src: str, salt: str, hash_paths: bool) -> dict:
     }
 
 
-def part_path(root: Path, generation: int, task_index: int) -> Path:
-    return Path(root) / INVENTORY_DIR / f"part-g{generation:03d}-{task_index:05d}.parquet"
+ROWS_PER_PART = 20_000  # a task walking a huge folder writes several parts instead of holding everything
 
 
-def paths_part(root: Path, generation: int, task_index: int) -> Path:
-    return Path(root) / WORK_DIR / f"g{generation:03d}" / "paths" / f"part-{task_index:05d}.parquet"
+def part_path(root: Path, generation: int, task_index: int, batch: int = 0) -> Path:
+    return Path(root) / INVENTORY_DIR / f"part-g{generation:03d}-{task_index:05d}-{batch:03d}.parquet"
+
+
+def paths_part(root: Path, generation: int, task_index: int, batch: int = 0) -> Path:
+    return Path(root) / WORK_DIR / f"g{generation:03d}" / "paths" / f"part-{task_index:05d}-{batch:03d}.parquet"
+
+
+def _walk_logged(src: str, errors: list[dict]) -> Iterator[str]:
+    """Like _walk, but an unreadable subfolder becomes an error row instead of ending the walk."""
+    try:
+        files, dirs = _list_dir(src)
+    except OSError as e:
+        errors.append(error_row(src, "scan", "unreadable folder", f"{type(e).__name__}: {e}"))
+        return
+    yield from files
+    for d in dirs:
+        yield from _walk_logged(d, errors)
 
 
 def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_paths: bool) -> dict:
-    """Dask task: walk + read headers, write one inventory part. Returns counts and error rows."""
+    """Dask task: walk + read headers, write inventory parts. Returns counts and error rows."""
     from shards.manifest import write_parquet_atomically
 
     rows, errors, paths = [], [], []
-    files = list(task.files)
-    for d in task.walk:
-        try:
-            files.extend(_walk(d))
-        except OSError as e:
-            errors.append(error_row(d, "scan", "unreadable folder", f"{type(e).__name__}: {e}"))
-    for src in files:
+    n_files = n_rows = batch = 0
+
+    def flush() -> None:
+        nonlocal rows, paths, batch
+        write_parquet_atomically(pa.Table.from_pylist(rows, schema=INVENTORY_SCHEMA),
+                                 part_path(Path(root), generation, task.index, batch))
+        if hash_paths:
+            write_parquet_atomically(pa.Table.from_pylist(paths, schema=PATHS_SCHEMA),
+                                     paths_part(Path(root), generation, task.index, batch))
+        rows, paths, batch = [], [], batch + 1
+
+    walked = itertools.chain.from_iterable(_walk_logged(d, errors) for d in task.walk)
+    for src in itertools.chain(task.files, walked):
+        n_files += 1
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pydicom warns about every odd value; rejections say why
@@ -323,12 +346,14 @@ def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_pa
             errors.append(error_row(_shown(src, salt, hash_paths), "scan", e.reason, e.detail))
             continue
         rows.append(row)
+        n_rows += 1
         if hash_paths:
             paths.append({"source_hash": row["source_hash"], "path": src})
-    write_parquet_atomically(pa.Table.from_pylist(rows, schema=INVENTORY_SCHEMA), part_path(Path(root), generation, task.index))
-    if hash_paths:
-        write_parquet_atomically(pa.Table.from_pylist(paths, schema=PATHS_SCHEMA), paths_part(Path(root), generation, task.index))
-    return {"files": len(files), "headers": len(rows), "errors": errors}
+        if len(rows) >= ROWS_PER_PART:
+            flush()
+    if rows or batch == 0:
+        flush()
+    return {"files": n_files, "headers": n_rows, "errors": errors}
 
 
 def _shown(src: str, salt: str, hash_paths: bool) -> str:
