@@ -152,9 +152,17 @@ def build(force: bool = False, use_cuda: bool = True, jobs: int = 2, verbose: bo
                "-Xcompiler", "-fPIC,-fvisibility=hidden", "-ccbin", cxx, "-c", str(f), "-o", str(o)]
         jobs_list.append((f, cmd, o))
 
+    headers = b"".join(h.read_bytes() for h in sorted(CSRC.rglob("*.h")))
+
     def compile_one(item):
-        src, cmd, _ = item
+        # An object is reused while its source, every header and its command line are unchanged.
+        src, cmd, obj = item
+        key = hashlib.sha256(src.read_bytes() + headers + "\0".join([info["version"], *cmd]).encode()).hexdigest()
+        key_file = obj.with_suffix(".key")
+        if not force and obj.is_file() and key_file.is_file() and key_file.read_text() == key:
+            return src.name
         run(cmd, f"compiling {src.name}")
+        key_file.write_text(key)
         return src.name
 
     progress = None
