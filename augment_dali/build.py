@@ -154,7 +154,7 @@ def build(force: bool = False, use_cuda: bool = True, jobs: int = 2, verbose: bo
                "-Xcompiler", "-fPIC,-fvisibility=hidden", "-ccbin", cxx, "-c", str(f), "-o", str(o)]
         jobs_list.append((f, cmd, o))
 
-    headers = b"".join(h.read_bytes() for h in sorted(CSRC.rglob("*.h")))
+    headers = b"".join(h.read_bytes() for h in sorted(CSRC.rglob("*")) if h.suffix in (".h", ".cuh"))
 
     def compile_one(item):
         # An object is reused while its source, every header and its command line are unchanged.

@@ -1,4 +1,5 @@
 #include "energy_bands.h"
+#include "gpu_scratch.cuh"
 
 #include <algorithm>
 
@@ -88,34 +89,36 @@ void EnergyBands<GPUBackend>::RunImpl(Workspace &ws) {
     max_nb = std::max(max_nb, kernels_[i].num_bands());
   }
   if (max_vol == 0) return;
-  dev_taps_.from_host(taps_.data(), taps_.size(), stream);
+  Scratchpad scratch(stream);
+  const float *dev_taps = upload(scratch, stream, taps_);
   // Samples run one after another on the stream, reusing one set of planes: nb low-pass + 1 scratch.
-  dev_planes_.resize((max_nb + 1) * max_vol, stream);
-  dev_moments_.resize(2 * (kMaxBands + 1) * n, stream);
-  CUDA_CALL(cudaMemsetAsync(dev_moments_.data(), 0, dev_moments_.size() * sizeof(double), stream));
+  float *dev_planes = scratch.AllocateGPU<float>((max_nb + 1) * max_vol);
+  size_t num_moments = 2 * (kMaxBands + 1) * size_t(n);
+  double *dev_moments = scratch.AllocateGPU<double>(num_moments);
+  CUDA_CALL(cudaMemsetAsync(dev_moments, 0, num_moments * sizeof(double), stream));
   for (int i = 0; i < n; i++) {
     auto sh = in.shape()[i];
     int64_t vol = sh.num_elements();
     if (vol == 0) continue;
     const auto &k = kernels_[i];
     int nb = k.num_bands();
-    float *tmp = dev_planes_.data() + nb * max_vol;
+    float *tmp = dev_planes + nb * max_vol;
     CombineArgs args{};
     args.num_bands = nb;
     args.planes[0] = in.tensor<float>(i);
     int nd = sh.size();
     for (int b = 0; b < nb; b++) {
-      float *low = dev_planes_.data() + b * max_vol;
+      float *low = dev_planes + b * max_vol;
       const float *cur = args.planes[b];
       for (int a = nd - 1; a >= 0; a--) {
         float *dst = ((nd - 1 - a) % 2 == (nd - 1) % 2) ? low : tmp;
         conv_axis_kernel<<<grid_for(vol), kBlock, 0, stream>>>(cur, dst, axis_extent(sh, a),
-                                                              dev_taps_.data() + k.offset[b], k.radius[b]);
+                                                              dev_taps + k.offset[b], k.radius[b]);
         cur = dst;
       }
       args.planes[b + 1] = low;
     }
-    double *moments = dev_moments_.data() + 2 * (kMaxBands + 1) * i;
+    double *moments = dev_moments + 2 * (kMaxBands + 1) * i;
     for (int b = 0; b <= nb; b++)
       moments_kernel<<<std::min(grid_for(vol), 1024), kBlock, 0, stream>>>(
           args.planes[b], b < nb ? args.planes[b + 1] : nullptr, vol, moments + 2 * b);

@@ -5,7 +5,6 @@
 
 #include <vector>
 
-#include "dali/core/dev_buffer.h"
 #include "math/energy.h"
 #include "math/gaussian.h"
 #include "op_common.h"
@@ -69,9 +68,6 @@ class EnergyBands : public dali::StatelessOperator<Backend> {
   dali::ArgValue<float, 1> refs_, sigmas_;
   std::vector<CascadeKernels> kernels_;
   std::vector<float> taps_;  // all samples' taps, packed (offsets in kernels_)
-  // GPU scratch (unused by the CPU backend).
-  dali::DeviceBuffer<float> dev_taps_, dev_planes_;
-  dali::DeviceBuffer<double> dev_moments_;
 };
 
 // Extents of a convolution along `axis`: elements are (outer, n, inner), `inner` contiguous.

@@ -6,7 +6,6 @@
 #include <random>
 #include <vector>
 
-#include "dali/core/dev_buffer.h"
 #include "math/crop.h"
 #include "op_common.h"
 
@@ -116,7 +115,6 @@ class MultiCrop : public dali::Operator<Backend> {
   dali::ArgValue<float, 1> positions_;
   std::mt19937_64 rng_;
   std::vector<int> origins_;
-  dali::DeviceBuffer<CropDesc> dev_descs_;  // GPU only
 };
 
 }  // namespace medswav
