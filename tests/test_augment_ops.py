@@ -228,6 +228,18 @@ def test_energy_bands_output_energies_equal_targets(mr, mr_energies):
         assert np.abs(got / target - 1).mean() < np.abs(before / target - 1).mean()
 
 
+def test_band_energies_operator_matches_reference(ct, mr, mr_energies):
+    imgs = [ct[0], mr[0], mr[1], np.full((40, 30), 0.5, np.float32)]
+    (es,), = run_pipeline(lambda x: fn.medswav.band_energies(x), [imgs])
+    for x, e in zip(imgs[1:3], es[1:3]):
+        assert e.shape == (6,) and e.dtype == np.float32
+    np.testing.assert_allclose(es[0], R.band_energies(ct[0]), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(es[1], mr_energies[0], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(es[2], mr_energies[1], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(es[3], 0.0, atol=1e-7)  # constant image: no energy in any band
+    assert (np.diff(es[1][:5]) > 0).all()  # real anatomy: coarser bands carry more energy
+
+
 def test_energy_bands_constant_and_tiny_images_stay_finite():
     const = np.full((64, 48), 0.37, np.float32)
     tiny = np.random.default_rng(0).random((9, 13)).astype(np.float32)  # sigma 16: radius 48 > side
@@ -364,6 +376,7 @@ GPU_CASES = {
     "linear": (lambda x, p: fn.medswav.linear(x, scale=p[1], shift=p[2] - 0.5), 1e-5),
     "rescale": (lambda x, p: fn.medswav.rescale(x, scale=p[3]), 1e-5),
     "energy_bands": (lambda x, p: fn.medswav.energy_bands(x, ref_energies=_vec(p, 6) * 0.05), 5e-5),
+    "band_energies": (lambda x, p: fn.medswav.band_energies(x, sigmas=[1.0, 3.0, 9.0]), 1e-6),
     "multicrop": (lambda x, p: fn.medswav.multicrop(x, positions=_vec(p, 16)), 0.0),
 }
 

@@ -73,13 +73,19 @@ __global__ void combine_kernel(CombineArgs a, const double *moments, int64_t n, 
   }
 }
 
+__global__ void energies_kernel(const double *moments, int num_bands, int64_t n, float *dst) {
+  int b = threadIdx.x;
+  if (b <= num_bands)
+    dst[b] = n > 0 ? static_cast<float>(std_from_moments(moments[2 * b], moments[2 * b + 1], n)) : 0.0f;
+}
+
 }  // namespace
 
-template <>
-void EnergyBands<GPUBackend>::RunImpl(Workspace &ws) {
+template <typename Backend, bool EnergiesOnly>
+void EnergyBandsImpl<Backend, EnergiesOnly>::RunGPU(Workspace &ws) {
   const auto &in = ws.Input<GPUBackend>(0);
   auto &out = ws.Output<GPUBackend>(0);
-  out.SetLayout(in.GetLayout());
+  out.SetLayout(EnergiesOnly ? dali::TensorLayout() : in.GetLayout());
   cudaStream_t stream = ws.stream();
   int n = in.num_samples();
   int64_t max_vol = 0;
@@ -88,7 +94,8 @@ void EnergyBands<GPUBackend>::RunImpl(Workspace &ws) {
     max_vol = std::max(max_vol, in.shape().tensor_size(i));
     max_nb = std::max(max_nb, kernels_[i].num_bands());
   }
-  if (max_vol == 0) return;
+  if (max_vol == 0 && !EnergiesOnly) return;
+  max_vol = std::max<int64_t>(max_vol, 1);
   Scratchpad scratch(stream);
   const float *dev_taps = upload(scratch, stream, taps_);
   // Samples run one after another on the stream, reusing one set of planes: nb low-pass + 1 scratch.
@@ -99,9 +106,13 @@ void EnergyBands<GPUBackend>::RunImpl(Workspace &ws) {
   for (int i = 0; i < n; i++) {
     auto sh = in.shape()[i];
     int64_t vol = sh.num_elements();
-    if (vol == 0) continue;
     const auto &k = kernels_[i];
     int nb = k.num_bands();
+    double *moments = dev_moments + 2 * (kMaxBands + 1) * i;
+    if (vol == 0) {  // moments stay zero: an empty image has no energy
+      if (EnergiesOnly) energies_kernel<<<1, 32, 0, stream>>>(moments, nb, 0, out.mutable_tensor<float>(i));
+      continue;
+    }
     float *tmp = dev_planes + nb * max_vol;
     CombineArgs args{};
     args.num_bands = nb;
@@ -118,16 +129,25 @@ void EnergyBands<GPUBackend>::RunImpl(Workspace &ws) {
       }
       args.planes[b + 1] = low;
     }
-    double *moments = dev_moments + 2 * (kMaxBands + 1) * i;
     for (int b = 0; b <= nb; b++)
       moments_kernel<<<std::min(grid_for(vol), 1024), kBlock, 0, stream>>>(
           args.planes[b], b < nb ? args.planes[b + 1] : nullptr, vol, moments + 2 * b);
-    for (int b = 0; b <= nb; b++) args.ref[b] = refs_[i].data[b];
+    if (EnergiesOnly) {
+      energies_kernel<<<1, 32, 0, stream>>>(moments, nb, vol, out.mutable_tensor<float>(i));
+      continue;
+    }
+    for (int b = 0; b <= nb; b++) args.ref[b] = (*refs_)[i].data[b];
     combine_kernel<<<grid_for(vol), kBlock, 0, stream>>>(args, moments, vol, out.mutable_tensor<float>(i));
   }
   CUDA_CALL(cudaGetLastError());
 }
 
+template <>
+void EnergyBands<GPUBackend>::RunImpl(Workspace &ws) { RunGPU(ws); }
+template <>
+void BandEnergies<GPUBackend>::RunImpl(Workspace &ws) { RunGPU(ws); }
+
 }  // namespace medswav
 
 DALI_REGISTER_OPERATOR(medswav__EnergyBands, ::medswav::EnergyBands<::dali::GPUBackend>, ::dali::GPU);
+DALI_REGISTER_OPERATOR(medswav__BandEnergies, ::medswav::BandEnergies<::dali::GPUBackend>, ::dali::GPU);
