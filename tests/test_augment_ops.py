@@ -347,6 +347,27 @@ def test_plugin_built_for_another_dali_is_refused(tmp_path):
         augment_dali.load_plugin(tmp_path)
 
 
+def test_build_is_skipped_while_sources_and_dali_are_unchanged():
+    from augment_dali import build
+    lib = augment_dali.LIB_DIR / augment_dali.LIB_NAME
+    cuda = augment_dali.plugin_has_cuda()
+    build.build(verbose=False, use_cuda=cuda)  # brings a stale checkout up to date first
+    before = lib.stat().st_mtime_ns
+    assert build.build(verbose=False, use_cuda=cuda) == lib
+    assert lib.stat().st_mtime_ns == before
+    stamp = build.read_stamp()
+    import nvidia.dali
+    assert stamp["dali_version"] == nvidia.dali.__version__ and stamp["cuda"] == augment_dali.plugin_has_cuda()
+
+
+def test_build_reports_a_missing_compiler(monkeypatch, tmp_path):
+    from augment_dali import build
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    monkeypatch.setattr(build, "LIB_DIR", tmp_path / "lib")  # never touch the real plugin
+    with pytest.raises(build.BuildError, match="no-such-g\\+\\+"):
+        build.build(force=True, use_cuda=False, verbose=False)
+
+
 def test_all_operators_registered():
     for name in augment_dali.OPERATORS:
         assert callable(getattr(fn.medswav, name))
