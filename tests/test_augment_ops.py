@@ -323,6 +323,25 @@ def test_multicrop_seed_reproducible():
     assert not np.array_equal(a[0][0][0], a[1][0][0])
 
 
+def test_multicrop_checkpoint_restores_the_position_generator():
+    img = _coordinate_image(128, 100)
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None, enable_checkpointing=True)
+    def pipe():
+        x = fn.constant(fdata=img.ravel().tolist(), shape=img.shape, layout="HW", dtype=types.FLOAT)
+        return fn.medswav.multicrop(x, crop_sizes=[16], num_crops=[3], seed=3)
+
+    first = pipe()
+    first.build()
+    first.run()
+    first.run()
+    checkpoint = first.checkpoint()
+    expected = np.array(first.run()[0][1])
+    resumed = pipe(checkpoint=checkpoint)
+    resumed.build()
+    np.testing.assert_array_equal(np.array(resumed.run()[0][1]), expected)
+
+
 def test_multicrop_zero_pads_images_smaller_than_the_crop(mr):
     x = mr[0][:100, :60].copy() + 0.5  # strictly positive so padding is recognisable
     (big,), = run_pipeline(lambda x: fn.medswav.multicrop(x, crop_sizes=[128], num_crops=[4]), [[x]])
