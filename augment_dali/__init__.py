@@ -6,6 +6,7 @@ Importing this package loads the plugin ``augment_dali/_lib/libmedswav_dali.so``
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 LIB_DIR = Path(__file__).resolve().parent / "_lib"
@@ -59,4 +60,14 @@ def plugin_has_cuda(lib_dir: str | Path = LIB_DIR) -> bool:
         return False
 
 
-load_plugin()
+def _running_build() -> bool:
+    """True under `python -m augment_dali.build`, which imports this package before the plugin exists."""
+    argv = list(getattr(sys, "orig_argv", ()))
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-m":
+            return argv[i + 1] == "augment_dali.build"
+    return any(a == "-maugment_dali.build" for a in argv)
+
+
+if not _running_build():
+    load_plugin()

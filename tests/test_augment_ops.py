@@ -379,6 +379,21 @@ def test_build_is_skipped_while_sources_and_dali_are_unchanged():
     assert stamp["dali_version"] == nvidia.dali.__version__ and stamp["cuda"] == augment_dali.plugin_has_cuda()
 
 
+def test_build_command_runs_on_a_checkout_without_plugin(tmp_path):
+    """`python -m augment_dali.build` imports the package first: that must not demand the plugin."""
+    import subprocess
+    import sys
+    pkg = tmp_path / "augment_dali"
+    shutil.copytree(augment_dali.LIB_DIR.parent, pkg, ignore=shutil.ignore_patterns("_lib", "__pycache__"))
+    run = subprocess.run([sys.executable, "-m", "augment_dali.build", "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "--no-cuda" in run.stdout
+    run = subprocess.run([sys.executable, "-c", "import augment_dali"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode != 0 and "python -m augment_dali.build" in run.stderr
+
+
 def test_build_reports_a_missing_compiler(monkeypatch, tmp_path):
     from augment_dali import build
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
