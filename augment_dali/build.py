@@ -10,8 +10,8 @@ upgrade the stamp no longer matches and the plugin is rebuilt (a plugin must be 
 exact DALI it is loaded into).
 
 DALI's headers include the CUDA runtime headers even for CPU-only code: a machine without a CUDA toolkit
-needs them from the ``nvidia-cuda-runtime`` wheel (found under ``site-packages/nvidia/*/include``) or
-``CUDA_HOME``.
+needs them from the ``nvidia-cuda-runtime``, ``nvidia-cuda-crt`` and ``nvidia-cuda-cccl`` wheels (found
+under ``site-packages/nvidia/*/include``) or ``CUDA_HOME``.
 """
 from __future__ import annotations
 
@@ -74,15 +74,18 @@ def cuda_root(nvcc: str | None) -> Path | None:
 
 
 def find_cuda_include(root: Path | None) -> Path:
-    """DALI headers need cuda_runtime_api.h even when only the CPU backend is compiled."""
+    """DALI headers need the CUDA runtime headers even when only the CPU backend is compiled."""
     cands = [root / "include"] if root else []
     site = Path(sysconfig.get_paths()["purelib"]) / "nvidia"
     cands += sorted(site.glob("*/include")) + [Path("/usr/local/cuda/include")]
+    needed = ("cuda_runtime_api.h", "crt/host_config.h")
     for c in cands:
-        if (c / "cuda_runtime_api.h").is_file():
+        if all((c / h).is_file() for h in needed) and any((c / d / "nv" / "target").is_file()
+                                                          for d in (".", "cccl")):
             return c
-    raise BuildError("CUDA runtime headers (cuda_runtime_api.h) not found. Install a CUDA toolkit "
-                     "or `pip install nvidia-cuda-runtime` (headers only are needed for a CPU build), "
+    raise BuildError("CUDA headers not found (cuda_runtime_api.h, crt/host_config.h, nv/target). "
+                     "Install a CUDA toolkit, or just the headers: pip install nvidia-cuda-runtime "
+                     "nvidia-cuda-crt nvidia-cuda-cccl (CUDA 13 wheels; enough for a CPU-only build), "
                      "or set CUDA_HOME.")
 
 
