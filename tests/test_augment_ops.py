@@ -352,6 +352,25 @@ def test_multicrop_zero_pads_images_smaller_than_the_crop(mr):
         np.testing.assert_array_equal(c[rows.min():rows.max() + 1, cols.min():cols.max() + 1], x)
 
 
+# --- bad arguments ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("graph, message", [
+    (lambda x: fn.medswav.gamma(x, gamma=-1.0), "gamma must be finite and > 0"),
+    (lambda x: fn.medswav.rescale(x, scale=0.5, min_size=800, max_size=600), r"min_size \(800\) > max_size"),
+    (lambda x: fn.medswav.rescale(x, scale=0.0), "scale must be finite and > 0"),
+    (lambda x: fn.medswav.multicrop(x, border=0.6), r"border must be in \[0, 0.5\)"),
+    (lambda x: fn.medswav.multicrop(x, positions=[2.0] * 16), r"positions must lie in \[0, 1\]"),
+    (lambda x: fn.medswav.energy_bands(x, ref_energies=[0.1] * 6, sigmas=[0.0, 1.0, 2.0, 4.0, 8.0]),
+     "sigmas must be > 0"),
+    (lambda x: fn.medswav.gamma(fn.cast(x * 100, dtype=types.INT16)), "input must be float32"),
+    (lambda x: fn.medswav.rescale(fn.stack(x, x)), "expected 2-D samples"),
+])
+def test_bad_arguments_raise_errors_naming_the_operator(graph, message):
+    x = np.random.default_rng(0).random((40, 30)).astype(np.float32)
+    with pytest.raises(RuntimeError, match=message):
+        run_pipeline(graph, [[x]])
+
+
 # --- plugin loading ----------------------------------------------------------------------------
 
 def test_missing_plugin_names_the_build_command(tmp_path):
