@@ -139,7 +139,7 @@ def bilinear_resize(x: np.ndarray, out_shape) -> np.ndarray:
     x0c, x1c = np.clip(x0, 0, w - 1), np.clip(x0 + 1, 0, w - 1)
     top = x[y0c][:, x0c] * (1 - fx) + x[y0c][:, x1c] * fx
     bottom = x[y1c][:, x0c] * (1 - fx) + x[y1c][:, x1c] * fx
-    return top * (1 - fy) + bottom * fy
+    return np.ascontiguousarray(top * (1 - fy) + bottom * fy)
 
 
 # --- multicrop -----------------------------------------------------------------------------------

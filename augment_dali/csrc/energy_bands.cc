@@ -41,44 +41,41 @@ namespace medswav {
 namespace {
 
 // The CPU form of conv1d_at: the same taps summed in the same order (from 0, tap -r first) with the
-// same reflect101 borders, evaluated for 16 neighbouring outputs at once in SIMD registers (GCC vector
-// extensions, SSE2 and up), so no partial sum goes through memory. Lines along the last axis are first
+// same reflect101 borders, evaluated for 16 (SSE2) or 32 (AVX2) neighbouring outputs at once in SIMD
+// registers (GCC vector extensions). Lines along the last axis are first
 // copied into a reflect-padded buffer; along the other axes every output line combines whole
 // (reflected) source lines.
 typedef float v4f __attribute__((vector_size(16)));
+typedef float v8f __attribute__((vector_size(32)));
 
-inline v4f load4(const float *p) {
-  v4f v;
+template <typename V>
+inline __attribute__((always_inline)) V load_v(const float *p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store4(float *p, v4f v) { std::memcpy(p, &v, sizeof(v)); }
-
-// out[i] = sum_k taps[k] * src(k)[i] for i in [0, m): 16 outputs per pass, held in registers.
-template <typename Src>
+// out[i] = sum_k taps[k] * src(k)[i] for i in [0, m): 4 vectors of outputs per pass, held in
+// registers, so no partial sum goes through memory.
+template <typename V, typename Src>
 inline __attribute__((always_inline)) void weighted_sum(Src src, float *out, int64_t m, const float *taps,
                                                         int num_taps) {
+  constexpr int W = sizeof(V) / sizeof(float);
   int64_t i = 0;
-  for (; i + 16 <= m; i += 16) {
-    v4f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  for (; i + 4 * W <= m; i += 4 * W) {
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int k = 0; k < num_taps; k++) {
       const float *q = src(k) + i;
-      v4f t = v4f{} + taps[k];
-      a0 += t * load4(q);
-      a1 += t * load4(q + 4);
-      a2 += t * load4(q + 8);
-      a3 += t * load4(q + 12);
+      V t = V{} + taps[k];
+      a0 += t * load_v<V>(q);
+      a1 += t * load_v<V>(q + W);
+      a2 += t * load_v<V>(q + 2 * W);
+      a3 += t * load_v<V>(q + 3 * W);
     }
-    store4(out + i, a0);
-    store4(out + i + 4, a1);
-    store4(out + i + 8, a2);
-    store4(out + i + 12, a3);
-  }
-  for (; i + 4 <= m; i += 4) {
-    v4f a = {};
-    for (int k = 0; k < num_taps; k++) a += (v4f{} + taps[k]) * load4(src(k) + i);
-    store4(out + i, a);
+    std::memcpy(out + i, &a0, sizeof(V));
+    std::memcpy(out + i + W, &a1, sizeof(V));
+    std::memcpy(out + i + 2 * W, &a2, sizeof(V));
+    std::memcpy(out + i + 3 * W, &a3, sizeof(V));
   }
   for (; i < m; i++) {
     float a = 0.0f;
@@ -87,12 +84,37 @@ inline __attribute__((always_inline)) void weighted_sum(Src src, float *out, int
   }
 }
 
-void conv_line_padded(const float *padded, float *out, int n, const float *taps, int num_taps) {
-  weighted_sum([padded](int k) { return padded + k; }, out, n, taps, num_taps);
+struct PaddedLine {
+  const float *padded;
+  const float *operator()(int k) const { return padded + k; }
+};
+struct RowSet {
+  const float *const *rows;
+  const float *operator()(int k) const { return rows[k]; }
+};
+
+// Baseline x86-64 (SSE2) and, picked at run time where the CPU has them, AVX2 + FMA versions.
+template <typename Src>
+void weighted_sum_sse(Src src, float *out, int64_t m, const float *taps, int num_taps) {
+  weighted_sum<v4f>(src, out, m, taps, num_taps);
 }
 
-void conv_rows(const float *const *rows, float *out, int64_t m, const float *taps, int num_taps) {
-  weighted_sum([rows](int k) { return rows[k]; }, out, m, taps, num_taps);
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MSW_HAVE_AVX2_PATH 1
+template <typename Src>
+__attribute__((target("avx2,fma"))) void weighted_sum_avx2(Src src, float *out, int64_t m,
+                                                            const float *taps, int num_taps) {
+  weighted_sum<v8f>(src, out, m, taps, num_taps);
+}
+#endif
+
+template <typename Src>
+void weighted_sum_dispatch(Src src, float *out, int64_t m, const float *taps, int num_taps) {
+#ifdef MSW_HAVE_AVX2_PATH
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return weighted_sum_avx2(src, out, m, taps, num_taps);
+#endif
+  weighted_sum_sse(src, out, m, taps, num_taps);
 }
 
 void conv_axis_cpu(const float *src, float *dst, const AxisExtent &e, const float *taps, int r,
@@ -103,16 +125,22 @@ void conv_axis_cpu(const float *src, float *dst, const AxisExtent &e, const floa
     for (int64_t o = 0; o < e.outer; o++) {
       const float *s = src + o * n;
       for (int q = 0; q < n + 2 * r; q++) pad[q] = s[reflect101(q - r, n)];
-      conv_line_padded(pad.data(), dst + o * n, n, taps, num_taps);
+      weighted_sum_dispatch(PaddedLine{pad.data()}, dst + o * n, n, taps, num_taps);
     }
     return;
   }
+  // Vertical strips of kStrip columns: the 2r+1 source rows of one output row then stay in L1 for the
+  // next output rows, which reuse all but one of them.
+  constexpr int64_t kStrip = 128;
   std::vector<const float *> rows(num_taps);
   for (int64_t o = 0; o < e.outer; o++) {
     const float *s = src + o * n * e.inner;
-    for (int p = 0; p < n; p++) {
-      for (int k = 0; k < num_taps; k++) rows[k] = s + reflect101(p - r + k, n) * e.inner;
-      conv_rows(rows.data(), dst + (o * n + p) * e.inner, e.inner, taps, num_taps);
+    for (int64_t i0 = 0; i0 < e.inner; i0 += kStrip) {
+      int64_t m = std::min(kStrip, e.inner - i0);
+      for (int p = 0; p < n; p++) {
+        for (int k = 0; k < num_taps; k++) rows[k] = s + reflect101(p - r + k, n) * e.inner + i0;
+        weighted_sum_dispatch(RowSet{rows.data()}, dst + (o * n + p) * e.inner + i0, m, taps, num_taps);
+      }
     }
   }
 }
