@@ -251,6 +251,17 @@ def test_energy_bands_constant_and_tiny_images_stay_finite():
     np.testing.assert_allclose(ys[1], R.energy_bands(tiny, refs[1]), atol=MAX_ERR["energy_bands"])
 
 
+def test_energy_bands_is_nd_ready_on_a_volume(mr):
+    """3-D input: the cascade blurs along every axis (the 3-D path of METHOD.md comes later)."""
+    vol = np.stack([m[96:160, 96:160] for m in mr] * 4)  # 12 x 64 x 64 from real MR slices
+    own = R.band_energies(vol, (1.0, 2.0))
+    ref = (own * np.array([1.2, 0.8, 1.1])).astype(np.float32)
+    (ys,), = run_pipeline(lambda x, r: fn.medswav.energy_bands(x, ref_energies=r, sigmas=[1.0, 2.0]),
+                          [[vol], [ref]])
+    assert ys[0].shape == vol.shape
+    np.testing.assert_allclose(ys[0], R.energy_bands(vol, ref, (1.0, 2.0)), atol=MAX_ERR["energy_bands"])
+
+
 def test_energy_bands_custom_sigmas_need_matching_ref_count(mr):
     x = mr[0][:64, :64].copy()
     ref = R.band_energies(x, (1.0, 3.0)).astype(np.float32) * 1.2
