@@ -183,7 +183,8 @@ def build(force: bool = False, use_cuda: bool = True, jobs: int = 2, verbose: bo
         key_file = obj.with_suffix(".key")
         if not force and obj.is_file() and key_file.is_file() and key_file.read_text() == key:
             return src.name
-        run(cmd, f"compiling {src.name}")
+        hint = " (or build without the CUDA backend: --no-cuda)" if src.suffix == ".cu" else ""
+        run(cmd, f"compiling {src.name}{hint}")
         key_file.write_text(key)
         return src.name
 
