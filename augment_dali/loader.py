@@ -66,6 +66,12 @@ def _labels_from_raw(tensor_list, n_labels: int) -> np.ndarray:
     return out
 
 
+def _keys(tensor_list) -> list[str]:
+    """Sample keys from DALI's source_info ("<tar>:<offset>:<key>.npy")."""
+    return [bytes(np.asarray(tensor_list[i])).decode().rsplit(":", 1)[-1].split(".", 1)[0]
+            for i in range(len(tensor_list))]
+
+
 class SwavLoader:
     """Iterable of balanced multi-crop steps; see the module docstring for the epoch semantics."""
 
@@ -74,7 +80,7 @@ class SwavLoader:
                  num_crops=None, num_threads: int = 2, split: str | None = "train",
                  augment: AugmentConfig | None = None, device_id: int | None = None,
                  steps_per_epoch: int | None = None, initial_fill: int = 1024, prefetch: int = 2,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, with_keys: bool = False):
         self.root = Path(dataset_root)
         self.dataset = Dataset(self.root)
         available = self.dataset.modalities
@@ -96,6 +102,7 @@ class SwavLoader:
         self.per_modality = batch_size // len(requested)
         self.device, self.device_id, self.seed = device, device_id, seed
         self.num_threads, self.prefetch, self.initial_fill = num_threads, prefetch, initial_fill
+        self.with_keys = with_keys
         config = augment or AugmentConfig()
         if crop_sizes is not None or num_crops is not None:
             config = dataclasses.replace(config, crop_sizes=tuple(crop_sizes or config.crop_sizes),
@@ -147,7 +154,7 @@ class SwavLoader:
             branches.append(Branch(
                 modality=m, tars=files.tars, indices=files.indices, energy_mean=s["mean"], energy_std=s["std"],
                 read_labels=bool(self.label_names), reader_seed=_derive_seed("reader", self.seed, epoch, self.rank, m),
-                initial_fill=max(1, min(self.initial_fill, files.samples))))
+                initial_fill=max(1, min(self.initial_fill, files.samples)), with_keys=self.with_keys))
         return build_pipeline(branches, self.per_modality, self.config, self.device, self.device_id,
                               self.num_threads, _derive_seed("pipe", self.seed, epoch, self.rank), self.prefetch)
 
@@ -156,24 +163,27 @@ class SwavLoader:
 
         epoch = self.epoch
         self.epoch = epoch + 1
-        pipe = self._pipeline(epoch)
-        groups = len(self.config.crop_sizes)
-        per_branch = groups + (1 if self.label_names else 0)
+        pipe, names = self._pipeline(epoch)
+        where = {name: i for i, name in enumerate(names)}
+        groups = range(len(self.config.crop_sizes))
         n_labels = len(self.label_names)
         modality = torch.arange(len(self.modalities)).repeat_interleave(self.per_modality)
         try:
             for _ in range(self._steps):
                 outs = pipe.run()
-                crops = [torch.cat([_to_torch(outs[i * per_branch + g], self.device)
-                                    for i in range(len(self.modalities))]).unsqueeze(2) for g in range(groups)]
+                crops = [torch.cat([_to_torch(outs[where[m, f"crops{g}"]], self.device) for m in self.modalities])
+                         .unsqueeze(2) for g in groups]
                 if n_labels:
-                    label = np.concatenate([_labels_from_raw(outs[i * per_branch + groups], n_labels)
-                                            for i in range(len(self.modalities))])
+                    label = np.concatenate([_labels_from_raw(outs[where[m, "labels"]], n_labels)
+                                            for m in self.modalities])
                 else:
                     label = np.zeros((self.batch_size, 0), np.float32)
                 label = torch.from_numpy(label)
-                yield {"crops": crops, "modality": modality.clone(), "label": label,
-                       "labelled": torch.isfinite(label).any(dim=1)}
+                step = {"crops": crops, "modality": modality.clone(), "label": label,
+                        "labelled": torch.isfinite(label).any(dim=1)}
+                if self.with_keys:
+                    step["key"] = [k for m in self.modalities for k in _keys(outs[where[m, "source"]])]
+                yield step
         finally:
             del pipe
 

@@ -41,6 +41,7 @@ class Branch:
     read_labels: bool          # dataset has label names: read "<key>.labels.npy" raw (may be missing)
     reader_seed: int
     initial_fill: int          # shuffle buffer of the reader
+    with_keys: bool = False    # also output each sample's "tar:offset:member" (tests, previews)
 
 
 def _branch(b: Branch, cfg: AugmentConfig, device: str):
@@ -78,15 +79,21 @@ def _branch(b: Branch, cfg: AugmentConfig, device: str):
     crops = fn.medswav.multicrop(image, crop_sizes=list(cfg.crop_sizes), num_crops=list(cfg.num_crops),
                                  border=cfg.border, positions=positions)
     crops = list(crops) if isinstance(crops, (list, tuple)) else [crops]
-    return crops + ([outs[1]] if b.read_labels else [])
+    named = {f"crops{g}": c for g, c in enumerate(crops)}
+    if b.read_labels:
+        named["labels"] = outs[1]
+    if b.with_keys:
+        named["source"] = fn.get_property(outs[0], key="source_info")
+    return named
 
 
 def build_pipeline(branches: list[Branch], batch_per_modality: int, cfg: AugmentConfig, device: str = "cpu",
                    device_id: int | None = None, num_threads: int = 2, seed: int = 0, prefetch: int = 2):
     """One DALI pipeline holding every modality's branch; batch size = samples per modality per step.
 
-    Outputs, branch by branch: the crop groups (each [B/M, n_g, s_g, s_g]) and, when labels are read,
-    the raw `.labels.npy` bytes (empty for samples without labels).
+    Returns (pipeline, names): output i is `names[i]` = (modality, what) with `what` one of "crops<g>"
+    ([B/M, n_g, s_g, s_g]), "labels" (raw `.labels.npy` bytes, empty where a sample has none) and
+    "source" (source_info bytes).
     """
     from nvidia.dali import Pipeline
 
@@ -95,10 +102,12 @@ def build_pipeline(branches: list[Branch], batch_per_modality: int, cfg: Augment
     pipe = Pipeline(batch_size=batch_per_modality, num_threads=num_threads,
                     device_id=None if device == "cpu" else (device_id or 0), seed=seed,
                     prefetch_queue_depth=prefetch)
+    names, outputs = [], []
     with pipe:
-        outputs = []
         for b in branches:
-            outputs += _branch(b, cfg, device)
+            for what, node in _branch(b, cfg, device).items():
+                names.append((b.modality, what))
+                outputs.append(node)
         pipe.set_outputs(*outputs)
     pipe.build()
-    return pipe
+    return pipe, names
