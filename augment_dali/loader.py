@@ -30,7 +30,7 @@ from shards import Dataset
 
 from .config import AugmentConfig
 from .pipeline import Branch, build_pipeline
-from .plan import EpochPlanner, steps_per_epoch
+from .plan import EpochPlanner, steps_per_epoch as natural_steps
 from .stats import load_energy_stats
 
 
@@ -115,7 +115,7 @@ class SwavLoader:
         self._cache = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="medswav-index-"))
         self._planners = {m: EpochPlanner(self.dataset, m, split, self._cache) for m in requested}
         counts = {m: p.selected for m, p in self._planners.items()}
-        natural = steps_per_epoch(counts, world_size, self.per_modality)
+        natural = natural_steps(counts, world_size, self.per_modality)
         if natural == 0:
             small = min(counts, key=counts.get)
             raise ValueError(f"modality {small!r} has {counts[small]} {split or ''} samples: fewer than "
