@@ -44,9 +44,44 @@ class Branch:
     with_keys: bool = False    # also output each sample's "tar:offset:member" (tests, previews)
 
 
-def _branch(b: Branch, cfg: AugmentConfig, device: str):
+def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig) -> tuple[list, dict]:
+    """The augmentation graph for one modality, from a decoded float32 "HW" image node (CPU or GPU).
+
+    Returns (crop groups, drawn parameters); the parameters (CPU nodes: scale, ref_energies, use_gamma,
+    gamma, scale_a, shift_b, positions) are for previews and tests.
+    """
     import augment_dali  # noqa: F401  (loads the medswav operator plugin)
     from nvidia.dali import fn, math, types
+
+    image = normalize_dali(image, cfg.normalize.method_for(modality), cfg.normalize)
+
+    scale = fn.random.uniform(range=list(cfg.scale_range))
+    image = fn.medswav.rescale(image, scale=scale, min_size=cfg.size_range[0], max_size=cfg.size_range[1])
+
+    mean = types.Constant(np.asarray(energy_mean, np.float32), device="cpu")
+    std = types.Constant(np.asarray(energy_std, np.float32), device="cpu")
+    unit = fn.random.uniform(range=[-1.0, 1.0], shape=[cfg.num_bands])
+    ref = math.max(mean + unit * std, 0.0)
+    image = fn.medswav.energy_bands(image, ref_energies=ref, sigmas=list(cfg.sigmas))
+
+    use_gamma = fn.cast(fn.random.coin_flip(probability=cfg.p_gamma), dtype=types.FLOAT)
+    gamma = fn.random.uniform(range=list(cfg.gamma_range))
+    a = fn.random.uniform(range=list(cfg.linear_scale_range))
+    b = fn.random.uniform(range=list(cfg.linear_shift_range))
+    image = fn.medswav.gamma(image, gamma=use_gamma * gamma + (1.0 - use_gamma))
+    image = fn.medswav.linear(image, scale=use_gamma + (1.0 - use_gamma) * a, shift=(1.0 - use_gamma) * b)
+
+    positions = fn.random.uniform(range=[0.0, 1.0], shape=[2 * sum(cfg.num_crops)])
+    crops = fn.medswav.multicrop(image, crop_sizes=list(cfg.crop_sizes), num_crops=list(cfg.num_crops),
+                                 border=cfg.border, positions=positions)
+    crops = list(crops) if isinstance(crops, (list, tuple)) else [crops]
+    params = {"scale": scale, "ref_energies": ref, "use_gamma": use_gamma, "gamma": gamma, "scale_a": a,
+              "shift_b": b, "positions": positions}
+    return crops, params
+
+
+def _branch(b: Branch, cfg: AugmentConfig, device: str) -> dict:
+    from nvidia.dali import fn, types
 
     ext = ["npy", "labels.npy"] if b.read_labels else ["npy"]
     outs = fn.readers.webdataset(
@@ -57,28 +92,7 @@ def _branch(b: Branch, cfg: AugmentConfig, device: str):
     image = fn.reshape(fn.decoders.numpy(outs[0], dtype=types.FLOAT), layout="HW")
     if device == "gpu":
         image = image.gpu()
-    image = normalize_dali(image, cfg.normalize.method_for(b.modality), cfg.normalize)
-
-    scale = fn.random.uniform(range=list(cfg.scale_range))
-    image = fn.medswav.rescale(image, scale=scale, min_size=cfg.size_range[0], max_size=cfg.size_range[1])
-
-    mean = types.Constant(np.asarray(b.energy_mean, np.float32), device="cpu")
-    std = types.Constant(np.asarray(b.energy_std, np.float32), device="cpu")
-    unit = fn.random.uniform(range=[-1.0, 1.0], shape=[cfg.num_bands])
-    ref = math.max(mean + unit * std, 0.0)
-    image = fn.medswav.energy_bands(image, ref_energies=ref, sigmas=list(cfg.sigmas))
-
-    use_gamma = fn.cast(fn.random.coin_flip(probability=cfg.p_gamma), dtype=types.FLOAT)
-    gamma = fn.random.uniform(range=list(cfg.gamma_range))
-    a = fn.random.uniform(range=list(cfg.linear_scale_range))
-    b_shift = fn.random.uniform(range=list(cfg.linear_shift_range))
-    image = fn.medswav.gamma(image, gamma=use_gamma * gamma + (1.0 - use_gamma))
-    image = fn.medswav.linear(image, scale=use_gamma + (1.0 - use_gamma) * a, shift=(1.0 - use_gamma) * b_shift)
-
-    positions = fn.random.uniform(range=[0.0, 1.0], shape=[2 * sum(cfg.num_crops)])
-    crops = fn.medswav.multicrop(image, crop_sizes=list(cfg.crop_sizes), num_crops=list(cfg.num_crops),
-                                 border=cfg.border, positions=positions)
-    crops = list(crops) if isinstance(crops, (list, tuple)) else [crops]
+    crops, _ = augment(image, b.modality, b.energy_mean, b.energy_std, cfg)
     named = {f"crops{g}": c for g, c in enumerate(crops)}
     if b.read_labels:
         named["labels"] = outs[1]

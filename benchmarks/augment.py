@@ -1,0 +1,270 @@
+"""Augmentation throughput: medswav's DALI pipeline vs the NumPy reference vs an equivalent MONAI chain.
+
+`python -m benchmarks.augment [--quick] [--json PATH] [--dataset DATASET] [--workers N]`
+
+Same input shards, same machine, same run, same augmentation family (METHOD.md section 4, 2-D
+defaults: rescale s ~ U[0.1, 0.7] into sides [600, 1200], 5 + 1 energy bands, gamma or linear,
+2 x 224 + 6 x 92 crops with a 10 % border):
+
+(a) dali_cpu: `SwavLoader(device="cpu", num_threads=N)`, modality-balanced batches, to torch tensors.
+(b) reference: the NumPy reference chain of `augment_dali.reference`, one process (the spec, not a
+    contender).
+(c) monai: a torch DataLoader with N workers (1 torch thread each) running MONAI transforms: Resize
+    (bilinear, to the same size rule), a GaussianSmooth cascade with band energies from torch.std and
+    the same band scaling, AdjustContrast (gamma) or ScaleIntensity + ShiftIntensity, then
+    RandSpatialCropSamples inside a SpatialCrop that drops the 10 % border.
+(d) dali_gpu (only with a CUDA GPU): `SwavLoader(device="gpu")`.
+All read the same samples from the same dataset's tars and normalise them with the same function.
+Without --dataset, a dataset of the 18 real CT slices (512 x 512) and 48 real MR slices (256 x 256) of
+../shared/data is written to a temporary folder first.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._common import machine, parser, print_table, write_json
+
+CROPS_PER_SAMPLE = 8
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_dataset(root: Path, data_dir: Path) -> Path:
+    import pydicom
+
+    import shards
+
+    series = {"ct": sorted((data_dir / "dicom" / "ct_kits_abdomen_18").glob("*.dcm")),
+              "mr": sorted((data_dir / "dicom" / "mr_mprage_sagittal_192").glob("*.dcm"))[2:194:4]}
+    for modality, paths in series.items():
+        if not paths:
+            raise FileNotFoundError(f"no DICOM files for {modality} under {data_dir / 'dicom'} (see --data)")
+        with shards.ShardWriter(root, modality, f"{modality}-g000-000000") as w:
+            for path in paths:
+                ds = pydicom.dcmread(path)
+                pixels, extra = ds.pixel_array, {}
+                if modality == "ct":  # modality LUT -> Hounsfield units, as ingest does for exact integers
+                    pixels = (pixels.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)).astype(np.int16)
+                    extra = dict(rescale_slope=float(ds.RescaleSlope), rescale_intercept=float(ds.RescaleIntercept),
+                                 rescale_applied=True)
+                meta = shards.SampleMeta(modality=modality, split="train", **extra)
+                w.write(shards.sample_key(ds.SOPInstanceUID, 0, "bench"), pixels, meta)
+    shards.write_dataset_json(root)
+    return root
+
+
+# --- (b) NumPy reference chain -----------------------------------------------------------------------
+
+def reference_chain(pixels, method, cfg, stats, rng):
+    from augment_dali import reference as ref
+    from augment_dali.normalize import normalize_numpy
+
+    x = normalize_numpy(pixels, method, cfg.normalize)
+    x = ref.rescale(x, rng.uniform(*cfg.scale_range), *cfg.size_range)
+    target = np.maximum(np.asarray(stats["mean"]) + rng.uniform(-1, 1, cfg.num_bands) * np.asarray(stats["std"]), 0)
+    x = ref.energy_bands(x, target, cfg.sigmas)
+    if rng.random() < cfg.p_gamma:
+        x = ref.gamma(x, rng.uniform(*cfg.gamma_range))
+    else:
+        x = ref.linear(ref.gamma(x, 1.0), rng.uniform(*cfg.linear_scale_range), rng.uniform(*cfg.linear_shift_range))
+    return ref.multicrop(x, rng.random(2 * sum(cfg.num_crops)), cfg.crop_sizes, cfg.num_crops, cfg.border)
+
+
+# --- (c) MONAI chain -------------------------------------------------------------------------------
+
+class MonaiAugment:
+    """The same augmentation family written with MONAI transforms (what a MONAI user would write)."""
+
+    def __init__(self, cfg, stats: dict):
+        self.cfg, self.stats = cfg, stats
+
+    def __call__(self, pixels, method, rng):
+        import torch
+        from monai.transforms import (AdjustContrast, GaussianSmooth, RandSpatialCropSamples, Resize, ScaleIntensity,
+                                      ShiftIntensity, SpatialCrop)
+
+        from augment_dali.normalize import normalize_numpy
+        from augment_dali.reference import rescale_size
+
+        cfg = self.cfg
+        x = torch.from_numpy(normalize_numpy(pixels, method, cfg.normalize))[None]  # channel-first
+        size = rescale_size(x.shape[1:], rng.uniform(*cfg.scale_range), *cfg.size_range)
+        x = Resize(size, mode="bilinear")(x)
+        low, bands = x, []
+        for sigma in cfg.sigmas:
+            smooth = GaussianSmooth(sigma)(low)
+            bands.append(low - smooth)
+            low = smooth
+        bands.append(low)
+        target = np.maximum(np.asarray(self.stats["mean"]) + rng.uniform(-1, 1, cfg.num_bands) * np.asarray(self.stats["std"]), 0)
+        out = torch.zeros_like(x)
+        for i, band in enumerate(bands):
+            e = float(band.std(unbiased=False))
+            gain = float(target[i] / e) if e > 1e-6 else 1.0
+            if i < len(bands) - 1:
+                out = out + gain * band
+            else:
+                m = band.mean()
+                out = out + m + gain * (band - m)
+        out = out.clamp(0, 1)
+        if rng.random() < cfg.p_gamma:
+            out = AdjustContrast(rng.uniform(*cfg.gamma_range))(out)
+        else:
+            a, b = rng.uniform(*cfg.linear_scale_range), rng.uniform(*cfg.linear_shift_range)
+            out = ShiftIntensity(b)(ScaleIntensity(minv=None, maxv=None, factor=a - 1.0)(out))
+        h, w = out.shape[1:]
+        mh, mw = int(cfg.border * h), int(cfg.border * w)
+        out = SpatialCrop(roi_start=(mh, mw), roi_end=(h - mh, w - mw))(out)
+        groups = []
+        for size, count in zip(cfg.crop_sizes, cfg.num_crops):
+            cropper = RandSpatialCropSamples((size, size), num_samples=count, random_size=False)
+            cropper.set_random_state(int(rng.integers(2**31)))
+            groups.append(torch.stack([torch.as_tensor(c) for c in cropper(out)]))
+        return groups
+
+
+class MonaiDataset:
+    """torch map-style dataset: item i -> MONAI-augmented crop groups of sample refs[i]."""
+
+    def __init__(self, refs, methods: dict, augment_by_modality: dict, seed: int):
+        self.refs, self.methods, self.augment, self.seed = refs, methods, augment_by_modality, seed
+
+    def __len__(self):
+        return len(self.refs)
+
+    def __getitem__(self, i):
+        from augment_dali.sampling import read_pixels
+
+        ref = self.refs[i]
+        return self.augment[ref.modality](read_pixels(ref), self.methods[ref.modality],
+                                          np.random.default_rng([self.seed, i]))
+
+
+def _worker_init(_):
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _collate(batch):
+    import torch
+
+    return [torch.stack([sample[g] for sample in batch]) for g in range(len(batch[0]))]
+
+
+def run_monai(refs, methods, cfg, stats, workers, batch_size, samples) -> tuple[int, float]:
+    from torch.utils.data import DataLoader
+
+    items = (refs * -(-samples // len(refs)))[:samples]
+    dataset = MonaiDataset(items, methods, {m: MonaiAugment(cfg, s) for m, s in stats.items()}, seed=0)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, worker_init_fn=_worker_init,
+                        collate_fn=_collate)
+    start = time.perf_counter()
+    n = sum(batch[0].shape[0] for batch in loader)
+    return n, time.perf_counter() - start
+
+
+def run_reference(refs, methods, cfg, stats, samples) -> tuple[int, float]:
+    from augment_dali.sampling import read_pixels
+
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for i in range(samples):
+        ref = refs[i % len(refs)]
+        reference_chain(read_pixels(ref), methods[ref.modality], cfg, stats[ref.modality], rng)
+    return samples, time.perf_counter() - start
+
+
+def run_dali(root, device, workers, batch_size, samples) -> tuple[int, float]:
+    """Steady state: the first step (pipeline build, buffer fill) is excluded, later epochs' rebuilds are not."""
+    from augment_dali.loader import SwavLoader
+
+    loader = SwavLoader(root, batch_size=batch_size, device=device, num_threads=workers, seed=0)
+    n, start = 0, None
+    try:
+        while n < samples:
+            for step in loader:
+                if start is None:
+                    start = time.perf_counter()
+                    continue
+                n += step["crops"][0].shape[0]
+                if n >= samples:
+                    break
+        if device == "gpu":
+            import torch
+
+            torch.cuda.synchronize()
+        return n, time.perf_counter() - start
+    finally:
+        loader.close()
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--dataset", help="existing dataset folder (default: build one from ../shared/data)")
+    p.add_argument("--data", default=os.environ.get("MEDSWAV_SHARED_DATA", str(REPO.parent / "shared" / "data")),
+                   help="real data folder used to build the default dataset (default: $MEDSWAV_SHARED_DATA or "
+                        "../shared/data)")
+    p.add_argument("--workers", type=int, default=2, help="DALI threads = DataLoader workers (default 2)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per step, a multiple of the modalities")
+    args = p.parse_args(argv)
+    from augment_dali.config import AugmentConfig
+    from augment_dali.sampling import sample_refs
+    from augment_dali.stats import compute_stats, stats_path, write_stats
+    from shards import Dataset
+
+    n_dali, n_monai, n_ref = (48, 16, 2) if args.quick else (400, 96, 8)
+    cfg = AugmentConfig()
+    with tempfile.TemporaryDirectory(prefix="medswav-bench-") as tmp:
+        root = Path(args.dataset) if args.dataset else build_dataset(Path(tmp), Path(args.data))
+        if not stats_path(root).exists():
+            write_stats(root, compute_stats(root, samples=50, config=cfg, show_progress=False))
+        stats = json.loads(stats_path(root).read_text())["modalities"]
+        ds = Dataset(root)
+        refs = [r for m in ds.modalities for r in sample_refs(ds, m, 10**9, seed=0, split="train")]
+        methods = {m: cfg.normalize.method_for(m) for m in ds.modalities}
+        rows, figures = [], {}
+        for name, fn in [("dali_cpu", lambda: run_dali(root, "cpu", args.workers, args.batch_size, n_dali)),
+                         ("monai", lambda: run_monai(refs, methods, cfg, stats, args.workers, args.batch_size, n_monai)),
+                         ("reference", lambda: run_reference(refs, methods, cfg, stats, n_ref))]:
+            n, seconds = fn()
+            figures[f"{name}_samples_per_s"] = n / seconds
+            rows.append({"path": name, "samples": n, "seconds": seconds, "samples_per_s": n / seconds,
+                         "crops_per_s": n * CROPS_PER_SAMPLE / seconds})
+            print(f"  {name}: {n / seconds:.2f} samples/s", flush=True)
+        try:
+            import torch
+
+            has_gpu = torch.cuda.is_available()
+        except ImportError:
+            has_gpu = False
+        if has_gpu:
+            n, seconds = run_dali(root, "gpu", args.workers, args.batch_size, n_dali * 4)
+            figures["dali_gpu_samples_per_s"] = n / seconds
+            rows.append({"path": f"dali_gpu ({machine().get('gpu')})", "samples": n, "seconds": seconds,
+                         "samples_per_s": n / seconds, "crops_per_s": n * CROPS_PER_SAMPLE / seconds})
+    figures["speedup_vs_monai"] = figures["dali_cpu_samples_per_s"] / figures["monai_samples_per_s"]
+    figures["speedup_vs_reference"] = figures["dali_cpu_samples_per_s"] / figures["reference_samples_per_s"]
+    figures["crops_per_sample"] = CROPS_PER_SAMPLE
+    for r in rows:
+        r["vs_monai"] = r["samples_per_s"] / figures["monai_samples_per_s"]
+    print_table(f"Augmentation throughput ({args.workers} workers, sides {cfg.size_range}, crops "
+                f"{cfg.num_crops} x {cfg.crop_sizes})", rows,
+                ["path", "samples", "seconds", "samples_per_s", "crops_per_s", "vs_monai"])
+    target = 5.0
+    verdict = "meets" if figures["speedup_vs_monai"] >= target else "MISSES"
+    print(f"\nspeedup vs MONAI on CPU: {figures['speedup_vs_monai']:.1f}x ({verdict} the target of {target:g}x)")
+    write_json(args.json, "augment", figures, {"workers": args.workers, "batch_size": args.batch_size,
+                                               "quick": args.quick, "size_range": list(cfg.size_range),
+                                               "dataset": args.dataset or "built from ../shared/data"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
