@@ -56,8 +56,10 @@ def render(rows: list[dict], cfg: AugmentConfig, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     n_crops = sum(cfg.num_crops)
-    fig, axes = plt.subplots(len(rows), 1 + n_crops, figsize=(1.6 * (1 + n_crops), 1.7 * len(rows)),
-                             squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.25})
+    cols, side = 1 + n_crops, 1.4  # inches per square panel
+    fig, axes = plt.subplots(len(rows), cols, figsize=(side * cols, side * 1.08 * len(rows) + 0.5), squeeze=False,
+                             gridspec_kw={"wspace": 0.04, "hspace": 0.08})
+    fig.subplots_adjust(left=0.06, right=0.995, bottom=0.005, top=1 - 0.5 / (side * 1.08 * len(rows) + 0.5))
     for r, row in enumerate(rows):
         panels = [row["original"]] + row["crops"]
         for c, (ax, img) in enumerate(zip(axes[r], panels)):
@@ -70,7 +72,7 @@ def render(rows: list[dict], cfg: AugmentConfig, out: Path) -> None:
                              fontsize=8)
         axes[r][0].set_ylabel(row["label"], fontsize=7)
     fig.suptitle(f"medswav augmentations: rescale sides {cfg.size_range}, crops "
-                 + " + ".join(f"{n}x{s}" for n, s in zip(cfg.num_crops, cfg.crop_sizes)), fontsize=10)
+                 + " + ".join(f"{n}x{s}" for n, s in zip(cfg.num_crops, cfg.crop_sizes)), fontsize=10, y=0.999)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
