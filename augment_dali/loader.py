@@ -39,18 +39,16 @@ def _derive_seed(*parts) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def _to_torch(tensor_list, device: str):
-    """A uniform-shape DALI TensorList as a torch tensor (copied: DALI reuses its buffers)."""
+def _to_torch(tensor_list, device_id: int | None):
+    """A uniform-shape float32 DALI TensorList as a torch tensor (a copy: DALI reuses its buffers)."""
     import torch
-
-    if device == "cpu":
-        return torch.from_numpy(np.array(tensor_list.as_tensor()))
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     dense = tensor_list.as_tensor()
-    out = torch.empty(dense.shape(), dtype=torch.float32, device=torch.device("cuda", torch.cuda.current_device()))
-    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream())
-    return out
+    if device_id is None:
+        return feed_ndarray(dense, torch.empty(dense.shape(), dtype=torch.float32))
+    out = torch.empty(dense.shape(), dtype=torch.float32, device=torch.device("cuda", device_id))
+    return feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(out.device))
 
 
 def _labels_from_raw(tensor_list, n_labels: int) -> np.ndarray:
@@ -100,7 +98,11 @@ class SwavLoader:
         self.modalities = requested
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.per_modality = batch_size // len(requested)
-        self.device, self.device_id, self.seed = device, device_id, seed
+        if device == "gpu" and device_id is None:
+            import torch
+
+            device_id = torch.cuda.current_device()
+        self.device, self.device_id, self.seed = device, (device_id if device == "gpu" else None), seed
         self.num_threads, self.prefetch, self.initial_fill = num_threads, prefetch, initial_fill
         self.with_keys = with_keys
         config = augment or AugmentConfig()
@@ -171,7 +173,7 @@ class SwavLoader:
         try:
             for _ in range(self._steps):
                 outs = pipe.run()
-                crops = [torch.cat([_to_torch(outs[where[m, f"crops{g}"]], self.device) for m in self.modalities])
+                crops = [torch.cat([_to_torch(outs[where[m, f"crops{g}"]], self.device_id) for m in self.modalities])
                          .unsqueeze(2) for g in groups]
                 if n_labels:
                     label = np.concatenate([_labels_from_raw(outs[where[m, "labels"]], n_labels)
