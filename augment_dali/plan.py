@@ -8,7 +8,10 @@ itself and hands each reader only what that rank reads:
 1. Per modality, the shards are put in an order drawn from (seed, epoch, modality): identical on every
    rank, different every epoch.
 2. The split's samples of that concatenation are cut into `world_size` contiguous ranges
-   [N*r//W, N*(r+1)//W): disjoint, covering everything, sizes differing by at most one.
+   [N*r//W, N*(r+1)//W): disjoint, covering everything, sizes differing by at most one. Each rank
+   reads its range starting at a random point (drawn from seed, epoch, modality, rank) and wrapping
+   around, so the part of a large modality read in a short epoch is placed at random even when the
+   modality has few, large shards.
 3. A shard lying wholly inside the range whose samples all belong to the split is read through its own
    `.idx`; otherwise a small derived `.idx` listing only the wanted lines (same tar, same offsets) is
    written to the loader's cache folder.
@@ -99,6 +102,19 @@ def _split_positions(dataset: Dataset, modality: str, shard: str, split: str) ->
     return np.sort(table.column("index").filter(mask).to_numpy())
 
 
+def _rotate(segments: list, by: int) -> list:
+    """The same samples in reading order starting `by` samples in, wrapping around to the start."""
+    done = 0
+    for k, (shard, lo, hi) in enumerate(segments):
+        if done + (hi - lo) > by:
+            cut = lo + by - done
+            head = [(shard, cut, hi)] + segments[k + 1:]
+            tail = segments[:k] + ([(shard, lo, cut)] if cut > lo else [])
+            return head + tail
+        done += hi - lo
+    return segments
+
+
 class EpochPlanner:
     """Builds each rank's reader input for an epoch; derived index files go to `cache_dir`."""
 
@@ -109,22 +125,33 @@ class EpochPlanner:
         self.cache_dir = Path(cache_dir)
         self.shards = modality_shards(dataset, modality, split)
         self.selected = sum(s.selected for s in self.shards)
+        self._partials: set[Path] = set()
 
     def files(self, seed: int, epoch: int, rank: int, world_size: int) -> ReaderFiles:
         start, stop = rank_range(self.selected, rank, world_size)
-        tars, indices = [], []
-        offset = 0
+        segments, offset = [], 0  # (shard, lo, hi): lines [lo, hi) of the shard's split-filtered samples
         for i in shard_order(len(self.shards), seed, epoch, self.modality):
             shard = self.shards[i]
             lo, hi = max(start - offset, 0), min(stop - offset, shard.selected)
             offset += shard.selected
-            if lo >= hi:
-                continue
+            if lo < hi:
+                segments.append((shard, lo, hi))
+        if stop > start:
+            tag = int.from_bytes(hashlib.blake2b(self.modality.encode(), digest_size=4).digest(), "little")
+            segments = _rotate(segments, int(np.random.default_rng([seed, epoch, tag, rank]).integers(stop - start)))
+        tars, indices, partials = [], [], set()
+        for shard, lo, hi in segments:
             tars.append(str(shard.tar))
             if lo == 0 and hi == shard.selected == shard.total:
                 indices.append(str(shard.idx))
-            else:
-                indices.append(str(self._derived_index(shard, lo, hi)))
+                continue
+            path = self._derived_index(shard, lo, hi)
+            indices.append(str(path))
+            if not (lo == 0 and hi == shard.selected):
+                partials.add(path)
+        for old in self._partials - partials:  # edge pieces of earlier epochs (readers parse at build)
+            old.unlink(missing_ok=True)
+        self._partials = partials
         return ReaderFiles(tars, indices, stop - start)
 
     def _derived_index(self, shard: ShardEntry, lo: int, hi: int) -> Path:

@@ -21,7 +21,7 @@ import shards
 from augment_dali.config import AugmentConfig
 from augment_dali.loader import SwavLoader
 from augment_dali.normalize import normalize_dali, normalize_numpy
-from augment_dali.plan import EpochPlanner, rank_range, steps_per_epoch
+from augment_dali.plan import EpochPlanner, _rotate, rank_range, steps_per_epoch
 from augment_dali.stats import StatsMissingError, compute_stats, load_energy_stats, write_stats
 
 SMALL = AugmentConfig.small()
@@ -160,6 +160,16 @@ def test_rank_ranges_partition_and_steps_are_equal():
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
             assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
     assert steps_per_epoch({"ct": 15, "mr": 40}, 2, 2) == 3
+
+
+def test_rotated_reading_order_keeps_every_sample_once():
+    segments = [("a", 0, 5), ("b", 2, 4), ("c", 0, 3)]
+
+    def flat(segs):
+        return [(name, i) for name, lo, hi in segs for i in range(lo, hi)]
+
+    for by in range(10):
+        assert flat(_rotate(segments, by)) == flat(segments)[by:] + flat(segments)[:by]
 
 
 def test_derived_index_holds_exactly_the_split(aug_dataset, tmp_path):
