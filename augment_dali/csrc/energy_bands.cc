@@ -30,24 +30,52 @@ Blurs are separable along every axis of the sample (2-D "HW" now, 3-D ready) wit
 namespace medswav {
 namespace {
 
-void conv_axis_cpu(const float *src, float *dst, const AxisExtent &e, const float *taps, int r) {
+// The CPU form of conv1d_at: the same taps summed in the same order (from 0, tap -r first) with the
+// same reflect101 borders, but with the loops interchanged so that the compiler vectorises across
+// output elements: lines along the last axis are first copied into a reflect-padded buffer; along
+// other axes every output line accumulates whole (reflected) source lines.
+void conv_axis_cpu(const float *src, float *dst, const AxisExtent &e, const float *taps, int r,
+                   std::vector<float> &pad) {
+  int n = e.n;
+  if (e.inner == 1) {  // lines are contiguous (last axis)
+    pad.resize(n + 2 * r);
+    for (int64_t o = 0; o < e.outer; o++) {
+      const float *s = src + o * n;
+      float *__restrict__ d = dst + o * n;
+      float *__restrict__ padded = pad.data();
+      for (int q = 0; q < n + 2 * r; q++) padded[q] = s[reflect101(q - r, n)];
+      std::fill(d, d + n, 0.0f);
+      for (int k = 0; k <= 2 * r; k++) {
+        const float t = taps[k];
+        const float *__restrict__ sk = padded + k;
+        for (int p = 0; p < n; p++) d[p] += t * sk[p];
+      }
+    }
+    return;
+  }
   for (int64_t o = 0; o < e.outer; o++) {
-    const float *s = src + o * e.n * e.inner;
-    float *d = dst + o * e.n * e.inner;
-    for (int p = 0; p < e.n; p++)
-      for (int64_t i = 0; i < e.inner; i++) d[p * e.inner + i] = conv1d_at(s + i, e.n, e.inner, p, taps, r);
+    const float *s = src + o * n * e.inner;
+    for (int p = 0; p < n; p++) {
+      float *__restrict__ d = dst + (o * n + p) * e.inner;
+      std::fill(d, d + e.inner, 0.0f);
+      for (int k = 0; k <= 2 * r; k++) {
+        const float t = taps[k];
+        const float *__restrict__ sk = s + reflect101(p - r + k, n) * e.inner;
+        for (int64_t i = 0; i < e.inner; i++) d[i] += t * sk[i];
+      }
+    }
   }
 }
 
 // Separable blur over all axes; `tmp` is scratch of the same size.
 void blur_cpu(const float *src, float *dst, float *tmp, const dali::TensorShape<> &sh, const float *taps,
-              int r) {
+              int r, std::vector<float> &pad) {
   int nd = sh.size();
   const float *cur = src;
   for (int a = nd - 1; a >= 0; a--) {
     // ping-pong so that the last pass (axis 0) lands in dst
     float *out = ((nd - 1 - a) % 2 == (nd - 1) % 2) ? dst : tmp;
-    conv_axis_cpu(cur, out, axis_extent(sh, a), taps, r);
+    conv_axis_cpu(cur, out, axis_extent(sh, a), taps, r, pad);
     cur = out;
   }
 }
@@ -70,22 +98,25 @@ void EnergyBands<CPUBackend>::RunImpl(Workspace &ws) {
     float *tmp = storage.data() + nb * vol;
     std::vector<const float *> planes(nb + 1);
     planes[0] = in.tensor<float>(i);
+    std::vector<float> pad;
     for (int b = 0; b < nb; b++) {
       float *low = storage.data() + b * vol;
-      blur_cpu(planes[b], low, tmp, sh, taps_.data() + k.offset[b], k.radius[b]);
+      blur_cpu(planes[b], low, tmp, sh, taps_.data() + k.offset[b], k.radius[b], pad);
       planes[b + 1] = low;
     }
     std::vector<double> sum(nb + 1, 0.0), sum_sq(nb + 1, 0.0);
     for (int b = 0; b <= nb; b++) {
-      double s = 0, ss = 0;
+      // four interleaved partial sums: breaks the add-latency chain (order differs from the GPU's
+      // tree reduction anyway; both are double precision)
+      double s[4] = {0, 0, 0, 0}, ss[4] = {0, 0, 0, 0};
       const float *hi = planes[b], *lo = b < nb ? planes[b + 1] : nullptr;
       for (int64_t p = 0; p < vol; p++) {
         double v = lo ? double(hi[p] - lo[p]) : double(hi[p]);
-        s += v;
-        ss += v * v;
+        s[p & 3] += v;
+        ss[p & 3] += v * v;
       }
-      sum[b] = s;
-      sum_sq[b] = ss;
+      sum[b] = (s[0] + s[1]) + (s[2] + s[3]);
+      sum_sq[b] = (ss[0] + ss[1]) + (ss[2] + ss[3]);
     }
     float gains[kMaxBands + 1];
     const float *ref = refs_[i].data;

@@ -14,7 +14,10 @@
 namespace medswav {
 
 MSW_HD int reflect101(int i, int n) {
+  if (i >= 0 && i < n) return i;
   if (n <= 1) return 0;
+  if (i < 0 && -i < n) return -i;                    // one fold on the left
+  if (i >= n && i < 2 * n - 1) return 2 * (n - 1) - i;  // one fold on the right
   int period = 2 * (n - 1);
   i %= period;
   if (i < 0) i += period;
