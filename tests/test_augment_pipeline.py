@@ -277,3 +277,24 @@ def test_gpu_pipeline_equals_cpu_pipeline(aug_dataset):
         for ca, cb in zip(a["crops"], b["crops"]):
             assert cb.is_cuda
             np.testing.assert_allclose(ca.numpy(), cb.cpu().numpy(), atol=1e-4)
+
+
+def test_augment_graph_survives_constant_tiny_and_real_images(aug_dataset, dicom_dir):
+    """Bad input through the training graph: a constant image (every band energy 0), an image smaller
+    than the crops, a real MR slice; outputs are always finite with the right shapes."""
+    from augment_dali.preview import augment_images
+
+    stats = load_energy_stats(aug_dataset)["modalities"]["mr"]
+    real = pydicom.dcmread(sorted((dicom_dir / "mr_mprage_sagittal_192").glob("*.dcm"))[90]).pixel_array
+    images = [np.full((64, 80), 500, np.uint16), np.arange(35, dtype=np.uint16).reshape(5, 7), real]
+    cfg = AugmentConfig.small(size_range=(8, 96))  # lets the 5 x 7 image stay smaller than the 32-px crops
+    crops, params = augment_images(images, "mr", stats, cfg, seed=1)
+    assert crops[0].shape == (3, 2, 32, 32) and crops[1].shape == (3, 6, 16, 16)
+    for group in crops:
+        assert np.isfinite(group).all()
+        assert group.min() >= -0.2 - 1e-5 and group.max() <= 1.3 + 1e-5
+    for g in crops:  # the constant image stays constant in every crop (no band to scale)
+        assert np.ptp(g[0]) == 0.0
+    assert np.ptp(crops[0][2]) > 0.1  # the real slice keeps its structure
+    assert np.all((params["scale"] >= 0.1) & (params["scale"] <= 0.7))
+    assert set(np.unique(params["use_gamma"])) <= {0.0, 1.0}
