@@ -71,7 +71,14 @@ def _keys(tensor_list) -> list[str]:
 
 
 class SwavLoader:
-    """Iterable of balanced multi-crop steps; see the module docstring for the epoch semantics."""
+    """Iterable of balanced multi-crop steps; see the module docstring for the epoch semantics.
+
+    `augment` holds every augmentation parameter (AugmentConfig, METHOD defaults); `crop_sizes` and
+    `num_crops`, when given, override its crops. `split=None` reads every split. `num_threads` is the
+    size of the one DALI pipeline's thread pool (all modalities share it). `cache_dir` receives the
+    derived index files (default: a temporary folder removed by `close()`). `with_keys` adds the
+    sample keys to each step (tests, debugging).
+    """
 
     def __init__(self, dataset_root, batch_size: int, modalities: list[str] | None = None, rank: int = 0,
                  world_size: int = 1, device: str = "cpu", seed: int = 0, crop_sizes=None,
@@ -114,7 +121,7 @@ class SwavLoader:
         self.label_names = self.dataset.label_names()
 
         self._own_cache = cache_dir is None
-        self._cache = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="medswav-index-"))
+        self._cache = Path(cache_dir) if cache_dir else None  # a temporary folder, made on first use
         self._planners = {m: EpochPlanner(self.dataset, m, split, self._cache) for m in requested}
         counts = {m: p.selected for m, p in self._planners.items()}
         natural = natural_steps(counts, world_size, self.per_modality)
@@ -149,6 +156,10 @@ class SwavLoader:
         self.epoch = int(epoch)
 
     def _pipeline(self, epoch: int):
+        if self._cache is None:
+            self._cache = Path(tempfile.mkdtemp(prefix="medswav-index-"))
+            for planner in self._planners.values():
+                planner.cache_dir = self._cache
         branches = []
         for m in self.modalities:
             files = self._planners[m].files(self.seed, epoch, self.rank, self.world_size)
@@ -190,8 +201,10 @@ class SwavLoader:
             del pipe
 
     def close(self) -> None:
-        if self._own_cache:
+        """Remove the derived index files (the loader's own temporary folder); safe to call twice."""
+        if self._own_cache and self._cache is not None:
             shutil.rmtree(self._cache, ignore_errors=True)
+            self._cache = None
 
     def __del__(self):
         try:

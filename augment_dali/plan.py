@@ -118,11 +118,11 @@ def _rotate(segments: list, by: int) -> list:
 class EpochPlanner:
     """Builds each rank's reader input for an epoch; derived index files go to `cache_dir`."""
 
-    def __init__(self, dataset: Dataset, modality: str, split: str | None, cache_dir: Path):
+    def __init__(self, dataset: Dataset, modality: str, split: str | None, cache_dir: Path | None):
         self.dataset = dataset
         self.modality = modality
         self.split = split
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.shards = modality_shards(dataset, modality, split)
         self.selected = sum(s.selected for s in self.shards)
         self._partials: set[Path] = set()
