@@ -122,6 +122,10 @@ def test_stats_energies_match_the_numpy_reference(aug_dataset):
     got = band_energies_batch(energy_pipeline(SMALL.sigmas, batch_size=4), images)
     want = np.stack([reference.band_energies(i, SMALL.sigmas) for i in images])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    # the stats path: raw pixels normalised and rescaled by the pipeline's operators, then energies
+    raw = [read_pixels(r) for r in sample_refs(ds, "mr", 3, seed=5)]
+    prepared = energy_pipeline(SMALL.sigmas, batch_size=4, prepare=("robust_minmax", SMALL.normalize, (48, 96)))
+    np.testing.assert_allclose(band_energies_batch(prepared, raw, [0.5] * 3), want, rtol=2e-3, atol=1e-6)
 
 
 def test_stats_cli_writes_energy_json(aug_dataset, tmp_path):
