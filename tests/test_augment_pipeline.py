@@ -302,3 +302,18 @@ def test_augment_graph_survives_constant_tiny_and_real_images(aug_dataset, dicom
     assert np.ptp(crops[0][2]) > 0.1  # the real slice keeps its structure
     assert np.all((params["scale"] >= 0.1) & (params["scale"] <= 0.7))
     assert set(np.unique(params["use_gamma"])) <= {0.0, 1.0}
+
+
+def test_preview_cli_draws_every_modality(aug_dataset, tmp_path):
+    out = tmp_path / "preview.png"
+    r = subprocess.run([sys.executable, "-m", "augment_dali.preview", str(aug_dataset), "--out", str(out),
+                        "--small", "--per-modality", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out)
+    assert img.shape[0] > 400 and img.shape[1] > 800  # 4 rows x 9 panels
+    assert img[..., :3].std() > 0.1                  # pictures, not an empty canvas
+    bad = subprocess.run([sys.executable, "-m", "augment_dali.preview", str(aug_dataset), "--modalities", "pet"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "available: ct, mr, us, xr" in bad.stderr
