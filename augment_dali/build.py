@@ -111,7 +111,10 @@ def read_stamp(lib_dir: Path = LIB_DIR) -> dict | None:
 
 
 def run(cmd: list[str], what: str) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:  # compiler missing or not executable
+        raise BuildError(f"{what}: cannot run {cmd[0]}: {e}") from e
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise BuildError(f"{what} failed (exit {proc.returncode}); command: {' '.join(cmd)}")
@@ -132,7 +135,7 @@ def build(force: bool = False, use_cuda: bool = True, jobs: int = 2, verbose: bo
 
     want = {"dali_version": info["version"], "cuda": bool(nvcc), "sources": sources_hash(cc_files)}
     lib = LIB_DIR / LIB_NAME
-    stamp = read_stamp()
+    stamp = read_stamp(LIB_DIR)
     if not force and lib.is_file() and stamp and all(stamp.get(k) == v for k, v in want.items()):
         if verbose:
             print(f"{lib} is up to date (DALI {info['version']}, CUDA {'yes' if nvcc else 'no'})")
@@ -154,7 +157,7 @@ def build(force: bool = False, use_cuda: bool = True, jobs: int = 2, verbose: bo
                "-Xcompiler", "-fPIC,-fvisibility=hidden", "-ccbin", cxx, "-c", str(f), "-o", str(o)]
         jobs_list.append((f, cmd, o))
 
-    headers = b"".join(h.read_bytes() for h in sorted(CSRC.rglob("*.h")))
+    headers = b"".join(h.read_bytes() for h in sorted(CSRC.rglob("*")) if h.suffix in (".h", ".cuh"))
 
     def compile_one(item):
         # An object is reused while its source, every header and its command line are unchanged.

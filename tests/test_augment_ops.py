@@ -228,6 +228,18 @@ def test_energy_bands_output_energies_equal_targets(mr, mr_energies):
         assert np.abs(got / target - 1).mean() < np.abs(before / target - 1).mean()
 
 
+def test_band_energies_operator_matches_reference(ct, mr, mr_energies):
+    imgs = [ct[0], mr[0], mr[1], np.full((40, 30), 0.5, np.float32)]
+    (es,), = run_pipeline(lambda x: fn.medswav.band_energies(x), [imgs])
+    for x, e in zip(imgs[1:3], es[1:3]):
+        assert e.shape == (6,) and e.dtype == np.float32
+    np.testing.assert_allclose(es[0], R.band_energies(ct[0]), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(es[1], mr_energies[0], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(es[2], mr_energies[1], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(es[3], 0.0, atol=1e-7)  # constant image: no energy in any band
+    assert (np.diff(es[1][:5]) > 0).all()  # real anatomy: coarser bands carry more energy
+
+
 def test_energy_bands_constant_and_tiny_images_stay_finite():
     const = np.full((64, 48), 0.37, np.float32)
     tiny = np.random.default_rng(0).random((9, 13)).astype(np.float32)  # sigma 16: radius 48 > side
@@ -311,6 +323,25 @@ def test_multicrop_seed_reproducible():
     assert not np.array_equal(a[0][0][0], a[1][0][0])
 
 
+def test_multicrop_checkpoint_restores_the_position_generator():
+    img = _coordinate_image(128, 100)
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None, enable_checkpointing=True)
+    def pipe():
+        x = fn.constant(fdata=img.ravel().tolist(), shape=img.shape, layout="HW", dtype=types.FLOAT)
+        return fn.medswav.multicrop(x, crop_sizes=[16], num_crops=[3], seed=3)
+
+    first = pipe()
+    first.build()
+    first.run()
+    first.run()
+    checkpoint = first.checkpoint()
+    expected = np.array(first.run()[0][1])
+    resumed = pipe(checkpoint=checkpoint)
+    resumed.build()
+    np.testing.assert_array_equal(np.array(resumed.run()[0][1]), expected)
+
+
 def test_multicrop_zero_pads_images_smaller_than_the_crop(mr):
     x = mr[0][:100, :60].copy() + 0.5  # strictly positive so padding is recognisable
     (big,), = run_pipeline(lambda x: fn.medswav.multicrop(x, crop_sizes=[128], num_crops=[4]), [[x]])
@@ -333,6 +364,27 @@ def test_plugin_built_for_another_dali_is_refused(tmp_path):
     (tmp_path / "build_stamp.json").write_text(json.dumps({"dali_version": "0.0.1", "cuda": False}))
     with pytest.raises(augment_dali.PluginError, match=r"built against DALI 0\.0\.1.*--force"):
         augment_dali.load_plugin(tmp_path)
+
+
+def test_build_is_skipped_while_sources_and_dali_are_unchanged():
+    from augment_dali import build
+    lib = augment_dali.LIB_DIR / augment_dali.LIB_NAME
+    cuda = augment_dali.plugin_has_cuda()
+    build.build(verbose=False, use_cuda=cuda)  # brings a stale checkout up to date first
+    before = lib.stat().st_mtime_ns
+    assert build.build(verbose=False, use_cuda=cuda) == lib
+    assert lib.stat().st_mtime_ns == before
+    stamp = build.read_stamp()
+    import nvidia.dali
+    assert stamp["dali_version"] == nvidia.dali.__version__ and stamp["cuda"] == augment_dali.plugin_has_cuda()
+
+
+def test_build_reports_a_missing_compiler(monkeypatch, tmp_path):
+    from augment_dali import build
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    monkeypatch.setattr(build, "LIB_DIR", tmp_path / "lib")  # never touch the real plugin
+    with pytest.raises(build.BuildError, match="no-such-g\\+\\+"):
+        build.build(force=True, use_cuda=False, verbose=False)
 
 
 def test_all_operators_registered():
@@ -364,6 +416,7 @@ GPU_CASES = {
     "linear": (lambda x, p: fn.medswav.linear(x, scale=p[1], shift=p[2] - 0.5), 1e-5),
     "rescale": (lambda x, p: fn.medswav.rescale(x, scale=p[3]), 1e-5),
     "energy_bands": (lambda x, p: fn.medswav.energy_bands(x, ref_energies=_vec(p, 6) * 0.05), 5e-5),
+    "band_energies": (lambda x, p: fn.medswav.band_energies(x, sigmas=[1.0, 3.0, 9.0]), 1e-6),
     "multicrop": (lambda x, p: fn.medswav.multicrop(x, positions=_vec(p, 16)), 0.0),
 }
 

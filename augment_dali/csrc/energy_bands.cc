@@ -27,6 +27,15 @@ Blurs are separable along every axis of the sample (2-D "HW" now, 3-D ready) wit
     .AddOptionalArg("sigmas", "Gaussian sigmas (pixels) of the cascade, ascending.",
                     std::vector<float>{1.f, 2.f, 4.f, 8.f, 16.f}, true);
 
+DALI_SCHEMA(medswav__BandEnergies)
+    .DocStr(R"(Band energies of each image: ``len(sigmas) + 1`` float32 values, the standard deviations over
+the image of the Gaussian-cascade bands and of the low-pass residual, exactly as ``energy_bands``
+measures them (see there). Used to collect the data set's reference statistics.)")
+    .NumInput(1)
+    .NumOutput(1)
+    .AddOptionalArg("sigmas", "Gaussian sigmas (pixels) of the cascade, ascending.",
+                    std::vector<float>{1.f, 2.f, 4.f, 8.f, 16.f}, true);
+
 namespace medswav {
 namespace {
 
@@ -82,17 +91,20 @@ void blur_cpu(const float *src, float *dst, float *tmp, const dali::TensorShape<
 
 }  // namespace
 
-template <>
-void EnergyBands<CPUBackend>::RunImpl(Workspace &ws) {
+template <typename Backend, bool EnergiesOnly>
+void EnergyBandsImpl<Backend, EnergiesOnly>::RunCPU(Workspace &ws) {
   const auto &in = ws.Input<CPUBackend>(0);
   auto &out = ws.Output<CPUBackend>(0);
-  out.SetLayout(in.GetLayout());
+  out.SetLayout(EnergiesOnly ? dali::TensorLayout() : in.GetLayout());
   for_each_sample(ws, in.shape(), [&](int i) {
     auto sh = in.shape()[i];
     int64_t vol = sh.num_elements();
-    if (vol == 0) return;
     const auto &k = kernels_[i];
     int nb = k.num_bands();
+    if (vol == 0) {  // an empty image has no energy
+      if (EnergiesOnly) std::fill_n(out.mutable_tensor<float>(i), nb + 1, 0.0f);
+      return;
+    }
     // planes[0] is the input; planes[1..nb] the low-pass cascade.
     std::vector<float> storage((nb + 1) * vol);
     float *tmp = storage.data() + nb * vol;
@@ -118,8 +130,13 @@ void EnergyBands<CPUBackend>::RunImpl(Workspace &ws) {
       sum[b] = (s[0] + s[1]) + (s[2] + s[3]);
       sum_sq[b] = (ss[0] + ss[1]) + (ss[2] + ss[3]);
     }
+    if (EnergiesOnly) {
+      float *dst = out.mutable_tensor<float>(i);
+      for (int b = 0; b <= nb; b++) dst[b] = static_cast<float>(std_from_moments(sum[b], sum_sq[b], vol));
+      return;
+    }
     float gains[kMaxBands + 1];
-    const float *ref = refs_[i].data;
+    const float *ref = (*refs_)[i].data;
     for (int b = 0; b <= nb; b++) gains[b] = band_gain(ref[b], std_from_moments(sum[b], sum_sq[b], vol));
     float res_mean = static_cast<float>(sum[nb] / vol);
     float *dst = out.mutable_tensor<float>(i);
@@ -131,6 +148,12 @@ void EnergyBands<CPUBackend>::RunImpl(Workspace &ws) {
   });
 }
 
+template <>
+void EnergyBands<CPUBackend>::RunImpl(Workspace &ws) { RunCPU(ws); }
+template <>
+void BandEnergies<CPUBackend>::RunImpl(Workspace &ws) { RunCPU(ws); }
+
 }  // namespace medswav
 
 DALI_REGISTER_OPERATOR(medswav__EnergyBands, ::medswav::EnergyBands<::dali::CPUBackend>, ::dali::CPU);
+DALI_REGISTER_OPERATOR(medswav__BandEnergies, ::medswav::BandEnergies<::dali::CPUBackend>, ::dali::CPU);

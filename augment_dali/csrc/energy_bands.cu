@@ -1,4 +1,5 @@
 #include "energy_bands.h"
+#include "gpu_scratch.cuh"
 
 #include <algorithm>
 
@@ -72,13 +73,19 @@ __global__ void combine_kernel(CombineArgs a, const double *moments, int64_t n, 
   }
 }
 
+__global__ void energies_kernel(const double *moments, int num_bands, int64_t n, float *dst) {
+  int b = threadIdx.x;
+  if (b <= num_bands)
+    dst[b] = n > 0 ? static_cast<float>(std_from_moments(moments[2 * b], moments[2 * b + 1], n)) : 0.0f;
+}
+
 }  // namespace
 
-template <>
-void EnergyBands<GPUBackend>::RunImpl(Workspace &ws) {
+template <typename Backend, bool EnergiesOnly>
+void EnergyBandsImpl<Backend, EnergiesOnly>::RunGPU(Workspace &ws) {
   const auto &in = ws.Input<GPUBackend>(0);
   auto &out = ws.Output<GPUBackend>(0);
-  out.SetLayout(in.GetLayout());
+  out.SetLayout(EnergiesOnly ? dali::TensorLayout() : in.GetLayout());
   cudaStream_t stream = ws.stream();
   int n = in.num_samples();
   int64_t max_vol = 0;
@@ -87,44 +94,60 @@ void EnergyBands<GPUBackend>::RunImpl(Workspace &ws) {
     max_vol = std::max(max_vol, in.shape().tensor_size(i));
     max_nb = std::max(max_nb, kernels_[i].num_bands());
   }
-  if (max_vol == 0) return;
-  dev_taps_.from_host(taps_.data(), taps_.size(), stream);
+  if (max_vol == 0 && !EnergiesOnly) return;
+  max_vol = std::max<int64_t>(max_vol, 1);
+  Scratchpad scratch(stream);
+  const float *dev_taps = upload(scratch, stream, taps_);
   // Samples run one after another on the stream, reusing one set of planes: nb low-pass + 1 scratch.
-  dev_planes_.resize((max_nb + 1) * max_vol, stream);
-  dev_moments_.resize(2 * (kMaxBands + 1) * n, stream);
-  CUDA_CALL(cudaMemsetAsync(dev_moments_.data(), 0, dev_moments_.size() * sizeof(double), stream));
+  float *dev_planes = scratch.AllocateGPU<float>((max_nb + 1) * max_vol);
+  size_t num_moments = 2 * (kMaxBands + 1) * size_t(n);
+  double *dev_moments = scratch.AllocateGPU<double>(num_moments);
+  CUDA_CALL(cudaMemsetAsync(dev_moments, 0, num_moments * sizeof(double), stream));
   for (int i = 0; i < n; i++) {
     auto sh = in.shape()[i];
     int64_t vol = sh.num_elements();
-    if (vol == 0) continue;
     const auto &k = kernels_[i];
     int nb = k.num_bands();
-    float *tmp = dev_planes_.data() + nb * max_vol;
+    double *moments = dev_moments + 2 * (kMaxBands + 1) * i;
+    if (vol == 0) {  // moments stay zero: an empty image has no energy
+      if (EnergiesOnly) energies_kernel<<<1, 32, 0, stream>>>(moments, nb, 0, out.mutable_tensor<float>(i));
+      continue;
+    }
+    float *tmp = dev_planes + nb * max_vol;
     CombineArgs args{};
     args.num_bands = nb;
     args.planes[0] = in.tensor<float>(i);
     int nd = sh.size();
     for (int b = 0; b < nb; b++) {
-      float *low = dev_planes_.data() + b * max_vol;
+      float *low = dev_planes + b * max_vol;
       const float *cur = args.planes[b];
       for (int a = nd - 1; a >= 0; a--) {
         float *dst = ((nd - 1 - a) % 2 == (nd - 1) % 2) ? low : tmp;
         conv_axis_kernel<<<grid_for(vol), kBlock, 0, stream>>>(cur, dst, axis_extent(sh, a),
-                                                              dev_taps_.data() + k.offset[b], k.radius[b]);
+                                                              dev_taps + k.offset[b], k.radius[b]);
         cur = dst;
       }
       args.planes[b + 1] = low;
     }
-    double *moments = dev_moments_.data() + 2 * (kMaxBands + 1) * i;
     for (int b = 0; b <= nb; b++)
       moments_kernel<<<std::min(grid_for(vol), 1024), kBlock, 0, stream>>>(
           args.planes[b], b < nb ? args.planes[b + 1] : nullptr, vol, moments + 2 * b);
-    for (int b = 0; b <= nb; b++) args.ref[b] = refs_[i].data[b];
+    if (EnergiesOnly) {
+      energies_kernel<<<1, 32, 0, stream>>>(moments, nb, vol, out.mutable_tensor<float>(i));
+      continue;
+    }
+    for (int b = 0; b <= nb; b++) args.ref[b] = (*refs_)[i].data[b];
     combine_kernel<<<grid_for(vol), kBlock, 0, stream>>>(args, moments, vol, out.mutable_tensor<float>(i));
   }
   CUDA_CALL(cudaGetLastError());
 }
 
+template <>
+void EnergyBands<GPUBackend>::RunImpl(Workspace &ws) { RunGPU(ws); }
+template <>
+void BandEnergies<GPUBackend>::RunImpl(Workspace &ws) { RunGPU(ws); }
+
 }  // namespace medswav
 
 DALI_REGISTER_OPERATOR(medswav__EnergyBands, ::medswav::EnergyBands<::dali::GPUBackend>, ::dali::GPU);
+DALI_REGISTER_OPERATOR(medswav__BandEnergies, ::medswav::BandEnergies<::dali::GPUBackend>, ::dali::GPU);

@@ -1,3 +1,4 @@
+#include "gpu_scratch.cuh"
 #include "multicrop.h"
 
 namespace medswav {
@@ -20,13 +21,14 @@ void MultiCrop<GPUBackend>::RunImpl(Workspace &ws) {
   auto descs = crop_descs(ws, &group_start);
   if (descs.empty()) return;
   cudaStream_t stream = ws.stream();
-  dev_descs_.from_host(descs.data(), descs.size(), stream);
+  Scratchpad scratch(stream);
+  const CropDesc *dev_descs = upload(scratch, stream, descs);
   for (size_t g = 0; g < crop_sizes_.size(); g++) {
     int count = group_start[g + 1] - group_start[g];
     int s = crop_sizes_[g];
     for (int first = 0; first < count; first += 65535) {  // gridDim.z limit
       dim3 block(32, 8), grid((s + 31) / 32, (s + 7) / 8, std::min(count - first, 65535));
-      multicrop_kernel<<<grid, block, 0, stream>>>(dev_descs_.data() + group_start[g] + first, s);
+      multicrop_kernel<<<grid, block, 0, stream>>>(dev_descs + group_start[g] + first, s);
     }
   }
   CUDA_CALL(cudaGetLastError());

@@ -4,9 +4,11 @@
 
 #include <cstdint>
 #include <random>
+#include <sstream>
+#include <string>
 #include <vector>
 
-#include "dali/core/dev_buffer.h"
+#include "dali/pipeline/operator/checkpointing/op_checkpoint.h"
 #include "math/crop.h"
 #include "op_common.h"
 
@@ -35,6 +37,22 @@ class MultiCrop : public dali::Operator<Backend> {
                    "medswav.multicrop: crop sizes must be > 0 and crop counts >= 0");
       total_crops_ += num_crops_[g];
     }
+  }
+
+ // Checkpointing: the whole state is the position generator.
+  void SaveState(dali::OpCheckpoint &cpt, dali::AccessOrder) override { cpt.MutableCheckpointState() = rng_; }
+  void RestoreState(const dali::OpCheckpoint &cpt) override { rng_ = cpt.CheckpointState<std::mt19937_64>(); }
+  std::string SerializeCheckpoint(const dali::OpCheckpoint &cpt) const override {
+    std::ostringstream os;
+    os << cpt.CheckpointState<std::mt19937_64>();
+    return os.str();
+  }
+  void DeserializeCheckpoint(dali::OpCheckpoint &cpt, const std::string &data) const override {
+    std::istringstream is(data);
+    std::mt19937_64 rng;
+    is >> rng;
+    DALI_ENFORCE(!is.fail(), "medswav.multicrop: corrupt checkpoint");
+    cpt.MutableCheckpointState() = rng;
   }
 
  protected:
@@ -116,7 +134,6 @@ class MultiCrop : public dali::Operator<Backend> {
   dali::ArgValue<float, 1> positions_;
   std::mt19937_64 rng_;
   std::vector<int> origins_;
-  dali::DeviceBuffer<CropDesc> dev_descs_;  // GPU only
 };
 
 }  // namespace medswav
