@@ -15,8 +15,8 @@ through the points gives bytes per sample; the table extrapolates to 100 M sampl
 """
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     p = parser("RSS of DALI's webdataset index per sample, extrapolated to 100 M samples.")
     p.add_argument("--per-shard", type=int, default=1000, help="samples per synthetic shard (default 1000)")
     p.add_argument("--world-size", type=int, default=32, help="ranks for the per-rank column (default 32 = 4 x 8 GPUs)")
-    p.add_argument("--child", help=argparse_hidden())
+    p.add_argument("--child", help=argparse.SUPPRESS)  # internal: the measuring child process
     args = p.parse_args(argv)
     if args.child:
         child(args.child)
@@ -131,12 +131,6 @@ def main(argv=None) -> int:
     ], ["setting", "value"])
     write_json(args.json, "index_memory", figures, {"sizes": sizes, "per_shard": args.per_shard})
     return 0
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
