@@ -1,7 +1,7 @@
 """Intensity normalisation of raw shard pixels to [0, 1], per modality.
 
 Two methods, chosen per modality by `NormalizeConfig.method` (defaults: CT -> hu_window, MR/XR/US ->
-robust_minmax). Both exist twice with the same float32 math: `normalize_numpy` (tests, stats, reference
+robust_minmax). Both exist twice with the same float32 math: `normalize_numpy` (tests, preview, benchmark
 chain) and `normalize_dali` (inside the DALI pipeline, CPU or GPU, with per-sample reductions).
 
 hu_window (CT)
