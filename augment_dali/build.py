@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,6 +104,19 @@ def sources_hash(files: list[Path]) -> str:
     return h.hexdigest()
 
 
+def local_includes(src: Path) -> set[Path]:
+    """Project headers (quoted includes resolved under csrc/) that `src` includes, transitively."""
+    found: set[Path] = set()
+    todo = [src]
+    while todo:
+        for line in todo.pop().read_text().splitlines():
+            m = re.match(r'\s*#\s*include\s+"([^"]+)"', line)
+            if m and (CSRC / m.group(1)).is_file() and (CSRC / m.group(1)) not in found:
+                found.add(CSRC / m.group(1))
+                todo.append(CSRC / m.group(1))
+    return found
+
+
 def read_stamp(lib_dir: Path = LIB_DIR) -> dict | None:
     try:
         return json.loads((lib_dir / STAMP_NAME).read_text())
@@ -157,12 +171,12 @@ def build(force: bool = False, use_cuda: bool = True, jobs: int = 2, verbose: bo
                "-Xcompiler", "-fPIC,-fvisibility=hidden", "-ccbin", cxx, "-c", str(f), "-o", str(o)]
         jobs_list.append((f, cmd, o))
 
-    headers = b"".join(h.read_bytes() for h in sorted(CSRC.rglob("*")) if h.suffix in (".h", ".cuh"))
-
     def compile_one(item):
-        # An object is reused while its source, every header and its command line are unchanged.
+        # An object is reused while its source, the project headers it includes and its command line
+        # are unchanged (DALI's own headers are covered by the DALI version).
         src, cmd, obj = item
-        key = hashlib.sha256(src.read_bytes() + headers + "\0".join([info["version"], *cmd]).encode()).hexdigest()
+        deps = b"".join(h.read_bytes() for h in sorted(local_includes(src)))
+        key = hashlib.sha256(src.read_bytes() + deps + "\0".join([info["version"], *cmd]).encode()).hexdigest()
         key_file = obj.with_suffix(".key")
         if not force and obj.is_file() and key_file.is_file() and key_file.read_text() == key:
             return src.name
