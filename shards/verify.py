@@ -142,8 +142,8 @@ def verify(root: str | os.PathLike, progress: bool = False) -> VerifyReport:
         actual = summarize(root)
         for name, numbers in actual["modalities"].items():
             rec = recorded.get("modalities", {}).get(name, {})
-            for k in ("samples", "train", "val", "shards"):
-                if rec.get(k) != numbers[k]:
+            for k in ("samples", "train", "val", "test", "shards"):
+                if rec.get(k, 0) != numbers[k]:
                     report.problems.append(f"dataset.json: {name}.{k} is {rec.get(k)}, manifests give {numbers[k]}")
         extra = set(recorded.get("modalities", {})) - set(actual["modalities"])
         if extra:
