@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     x.add_argument("--scheduler", metavar="ADDRESS", help="use a running Dask cluster, e.g. tcp://10.0.0.1:8786")
     g.add_argument("--dashboard-address", metavar="ADDR", help="embedded cluster dashboard (default :8787, ':0' = any)")
     g.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
+    n = p.add_argument_group("non-DICOM sources (MedMNIST .npz/.npy arrays, PNG/TIFF folders, NIfTI volumes)")
+    n.add_argument("--modality", choices=("ct", "mr", "xr", "us"),
+                   help="treat the sources as non-DICOM images of this modality (see ingest/arrays.py)")
     s = p.add_argument_group("shards and pixels")
     s.add_argument("--shard-size", metavar="SIZE", help="target shard size, e.g. 1GB (default), 256MB, 64MiB")
     s.add_argument("--max-pixel-bytes", metavar="SIZE",
@@ -78,12 +81,22 @@ def main(argv: list[str] | None = None) -> int:
             max_pixel_bytes=parse_size(args.max_pixel_bytes) if args.max_pixel_bytes else None,
             max_side=args.max_side, frames_per_unit=args.frames_per_unit, val_fraction=args.val_fraction,
             seed=args.seed, labels=args.labels, salt=salt, hash_paths=args.hash_paths, rescan=args.rescan,
+            modality=args.modality,
         )
         from .finalize import report
         from .job import JobFailed, run
 
         try:
-            summary, stats = run(cfg)
+            if cfg.modality:
+                from .arrays import SourceError, run_arrays
+
+                try:
+                    summary, stats = run_arrays(cfg, cfg.modality), {}
+                except SourceError as e:
+                    raise ConfigError(str(e)) from None
+            else:
+                summary, stats = run(cfg)
+                stats = vars(stats)
         except JobFailed as e:
             print(f"ingest: {e}", file=sys.stderr)
             return 1
@@ -93,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ingest: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    print(report(summary, vars(stats)))
+    print(report(summary, stats))
     print(f"\ndataset: {cfg.root.resolve()}")
     return 0
 

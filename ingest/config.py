@@ -68,6 +68,7 @@ class IngestConfig:
     # labels
     labels: str | None = None                          # CSV / Parquet keyed by SOP/Series/Study UID
     # modality handling
+    modality: str | None = None                        # non-DICOM sources (arrays, PNG/TIFF, NIfTI): their partition
     modality_map: dict[str, str] = field(default_factory=dict)  # overrides of plan.MODALITY_MAP
     # behaviour
     rescan: bool = False                               # rescan sources even when resuming the same job
@@ -89,6 +90,8 @@ class IngestConfig:
         if self.frames_per_unit < 1 or self.files_per_scan_task < 1:
             raise ConfigError("frames_per_unit and files_per_scan_task must be >= 1")
         from .plan import PARTITIONS
+        if self.modality is not None and self.modality not in PARTITIONS:
+            raise ConfigError(f"--modality must be one of {PARTITIONS}, got {self.modality!r}")
         bad = {k: v for k, v in self.modality_map.items() if v not in PARTITIONS and v != "reject"}
         if bad:
             raise ConfigError(f"modality_map values must be one of {PARTITIONS} or 'reject': {bad}")
