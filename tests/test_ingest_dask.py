@@ -123,7 +123,7 @@ def test_killed_client_then_rerun_equals_clean_run(tmp_path, dicom_dir):
     assert "resuming generation g000" in again.stderr
 
     def layout(root):
-        return sorted((r["key"], r["shard"], r["index"], r["npy_blake2b"], r["json_blake2b"]) for r in manifest_rows(root))
+        return sorted((r["key"], r["shard"], r["index"], r["npy_crc32"], r["json_crc32"]) for r in manifest_rows(root))
 
     assert layout(resumed) == layout(clean)
     assert len(layout(clean)) == 192 + 9
