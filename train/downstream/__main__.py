@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     for name in ("repeats", "epochs", "batch_size", "seed", "n_boot", "n_images", "n_transforms"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--train-fraction", type=float, default=defaults.train_fraction,
+                   help="convergence/robustness: share of the training labels (stratified), default 1.0")
     p.add_argument("--device", default=defaults.device)
     args = p.parse_args(argv)
     cfg = ProtocolConfig(**{f.name: getattr(args, f.name) for f in fields(ProtocolConfig)})

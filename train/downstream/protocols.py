@@ -29,6 +29,7 @@ class ProtocolConfig:
     n_boot: int = 1000
     n_images: int = 50
     n_transforms: int = 50
+    train_fraction: float = 1.0   # convergence and robustness: stratified share of the training labels
     device: str = "cpu"
 
 
@@ -85,13 +86,18 @@ def label_efficiency(data: LabelledData, pretrained: str, cfg: ProtocolConfig, l
 
 
 def convergence_protocol(data: LabelledData, pretrained: str, cfg: ProtocolConfig, log=print) -> dict:
-    out = {"protocol": "convergence", "fraction_of_best": 0.98, "runs": {}}
+    """Both initialisations trained on the same `train_fraction` of the labels; returns (result, models)."""
+    out = {"protocol": "convergence", "fraction_of_best": 0.98, "train_fraction": cfg.train_fraction, "runs": {}}
+    train = data["train"]
+    if cfg.train_fraction < 1.0:
+        idx = stratified_nested_subsets(_stratify_on(train.labels), [cfg.train_fraction], seed=cfg.seed)[cfg.train_fraction]
+        train = _subset(train, idx)
     models = {}
     for init in INITS:
         curves, epochs = [], []
         for r in range(cfg.repeats):
             encoder = build_encoder(cfg.arch, pretrained if init == "pretrained" else None)
-            result = fit(encoder, data.n_outputs, data.task, data["train"], data["val"], _fit_config(cfg, cfg.seed + r))
+            result = fit(encoder, data.n_outputs, data.task, train, data["val"], _fit_config(cfg, cfg.seed + r))
             curves.append(result.val_curve)
             epochs.append(convergence.epochs_to_fraction_of_best(result.val_curve, 0.98))
             models.setdefault(init, result.model)

@@ -85,7 +85,8 @@ def write_report(out: Path, header: dict, results: dict) -> Path:
     if "convergence" in results:
         r = results["convergence"]
         plot_convergence(r, out / "convergence.png")
-        lines += ["## Convergence", "", "Earliest epoch reaching 98% of the run's best validation AUC.", "",
+        lines += ["## Convergence", "", f"Earliest epoch reaching 98% of the run's best validation AUC "
+                  f"({r.get('train_fraction', 1.0):.0%} of the training labels).", "",
                   "| init | epochs to 98% (per repeat) | mean |", "|---|---|---|"]
         for i in ("pretrained", "random"):
             lines.append(f"| {i} | {r['runs'][i]['epochs_to_98']} | {r['runs'][i]['mean_epochs_to_98']:.1f} |")
