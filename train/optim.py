@@ -1,0 +1,63 @@
+"""SGD with LARS and the per-step learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD + momentum with layer-wise adaptive rate scaling (LARC without clipping, as SwAV uses).
+
+    For a group with ``lars=True`` the update direction is (g + wd*p) * trust * |p| / (|g| + wd*|p|);
+    groups with ``lars=False`` (biases, norm parameters) get plain SGD without weight decay.
+    Parameters whose ``grad`` is None (frozen prototypes) are skipped entirely: no decay, no momentum.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6,
+                 trust_coefficient: float = 0.001, eps: float = 1e-8):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lars=True,
+                        trust_coefficient=trust_coefficient, eps=eps)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if group["lars"]:
+                    wd = group["weight_decay"]
+                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    trust = group["trust_coefficient"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+                    trust = torch.where((p_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+                    d = d.add(p, alpha=wd).mul_(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weights get LARS + weight decay; biases and normalisation parameters (all 1-D) get neither."""
+    adapted, plain = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if p.ndim <= 1 else adapted).append(p)
+    return [{"params": adapted, "lars": True}, {"params": plain, "lars": False, "weight_decay": 0.0}]
+
+
+def lr_schedule(base_lr: float, final_lr: float, total_steps: int, warmup_steps: int,
+                start_warmup: float = 0.0) -> np.ndarray:
+    """One learning rate per step: linear warm-up from start_warmup to base_lr, then cosine to final_lr."""
+    warmup_steps = min(warmup_steps, total_steps)
+    warm = np.linspace(start_warmup, base_lr, warmup_steps, endpoint=False)
+    n = total_steps - warmup_steps
+    t = np.arange(n)
+    cosine = final_lr + 0.5 * (base_lr - final_lr) * (1 + np.cos(math.pi * t / max(n, 1)))
+    return np.concatenate([warm, cosine]).astype(np.float64)
