@@ -25,6 +25,7 @@ class Config:
     synthetic: bool = False             # random multi-crop batches instead of data (benchmarks, smoke tests)
     synthetic_modalities: int = 1       # modalities of the synthetic source
     synthetic_labels: int = 0           # label columns of the synthetic source
+    synthetic_steps: int = 100          # steps per epoch of the synthetic source
     modalities: tuple[str, ...] = ()    # subset of the dataset's modalities (empty: all)
     split: str = "train"
     num_workers: int = 2                # data threads

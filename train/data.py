@@ -184,7 +184,7 @@ class ShardSource:
 def build_source(cfg, rank: int, world_size: int, device: str):
     if cfg.synthetic:
         return SyntheticSource(cfg.batch_size, cfg.crop_sizes, cfg.num_crops, cfg.synthetic_modalities,
-                               cfg.synthetic_labels, seed=cfg.seed, rank=rank)
+                               cfg.synthetic_labels, cfg.synthetic_steps, seed=cfg.seed, rank=rank)
     paths = [p for p in cfg.data.split(",") if p]
     if all(p.endswith(".npz") for p in paths):
         return NpzSource(paths, cfg.batch_size, cfg.crop_sizes, cfg.num_crops, cfg.min_scale_crops,

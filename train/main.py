@@ -24,7 +24,7 @@ from .data import Prefetcher, build_source
 from .metrics import MetricsLogger
 from .models import SwAVModel
 from .optim import LARS, lr_schedule, param_groups
-from .swav import FeatureQueue, code_stats, supervised_loss, swapped_prediction_loss
+from .swav import FeatureQueue, code_stats, modality_losses, supervised_loss
 
 
 class NonFiniteLoss(RuntimeError):
@@ -135,6 +135,9 @@ def train(cfg: Config) -> dict:
                 f"steps {step} -> {stop_step} of {total_steps}, K={cfg.num_prototypes}, queue {q_len}/process")
 
     def save(step: int) -> None:
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise NonFiniteLoss(f"non-finite parameters after step {step}: not saving over the last good "
+                                f"checkpoint {out / ckpt.CHECKPOINT_NAME}")
         queue_state = _gather_queue(queue, world)   # collective: every process takes part
         if is_main:
             ckpt.save_atomic({
@@ -173,18 +176,17 @@ def train(cfg: Config) -> dict:
 
                 # Codes and losses per modality, over that modality's rows only (fp32, outside autocast).
                 fill_queue = epoch >= cfg.epoch_queue_starts
-                losses_ss, stats = [], {}
-                for m, name in enumerate(source.modalities):
-                    z_m = outputs["z"][:, m * sub_batch:(m + 1) * sub_batch]
-                    loss_m, _ = swapped_prediction_loss(
-                        outputs["scores"][m], z_m, model.prototypes[m].weight, temperature=cfg.temperature,
-                        eps=cfg.epsilon, iterations=cfg.sinkhorn_iterations, assigned=cfg.crops_for_assign,
-                        queue=queue, modality=m, fill_queue=fill_queue)
-                    losses_ss.append(loss_m)
-                    if is_main and step % cfg.log_every == 0:
+                log_now = is_main and (step % cfg.log_every == 0 or step + 1 == stop_step)
+                losses_ss, _ = modality_losses(
+                    outputs["scores"], outputs["z"], [p.weight for p in model.prototypes],
+                    temperature=cfg.temperature, eps=cfg.epsilon, iterations=cfg.sinkhorn_iterations,
+                    assigned=cfg.crops_for_assign, queue=queue, fill_queue=fill_queue)
+                stats = {}
+                if log_now:
+                    for m, name in enumerate(source.modalities):
                         for k, v in code_stats(outputs["scores"][m][list(cfg.crops_for_assign)]).items():
                             stats[f"{k}/{name}"] = v
-                        stats[f"loss_ss/{name}"] = loss_m.item()
+                        stats[f"loss_ss/{name}"] = losses_ss[m].item()
                 loss_ss = torch.stack(losses_ss).sum()
                 loss = cfg.alpha * loss_ss
                 loss_sup = None
@@ -215,7 +217,7 @@ def train(cfg: Config) -> dict:
                 window["data"] += t_data
                 window["total"] += t_step
                 window["n"] += 1
-                if is_main and ((step - 1) % cfg.log_every == 0 or step == stop_step):
+                if log_now:
                     row = {"epoch": epoch, "loss": loss_value, "loss_ss": loss_ss.item(),
                            "lr": float(lrs[step - 1]),
                            "images_per_s": window["n"] * cfg.batch_size * world / window["total"],

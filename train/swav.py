@@ -157,3 +157,20 @@ def code_stats(scores_assigned: torch.Tensor) -> dict[str, float]:
     cap = min(k, n)
     entropy = float(-(p * p.log()).sum()) / math.log(cap) if cap > 1 else 1.0
     return {"code_entropy": entropy, "proto_usage": float((hist > 0).sum()) / cap}
+
+
+def modality_losses(scores: list[torch.Tensor], z: torch.Tensor, prototypes: list[torch.Tensor],
+                    **kwargs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-modality swapped prediction (METHOD section 2): modality m's codes and loss come from its
+    own rows (block m of the batch), its own prototypes and its own queue only.
+
+    scores: list over m of [V, b, K]; z: [V, M*b, F]; prototypes: list over m of [K, F].
+    Returns (losses, codes), one entry per modality; the objective is their sum.
+    """
+    b = scores[0].shape[1]
+    losses, codes = [], []
+    for m, (s, c) in enumerate(zip(scores, prototypes)):
+        loss, q = swapped_prediction_loss(s, z[:, m * b:(m + 1) * b], c, modality=m, **kwargs)
+        losses.append(loss)
+        codes.append(q)
+    return losses, codes
