@@ -118,7 +118,7 @@ def train(cfg: Config) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if queue is not None and state.get("queue") is not None:
-            if state["queue"]["features"].shape[0] == world and state["queue"]["features"].shape[2:] == queue.features.shape:
+            if state["queue"]["features"].shape[0] == world and state["queue"]["features"].shape[1:] == queue.features.shape:
                 queue.load_state_dict({k: v[rank] for k, v in state["queue"].items()})
             elif is_main:
                 print(f"warning: queue saved by {state['queue']['features'].shape[0]} processes; "
