@@ -1,0 +1,73 @@
+"""python -m shards {info,verify} DATASET"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+from .dataset import Dataset
+from .verify import verify
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def cmd_info(args) -> int:
+    ds = Dataset(args.dataset)
+    info = ds.info
+    print(f"dataset {ds.root}  (format {info.get('format')} v{info.get('format_version')}, codec {info.get('codec')})")
+    header = f"{'modality':<9}{'samples':>10}{'train':>10}{'val':>8}{'labelled':>10}{'shards':>8}{'bytes':>11}"
+    print(header)
+    print("-" * len(header))
+    for name, m in sorted(info.get("modalities", {}).items()):
+        print(f"{name:<9}{m['samples']:>10}{m['train']:>10}{m['val']:>8}{m.get('labelled', 0):>10}{m['shards']:>8}{_human(m['bytes']):>11}")
+    print("-" * len(header))
+    print(f"{'total':<9}{info.get('samples', 0):>10}{'':>28}{sum(m['shards'] for m in info.get('modalities', {}).values()):>8}{_human(info.get('bytes', 0)):>11}")
+    if info.get("label_names"):
+        print(f"labels: {', '.join(info['label_names'])}")
+    errors = ds.errors()
+    print(f"rejected inputs: {errors.num_rows}")
+    if errors.num_rows:
+        counts = Counter(zip(errors.column("stage").to_pylist(), errors.column("reason").to_pylist()))
+        for (stage, reason), n in counts.most_common(args.top):
+            print(f"  {n:>7}  {stage:<8} {reason}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    report = verify(args.dataset, progress=not args.quiet)
+    for w in report.warnings:
+        print(f"warning: {w}")
+    for p in report.problems:
+        print(f"PROBLEM: {p}")
+    status = "OK" if report.ok else f"FAILED ({len(report.problems)} problem(s))"
+    print(f"verified {report.shards} shard(s), {report.samples} sample(s): {status}")
+    return 0 if report.ok else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shards", description="Inspect and check a medswav dataset (see shards/FORMAT.md).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="print the summary table of a dataset")
+    p.add_argument("dataset", help="dataset folder (holds dataset.json)")
+    p.add_argument("--top", type=int, default=10, help="most frequent rejection reasons to list (default 10)")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("verify", help="check every member of every shard against manifest and index; exit 1 on mismatch")
+    p.add_argument("dataset", help="dataset folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_verify)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Parquet schemas of the manifest (one row per sample) and the error log (one row per rejected input)."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .layout import temporary
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("index", pa.int32()),
+        ("split", pa.string()),
+        ("rows", pa.int32()),
+        ("cols", pa.int32()),
+        ("dtype", pa.string()),
+        ("frame", pa.int32()),
+        ("sop_hash", pa.string()),
+        ("series_hash", pa.string()),
+        ("study_hash", pa.string()),
+        ("patient_hash", pa.string()),
+        ("source_hash", pa.string()),
+        ("json_offset", pa.int64()),
+        ("json_size", pa.int64()),
+        ("json_blake2b", pa.string()),
+        ("npy_offset", pa.int64()),
+        ("npy_size", pa.int64()),
+        ("npy_blake2b", pa.string()),
+        ("labels_offset", pa.int64()),
+        ("labels_size", pa.int64()),
+        ("labelled", pa.bool_()),
+        ("labels", pa.string()),
+    ]
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+# Shard-level facts kept in each manifest part's Parquet schema metadata.
+LABEL_NAMES_META = b"medswav.label_names"
+TAR_BLAKE2B_META = b"medswav.tar_blake2b"
+TAR_SIZE_META = b"medswav.tar_size"
+
+
+def write_parquet_atomically(table: pa.Table, path: Path) -> None:
+    """Write to a temporary sibling, then rename: readers see the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary(path, uuid.uuid4().hex[:12])
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,217 @@
+"""ShardWriter: one shard = one tar + its DALI index + its manifest part, committed atomically.
+
+Commit order is tar, index, then the manifest part: a shard exists for readers exactly when its manifest
+part exists. A retried task writes the same name again and replaces the files instead of duplicating.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from .index import Member, write_index
+from .layout import idx_path, manifest_path, tar_path, temporary
+from .manifest import LABEL_NAMES_META, MANIFEST_SCHEMA, TAR_BLAKE2B_META, TAR_SIZE_META, write_parquet_atomically
+from .sample import SampleMeta
+
+# A fixed integer mtime keeps tars reproducible and avoids PAX headers (a float mtime adds ~1 KB/member).
+TAR_MTIME = 0
+
+
+def _checksum(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class _HashingFile:
+    """File wrapper that hashes every byte written, so the whole tar's checksum costs no second read."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        self._hash = hashlib.blake2b(digest_size=16)
+        self.size = 0
+
+    def write(self, data) -> int:
+        if self._file.closed:  # an aborted shard: tarfile's stream flushes late from __del__
+            return len(data)
+        self._hash.update(data)
+        self.size += len(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self, sync: bool = False) -> None:
+        if not self._file.closed:
+            if sync:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            self._file.close()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """Write samples of one modality into one shard.
+
+    >>> with ShardWriter(root, modality="ct", name="ct-g000-000017") as w:
+    ...     w.write(key, pixels, meta)
+    """
+
+    def __init__(self, root: str | os.PathLike, modality: str, name: str, label_names: Sequence[str] = ()):
+        if "." in name or "/" in name:
+            raise ValueError(f"shard name {name!r} must not contain '.' or '/'")
+        self.root = Path(root)
+        self.modality = modality
+        self.name = name
+        self.label_names = tuple(label_names)
+        self._token = uuid.uuid4().hex[:12]
+        self._tar = tar_path(self.root, modality, name)
+        self._tar.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp_tar = temporary(self._tar, self._token)
+        self._rows: list[dict] = []
+        self._samples: list[list[Member]] = []
+        self._keys: set[str] = set()
+        from webdataset import TarWriter  # imported here: webdataset is slow to import
+
+        self._file = _HashingFile(self._tmp_tar)
+        self._tarwriter = TarWriter(self._file, encoder=False, mtime=TAR_MTIME, user="medswav", group="medswav")
+        self._closed = False
+
+    @staticmethod
+    def is_committed(root: str | os.PathLike, modality: str, name: str) -> bool:
+        return manifest_path(Path(root), modality, name).exists()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def bytes_written(self) -> int:
+        return self._tarwriter.tarstream.offset
+
+    def _add_member(self, key: str, extension: str, data: bytes) -> Member:
+        self._tarwriter.write({"__key__": key, extension: data})
+        end = self._tarwriter.tarstream.offset  # end of the data, padded to a 512-byte block
+        padded = -(-len(data) // 512) * 512
+        return Member(f"{key}.{extension}", end - padded, len(data))
+
+    def write(self, key: str, pixels: np.ndarray, meta: SampleMeta, labels: np.ndarray | None = None) -> None:
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        if not key or "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must be non-empty and free of '.' and '/'")
+        if key in self._keys:
+            raise ValueError(f"sample key {key} written twice to shard {self.name}")
+        pixels = np.asarray(pixels)
+        if pixels.ndim != 2 or pixels.dtype.kind not in "iu":
+            raise ValueError(f"pixels must be a 2-D integer array, got {pixels.dtype} {pixels.shape}")
+        meta.modality = self.modality
+        meta.rows, meta.cols = int(pixels.shape[0]), int(pixels.shape[1])
+        meta.dtype = pixels.dtype.name  # stored little-endian whatever the source byte order
+        meta.validate()
+        label_vector = None
+        if self.label_names:
+            label_vector = np.full(len(self.label_names), np.nan, dtype=np.float32)
+            if labels is not None:
+                label_vector[:] = np.asarray(labels, dtype=np.float32).reshape(len(self.label_names))
+            meta.labels = {n: float(v) for n, v in zip(self.label_names, label_vector) if np.isfinite(v)} or None
+        elif labels is not None:
+            raise ValueError("labels given to a ShardWriter opened without label_names")
+
+        json_data = meta.to_json()
+        npy_data = npy_bytes(pixels.astype(pixels.dtype.newbyteorder("<"), copy=False))
+        # TarWriter sorts a sample's members by extension; we add them one at a time in that same order.
+        members = [self._add_member(key, "json", json_data)]
+        labels_member = None
+        if label_vector is not None:
+            labels_member = self._add_member(key, "labels.npy", npy_bytes(label_vector))
+            members.append(labels_member)
+        npy_member = self._add_member(key, "npy", npy_data)
+        members.append(npy_member)
+        self._samples.append(members)
+        self._keys.add(key)
+        self._rows.append(
+            {
+                "key": key,
+                "shard": self.name,
+                "index": len(self._rows),
+                "split": meta.split,
+                "rows": meta.rows,
+                "cols": meta.cols,
+                "dtype": meta.dtype,
+                "frame": meta.frame,
+                "sop_hash": meta.sop_hash,
+                "series_hash": meta.series_hash,
+                "study_hash": meta.study_hash,
+                "patient_hash": meta.patient_hash,
+                "source_hash": meta.source_hash,
+                "json_offset": members[0].offset,
+                "json_size": members[0].size,
+                "json_blake2b": _checksum(json_data),
+                "npy_offset": npy_member.offset,
+                "npy_size": npy_member.size,
+                "npy_blake2b": _checksum(npy_data),
+                "labels_offset": labels_member.offset if labels_member else -1,
+                "labels_size": labels_member.size if labels_member else -1,
+                "labelled": bool(meta.labels),
+                "labels": json.dumps(meta.labels, sort_keys=True) if meta.labels else None,
+            }
+        )
+
+    def commit(self) -> int:
+        """Close the tar and publish tar, index and manifest part (in that order). Returns the sample count."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        self._tarwriter.close()
+        self._file.close(sync=True)
+        self._closed = True
+        try:
+            os.replace(self._tmp_tar, self._tar)
+            idx = idx_path(self.root, self.modality, self.name)
+            tmp_idx = temporary(idx, self._token)
+            write_index(tmp_idx, self._samples)
+            os.replace(tmp_idx, idx)
+            table = pa.Table.from_pylist(self._rows, schema=MANIFEST_SCHEMA)
+            meta = {
+                LABEL_NAMES_META: json.dumps(list(self.label_names)).encode(),
+                TAR_BLAKE2B_META: self._file.hexdigest().encode(),
+                TAR_SIZE_META: str(self._file.size).encode(),
+            }
+            table = table.replace_schema_metadata(meta)
+            write_parquet_atomically(table, manifest_path(self.root, self.modality, self.name))
+        finally:
+            self._tmp_tar.unlink(missing_ok=True)
+        return len(self._rows)
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._file.close()
+            finally:
+                self._tmp_tar.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()

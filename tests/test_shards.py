@@ -1,0 +1,223 @@
+"""The shard format on real DICOM pixels: write, read back three ways, verify, catch corruption."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pyarrow.dataset as pads
+import pydicom
+import pytest
+
+import shards
+from shards.index import read_index
+from shards.verify import verify
+
+SALT = "test-salt"
+
+
+@pytest.fixture(scope="module")
+def real_slices(dicom_dir):
+    """(sop_uid, pixels) of the 18 real CT slices and 12 real MR slices."""
+    out = []
+    for folder, count in (("ct_kits_abdomen_18", 18), ("mr_mprage_sagittal_192", 12)):
+        for path in sorted((dicom_dir / folder).glob("*.dcm"))[:count]:
+            ds = pydicom.dcmread(path)
+            out.append((folder[:2], ds.SOPInstanceUID, ds.pixel_array))
+    return out
+
+
+def _write(root, real_slices, label_names=()):
+    by_modality = {}
+    for modality, uid, pixels in real_slices:
+        by_modality.setdefault(modality, []).append((uid, pixels))
+    for modality, items in by_modality.items():
+        with shards.ShardWriter(root, modality, f"{modality}-g000-000000", label_names=label_names) as w:
+            for i, (uid, pixels) in enumerate(items):
+                meta = shards.SampleMeta(modality=modality, split="val" if i % 5 == 0 else "train",
+                                         sop_hash=shards.salted_hash(uid, SALT))
+                labels = np.array([i % 2], np.float32) if label_names and i % 3 else None
+                w.write(shards.sample_key(uid, 0, SALT), pixels, meta, labels=labels)
+    return shards.write_dataset_json(root)
+
+
+@pytest.fixture()
+def dataset(tmp_path, real_slices):
+    _write(tmp_path, real_slices)
+    return tmp_path
+
+
+def test_keys_are_dot_free_stable_and_salted():
+    uid = "1.3.12.2.1107.5.2.19.45152.2013030808110258929186035"
+    key = shards.sample_key(uid, 3, SALT)
+    assert "." not in key and len(key) == 24 and key == shards.sample_key(uid, 3, SALT)
+    assert key != shards.sample_key(uid, 4, SALT)
+    assert key != shards.sample_key(uid, 3, "other-salt")
+    assert shards.salted_hash(uid, SALT) != shards.salted_hash(uid, "other-salt")
+    assert shards.salted_hash(None, SALT) == "" and shards.salted_hash("  ", SALT) == ""
+    with pytest.raises(ValueError):
+        shards.salted_hash(uid, "")
+
+
+def test_summary_counts(dataset, real_slices):
+    info = shards.Dataset(dataset).info
+    assert info["format_version"] == shards.FORMAT_VERSION
+    assert info["modalities"]["ct"]["samples"] == 18 and info["modalities"]["mr"]["samples"] == 12
+    assert info["modalities"]["ct"]["val"] == 4 and info["modalities"]["ct"]["train"] == 14
+    assert info["samples"] == 30
+
+
+def test_manifest_is_a_hive_dataset(dataset):
+    table = pads.dataset(dataset / "manifest", format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == 30
+    assert sorted(set(table.column("modality").to_pylist())) == ["ct", "mr"]
+    assert shards.Dataset(dataset).manifest("ct").num_rows == 18
+
+
+def test_webdataset_reader_is_bit_exact(dataset, real_slices):
+    expected = {shards.sample_key(uid, 0, SALT): pixels for _, uid, pixels in real_slices}
+    seen = {}
+    for key, pixels, meta, labels in shards.reader.iter_samples(dataset):
+        assert labels is None
+        assert pixels.dtype == expected[key].dtype and np.array_equal(pixels, expected[key])
+        assert (meta["rows"], meta["cols"]) == pixels.shape
+        seen[key] = meta["modality"]
+    assert set(seen) == set(expected)
+    assert sum(1 for _ in shards.reader.iter_samples(dataset, "ct", split="val")) == 4
+
+
+def test_dali_reads_our_index(dataset, real_slices):
+    from nvidia.dali import fn, pipeline_def
+
+    expected = {shards.sample_key(uid, 0, SALT): pixels for m, uid, pixels in real_slices if m == "ct"}
+    shard = shards.Dataset(dataset).shards("ct")[0]
+
+    @pipeline_def(batch_size=6, num_threads=1, device_id=None)
+    def pipe():
+        npy, meta = fn.readers.webdataset(paths=[str(shard.tar)], index_paths=[str(shard.idx)], ext=["npy", "json"])
+        return fn.decoders.numpy(npy), meta
+
+    p = pipe()
+    p.build()
+    got = {}
+    for _ in range(3):
+        pixels, meta = p.run()
+        for i in range(len(pixels)):
+            m = json.loads(bytes(np.array(meta[i])))
+            got[m["sop_hash"]] = np.array(pixels[i])
+    manifest = shards.Dataset(dataset).manifest("ct").to_pylist()
+    assert len(got) == 18
+    for row in manifest:
+        assert np.array_equal(got[row["sop_hash"]], expected[row["key"]])
+
+
+def test_tar_is_plain_ustar_with_integer_mtime(dataset):
+    shard = shards.Dataset(dataset).shards("mr")[0]
+    with tarfile.open(shard.tar) as tf:
+        members = tf.getmembers()
+    assert all(m.mtime == 0 and not m.pax_headers for m in members)
+    # One 512-byte header per member: data offsets are exactly one block after each header.
+    assert all(m.offset_data == m.offset + 512 for m in members)
+    assert [m.name for m in members][:2] == [members[0].name.split(".")[0] + ".json", members[0].name.split(".")[0] + ".npy"]
+
+
+def test_verify_passes_then_catches_a_flipped_byte_anywhere(dataset):
+    assert verify(dataset).ok
+    shard = shards.Dataset(dataset).shards("ct")[0]
+    original = shard.tar.read_bytes()
+    index = read_index(shard.idx)
+    npy = next(m for m in index[5] if m.extension == "npy")
+    header_byte = index[2][0].offset - 512 + 130  # inside a member header (mode field)
+    padding_byte = index[0][0].offset + index[0][0].size + 3  # zero padding after the first json
+    for position in (npy.offset + npy.size // 2, header_byte, padding_byte, len(original) - 10):
+        data = bytearray(original)
+        data[position] ^= 0x40
+        shard.tar.write_bytes(bytes(data))
+        report = verify(dataset)
+        assert not report.ok, f"flip at {position} not detected"
+    shard.tar.write_bytes(original)
+    assert verify(dataset).ok
+    # The member-level checks say which sample is damaged.
+    data = bytearray(original)
+    data[npy.offset + 100] ^= 1
+    shard.tar.write_bytes(bytes(data))
+    assert any(f"{npy.key}.npy checksum mismatch" in p for p in verify(dataset).problems)
+
+
+def test_verify_catches_index_and_summary_mismatch(dataset):
+    shard = shards.Dataset(dataset).shards("mr")[0]
+    text = shard.idx.read_text().splitlines()
+    text[1], text[2] = text[2], text[1]
+    shard.idx.write_text("\n".join(text) + "\n")
+    assert not verify(dataset).ok
+    _ = shards.write_dataset_json(dataset)
+    info = json.loads((dataset / "dataset.json").read_text())
+    info["modalities"]["ct"]["samples"] += 1
+    (dataset / "dataset.json").write_text(json.dumps(info))
+    assert any("dataset.json" in p for p in verify(dataset).problems)
+
+
+def test_failed_writer_commits_nothing(tmp_path, real_slices):
+    _, uid, pixels = real_slices[0]
+    with pytest.raises(RuntimeError):
+        with shards.ShardWriter(tmp_path, "ct", "ct-g000-000009") as w:
+            w.write(shards.sample_key(uid, 0, SALT), pixels, shards.SampleMeta(modality="ct", split="train"))
+            raise RuntimeError("worker died")
+    assert not shards.ShardWriter.is_committed(tmp_path, "ct", "ct-g000-000009")
+    assert list(tmp_path.rglob("*.tar")) == [] and list(tmp_path.rglob("*.tmp-*")) == []
+    assert shards.Dataset(tmp_path).modalities == []
+
+
+def test_rewriting_a_shard_replaces_it(tmp_path, real_slices):
+    _write(tmp_path, real_slices)
+    _write(tmp_path, real_slices)  # a retried task writes the same names again
+    assert shards.Dataset(tmp_path).manifest().num_rows == 30
+    assert verify(tmp_path).ok
+
+
+def test_writer_rejects_bad_input(tmp_path, real_slices):
+    _, uid, pixels = real_slices[0]
+    with shards.ShardWriter(tmp_path, "ct", "ct-g000-000001") as w:
+        meta = shards.SampleMeta(modality="ct", split="train")
+        with pytest.raises(ValueError):
+            w.write("a.b", pixels, meta)
+        with pytest.raises(ValueError):
+            w.write("abc", pixels.astype(np.float32), meta)
+        with pytest.raises(ValueError):
+            w.write("abc", pixels, shards.SampleMeta(modality="ct", split="test"))
+        w.write("abc", pixels, meta)
+        with pytest.raises(ValueError):
+            w.write("abc", pixels, meta)
+    assert shards.Dataset(tmp_path).manifest().num_rows == 1
+
+
+def test_labels_are_stored_and_masked(tmp_path, real_slices):
+    info = _write(tmp_path, real_slices, label_names=("finding",))
+    assert info["label_names"] == ["finding"]
+    rows = {r["key"]: r for r in shards.Dataset(tmp_path).manifest().to_pylist()}
+    labelled = 0
+    for key, _, meta, labels in shards.reader.iter_samples(tmp_path):
+        assert labels.shape == (1,) and labels.dtype == np.float32
+        assert rows[key]["labelled"] == bool(np.isfinite(labels).any())
+        labelled += rows[key]["labelled"]
+        if rows[key]["labelled"]:
+            assert meta["labels"] == {"finding": float(labels[0])}
+    assert labelled == info["modalities"]["ct"]["labelled"] + info["modalities"]["mr"]["labelled"] > 0
+    assert verify(tmp_path).ok
+
+
+def test_cli_info_and_verify(dataset):
+    info = subprocess.run([sys.executable, "-m", "shards", "info", str(dataset)], capture_output=True, text=True)
+    assert info.returncode == 0 and "ct" in info.stdout and "18" in info.stdout
+    ok = subprocess.run([sys.executable, "-m", "shards", "verify", "-q", str(dataset)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "30 sample(s): OK" in ok.stdout
+    tar = shards.Dataset(dataset).shards("ct")[0].tar
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    bad = subprocess.run([sys.executable, "-m", "shards", "verify", "-q", str(dataset)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "PROBLEM" in bad.stdout
+    missing = subprocess.run([sys.executable, "-m", "shards", "info", str(dataset / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no dataset folder" in missing.stderr

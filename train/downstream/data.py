@@ -1,0 +1,117 @@
+"""Labelled images for downstream tasks: MedMNIST-layout NumPy archives or medswav datasets.
+
+Images become float32 tensors [N, 1, H, W] in [0, 1] (integer pixels divided by their dtype's maximum,
+or min-max scaled per image for signed/wide types); labels keep their shape: [N] int for binary and
+multi-class tasks, [N, L] float (NaN unknown) for multi-label ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    images: torch.Tensor
+    labels: np.ndarray
+
+
+@dataclass
+class LabelledData:
+    splits: dict[str, Split]
+    task: str          # binary | multiclass | multilabel
+    n_outputs: int     # 1 for binary, C for multiclass, L for multilabel
+    source: str
+
+    def __getitem__(self, split: str) -> Split:
+        return self.splits[split]
+
+
+def to_unit_range(pixels: np.ndarray) -> np.ndarray:
+    x = np.asarray(pixels)
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    x = x.astype(np.float32)
+    lo = x.min(axis=(-2, -1), keepdims=True)
+    hi = x.max(axis=(-2, -1), keepdims=True)
+    return (x - lo) / np.maximum(hi - lo, 1e-6)
+
+
+def infer_task(labels: np.ndarray) -> tuple[str, int]:
+    y = np.asarray(labels)
+    if y.ndim == 2 and y.shape[1] > 1:
+        return "multilabel", y.shape[1]
+    classes = np.unique(y[np.isfinite(y)] if y.dtype.kind == "f" else y)
+    if len(classes) <= 2:
+        return "binary", 1
+    return "multiclass", int(classes.max()) + 1
+
+
+def load_npz(path: str | Path) -> LabelledData:
+    """MedMNIST layout: `{split}_images` [N, H, W] (uint8) and `{split}_labels` [N, 1] or [N, L]."""
+    archive = np.load(path)
+    splits = {}
+    for split in SPLITS:
+        if f"{split}_images" not in archive:
+            raise ValueError(f"{path}: no '{split}_images' array (MedMNIST layout expected)")
+        images = archive[f"{split}_images"]
+        labels = archive[f"{split}_labels"]
+        if len(images) != len(labels):
+            raise ValueError(f"{path}: {len(images)} {split} images but {len(labels)} labels")
+        if images.ndim == 4:  # RGB MedMNIST sets: luminance
+            images = images @ np.array([0.299, 0.587, 0.114])
+        labels = labels.reshape(len(labels), -1)
+        splits[split] = Split(torch.from_numpy(to_unit_range(images))[:, None], labels)
+    task, n_outputs = infer_task(np.concatenate([s.labels for s in splits.values()]))
+    if task != "multilabel":
+        for s in splits.values():
+            s.labels = s.labels.ravel().astype(np.int64)
+    return LabelledData(splits, task, n_outputs, str(path))
+
+
+def load_dataset(path: str | Path, size: int | None = None) -> LabelledData:
+    """A medswav dataset with label names: `train` split for training; its `val` split is divided by
+    patient hash into validation and test halves (deterministic)."""
+    import shards
+    import torch.nn.functional as F
+
+    ds = shards.Dataset(path)
+    names = ds.info.get("label_names") or []
+    if not names:
+        raise ValueError(f"{path} has no labels: ingest it with --labels")
+    buckets = {s: ([], []) for s in SPLITS}
+    for _, pixels, meta, labels in shards.reader.iter_samples(path):
+        if labels is None or not np.isfinite(labels).any():
+            continue
+        split = meta["split"]
+        if split == "val":
+            split = "test" if int(meta.get("patient_hash") or "0", 16) % 2 else "val"
+        x = torch.from_numpy(to_unit_range(pixels))[None, None]
+        if size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        buckets[split][0].append(x[0])
+        buckets[split][1].append(labels)
+    splits = {}
+    for split, (xs, ys) in buckets.items():
+        if not xs:
+            raise ValueError(f"{path}: no labelled samples for the {split} split")
+        splits[split] = Split(torch.stack(xs), np.stack(ys))
+    task, n_outputs = infer_task(np.concatenate([s.labels for s in splits.values()]))
+    if task != "multilabel":
+        for s in splits.values():
+            s.labels = s.labels[:, 0].astype(np.int64)
+    return LabelledData(splits, task, n_outputs, str(path))
+
+
+def load(path: str | Path) -> LabelledData:
+    p = Path(path)
+    if p.suffix == ".npz":
+        return load_npz(p)
+    if p.is_dir():
+        return load_dataset(p)
+    raise ValueError(f"{path}: expected a MedMNIST-layout .npz file or a medswav dataset folder")
