@@ -155,7 +155,7 @@ def code_stats(scores_assigned: torch.Tensor) -> dict[str, float]:
     hist = torch.bincount(best, minlength=k).float()
     p = hist[hist > 0] / n
     cap = min(k, n)
-    entropy = float(-(p * p.log()).sum()) / math.log(cap) if cap > 1 else 1.0
+    entropy = max(0.0, float(-(p * p.log()).sum()) / math.log(cap)) if cap > 1 else 1.0
     return {"code_entropy": entropy, "proto_usage": float((hist > 0).sum()) / cap}
 
 
