@@ -164,6 +164,9 @@ def train(cfg: Config) -> dict:
                 t0 = time.perf_counter()
                 batch = next(batches, None)
                 if batch is None:
+                    if step % steps_per_epoch:
+                        raise SystemExit(f"error: the data source ended after {step % steps_per_epoch} of its "
+                                         f"{steps_per_epoch} steps in epoch {epoch}")
                     break
                 t_data = time.perf_counter() - t0
 
