@@ -115,3 +115,26 @@ def test_config_defaults_toml_and_flags(tmp_path):
         load_config(["--config", str(toml), "--synthetic"])
     with pytest.raises(SystemExit, match="--data"):
         load_config([])
+
+
+@pytest.mark.slow
+def test_learning_signal_on_chest_xrays_without_collapse(tmp_path, medmnist_dir):
+    """ResNet-18 on PneumoniaMNIST: the swapped-prediction loss falls well below ln(K) (where it sits
+    at the start and where a collapsed model stays) while the codes stay spread over the prototypes."""
+    k = 10
+    out = main(["--data", str(medmnist_dir / "pneumoniamnist.npz"), "--out", str(tmp_path / "run"),
+                "--arch", "resnet18", "--device", "cpu", "--batch-size", "16", "--crop-sizes", "28",
+                "--num-crops", "2", "--min-scale-crops", "0.5", "--max-scale-crops", "1",
+                "--num-prototypes", str(k), "--queue-length", "0", "--freeze-prototypes-steps", "10",
+                "--epochs", "1", "--warmup-epochs", "0.02", "--lr-ref-batch", "0", "--base-lr", "0.6",
+                "--max-steps", "200", "--log-every", "1", "--checkpoint-every", "1000", "--no-tensorboard"])
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 200 and out["losses"] == losses
+    ln_k = math.log(k)
+    start, end = sum(losses[:10]) / 10, sum(losses[-30:]) / 30
+    assert start > 0.95 * ln_k
+    assert end < 0.8 * ln_k, (start / ln_k, end / ln_k)
+    entropy = [r["code_entropy/pneumoniamnist"] for r in rows[-30:]]
+    assert sum(entropy) / len(entropy) > 0.75
+    assert min(r["proto_usage/pneumoniamnist"] for r in rows[-30:]) >= 0.3
