@@ -138,3 +138,20 @@ def test_learning_signal_on_chest_xrays_without_collapse(tmp_path, medmnist_dir)
     entropy = [r["code_entropy/pneumoniamnist"] for r in rows[-30:]]
     assert sum(entropy) / len(entropy) > 0.75
     assert min(r["proto_usage/pneumoniamnist"] for r in rows[-30:]) >= 0.3
+
+
+def test_3d_densenet_one_plus_four_crops(tmp_path):
+    from train.models import build_encoder
+    encoder = build_encoder("densenet3d").eval()
+    # Variable input size, 1024-d features; in-plane blocks leave a single slice a single slice.
+    assert encoder(torch.rand(1, 1, 1, 24, 20)).shape == (1, 1024)
+    assert encoder(torch.rand(2, 1, 12, 32, 32)).shape == (2, 1024)
+    units = [m for m in encoder.modules() if type(m).__name__ == "DenseUnit"]
+    assert len(units) == 12 and [u.conv.kernel_size for u in units[:3]] == [(1, 3, 3)] * 3
+    assert all(u.conv.kernel_size == (3, 3, 3) for u in units[3:])
+    # One large + four small crops, views 0 (large) and 1 (first small) assigned; hybrid head on both.
+    out = main(["--synthetic", "--synthetic-steps", "2", "--synthetic-labels", "1", "--beta", "1",
+                "--arch", "densenet3d", "--crop-sizes", "24,12", "--crop-depths", "8,4", "--num-crops", "1,4",
+                "--batch-size", "2", "--num-prototypes", "6", "--queue-length", "0", "--epochs", "1",
+                "--device", "cpu", "--no-tensorboard", "--out", str(tmp_path / "run")])
+    assert len(out["losses"]) == 2 and all(math.isfinite(l) for l in out["losses"])

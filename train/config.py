@@ -41,6 +41,7 @@ class Config:
     # swapped prediction
     crop_sizes: tuple[int, ...] = (224, 92)
     num_crops: tuple[int, ...] = (2, 6)
+    crop_depths: tuple[int, ...] = ()   # 3-D volumes: depth of each group's crops (empty: 2-D images)
     min_scale_crops: tuple[float, ...] = (0.14, 0.05)   # NPZ source random-resized-crop scales
     max_scale_crops: tuple[float, ...] = (1.0, 0.14)
     crops_for_assign: tuple[int, ...] = (0, 1)
@@ -157,10 +158,14 @@ def validate(cfg: Config) -> None:
         raise SystemExit(f"error: {msg}")
     if len(cfg.crop_sizes) != len(cfg.num_crops):
         fail("crop_sizes and num_crops must have the same length")
-    if cfg.num_crops[0] < 2 or sorted(cfg.crops_for_assign) != list(range(len(cfg.crops_for_assign))):
-        fail("the assigned crops must be the first views of group 0 (default 0,1)")
-    if max(cfg.crops_for_assign) >= cfg.num_crops[0]:
-        fail("assigned crops must be full-resolution crops (group 0)")
+    if list(cfg.crops_for_assign) != list(range(len(cfg.crops_for_assign))):
+        fail("the assigned crops must be the first views (default 0,1)")
+    if len(cfg.crops_for_assign) > sum(cfg.num_crops) or sum(cfg.num_crops) < 2:
+        fail("need at least two crops, and no more assigned crops than crops")
+    if cfg.crop_depths and len(cfg.crop_depths) != len(cfg.crop_sizes):
+        fail("crop_depths (3-D) needs one depth per crop group")
+    if cfg.crop_depths and not cfg.synthetic:
+        fail("3-D volumes run only with --synthetic for now (no volume loader yet)")
     if cfg.precision not in ("bf16", "fp16", "fp32"):
         fail(f"precision {cfg.precision!r}: choose bf16, fp16 or fp32")
     if cfg.sup_loss not in ("bce", "ce"):

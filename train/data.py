@@ -36,17 +36,20 @@ def _labelled(label: torch.Tensor) -> torch.Tensor:
 
 class SyntheticSource:
     def __init__(self, batch_size: int, crop_sizes, num_crops, num_modalities: int = 1,
-                 num_labels: int = 0, steps_per_epoch: int = 100, seed: int = 0, rank: int = 0):
+                 num_labels: int = 0, steps_per_epoch: int = 100, seed: int = 0, rank: int = 0,
+                 crop_depths=()):
         if batch_size % num_modalities:
             raise ValueError(f"batch size {batch_size} is not a multiple of {num_modalities} modalities")
         self.batch_size, self.crop_sizes, self.num_crops = batch_size, tuple(crop_sizes), tuple(num_crops)
         self.modalities = [f"synthetic{m}" for m in range(num_modalities)]
         self.num_labels, self.steps_per_epoch, self.seed, self.rank = num_labels, steps_per_epoch, seed, rank
+        self.shapes = [(d, s, s) for d, s in zip(crop_depths, crop_sizes)] if crop_depths else \
+            [(s, s) for s in crop_sizes]
 
     def batch(self, epoch: int, step: int) -> dict:
         g = _generator(self.seed, epoch, step, self.rank)
         b, m = self.batch_size, len(self.modalities)
-        crops = [torch.rand(b, n, 1, s, s, generator=g) for s, n in zip(self.crop_sizes, self.num_crops)]
+        crops = [torch.rand(b, n, 1, *shape, generator=g) for shape, n in zip(self.shapes, self.num_crops)]
         label = torch.randint(0, 2, (b, self.num_labels), generator=g).float()
         label[torch.rand(b, generator=g) < 0.5] = float("nan")   # half unlabelled
         return {"crops": crops, "modality": torch.arange(m).repeat_interleave(b // m),
@@ -184,7 +187,8 @@ class ShardSource:
 def build_source(cfg, rank: int, world_size: int, device: str):
     if cfg.synthetic:
         return SyntheticSource(cfg.batch_size, cfg.crop_sizes, cfg.num_crops, cfg.synthetic_modalities,
-                               cfg.synthetic_labels, cfg.synthetic_steps, seed=cfg.seed, rank=rank)
+                               cfg.synthetic_labels, cfg.synthetic_steps, seed=cfg.seed, rank=rank,
+                               crop_depths=cfg.crop_depths)
     paths = [p for p in cfg.data.split(",") if p]
     if all(p.endswith(".npz") for p in paths):
         return NpzSource(paths, cfg.batch_size, cfg.crop_sizes, cfg.num_crops, cfg.min_scale_crops,

@@ -114,10 +114,19 @@ ARCHS = {
 }
 
 
-def build_encoder(arch: str, in_channels: int = 1) -> ResNet:
-    """The backbone named ``arch`` (one of ``ARCHS``); ``encoder.arch`` records the name for export."""
+ARCHS_3D = ("densenet3d",)
+
+
+def build_encoder(arch: str, in_channels: int = 1) -> nn.Module:
+    """The backbone named ``arch`` (``ARCHS`` for 2-D, ``ARCHS_3D`` for volumes); ``encoder.arch``
+    records the name for export."""
+    if arch in ARCHS_3D:
+        from .densenet3d import DenseNet3D
+        encoder = DenseNet3D(in_channels=in_channels)
+        encoder.arch = arch
+        return encoder
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join((*ARCHS, *ARCHS_3D))}")
     block, layers, widen = ARCHS[arch]
     encoder = ResNet(block, layers, widen=widen, in_channels=in_channels)
     encoder.arch = arch
