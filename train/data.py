@@ -161,20 +161,32 @@ class NpzSource:
 class ShardSource:
     """augment_dali's SwavLoader over a shard dataset (imported only here, only when used)."""
 
+    prefetches = True  # DALI runs ahead on its own: no extra thread
+
     def __init__(self, root: str, batch_size: int, crop_sizes, num_crops, modalities=(), split="train",
                  seed: int = 0, rank: int = 0, world_size: int = 1, device: str = "cpu", num_threads: int = 2):
         try:
             from augment_dali.loader import SwavLoader
         except ImportError as e:
             raise SystemExit(f"error: cannot read shard dataset {root}: augment_dali.loader unavailable ({e})")
-        self.loader = SwavLoader(root, batch_size=batch_size, modalities=list(modalities) or None, rank=rank,
-                                 world_size=world_size, device="gpu" if device == "cuda" else "cpu",
-                                 seed=seed, crop_sizes=tuple(crop_sizes), num_crops=tuple(num_crops),
-                                 num_threads=num_threads, split=split)
+        try:
+            self.loader = SwavLoader(root, batch_size=batch_size, modalities=list(modalities) or None,
+                                     rank=rank, world_size=world_size, device="gpu" if device == "cuda" else "cpu",
+                                     seed=seed, crop_sizes=tuple(crop_sizes), num_crops=tuple(num_crops),
+                                     num_threads=num_threads, split=split)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {root}: {e}") from None
         self.modalities = list(self.loader.modalities)
         self.steps_per_epoch = len(self.loader)
-        info = Path(root, "dataset.json")
-        self.num_labels = len(json.loads(info.read_text()).get("label_names", [])) if info.exists() else 0
+        names = getattr(self.loader, "label_names", None)
+        if names is None:
+            info = Path(root, "dataset.json")
+            names = json.loads(info.read_text()).get("label_names", []) if info.exists() else []
+        self.num_labels = len(names)
+
+    def close(self) -> None:
+        if hasattr(self.loader, "close"):
+            self.loader.close()
 
     def epoch_iter(self, epoch: int, start_step: int = 0):
         # The loader is deterministic per epoch; resuming mid-epoch replays and drops the first batches.

@@ -114,6 +114,9 @@ def train(cfg: Config) -> dict:
         state = ckpt.load(resume_path)
         if state["arch"] != cfg.arch:
             raise SystemExit(f"error: checkpoint {resume_path} is {state['arch']}, config asks for {cfg.arch}")
+        if list(state["modalities"]) != list(source.modalities):
+            raise SystemExit(f"error: checkpoint {resume_path} has modalities {state['modalities']}, "
+                             f"the data gives {source.modalities}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -157,7 +160,7 @@ def train(cfg: Config) -> dict:
         while step < stop_step:
             epoch = step // steps_per_epoch
             batches = source.epoch_iter(epoch, step % steps_per_epoch)
-            if on_gpu:
+            if on_gpu and not getattr(source, "prefetches", False):
                 batches = Prefetcher(batches)
             batches = iter(batches)
             while step < stop_step:
@@ -239,9 +242,11 @@ def train(cfg: Config) -> dict:
                 if step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_step:
                     save(step)
     except NonFiniteLoss as e:
-        log.close()
         raise SystemExit(f"error: {e}") from None
-    log.close()
+    finally:
+        log.close()
+        if hasattr(source, "close"):
+            source.close()
     return {"step": step, "losses": history, "model": model}
 
 
