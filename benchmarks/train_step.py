@@ -63,36 +63,30 @@ def run(args) -> dict:
 
     phases = ("data", "forward", "sinkhorn_loss", "backward", "optimizer", "normalize_prototypes")
     swav = {k: 0.0 for k in phases}
-    proto_scoring = 0.0  # inside forward + backward; measured alone to count it as SwAV overhead
-    for i in range(args.warmup + args.steps):
-        record = i >= args.warmup
-        t0 = time.perf_counter()
+    scoring = [0.0]  # prototype scoring: inside forward + backward; measured alone to count it as overhead
+
+    def swav_step(record: bool) -> None:
+        t = [time.perf_counter()]
         batch = next(batches)
         crops = [c.to(device, non_blocking=True) for c in batch["crops"]]
-        _sync(device)
-        t1 = time.perf_counter()
+        _sync(device); t.append(time.perf_counter())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(crops)
-        _sync(device)
-        t2 = time.perf_counter()
+        _sync(device); t.append(time.perf_counter())
         losses, _ = modality_losses(out["scores"], out["z"], protos, queue=queue, fill_queue=queue is not None)
         loss = torch.stack(losses).sum()
-        _sync(device)
-        t3 = time.perf_counter()
+        _sync(device); t.append(time.perf_counter())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        _sync(device)
-        t4 = time.perf_counter()
+        _sync(device); t.append(time.perf_counter())
         opt.step()
-        _sync(device)
-        t5 = time.perf_counter()
+        _sync(device); t.append(time.perf_counter())
         model.normalize_prototypes()
-        _sync(device)
-        t6 = time.perf_counter()
+        _sync(device); t.append(time.perf_counter())
         if record:
-            for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
-                swav[k] += v
-            proto_scoring += proto_cost()
+            for k, a, b_ in zip(phases, t, t[1:]):
+                swav[k] += b_ - a
+            scoring[0] += proto_cost()
 
     # Baseline: the same encoder, same crops, a linear classifier and cross-entropy, SGD step.
     torch.manual_seed(0)
@@ -100,31 +94,32 @@ def run(args) -> dict:
     head = torch.nn.Linear(encoder.num_features, 1000).to(device)
     base_opt = torch.optim.SGD(list(encoder.parameters()) + list(head.parameters()), lr=0.1, momentum=0.9)
     sup = {k: 0.0 for k in ("data", "forward", "loss", "backward", "optimizer")}
-    for i in range(args.warmup + args.steps):
-        record = i >= args.warmup
-        t0 = time.perf_counter()
+
+    def supervised_step(record: bool) -> None:
+        t = [time.perf_counter()]
         batch = next(batches)
         crops = [c.to(device, non_blocking=True) for c in batch["crops"]]
-        _sync(device)
-        t1 = time.perf_counter()
+        _sync(device); t.append(time.perf_counter())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = torch.cat([head(encoder(g.transpose(0, 1).reshape(-1, *g.shape[2:]))) for g in crops])
-        _sync(device)
-        t2 = time.perf_counter()
+        _sync(device); t.append(time.perf_counter())
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
         loss = F.cross_entropy(logits.float(), target)
-        _sync(device)
-        t3 = time.perf_counter()
+        _sync(device); t.append(time.perf_counter())
         base_opt.zero_grad(set_to_none=True)
         loss.backward()
-        _sync(device)
-        t4 = time.perf_counter()
+        _sync(device); t.append(time.perf_counter())
         base_opt.step()
-        _sync(device)
-        t5 = time.perf_counter()
+        _sync(device); t.append(time.perf_counter())
         if record:
-            for k, v in zip(sup, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-                sup[k] += v
+            for k, a, b_ in zip(sup, t, t[1:]):
+                sup[k] += b_ - a
+
+    # Interleaved, so that a machine's changing load weighs on both alike.
+    for i in range(args.warmup + args.steps):
+        swav_step(i >= args.warmup)
+        supervised_step(i >= args.warmup)
+    proto_scoring = scoring[0]
 
     n = args.steps
     swav_step = sum(swav.values()) / n

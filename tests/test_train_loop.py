@@ -53,8 +53,7 @@ def test_prototype_gradient_dropped_exactly_during_freeze_window(tmp_path):
 def test_queue_starts_at_its_epoch_and_is_used_once_full(tmp_path):
     # 2 steps per epoch, queue from epoch 1, 2 batches long (b = 4 rows per step).
     _run(tmp_path, "--synthetic", "--synthetic-steps", "2", "--epochs", "3", "--queue-length", "8",
-         "--epoch-queue-starts", "1", "--freeze-prototypes-steps", "0", "--max-steps", "6",
-         "--checkpoint-every", "1")
+         "--epoch-queue-starts", "1", "--freeze-prototypes-steps", "0", "--max-steps", "6")
     rows = _metrics(tmp_path)
     assert [r["queue_in_use"] for r in rows] == [0, 0, 0, 1, 1, 1]
     state = _ckpt(tmp_path)

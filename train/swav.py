@@ -16,37 +16,42 @@ def _dist_on() -> bool:
 
 
 @torch.no_grad()
-def sinkhorn(scores: torch.Tensor, eps: float = 0.03, iterations: int = 3) -> torch.Tensor:
-    """Codes Q [B, K] for prototype scores [B, K] (rows: this rank's samples), summed over all ranks.
+def sinkhorn(scores: torch.Tensor, eps: float = 0.03, iterations: int = 3,
+             rows: int | None = None, inplace: bool = False) -> torch.Tensor:
+    """Codes Q [B, K] for prototype scores [B, K] (rows: this rank's samples), over all ranks.
 
-    Equipartition is global: the total and the row (prototype) sums are all-reduced, so the codes
-    equal those of one process holding the concatenated batch. The global maximum is subtracted
-    before exp (a constant factor that the first normalisation removes), so exp never overflows
-    even in fp32 with eps = 0.03. Each returned row sums to 1.
+    Sinkhorn-Knopp on exp(scores / eps): alternately each prototype's mass is normalised to 1/K (sums
+    all-reduced, so the equipartition holds over the global batch and two processes give the codes
+    of one process on the concatenated batch) and each sample's to 1/B; finally every sample's code
+    is scaled to sum to 1. ``rows``: return only the last ``rows`` rows (the batch after a queue).
+    ``inplace``: an fp32 ``scores`` may be overwritten (saves a (queue + batch) x K buffer).
+
+    Computed in scaling form, Q = diag(u) E diag(v) with E = exp(scores / eps - max): each iteration is
+    two matrix-vector products over E instead of rewriting the matrix (the same arithmetic; a
+    (queue + batch) x K problem costs a few reads of E). Subtracting the global max is a constant
+    factor removed by the first normalisation (as is SwAV's first division by the total mass, skipped
+    here); scores of normalised features lie in [-1, 1], so E >= exp(-2 / 0.03) stays far above
+    fp32's smallest normal number. Runs in fp32 whatever autocast says.
     """
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        scores = scores.float() / eps
-        peak = scores.max()
+        peak = scores.max().float()
         if _dist_on():
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        q = torch.exp(scores - peak).t()                   # [K, B]
-        k = q.shape[0]
-        b = q.shape[1] * (dist.get_world_size() if _dist_on() else 1)
-
-        total = q.sum()
-        if _dist_on():
-            dist.all_reduce(total)
-        q /= total
+        e = scores if inplace and scores.dtype == torch.float32 else scores.float().clone()
+        e.sub_(peak).mul_(1.0 / eps).exp_()                 # [B, K]
+        k = e.shape[1]
+        b = e.shape[0] * (dist.get_world_size() if _dist_on() else 1)
+        u = torch.ones(e.shape[0], device=e.device)        # per-sample scale
+        v = torch.ones(k, device=e.device)                 # per-prototype scale
         for _ in range(iterations):
-            rows = q.sum(dim=1, keepdim=True)              # per prototype, over the global batch
+            per_prototype = u @ e                           # [K], before its scale v
             if _dist_on():
-                dist.all_reduce(rows)
-            q /= rows
-            q /= k
-            q /= q.sum(dim=0, keepdim=True)                # per sample (local columns)
-            q /= b
-        q *= b
-        return q.t()
+                dist.all_reduce(per_prototype)
+            v = 1.0 / (k * per_prototype)
+            u = 1.0 / (b * (e @ v))
+        if rows is not None:
+            e, u = e[-rows:], u[-rows:]
+        return (u[:, None] * b) * e * v[None, :]
 
 
 class FeatureQueue:
@@ -98,22 +103,25 @@ def swapped_prediction_loss(scores: torch.Tensor, z: torch.Tensor, prototypes: t
     averages over the assigned views. Returns (loss, codes [A, b, K]).
     """
     views, b, _ = scores.shape
+    log_p = F.log_softmax(scores.float() / temperature, dim=-1)   # every view's prediction, once
     loss = scores.new_zeros(())
     codes = []
     for i, v in enumerate(assigned):
         with torch.no_grad():
-            s = scores[v].detach()
             if queue is not None and queue.full(modality, i):
-                queued = queue.features[modality, i] @ prototypes.detach().float().t()
-                s = torch.cat([queued, s])
-            q = sinkhorn(s, eps, iterations)[-b:]
+                s = torch.empty(queue.length + b, scores.shape[2], device=scores.device)
+                torch.mm(queue.features[modality, i], prototypes.detach().float().t(), out=s[:-b])
+                s[-b:] = scores[v].detach()
+            else:
+                s = scores[v].detach().float().clone()
+            q = sinkhorn(s, eps, iterations, rows=b, inplace=True)
             if queue is not None and fill_queue:
                 queue.push(modality, i, z[v])
         codes.append(q)
         sub = scores.new_zeros(())
         for w in range(views):
             if w != v:
-                sub = sub - (q * F.log_softmax(scores[w].float() / temperature, dim=1)).sum(1).mean()
+                sub = sub - (q * log_p[w]).sum(1).mean()
         loss = loss + sub / (views - 1)
     return loss / len(assigned), torch.stack(codes)
 
