@@ -27,59 +27,59 @@ class Config:
     synthetic_labels: int = 0           # label columns of the synthetic source
     synthetic_steps: int = 100          # steps per epoch of the synthetic source
     modalities: tuple[str, ...] = ()    # subset of the dataset's modalities (empty: all)
-    split: str = "train"
+    split: str = "train"                # dataset split to train on
     num_workers: int = 2                # data threads
     npz_label_fraction: float = 1.0     # NPZ source: fraction of samples that keep their label
     out: str = "runs/swav"              # run folder: checkpoint.pt, metrics.jsonl, tensorboard/
 
     # model
-    arch: str = "resnet50"
-    feat_dim: int = 128
+    arch: str = "resnet50"              # resnet18 (small, CPU), resnet50, resnet50w2, resnet50w4, resnet152, densenet3d
+    feat_dim: int = 128                 # F, dimension of the L2-normalised feature
     hidden_dim: int = 0                 # 0: follows the encoder width (2048 for ResNet-50, 2048*w for 50wN)
     num_prototypes: int = 3000          # K, per modality
 
     # swapped prediction
-    crop_sizes: tuple[int, ...] = (224, 92)
-    num_crops: tuple[int, ...] = (2, 6)
+    crop_sizes: tuple[int, ...] = (224, 92)   # side of each crop group (group 0: full resolution)
+    num_crops: tuple[int, ...] = (2, 6)       # crops per group
     crop_depths: tuple[int, ...] = ()   # 3-D volumes: depth of each group's crops (empty: 2-D images)
     min_scale_crops: tuple[float, ...] = (0.14, 0.05)   # NPZ source random-resized-crop scales
     max_scale_crops: tuple[float, ...] = (1.0, 0.14)
-    crops_for_assign: tuple[int, ...] = (0, 1)
-    temperature: float = 0.1
-    epsilon: float = 0.03
+    crops_for_assign: tuple[int, ...] = (0, 1)  # views whose codes are predicted (the first views)
+    temperature: float = 0.1            # tau of the prediction softmax
+    epsilon: float = 0.03               # Sinkhorn entropy weight
     sinkhorn_iterations: int = 3
     queue_length: int = 3840            # global per modality; each process keeps queue_length/world_size
-    epoch_queue_starts: int = 10
-    freeze_prototypes_steps: int = 10000
+    epoch_queue_starts: int = 10        # the queue fills from this epoch, is used once full
+    freeze_prototypes_steps: int = 10000  # prototypes get no update for these first steps
 
     # hybrid objective: alpha * L_ss + beta * L_sup
-    alpha: float = 1.0
+    alpha: float = 1.0                  # weight of the swapped-prediction loss
     beta: float = 0.0                   # > 0 adds the supervised head (needs labels in the data)
     sup_loss: str = "bce"               # bce (multi-label, NaN = unknown) or ce (classes, one-hot)
 
     # optimisation
-    epochs: int = 100
+    epochs: int = 100                   # length of the learning-rate schedule
     max_steps: int = 0                  # stop at this global step (0: full schedule); the schedule is unchanged
     batch_size: int = 32                # per process
-    base_lr: float = 0.6
-    final_lr: float = 0.0006
+    base_lr: float = 0.6                # peak learning rate (at lr_ref_batch)
+    final_lr: float = 0.0006            # end of the cosine
     lr_ref_batch: int = 1024            # lr = base_lr * global_batch / lr_ref_batch (0: no scaling)
-    warmup_epochs: float = 10.0
-    start_warmup: float = 0.0
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    lars_trust: float = 0.001
+    warmup_epochs: float = 10.0         # linear warm-up from start_warmup
+    start_warmup: float = 0.0           # learning rate of the first step
+    weight_decay: float = 1e-6          # on weights only (not biases / norms)
+    momentum: float = 0.9               # SGD momentum
+    lars_trust: float = 0.001           # LARS trust coefficient (SwAV LARC, no clipping)
 
     # system
     device: str = "auto"                # auto, cpu or cuda
     precision: str = "bf16"             # bf16 (GPU autocast), fp16 (autocast + grad scaler) or fp32; CPU runs fp32
     sync_bn: bool = True                # SyncBatchNorm when several GPU processes
-    seed: int = 0
-    deterministic: bool = False
+    seed: int = 0                       # weights, data order and augmentations
+    deterministic: bool = False         # torch deterministic algorithms
     checkpoint_every: int = 1000        # steps (and at the end of every epoch)
     log_every: int = 10
     resume: str = ""                    # "", "auto" (the run folder's checkpoint.pt if present) or a path
-    tensorboard: bool = True
+    tensorboard: bool = True            # also write TensorBoard events under out/tensorboard
     config: str = ""                    # the TOML file this came from (informational)
 
 
@@ -111,12 +111,25 @@ def _coerce(name: str, value, tp):
     return value
 
 
+def _field_help() -> dict[str, str]:
+    """The comment beside each field in the dataclass above: one source for code and --help."""
+    import inspect
+    import re
+    found = {}
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
+        if m:
+            found[m.group(1)] = m.group(2)
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train",
         description="SwAV pretraining with per-modality prototypes (launch with torchrun for several processes).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Precedence: defaults < --config FILE < flags. Lists are comma-separated.")
     parser.add_argument("--config", metavar="FILE", help="TOML file with Config fields (flags override it)")
+    notes = _field_help()
     for name, tp in _types().items():
         if name == "config":
             continue
@@ -124,11 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(Config, name, None)
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"(default: {default})")
+                                help=f"{notes.get(name, '')} (default: {default})")
         else:
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            parser.add_argument(flag, type=str, default=argparse.SUPPRESS, metavar=name.upper(),
-                                help=f"(default: {shown})")
+            metavar = "A,B" if typing.get_origin(tp) is tuple else tp.__name__.upper()
+            parser.add_argument(flag, type=str, default=argparse.SUPPRESS, metavar=metavar,
+                                help=f"{notes.get(name, '')} (default: {shown})")
     return parser
 
 
@@ -147,7 +161,10 @@ def load_config(argv: list[str] | None = None) -> Config:
     for name, text in args.items():
         if name == "config" or text is None:
             continue
-        values[name] = text if isinstance(text, bool) else _parse_value(types[name], text)
+        try:
+            values[name] = text if isinstance(text, bool) else _parse_value(types[name], text)
+        except ValueError:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {text!r}: not a valid {getattr(types[name], '__name__', types[name])}") from None
     cfg = Config(**values)
     validate(cfg)
     return cfg
