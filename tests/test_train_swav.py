@@ -211,3 +211,29 @@ def test_code_stats_detect_collapse():
     assert code_stats(healthy)["proto_usage"] == pytest.approx(1.0)
     assert code_stats(collapsed)["code_entropy"] == pytest.approx(0.0)
     assert code_stats(collapsed)["proto_usage"] == pytest.approx(0.1)
+
+
+def test_lars_matches_the_per_parameter_formula():
+    from train.optim import LARS
+    torch.manual_seed(0)
+    w, bias = torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    frozen = torch.randn(2, 3, requires_grad=True)
+    opt = LARS([{"params": [w, frozen], "lars": True}, {"params": [bias], "lars": False, "weight_decay": 0.0}],
+               lr=0.5, momentum=0.9, weight_decay=0.01, trust_coefficient=0.001)
+    ref = {id(p): p.detach().clone() for p in (w, bias, frozen)}
+    bufs = {}
+    for it in range(3):
+        gw, gb = torch.randn(4, 3), torch.randn(4)
+        w.grad, bias.grad, frozen.grad = gw.clone(), gb.clone(), None   # frozen: gradient dropped
+        opt.step()
+        for p, g, lars in ((w, gw, True), (bias, gb, False)):
+            r = ref[id(p)]
+            d = g.clone()
+            if lars:
+                trust = 0.001 * r.norm() / (g.norm() + 0.01 * r.norm() + 1e-8)
+                d = (g + 0.01 * r) * trust
+            bufs[id(p)] = d if it == 0 else 0.9 * bufs[id(p)] + d
+            ref[id(p)] = r - 0.5 * bufs[id(p)]
+            torch.testing.assert_close(p.detach(), ref[id(p)])
+    torch.testing.assert_close(frozen.detach(), ref[id(frozen)], rtol=0, atol=0)
+    assert frozen not in opt.state or not opt.state[frozen]

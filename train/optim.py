@@ -24,23 +24,32 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        # Multi-tensor (foreach) ops: a handful of kernels per group instead of ~10 per parameter,
+        # which matters on a GPU where a ResNet-50 step has 161 parameter tensors.
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if group["lars"]:
-                    wd = group["weight_decay"]
-                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    trust = group["trust_coefficient"] * p_norm / (g_norm + wd * p_norm + group["eps"])
-                    trust = torch.where((p_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
-                    d = d.add(p, alpha=wd).mul_(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = d.clone()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(d)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["lars"]:
+                wd = group["weight_decay"]
+                p_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                trust = group["trust_coefficient"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+                trust = torch.where((p_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+                updates = torch._foreach_add(grads, params, alpha=wd)
+                torch._foreach_mul_(updates, list(trust.unbind()))
+            else:
+                updates = grads
+            fresh = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
+            for i in fresh:
+                self.state[params[i]]["momentum_buffer"] = updates[i].clone()
+            old = [i for i in range(len(params)) if i not in set(fresh)]
+            if old:
+                bufs = [self.state[params[i]]["momentum_buffer"] for i in old]
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, [updates[i] for i in old])
+            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
 
 
 def param_groups(model: nn.Module) -> list[dict]:
