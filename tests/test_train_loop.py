@@ -58,6 +58,10 @@ def test_queue_starts_at_its_epoch_and_is_used_once_full(tmp_path):
     assert [r["queue_in_use"] for r in rows] == [0, 0, 0, 1, 1, 1]
     state = _ckpt(tmp_path)
     assert (state["queue"]["filled"] == 8).all()
+    # The run's picture is drawn from the same metrics.
+    from train.plot import plot_run
+    png = plot_run(tmp_path / "run", tmp_path / "run.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 def test_resume_is_exact(tmp_path, medmnist_dir):
