@@ -203,9 +203,12 @@ def build_source(cfg, rank: int, world_size: int, device: str):
                                crop_depths=cfg.crop_depths)
     paths = [p for p in cfg.data.split(",") if p]
     if all(p.endswith(".npz") for p in paths):
-        return NpzSource(paths, cfg.batch_size, cfg.crop_sizes, cfg.num_crops, cfg.min_scale_crops,
-                         cfg.max_scale_crops, split=cfg.split, seed=cfg.seed, rank=rank,
-                         world_size=world_size, label_fraction=cfg.npz_label_fraction)
+        try:
+            return NpzSource(paths, cfg.batch_size, cfg.crop_sizes, cfg.num_crops, cfg.min_scale_crops,
+                             cfg.max_scale_crops, split=cfg.split, seed=cfg.seed, rank=rank,
+                             world_size=world_size, label_fraction=cfg.npz_label_fraction)
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"error: --data {cfg.data}: {e}") from None
     if not Path(cfg.data).is_dir():
         raise SystemExit(f"error: --data {cfg.data}: not a shard dataset folder nor .npz files")
     return ShardSource(cfg.data, cfg.batch_size, cfg.crop_sizes, cfg.num_crops, cfg.modalities, cfg.split,
