@@ -158,3 +158,19 @@ def test_3d_densenet_one_plus_four_crops(tmp_path):
                 "--batch-size", "2", "--num-prototypes", "6", "--queue-length", "0", "--epochs", "1",
                 "--device", "cpu", "--no-tensorboard", "--out", str(tmp_path / "run")])
     assert len(out["losses"]) == 2 and all(math.isfinite(l) for l in out["losses"])
+
+
+def test_two_modalities_with_partial_labels(tmp_path, medmnist_dir):
+    """Chest X-ray + breast ultrasound: per-modality losses and codes, hybrid term on half the labels."""
+    data = f"{medmnist_dir / 'pneumoniamnist.npz'},{medmnist_dir / 'breastmnist.npz'}"
+    out = _run(tmp_path, "--data", data, "--crop-sizes", "28,16", "--beta", "0.5", "--npz-label-fraction", "0.5",
+               "--epochs", "1", "--max-steps", "2")
+    rows = _metrics(tmp_path)
+    assert len(rows) == 2 and len(out["losses"]) == 2
+    for r in rows:
+        assert {"loss_ss/pneumoniamnist", "loss_ss/breastmnist", "code_entropy/breastmnist", "loss_sup"} <= set(r)
+        assert r["loss"] == pytest.approx(r["loss_ss"] + 0.5 * r["loss_sup"], rel=1e-5)
+        assert r["loss_ss"] == pytest.approx(r["loss_ss/pneumoniamnist"] + r["loss_ss/breastmnist"], rel=1e-5)
+    state = _ckpt(tmp_path)
+    assert state["modalities"] == ["pneumoniamnist", "breastmnist"] and state["num_labels"] == 2
+    assert state["model"]["prototypes.1.weight"].shape == (8, 128)
