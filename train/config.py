@@ -74,6 +74,7 @@ class Config:
     device: str = "auto"                # auto, cpu or cuda
     precision: str = "bf16"             # bf16 (GPU autocast), fp16 (autocast + grad scaler) or fp32; CPU runs fp32
     sync_bn: bool = True                # SyncBatchNorm when several GPU processes
+    channels_last: bool = True          # NHWC memory format on GPU (2-D)
     seed: int = 0                       # weights, data order and augmentations
     deterministic: bool = False         # torch deterministic algorithms
     checkpoint_every: int = 1000        # steps (and at the end of every epoch)
