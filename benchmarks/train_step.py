@@ -38,7 +38,14 @@ def run(args) -> dict:
                  crop_sizes=tuple(args.crop_sizes), num_crops=tuple(args.num_crops),
                  synthetic_steps=2 * (args.steps + args.warmup) + 1)
     source = build_source(cfg, 0, 1, device.type)
-    batches = source.epoch_iter(0)
+
+    def cycle():  # as many steps as asked for, whatever an epoch's length
+        epoch = 0
+        while True:
+            yield from source.epoch_iter(epoch)
+            epoch += 1
+
+    batches = cycle()
     torch.manual_seed(0)
     model = SwAVModel(args.arch, 1, args.num_prototypes).to(device)
     opt = LARS(param_groups(model), lr=0.1)
