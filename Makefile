@@ -12,12 +12,12 @@ STAMP  := $(VENV)/.medswav-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml $(wildcard augment_dali/csrc/*) $(wildcard augment_dali/build.py)
+$(STAMP): pyproject.toml $(shell find augment_dali/csrc -type f 2>/dev/null) augment_dali/build.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[all]'
-	@if [ -f augment_dali/build.py ]; then $(PY) -m augment_dali.build; fi
+	$(PY) -m augment_dali.build
 	touch $@
 
 demo: $(STAMP)

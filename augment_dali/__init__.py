@@ -1,0 +1,73 @@
+"""medswav augmentations as custom DALI operators (``nvidia.dali.fn.medswav.*``).
+
+Importing this package loads the plugin ``augment_dali/_lib/libmedswav_dali.so`` built by
+``python -m augment_dali.build``. It needs no GPU: the CUDA backend is only used by GPU pipelines.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+LIB_DIR = Path(__file__).resolve().parent / "_lib"
+LIB_NAME = "libmedswav_dali.so"
+BUILD_COMMAND = "python -m augment_dali.build"
+OPERATORS = ("gamma", "linear", "energy_bands", "band_energies", "rescale", "multicrop")
+
+_loaded: set[str] = set()
+
+
+class PluginError(ImportError):
+    """The medswav DALI plugin is missing, stale or cannot be loaded."""
+
+
+def load_plugin(lib_dir: str | Path = LIB_DIR) -> Path:
+    """Load the plugin from ``lib_dir`` (idempotent) after checking it matches the installed DALI."""
+    lib_dir = Path(lib_dir)
+    lib = lib_dir / LIB_NAME
+    if str(lib) in _loaded:
+        return lib
+    if not lib.is_file():
+        raise PluginError(f"medswav DALI plugin not built: {lib} is missing. Run `{BUILD_COMMAND}`.")
+    try:
+        import nvidia.dali as dali
+        from nvidia.dali import plugin_manager
+    except ImportError as e:
+        raise PluginError(f"NVIDIA DALI is not installed ({e}); install medswav[dali], then run "
+                          f"`{BUILD_COMMAND}`.") from e
+    try:
+        stamp = json.loads((lib_dir / "build_stamp.json").read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    built_for = stamp.get("dali_version")
+    if built_for != dali.__version__:
+        raise PluginError(f"medswav DALI plugin {lib} was built against DALI {built_for or 'unknown'} "
+                          f"but DALI {dali.__version__} is installed. Rebuild it: "
+                          f"`{BUILD_COMMAND} --force`.")
+    try:
+        plugin_manager.load_library(str(lib))
+    except RuntimeError as e:
+        raise PluginError(f"cannot load {lib}: {e}. Rebuild it: `{BUILD_COMMAND} --force`.") from e
+    _loaded.add(str(lib))
+    return lib
+
+
+def plugin_has_cuda(lib_dir: str | Path = LIB_DIR) -> bool:
+    """True when the plugin was compiled with the CUDA backend (nvcc was found at build time)."""
+    try:
+        return bool(json.loads((Path(lib_dir) / "build_stamp.json").read_text()).get("cuda"))
+    except (OSError, ValueError):
+        return False
+
+
+def _running_build() -> bool:
+    """True under `python -m augment_dali.build`, which imports this package before the plugin exists."""
+    argv = list(getattr(sys, "orig_argv", ()))
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-m":
+            return argv[i + 1] == "augment_dali.build"
+    return any(a == "-maugment_dali.build" for a in argv)
+
+
+if not _running_build():
+    load_plugin()

@@ -119,6 +119,7 @@ def summarize(root: str | os.PathLike) -> dict:
             "samples": len(splits),
             "train": splits.count("train"),
             "val": splits.count("val"),
+            "test": splits.count("test"),
             "labelled": int(sum(table.column("labelled").to_pylist())),
             "shards": len(shard_files),
             "bytes": nbytes,

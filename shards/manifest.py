@@ -27,10 +27,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("source_hash", pa.string()),
         ("json_offset", pa.int64()),
         ("json_size", pa.int64()),
-        ("json_blake2b", pa.string()),
+        ("json_crc32", pa.int64()),
         ("npy_offset", pa.int64()),
         ("npy_size", pa.int64()),
-        ("npy_blake2b", pa.string()),
+        ("npy_crc32", pa.int64()),
         ("labels_offset", pa.int64()),
         ("labels_size", pa.int64()),
         ("labelled", pa.bool_()),
@@ -49,7 +49,7 @@ ERRORS_SCHEMA = pa.schema(
 
 # Shard-level facts kept in each manifest part's Parquet schema metadata.
 LABEL_NAMES_META = b"medswav.label_names"
-TAR_BLAKE2B_META = b"medswav.tar_blake2b"
+TAR_CRC32_META = b"medswav.tar_crc32"
 TAR_SIZE_META = b"medswav.tar_size"
 
 

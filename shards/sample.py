@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 MODALITIES = ("ct", "mr", "xr", "us")
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # "test" only where a source brings its own split (e.g. MedMNIST)
 
 
 @dataclass

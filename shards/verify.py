@@ -6,11 +6,11 @@ Per dataset: `dataset.json` against the manifests; uncommitted shards and stray 
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from .dataset import Dataset, ShardFiles, summarize
 from .index import read_index
 from .layout import DATASET_JSON, MANIFEST_DIR, SHARDS_DIR, TMP_MARK
-from .manifest import TAR_BLAKE2B_META, TAR_SIZE_META
+from .manifest import TAR_CRC32_META, TAR_SIZE_META
 
 
 @dataclass
@@ -35,12 +35,12 @@ class VerifyReport:
         return not self.problems
 
 
-def _file_blake2b(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
+def _file_crc32(path: Path) -> int:
+    crc = 0
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def verify_shard(root: Path, shard: ShardFiles) -> list[str]:
@@ -58,7 +58,7 @@ def verify_shard(root: Path, shard: ShardFiles) -> list[str]:
     size = shard.tar.stat().st_size
     if TAR_SIZE_META in meta and int(meta[TAR_SIZE_META]) != size:
         problems.append(f"{where}: tar is {size} bytes, manifest says {int(meta[TAR_SIZE_META])}")
-    if TAR_BLAKE2B_META in meta and _file_blake2b(shard.tar) != meta[TAR_BLAKE2B_META].decode():
+    if TAR_CRC32_META in meta and _file_crc32(shard.tar) != int(meta[TAR_CRC32_META]):
         problems.append(f"{where}: tar checksum differs from the manifest (the file was modified)")
 
     try:
@@ -86,8 +86,8 @@ def verify_shard(root: Path, shard: ShardFiles) -> list[str]:
                 problems.append(f"{where}: sample #{row['index']} is {members[0].key} in the index, {key} in the manifest")
                 continue
             for ext, off_col, size_col, sum_col in (
-                ("json", "json_offset", "json_size", "json_blake2b"),
-                ("npy", "npy_offset", "npy_size", "npy_blake2b"),
+                ("json", "json_offset", "json_size", "json_crc32"),
+                ("npy", "npy_offset", "npy_size", "npy_crc32"),
             ):
                 m = by_ext.get(ext)
                 if m is None or (m.offset, m.size) != (row[off_col], row[size_col]):
@@ -95,7 +95,7 @@ def verify_shard(root: Path, shard: ShardFiles) -> list[str]:
                     continue
                 f.seek(m.offset)
                 data = f.read(m.size)
-                if hashlib.blake2b(data, digest_size=16).hexdigest() != row[sum_col]:
+                if zlib.crc32(data) != row[sum_col]:
                     problems.append(f"{where}: {key}.{ext} checksum mismatch")
                     continue
                 if ext == "npy":
@@ -142,8 +142,8 @@ def verify(root: str | os.PathLike, progress: bool = False) -> VerifyReport:
         actual = summarize(root)
         for name, numbers in actual["modalities"].items():
             rec = recorded.get("modalities", {}).get(name, {})
-            for k in ("samples", "train", "val", "shards"):
-                if rec.get(k) != numbers[k]:
+            for k in ("samples", "train", "val", "test", "shards"):
+                if rec.get(k, 0) != numbers[k]:
                     report.problems.append(f"dataset.json: {name}.{k} is {rec.get(k)}, manifests give {numbers[k]}")
         extra = set(recorded.get("modalities", {})) - set(actual["modalities"])
         if extra:

@@ -5,7 +5,6 @@ part exists. A retried task writes the same name again and replaces the files in
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -13,34 +12,37 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
+import zlib
+
 import numpy as np
 import pyarrow as pa
 
 from .index import Member, write_index
 from .layout import idx_path, manifest_path, tar_path, temporary
-from .manifest import LABEL_NAMES_META, MANIFEST_SCHEMA, TAR_BLAKE2B_META, TAR_SIZE_META, write_parquet_atomically
+from .manifest import LABEL_NAMES_META, MANIFEST_SCHEMA, TAR_CRC32_META, TAR_SIZE_META, write_parquet_atomically
 from .sample import SampleMeta
 
 # A fixed integer mtime keeps tars reproducible and avoids PAX headers (a float mtime adds ~1 KB/member).
 TAR_MTIME = 0
 
 
-def _checksum(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+def checksum(data: bytes) -> int:
+    """CRC-32 of a member: catches flipped bits and truncation at several GB/s (not a security hash)."""
+    return zlib.crc32(data)
 
 
 class _HashingFile:
-    """File wrapper that hashes every byte written, so the whole tar's checksum costs no second read."""
+    """File wrapper that checksums every byte written, so the whole tar's CRC costs no second read."""
 
     def __init__(self, path: Path):
         self._file = open(path, "wb")
-        self._hash = hashlib.blake2b(digest_size=16)
+        self.crc = 0
         self.size = 0
 
     def write(self, data) -> int:
         if self._file.closed:  # an aborted shard: tarfile's stream flushes late from __del__
             return len(data)
-        self._hash.update(data)
+        self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
         return self._file.write(data)
 
@@ -49,9 +51,6 @@ class _HashingFile:
 
     def flush(self) -> None:
         self._file.flush()
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
 
     def close(self, sync: bool = False) -> None:
         if not self._file.closed:
@@ -163,10 +162,10 @@ class ShardWriter:
                 "source_hash": meta.source_hash,
                 "json_offset": members[0].offset,
                 "json_size": members[0].size,
-                "json_blake2b": _checksum(json_data),
+                "json_crc32": checksum(json_data),
                 "npy_offset": npy_member.offset,
                 "npy_size": npy_member.size,
-                "npy_blake2b": _checksum(npy_data),
+                "npy_crc32": checksum(npy_data),
                 "labels_offset": labels_member.offset if labels_member else -1,
                 "labels_size": labels_member.size if labels_member else -1,
                 "labelled": bool(meta.labels),
@@ -190,7 +189,7 @@ class ShardWriter:
             table = pa.Table.from_pylist(self._rows, schema=MANIFEST_SCHEMA)
             meta = {
                 LABEL_NAMES_META: json.dumps(list(self.label_names)).encode(),
-                TAR_BLAKE2B_META: self._file.hexdigest().encode(),
+                TAR_CRC32_META: str(self._file.crc).encode(),
                 TAR_SIZE_META: str(self._file.size).encode(),
             }
             table = table.replace_schema_metadata(meta)

@@ -186,7 +186,7 @@ def test_writer_rejects_bad_input(tmp_path, real_slices):
         with pytest.raises(ValueError):
             w.write("abc", pixels.astype(np.float32), meta)
         with pytest.raises(ValueError):
-            w.write("abc", pixels, shards.SampleMeta(modality="ct", split="test"))
+            w.write("abc", pixels, shards.SampleMeta(modality="ct", split="holdout"))
         w.write("abc", pixels, meta)
         with pytest.raises(ValueError):
             w.write("abc", pixels, meta)

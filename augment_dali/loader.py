@@ -1,0 +1,213 @@
+"""`SwavLoader`: modality-balanced multi-crop batches from a dataset folder (INTERFACES.md section 3).
+
+    loader = SwavLoader("DATASET", batch_size=32, rank=rank, world_size=world, device="gpu", seed=0)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for step in loader:            # len(loader) steps, the same number on every rank
+            crops = step["crops"]      # [B, n_g, 1, s_g, s_g] per resolution group
+            step["modality"], step["label"], step["labelled"]
+
+Epoch semantics (see augment_dali.plan): every modality contributes B/M samples per step; an epoch is
+one pass over the smallest modality's per-rank share, len = min_m (N_m // W) // (B / M), where N_m
+counts the requested split. Within an epoch no sample repeats on a rank and ranks read disjoint
+samples; larger modalities are read from a part of their data that moves every epoch (the shard order
+is redrawn from (seed, epoch, modality)). Epoch e is a function of (seed, e, rank, world_size) only:
+`set_epoch(e)` on a fresh loader reproduces it. Without `set_epoch`, each new iteration moves on to the
+next epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from shards import Dataset
+
+from .config import AugmentConfig
+from .pipeline import Branch, build_pipeline
+from .plan import EpochPlanner, steps_per_epoch as natural_steps
+from .stats import load_energy_stats
+
+
+def _derive_seed(*parts) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def _to_torch(tensor_list, device_id: int | None):
+    """A uniform-shape float32 DALI TensorList as a torch tensor (a copy: DALI reuses its buffers)."""
+    import torch
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    dense = tensor_list.as_tensor()
+    if device_id is None:
+        return feed_ndarray(dense, torch.empty(dense.shape(), dtype=torch.float32))
+    out = torch.empty(dense.shape(), dtype=torch.float32, device=torch.device("cuda", device_id))
+    return feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(out.device))
+
+
+def _labels_from_raw(tensor_list, n_labels: int) -> np.ndarray:
+    """Raw `.labels.npy` bytes -> float32 [n, L]; a missing member (empty) -> NaN (unknown).
+
+    The .npy data of a float32 vector [L] are its last 4 * L bytes, whatever the header length.
+    """
+    out = np.full((len(tensor_list), n_labels), np.nan, np.float32)
+    for i in range(len(tensor_list)):
+        raw = np.asarray(tensor_list[i])
+        if raw.size >= 4 * n_labels > 0:
+            out[i] = np.frombuffer(raw[-4 * n_labels:].tobytes(), dtype="<f4")
+    return out
+
+
+def _keys(tensor_list) -> list[str]:
+    """Sample keys from DALI's source_info ("<tar>:<offset>:<key>.npy")."""
+    return [bytes(np.asarray(tensor_list[i])).decode().rsplit(":", 1)[-1].split(".", 1)[0]
+            for i in range(len(tensor_list))]
+
+
+class SwavLoader:
+    """Iterable of balanced multi-crop steps; see the module docstring for the epoch semantics.
+
+    `augment` holds every augmentation parameter (AugmentConfig, METHOD defaults); `crop_sizes` and
+    `num_crops`, when given, override its crops. `split=None` reads every split. `num_threads` is the
+    size of the one DALI pipeline's thread pool (all modalities share it). `cache_dir` receives the
+    derived index files (default: a temporary folder removed by `close()`). `with_keys` adds the
+    sample keys to each step (tests, debugging).
+    """
+
+    def __init__(self, dataset_root, batch_size: int, modalities: list[str] | None = None, rank: int = 0,
+                 world_size: int = 1, device: str = "cpu", seed: int = 0, crop_sizes=None,
+                 num_crops=None, num_threads: int = 2, split: str | None = "train",
+                 augment: AugmentConfig | None = None, device_id: int | None = None,
+                 steps_per_epoch: int | None = None, initial_fill: int = 1024, prefetch: int = 2,
+                 cache_dir: str | None = None, with_keys: bool = False):
+        self.root = Path(dataset_root)
+        self.dataset = Dataset(self.root)
+        available = self.dataset.modalities
+        if not available:
+            raise ValueError(f"{self.root}: no committed shards (run `python -m ingest` first)")
+        requested = list(modalities) if modalities else available
+        unknown = [m for m in requested if m not in available]
+        if unknown:
+            raise ValueError(f"modalities {unknown} not in {self.root}; available: {', '.join(available)}")
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
+        if batch_size <= 0 or batch_size % len(requested):
+            raise ValueError(f"batch_size {batch_size} must be a positive multiple of the number of "
+                             f"modalities ({len(requested)}: {', '.join(requested)})")
+        self.modalities = requested
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.per_modality = batch_size // len(requested)
+        if device == "gpu" and device_id is None:
+            import torch
+
+            device_id = torch.cuda.current_device()
+        self.device, self.device_id, self.seed = device, (device_id if device == "gpu" else None), seed
+        self.num_threads, self.prefetch, self.initial_fill = num_threads, prefetch, initial_fill
+        self.with_keys = with_keys
+        config = augment or AugmentConfig()
+        if crop_sizes is not None or num_crops is not None:
+            config = dataclasses.replace(config, crop_sizes=tuple(crop_sizes or config.crop_sizes),
+                                         num_crops=tuple(num_crops or config.num_crops))
+        self.config = config
+        self.stats = self._check_stats(load_energy_stats(self.root))
+        self.label_names = self.dataset.label_names()
+
+        self._own_cache = cache_dir is None
+        self._cache = Path(cache_dir) if cache_dir else None  # a temporary folder, made on first use
+        self._planners = {m: EpochPlanner(self.dataset, m, split, self._cache) for m in requested}
+        counts = {m: p.selected for m, p in self._planners.items()}
+        natural = natural_steps(counts, world_size, self.per_modality)
+        if natural == 0:
+            small = min(counts, key=counts.get)
+            raise ValueError(f"modality {small!r} has {counts[small]} {split or ''} samples: fewer than "
+                             f"world_size x batch_size / M = {world_size * self.per_modality}; no full step")
+        if steps_per_epoch is not None and not 0 < steps_per_epoch <= natural:
+            raise ValueError(f"steps_per_epoch={steps_per_epoch} outside [1, {natural}] (more would repeat "
+                             "samples of the smallest modality within an epoch)")
+        self._steps = steps_per_epoch or natural
+        self.samples_per_modality = counts
+        self.epoch = 0
+
+    def _check_stats(self, stats: dict) -> dict:
+        missing = [m for m in self.modalities if m not in stats["modalities"]]
+        if missing:
+            raise ValueError(f"stats/energy.json has no entry for {missing}: rerun "
+                             f"`python -m augment_dali.stats {self.root}`")
+        if [float(s) for s in stats["sigmas"]] != [float(s) for s in self.config.sigmas]:
+            raise ValueError(f"stats/energy.json was measured with sigmas {stats['sigmas']}, the pipeline uses "
+                             f"{list(self.config.sigmas)}: rerun `python -m augment_dali.stats {self.root}`")
+        if list(stats["rescale"]["size_range"]) != list(self.config.size_range):
+            warnings.warn(f"stats/energy.json was measured at sizes {stats['rescale']['size_range']}, the pipeline "
+                          f"rescales to {list(self.config.size_range)}: band energies depend on image size")
+        return stats
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _pipeline(self, epoch: int):
+        if self._cache is None:
+            self._cache = Path(tempfile.mkdtemp(prefix="medswav-index-"))
+            for planner in self._planners.values():
+                planner.cache_dir = self._cache
+        branches = []
+        for m in self.modalities:
+            files = self._planners[m].files(self.seed, epoch, self.rank, self.world_size)
+            s = self.stats["modalities"][m]
+            branches.append(Branch(
+                modality=m, tars=files.tars, indices=files.indices, energy_mean=s["mean"], energy_std=s["std"],
+                read_labels=bool(self.label_names), reader_seed=_derive_seed("reader", self.seed, epoch, self.rank, m),
+                initial_fill=max(1, min(self.initial_fill, files.samples)), with_keys=self.with_keys))
+        return build_pipeline(branches, self.per_modality, self.config, self.device, self.device_id,
+                              self.num_threads, _derive_seed("pipe", self.seed, epoch, self.rank), self.prefetch)
+
+    def __iter__(self):
+        import torch
+
+        epoch = self.epoch
+        self.epoch = epoch + 1
+        pipe, names = self._pipeline(epoch)
+        where = {name: i for i, name in enumerate(names)}
+        groups = range(len(self.config.crop_sizes))
+        n_labels = len(self.label_names)
+        modality = torch.arange(len(self.modalities)).repeat_interleave(self.per_modality)
+        try:
+            for _ in range(self._steps):
+                outs = pipe.run()
+                crops = [torch.cat([_to_torch(outs[where[m, f"crops{g}"]], self.device_id) for m in self.modalities])
+                         .unsqueeze(2) for g in groups]
+                if n_labels:
+                    label = np.concatenate([_labels_from_raw(outs[where[m, "labels"]], n_labels)
+                                            for m in self.modalities])
+                else:
+                    label = np.zeros((self.batch_size, 0), np.float32)
+                label = torch.from_numpy(label)
+                step = {"crops": crops, "modality": modality.clone(), "label": label,
+                        "labelled": torch.isfinite(label).any(dim=1)}
+                if self.with_keys:
+                    step["key"] = [k for m in self.modalities for k in _keys(outs[where[m, "source"]])]
+                yield step
+        finally:
+            del pipe
+
+    def close(self) -> None:
+        """Remove the derived index files (the loader's own temporary folder); safe to call twice."""
+        if self._own_cache and self._cache is not None:
+            shutil.rmtree(self._cache, ignore_errors=True)
+            self._cache = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

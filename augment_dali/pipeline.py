@@ -1,0 +1,127 @@
+"""The DALI graph from shard bytes to multi-crop views, one branch per modality.
+
+Per branch (modality m, B/M samples per step), in METHOD.md section 4 order:
+
+    fn.readers.webdataset (tar + .idx, ext "npy" [+ "labels.npy"])
+    -> fn.decoders.numpy (dtype float32) -> [.gpu()] -> normalise to [0, 1]   (augment_dali.normalize)
+    -> fn.medswav.rescale       s ~ U[scale_range], sides clamped into size_range
+    -> fn.medswav.energy_bands  ref_i ~ U[mean_i - std_i, mean_i + std_i] from stats/energy.json
+    -> intensity: ONE of gamma (probability p_gamma, gamma ~ U[1.8, 2.6]) or linear
+       (a ~ U[0.9, 1.1], b ~ U[-0.2, 0.2]); both operators always run, the one not chosen with its
+       identity parameters (gamma 1 still clamps to [0, 1], so linear always acts on [0, 1] intensities)
+    -> fn.medswav.multicrop     crop positions drawn here with fn.random.uniform (border 10 %)
+
+Why one intensity transform, not both: METHOD lists gamma and linear as "two kinds" of intensity
+augmentation; stacking them would widen the range beyond what the paper describes. Output values lie in
+[-0.2, 1.3] (the linear transform may leave [0, 1], by design).
+
+All random parameters come from fn.random.* seeded by the pipeline seed, so a pipeline is reproducible
+from (seed, epoch, rank) alone. The graph runs on the CPU (device_id=None) or on the GPU (everything
+after decoding); readers, decoders and random parameter draws are CPU operators in both cases.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import AugmentConfig
+from .normalize import normalize_dali
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One modality's part of the pipeline."""
+
+    modality: str
+    tars: list[str]
+    indices: list[str]
+    energy_mean: list[float]
+    energy_std: list[float]
+    read_labels: bool          # dataset has label names: read "<key>.labels.npy" raw (may be missing)
+    reader_seed: int
+    initial_fill: int          # shuffle buffer of the reader
+    with_keys: bool = False    # also output each sample's "tar:offset:member" (tests, previews)
+
+
+def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig) -> tuple[list, dict]:
+    """The augmentation graph for one modality, from a decoded float32 "HW" image node (CPU or GPU).
+
+    Returns (crop groups, drawn parameters); the parameters (CPU nodes: scale, ref_energies, use_gamma,
+    gamma, scale_a, shift_b, positions) are for previews and tests.
+    """
+    import augment_dali  # noqa: F401  (loads the medswav operator plugin)
+    from nvidia.dali import fn, math, types
+
+    image = normalize_dali(image, cfg.normalize.method_for(modality), cfg.normalize)
+
+    scale = fn.random.uniform(range=list(cfg.scale_range))
+    image = fn.medswav.rescale(image, scale=scale, min_size=cfg.size_range[0], max_size=cfg.size_range[1])
+
+    mean = types.Constant(np.asarray(energy_mean, np.float32), device="cpu")
+    std = types.Constant(np.asarray(energy_std, np.float32), device="cpu")
+    unit = fn.random.uniform(range=[-1.0, 1.0], shape=[cfg.num_bands])
+    ref = math.max(mean + unit * std, 0.0)
+    image = fn.medswav.energy_bands(image, ref_energies=ref, sigmas=list(cfg.sigmas))
+
+    use_gamma = fn.cast(fn.random.coin_flip(probability=cfg.p_gamma), dtype=types.FLOAT)
+    gamma = fn.random.uniform(range=list(cfg.gamma_range))
+    a = fn.random.uniform(range=list(cfg.linear_scale_range))
+    b = fn.random.uniform(range=list(cfg.linear_shift_range))
+    image = fn.medswav.gamma(image, gamma=use_gamma * gamma + (1.0 - use_gamma))
+    image = fn.medswav.linear(image, scale=use_gamma + (1.0 - use_gamma) * a, shift=(1.0 - use_gamma) * b)
+
+    positions = fn.random.uniform(range=[0.0, 1.0], shape=[2 * sum(cfg.num_crops)])
+    crops = fn.medswav.multicrop(image, crop_sizes=list(cfg.crop_sizes), num_crops=list(cfg.num_crops),
+                                 border=cfg.border, positions=positions)
+    crops = list(crops) if isinstance(crops, (list, tuple)) else [crops]
+    params = {"scale": scale, "ref_energies": ref, "use_gamma": use_gamma, "gamma": gamma, "scale_a": a,
+              "shift_b": b, "positions": positions}
+    return crops, params
+
+
+def _branch(b: Branch, cfg: AugmentConfig, device: str) -> dict:
+    from nvidia.dali import fn, types
+
+    ext = ["npy", "labels.npy"] if b.read_labels else ["npy"]
+    outs = fn.readers.webdataset(
+        paths=b.tars, index_paths=b.indices, ext=ext, missing_component_behavior="empty",
+        random_shuffle=True, initial_fill=b.initial_fill, seed=b.reader_seed, shard_id=0, num_shards=1,
+        name=f"reader_{b.modality}")
+    outs = outs if isinstance(outs, list) else [outs]
+    image = fn.reshape(fn.decoders.numpy(outs[0], dtype=types.FLOAT), layout="HW")
+    if device == "gpu":
+        image = image.gpu()
+    crops, _ = augment(image, b.modality, b.energy_mean, b.energy_std, cfg)
+    named = {f"crops{g}": c for g, c in enumerate(crops)}
+    if b.read_labels:
+        named["labels"] = outs[1]
+    if b.with_keys:
+        named["source"] = fn.get_property(outs[0], key="source_info")
+    return named
+
+
+def build_pipeline(branches: list[Branch], batch_per_modality: int, cfg: AugmentConfig, device: str = "cpu",
+                   device_id: int | None = None, num_threads: int = 2, seed: int = 0, prefetch: int = 2):
+    """One DALI pipeline holding every modality's branch; batch size = samples per modality per step.
+
+    Returns (pipeline, names): output i is `names[i]` = (modality, what) with `what` one of "crops<g>"
+    ([B/M, n_g, s_g, s_g]), "labels" (raw `.labels.npy` bytes, empty where a sample has none) and
+    "source" (source_info bytes).
+    """
+    from nvidia.dali import Pipeline
+
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    pipe = Pipeline(batch_size=batch_per_modality, num_threads=num_threads,
+                    device_id=None if device == "cpu" else (device_id or 0), seed=seed,
+                    prefetch_queue_depth=prefetch)
+    names, outputs = [], []
+    with pipe:
+        for b in branches:
+            for what, node in _branch(b, cfg, device).items():
+                names.append((b.modality, what))
+                outputs.append(node)
+        pipe.set_outputs(*outputs)
+    pipe.build()
+    return pipe, names

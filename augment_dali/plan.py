@@ -1,0 +1,172 @@
+"""Which samples each rank reads in each epoch: the sharding and epoch plan of the loader.
+
+DALI's own sharding (`shard_id`, `num_shards`) makes every rank's reader parse the index of the WHOLE
+data set (at 100 M samples that costs every rank the full index in memory, see docs) and cannot filter
+the train/val split, which is a per-sample field inside shared tars. So the loader plans the epoch
+itself and hands each reader only what that rank reads:
+
+1. Per modality, the shards are put in an order drawn from (seed, epoch, modality): identical on every
+   rank, different every epoch.
+2. The split's samples of that concatenation are cut into `world_size` contiguous ranges
+   [N*r//W, N*(r+1)//W): disjoint, covering everything, sizes differing by at most one. Each rank
+   reads its range starting at a random point (drawn from seed, epoch, modality, rank) and wrapping
+   around, so the part of a large modality read in a short epoch is placed at random even when the
+   modality has few, large shards.
+3. A shard lying wholly inside the range whose samples all belong to the split is read through its own
+   `.idx`; otherwise a small derived `.idx` listing only the wanted lines (same tar, same offsets) is
+   written to the loader's cache folder.
+4. Steps per epoch = min over modalities of (N_m // W) // (B / M): the same number on every rank, and
+   no rank reads past its range, so no sample repeats within an epoch on a rank.
+
+The epoch is thus one pass over the smallest modality (per rank); larger modalities contribute a
+different, randomly placed part of their data each epoch (their shard order changes per epoch).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from shards import Dataset
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str
+    tar: Path
+    idx: Path
+    total: int      # samples in the shard (all splits)
+    selected: int   # samples of the requested split
+
+
+@dataclass(frozen=True)
+class ReaderFiles:
+    """Input of one `fn.readers.webdataset`: tars with matching index files, and how many samples."""
+
+    tars: list[str]
+    indices: list[str]
+    samples: int
+
+
+def modality_shards(dataset: Dataset, modality: str, split: str | None) -> list[ShardEntry]:
+    """Committed shards of one modality with their sample counts for `split` (None: all splits)."""
+    files = [s for s in dataset.shards(modality) if s.samples > 0]
+    counts = {s.name: s.samples for s in files}
+    if split is not None and files:
+        counts = dict.fromkeys(counts, 0)
+        # Streamed in record batches: bounded memory however many samples the modality has.
+        base = dataset.root / "manifest" / f"modality={modality}"
+        scanner = pads.dataset(base, format="parquet").scanner(
+            columns=["shard"], filter=pc.field("split") == split, batch_size=1 << 20)
+        for batch in scanner.to_batches():
+            if batch.num_rows:
+                vc = pc.value_counts(batch.column(0))
+                for name, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
+                    counts[name] = counts.get(name, 0) + n
+    return [ShardEntry(s.name, s.tar, s.idx, s.samples, counts.get(s.name, 0)) for s in files]
+
+
+def shard_order(n_shards: int, seed: int, epoch: int, modality: str) -> np.ndarray:
+    """The epoch's shard permutation of one modality: a function of (seed, epoch, modality) only."""
+    tag = int.from_bytes(hashlib.blake2b(modality.encode(), digest_size=4).digest(), "little")
+    return np.random.default_rng([seed, epoch, tag]).permutation(n_shards)
+
+
+def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def steps_per_epoch(selected: dict[str, int], world_size: int, per_modality_batch: int) -> int:
+    """Steps every rank takes per epoch: the smallest modality's per-rank share, in whole batches."""
+    return min((n // world_size) // per_modality_batch for n in selected.values())
+
+
+def _index_lines(path: Path) -> list[str]:
+    lines = path.read_text(encoding="ascii").splitlines()
+    if not lines or not lines[0].startswith("v1."):
+        raise ValueError(f"{path}: not a DALI webdataset index (first line {lines[:1]!r})")
+    return lines[1:]
+
+
+def _split_positions(dataset: Dataset, modality: str, shard: str, split: str) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    part = dataset.root / "manifest" / f"modality={modality}" / f"{shard}.parquet"
+    table = pq.read_table(part, columns=["index", "split"])
+    mask = pc.equal(table.column("split"), split)
+    return np.sort(table.column("index").filter(mask).to_numpy())
+
+
+def _rotate(segments: list, by: int) -> list:
+    """The same samples in reading order starting `by` samples in, wrapping around to the start."""
+    done = 0
+    for k, (shard, lo, hi) in enumerate(segments):
+        if done + (hi - lo) > by:
+            cut = lo + by - done
+            head = [(shard, cut, hi)] + segments[k + 1:]
+            tail = segments[:k] + ([(shard, lo, cut)] if cut > lo else [])
+            return head + tail
+        done += hi - lo
+    return segments
+
+
+class EpochPlanner:
+    """Builds each rank's reader input for an epoch; derived index files go to `cache_dir`."""
+
+    def __init__(self, dataset: Dataset, modality: str, split: str | None, cache_dir: Path | None):
+        self.dataset = dataset
+        self.modality = modality
+        self.split = split
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.shards = modality_shards(dataset, modality, split)
+        self.selected = sum(s.selected for s in self.shards)
+        self._partials: set[Path] = set()
+
+    def files(self, seed: int, epoch: int, rank: int, world_size: int) -> ReaderFiles:
+        start, stop = rank_range(self.selected, rank, world_size)
+        segments, offset = [], 0  # (shard, lo, hi): lines [lo, hi) of the shard's split-filtered samples
+        for i in shard_order(len(self.shards), seed, epoch, self.modality):
+            shard = self.shards[i]
+            lo, hi = max(start - offset, 0), min(stop - offset, shard.selected)
+            offset += shard.selected
+            if lo < hi:
+                segments.append((shard, lo, hi))
+        if stop > start:
+            tag = int.from_bytes(hashlib.blake2b(self.modality.encode(), digest_size=4).digest(), "little")
+            segments = _rotate(segments, int(np.random.default_rng([seed, epoch, tag, rank]).integers(stop - start)))
+        tars, indices, partials = [], [], set()
+        for shard, lo, hi in segments:
+            tars.append(str(shard.tar))
+            if lo == 0 and hi == shard.selected == shard.total:
+                indices.append(str(shard.idx))
+                continue
+            path = self._derived_index(shard, lo, hi)
+            indices.append(str(path))
+            if not (lo == 0 and hi == shard.selected):
+                partials.add(path)
+        for old in self._partials - partials:  # edge pieces of earlier epochs (readers parse at build)
+            old.unlink(missing_ok=True)
+        self._partials = partials
+        return ReaderFiles(tars, indices, stop - start)
+
+    def _derived_index(self, shard: ShardEntry, lo: int, hi: int) -> Path:
+        """An index of lines [lo, hi) of the shard's split-filtered samples (same tar, same offsets)."""
+        path = self.cache_dir / self.modality / f"{shard.name}.{self.split or 'all'}.{lo}-{hi}.idx"
+        if path.exists():
+            return path
+        lines = _index_lines(shard.idx)
+        if len(lines) != shard.total:
+            raise ValueError(f"{shard.idx}: {len(lines)} samples, manifest says {shard.total}")
+        if self.split is not None and shard.selected != shard.total:
+            lines = [lines[j] for j in _split_positions(self.dataset, self.modality, shard.name, self.split)]
+        lines = lines[lo:hi]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n", encoding="ascii")
+        os.replace(tmp, path)
+        return path

@@ -1,0 +1,189 @@
+"""NumPy reference implementations of the medswav DALI operators.
+
+They are the specification the operators are tested against (same math, float64 where the operators
+use float32) and the baseline of ``benchmarks.augment``. Every function takes one single-channel image
+(2-D float array, intensities in [0, 1]) and the per-sample parameters; nothing here draws random
+numbers except where a caller passes positions explicitly.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DEFAULT_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
+MIN_BAND_ENERGY = 1e-6  # energies at or below this count as zero (band passed through unscaled)
+
+
+# --- intensity -----------------------------------------------------------------------------------
+
+def gamma(x: np.ndarray, gamma: float) -> np.ndarray:
+    """clamp(x, 0, 1) ** gamma (NaN input counts as 0)."""
+    x = np.nan_to_num(np.asarray(x, np.float64), nan=0.0)
+    return np.clip(x, 0.0, 1.0) ** gamma
+
+
+def linear(x: np.ndarray, scale: float = 1.0, shift: float = 0.0) -> np.ndarray:
+    """scale * x + shift, unclamped (shift in units of the [0, 1] range)."""
+    return scale * np.asarray(x, np.float64) + shift
+
+
+# --- energy bands --------------------------------------------------------------------------------
+
+def gaussian_taps(sigma: float) -> np.ndarray:
+    """Normalised taps of radius ceil(3 sigma) (at least 1)."""
+    r = max(1, math.ceil(3.0 * sigma))
+    k = np.arange(-r, r + 1, dtype=np.float64)
+    w = np.exp(-0.5 * k * k / (sigma * sigma))
+    return w / w.sum()
+
+
+def reflect101(idx: np.ndarray, n: int) -> np.ndarray:
+    """Mirror indices about the edge pixels without repeating them, folding as often as needed."""
+    if n <= 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = np.mod(idx, period)
+    return np.where(idx < n, idx, period - idx)
+
+
+def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur along every axis with reflect-101 borders."""
+    w = gaussian_taps(sigma)
+    r = len(w) // 2
+    out = np.asarray(x, np.float64)
+    for axis in range(out.ndim - 1, -1, -1):  # same axis order as the operator (last axis first)
+        n = out.shape[axis]
+        src = np.moveaxis(out, axis, 0)
+        acc = np.zeros_like(src)
+        pos = np.arange(n)
+        for j, wk in enumerate(w):
+            acc += wk * src[reflect101(pos + j - r, n)]
+        out = np.moveaxis(acc, 0, axis)
+    return out
+
+
+def band_decomposition(x: np.ndarray, sigmas=DEFAULT_SIGMAS) -> list[np.ndarray]:
+    """[band_0, ..., band_{B-1}, residual]: band_i = I_i - G_i * I_i, I_{i+1} = G_i * I_i."""
+    cur = np.asarray(x, np.float64)
+    bands = []
+    for s in sigmas:
+        low = gaussian_blur(cur, s)
+        bands.append(cur - low)
+        cur = low
+    bands.append(cur)
+    return bands
+
+
+def band_energies(x: np.ndarray, sigmas=DEFAULT_SIGMAS) -> np.ndarray:
+    """Energy (population standard deviation over the image) of every band, len(sigmas) + 1 values."""
+    return np.array([b.std() for b in band_decomposition(x, sigmas)])
+
+
+def energy_bands(x: np.ndarray, ref_energies, sigmas=DEFAULT_SIGMAS) -> np.ndarray:
+    """sum_i ref_i / e_i * band_i + mean(r) + ref_B / e_B * (r - mean(r)); gain 1 where e_i <= 1e-6."""
+    bands = band_decomposition(x, sigmas)
+    ref = np.asarray(ref_energies, np.float64)
+    if ref.shape != (len(bands),):
+        raise ValueError(f"ref_energies needs {len(bands)} values (len(sigmas) + 1), got {ref.shape}")
+    e = np.array([b.std() for b in bands])
+    gains = np.where(e > MIN_BAND_ENERGY, ref / np.where(e > 0, e, 1.0), 1.0)
+    res = bands[-1]
+    m = res.mean()
+    out = sum(g * b for g, b in zip(gains[:-1], bands[:-1]))
+    return out + m + gains[-1] * (res - m)
+
+
+# --- rescale -------------------------------------------------------------------------------------
+
+def rescale_size(shape, scale: float, min_size: int = 600, max_size: int = 1200) -> tuple[int, ...]:
+    """Output shape of ``rescale`` (see docs/README_augment_ops.md, "Rescale rule").
+
+    t = scale * shape; the aspect-preserving factor k closest to 1 with min_size <= k * t <= max_size
+    on every side is applied (k = clip(1, min_size / min(t), max_size / max(t))); when the aspect ratio
+    is too extreme for the range (min_size / min(t) > max_size / max(t)), k = min_size / min(t). Each
+    side is then round(k * t) clamped to [min_size, max_size] and at least 1. A bound <= 0 is absent.
+    """
+    t = [scale * float(n) for n in shape]
+    lo = min_size / min(t) if min_size > 0 else 0.0
+    hi = max_size / max(t) if max_size > 0 else math.inf
+    k = min(max(1.0, lo), hi) if lo <= hi else lo
+    out = []
+    for v in t:
+        s = int(math.floor(v * k + 0.5))
+        if min_size > 0:
+            s = max(s, min_size)
+        if max_size > 0:
+            s = min(s, max_size)
+        out.append(max(s, 1))
+    return tuple(out)
+
+
+def rescale(x: np.ndarray, scale: float, min_size: int = 600, max_size: int = 1200) -> np.ndarray:
+    """Bilinear resampling to ``rescale_size`` (pixel centres aligned, clamp-to-edge, no antialias)."""
+    x = np.asarray(x, np.float64)
+    out_shape = rescale_size(x.shape, scale, min_size, max_size)
+    return bilinear_resize(x, out_shape)
+
+
+def bilinear_resize(x: np.ndarray, out_shape) -> np.ndarray:
+    h, w = x.shape
+    oh, ow = out_shape
+    sy = (np.arange(oh) + 0.5) * (h / oh) - 0.5
+    sx = (np.arange(ow) + 0.5) * (w / ow) - 0.5
+    y0 = np.floor(sy).astype(np.int64)
+    x0 = np.floor(sx).astype(np.int64)
+    fy = (sy - y0)[:, None]
+    fx = (sx - x0)[None, :]
+    y0c, y1c = np.clip(y0, 0, h - 1), np.clip(y0 + 1, 0, h - 1)
+    x0c, x1c = np.clip(x0, 0, w - 1), np.clip(x0 + 1, 0, w - 1)
+    top = x[y0c][:, x0c] * (1 - fx) + x[y0c][:, x1c] * fx
+    bottom = x[y1c][:, x0c] * (1 - fx) + x[y1c][:, x1c] * fx
+    return np.ascontiguousarray(top * (1 - fy) + bottom * fy)
+
+
+# --- multicrop -----------------------------------------------------------------------------------
+
+def crop_origin(n: int, c: int, border: float, u: float) -> int:
+    """Top-left coordinate of a crop of size c along a side of n pixels, for u in [0, 1].
+
+    A margin m = floor(border * n) on each side is excluded, shrunk to floor((n - c) / 2) when the crop
+    would not fit otherwise; origins are uniform integers in [m, n - c - m]. When c > n the image lies
+    inside the crop at a uniform offset (origin in [n - c, 0]) and the rest is zero.
+    """
+    if c > n:
+        lo, hi = n - c, 0
+    else:
+        m = min(int(math.floor(border * n)), (n - c) // 2)
+        lo, hi = m, n - c - m
+    return lo + min(int(math.floor(u * (hi - lo + 1))), hi - lo)
+
+
+def crop(x: np.ndarray, y0: int, x0: int, size: int) -> np.ndarray:
+    """size x size window at (y0, x0), zero outside the image."""
+    h, w = x.shape
+    out = np.zeros((size, size), np.float64)
+    ys, xs = max(0, y0), max(0, x0)
+    ye, xe = min(h, y0 + size), min(w, x0 + size)
+    if ye > ys and xe > xs:
+        out[ys - y0:ye - y0, xs - x0:xe - x0] = x[ys:ye, xs:xe]
+    return out
+
+
+def multicrop(x: np.ndarray, positions, crop_sizes=(224, 92), num_crops=(2, 6),
+              border: float = 0.1) -> list[np.ndarray]:
+    """One array [num_crops[g], s_g, s_g] per group; positions = (u_y, u_x) pairs in [0, 1], crop by
+    crop in group order (2 * sum(num_crops) values)."""
+    pos = np.asarray(positions, np.float64).reshape(-1, 2)
+    if len(pos) != sum(num_crops):
+        raise ValueError(f"need {2 * sum(num_crops)} position values, got {pos.size}")
+    h, w = x.shape
+    out, j = [], 0
+    for size, count in zip(crop_sizes, num_crops):
+        group = []
+        for _ in range(count):
+            uy, ux = pos[j]
+            j += 1
+            group.append(crop(x, crop_origin(h, size, border, uy), crop_origin(w, size, border, ux), size))
+        out.append(np.stack(group) if group else np.zeros((0, size, size)))
+    return out

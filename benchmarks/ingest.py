@@ -1,0 +1,244 @@
+"""Ingestion throughput against a naive baseline and the decode limit, on a corpus cloned from real DICOM.
+
+    python -m benchmarks.ingest [--quick] [--json PATH] [--keep DIR]
+
+Corpus: real files (KiTS CT 512x512 int16, MPRAGE MR 256x256, pydicom-data CR 1955x1841 MONOCHROME1,
+all uncompressed: the hardest case for our overhead, since decoding is cheapest there) cloned with fresh
+SOP / series / study instance UIDs and patient IDs (same lengths, patched in place), grouped into
+realistic series and patients so that the split and the shuffle do real work. Mix ~70% CT, 28% MR, 2% CR.
+
+One run measures (a) the naive baseline: serial dcmread + pixel_array + np.save per slice; (b) the
+decode limit: serial dcmread + pixel_array only, nothing written (what one core can do at best);
+(c) `ingest` with 1 and with 2 workers (embedded LocalCluster), timed from the connected cluster to
+the written dataset.json (scan + plan + convert + finalize; cluster start-up reported separately).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._common import parser, print_table, write_json
+
+SHARED = Path(os.environ.get("MEDSWAV_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+UID_ROOT = "1.2.826.0.1.3680043.10.543."  # a private test prefix; the rest is filled with digits
+
+
+def _sources() -> dict[str, tuple[list[str], int]]:
+    """modality -> (template files of one series, slices per series)."""
+    from pydicom.data import get_testdata_file
+
+    dicom = SHARED / "dicom"
+    if not dicom.is_dir():
+        dicom = Path("/work/shared/data/dicom")
+    ct = sorted(glob.glob(str(dicom / "ct_kits_abdomen_18" / "*.dcm")))
+    mr = sorted(glob.glob(str(dicom / "mr_mprage_sagittal_192" / "*.dcm")))
+    cr = [get_testdata_file("RG1_UNCI.dcm")]
+    if not ct or not mr:
+        raise SystemExit(f"benchmarks.ingest: real DICOM not found under {dicom} (set MEDSWAV_SHARED_DATA)")
+    return {"ct": (ct, len(ct)), "mr": (mr, len(mr)), "cr": (cr, 1)}
+
+
+def _uid_like(old: str, counter: int) -> str:
+    digits = str(counter)
+    fill = len(old) - len(UID_ROOT) - len(digits)
+    if fill < 0:
+        raise ValueError(f"UID {old} too short to clone")
+    return UID_ROOT + "1" * fill + digits  # same length: the file is patched in place
+
+
+def _identities(path: str) -> dict[str, str]:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return {k: str(ds.get(k, "")) for k in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID")}
+
+
+def _template_bytes(path: str, syntax: str) -> bytes:
+    if syntax == "native":
+        return open(path, "rb").read()
+    import io
+
+    import pydicom
+    from pydicom.uid import JPEGLSLossless
+
+    ds = pydicom.dcmread(path)
+    ds.compress(JPEGLSLossless, generate_instance_uid=False)  # lossless: same pixels, same UIDs (patched below)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def build_corpus(folder: Path, n_slices: int, syntax: str = "native") -> dict:
+    """Clone the templates into `folder` until about n_slices slices; returns counts and bytes."""
+    shares = {"ct": 0.70, "mr": 0.28, "cr": 0.02}
+    sources = _sources()
+    counter = 10**6
+    count = {"ct": 0, "mr": 0, "cr": 0}
+    total_bytes = 0
+    for modality, (files, per_series) in sources.items():
+        target = max(per_series, int(n_slices * shares[modality]))
+        templates = [(f, _template_bytes(f, syntax), _identities(f)) for f in files]
+        series = 0
+        while count[modality] + len(templates) <= target or count[modality] == 0:
+            patient = series // 2  # two series per patient for CT/MR: the split is per patient
+            out_dir = folder / modality / f"p{patient:05d}" / f"s{series:05d}"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            counter += 1
+            series_ids = {}
+            for i, (f, data, ids) in enumerate(templates):
+                for key in ("SeriesInstanceUID", "StudyInstanceUID"):
+                    series_ids.setdefault(ids[key], _uid_like(ids[key], counter * 10 + (key == "StudyInstanceUID")))
+                counter += 1
+                new = {ids["SOPInstanceUID"]: _uid_like(ids["SOPInstanceUID"], counter), **series_ids}
+                pid = ids["PatientID"]
+                if pid:
+                    new[pid] = f"P{patient:0{len(pid) - 1}d}"[-len(pid):] if len(pid) > 1 else pid
+                blob = data
+                for old, repl in new.items():
+                    if old and len(old) == len(repl):
+                        blob = blob.replace(old.encode(), repl.encode())
+                (out_dir / f"{i:04d}.dcm").write_bytes(blob)
+                total_bytes += len(blob)
+            count[modality] += len(templates)
+            series += 1
+    return {"slices": sum(count.values()), "per_modality": count, "bytes": total_bytes}
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*.dcm"))
+
+
+def warm_cache(files: list[str]) -> None:
+    """Read every file once so that each measured pass starts with the corpus in the page cache
+    (the naive pass writes as much as it reads and can evict it)."""
+    for f in files:
+        with open(f, "rb") as fh:
+            while fh.read(1 << 22):
+                pass
+
+
+def naive_baseline(files: list[str], out: Path) -> float:
+    import pydicom
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for i, f in enumerate(files):
+        np.save(out / f"{i:07d}.npy", pydicom.dcmread(f).pixel_array)
+    return time.perf_counter() - start
+
+
+def decode_limit(files: list[str]) -> float:
+    import pydicom
+
+    start = time.perf_counter()
+    for f in files:
+        pydicom.dcmread(f).pixel_array
+    return time.perf_counter() - start
+
+
+def ingest_once(corpus: Path, out: Path, workers: int, shard_size: str) -> dict:
+    from ingest.config import build_config
+    from ingest.job import run
+
+    cfg = build_config(sources=[str(corpus)], out=str(out), workers=workers, salt="benchmark-salt",
+                       shard_size=shard_size, dashboard_address=":0", progress=False)
+    start = time.perf_counter()
+    summary, stats = run(cfg)
+    total = time.perf_counter() - start
+    return {"total_s": total, "job_s": stats.job_seconds, "startup_s": total - stats.job_seconds,
+            "phases": stats.phase_seconds, "samples": summary["samples"], "bytes": summary["bytes"]}
+
+
+def main(argv=None) -> dict:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--slices", type=int, help="corpus size (default 20000, --quick 1500; jpegls: 4000 / 400)")
+    p.add_argument("--syntax", choices=("native", "jpegls"), default="native",
+                   help="corpus transfer syntax: native = uncompressed as the sources (decode is cheapest, so "
+                        "our overhead shows most); jpegls = re-encoded JPEG-LS lossless, as many archives store")
+    p.add_argument("--keep", metavar="DIR", help="work folder to keep (default: a temporary folder, removed)")
+    args = p.parse_args(argv)
+    n = args.slices or {("native", True): 1500, ("native", False): 20000,
+                        ("jpegls", True): 400, ("jpegls", False): 4000}[(args.syntax, bool(args.quick))]
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="medswav-bench-ingest-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        corpus = work / "corpus"
+        shutil.rmtree(corpus, ignore_errors=True)
+        t0 = time.perf_counter()
+        info = build_corpus(corpus, n, args.syntax)
+        files = _files(corpus)
+        print(f"corpus ({args.syntax}): {info['slices']:,} slices {info['per_modality']}, {info['bytes'] / 1e9:.2f} GB "
+              f"(built in {time.perf_counter() - t0:.1f} s) in {corpus}")
+        # ~32 shards: enough tasks that 2 workers finish together (at 1e8 slices, 1 GB shards give ~5e4 tasks)
+        shard_size = str(max(8 * 10**6, int(info["bytes"] * 1.2 / 32)))
+        warm_cache(files)
+        decode_s = decode_limit(files)
+        warm_cache(files)
+        naive_s = naive_baseline(files, work / "naive")
+        shutil.rmtree(work / "naive", ignore_errors=True)
+        runs = {}
+        for workers in (1, 2):
+            out = work / f"ds-{workers}"
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(Path(str(out) + ".salt"), ignore_errors=True)
+            warm_cache(files)
+            runs[workers] = ingest_once(corpus, out, workers, shard_size)
+            assert runs[workers]["samples"] == info["slices"], runs[workers]
+            shutil.rmtree(out, ignore_errors=True)
+        slices = info["slices"]
+        limit = slices / decode_s
+        per_worker = slices / runs[1]["job_s"]
+        two = slices / runs[2]["job_s"]
+        figures = {
+            "slices": slices,
+            "source_bytes": info["bytes"],
+            "decode_limit_slices_per_s": limit,
+            "naive_slices_per_s": slices / naive_s,
+            "slices_per_s_per_worker": per_worker,
+            "slices_per_s_2_workers": two,
+            "ratio_to_limit": per_worker / limit,
+            "scaling_1_to_2": two / per_worker,
+            "shard_bytes_per_source_byte": runs[1]["bytes"] / info["bytes"],
+            "cluster_startup_s": runs[1]["startup_s"],
+            "phase_seconds_1_worker": runs[1]["phases"],
+            "phase_seconds_2_workers": runs[2]["phases"],
+        }
+        # 100 M slices on 512 single-threaded workers, at this machine's per-worker rate and perfect scaling
+        # (storage must then deliver 512 x per-worker x bytes/slice)
+        bytes_per_slice = info["bytes"] / slices
+        figures["projection_100M_512_workers_hours"] = 100e6 / (per_worker * 512) / 3600
+        figures["projection_read_GBps"] = per_worker * 512 * bytes_per_slice / 1e9
+        rows = [
+            {"what": "(b) decode limit: dcmread + pixel_array", "slices/s": limit, "vs limit": 1.0},
+            {"what": "(a) naive: dcmread + pixel_array + np.save", "slices/s": slices / naive_s,
+             "vs limit": slices / naive_s / limit},
+            {"what": "(c) ingest, 1 worker", "slices/s": per_worker, "vs limit": per_worker / limit},
+            {"what": "(c) ingest, 2 workers", "slices/s": two, "vs limit": two / limit},
+        ]
+        print_table(f"ingest benchmark ({args.syntax}): {slices:,} slices, {info['bytes'] / 1e9:.2f} GB, serial rates are one core",
+                    rows, ["what", "slices/s", "vs limit"])
+        print(f"\nratio_to_limit {figures['ratio_to_limit']:.3f} (target >= 0.85)   "
+              f"scaling_1_to_2 {figures['scaling_1_to_2']:.3f} (target >= 1.8)   "
+              f"shard bytes / source byte {figures['shard_bytes_per_source_byte']:.3f}")
+        print(f"phases, 1 worker (s): " + ", ".join(f"{k} {v:.2f}" for k, v in runs[1]["phases"].items())
+              + f"; cluster start-up {runs[1]['startup_s']:.1f} s (not counted)")
+        print(f"phases, 2 workers (s): " + ", ".join(f"{k} {v:.2f}" for k, v in runs[2]["phases"].items()))
+        print(f"projection: 100 M slices on 512 workers at this per-worker rate: "
+              f"{figures['projection_100M_512_workers_hours']:.1f} h, needing "
+              f"{figures['projection_read_GBps']:.1f} GB/s of storage reads (and about as much written)")
+        write_json(args.json, "ingest", figures, {"quick": args.quick, "slices": slices, "shard_size": shard_size,
+                                                 "syntax": args.syntax})
+        return figures
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""python -m ingest SOURCE... --out DATASET: DICOM trees -> modality-partitioned WebDataset shards."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import ConfigError, build_config, parse_size
+
+EPILOG = """\
+phases: scan (list folders + read headers, no pixels) -> plan (reject, dedupe, split, shuffle, cut into
+shards) -> convert (one Dask task per shard) -> finalize (dataset.json, report).
+
+salt: --salt, else env MEDSWAV_SALT, else `salt` in --config, else the file DATASET.salt next to the
+dataset folder (created with a random salt on the first run; keep it private and keep it: reruns need it).
+
+resume: rerun the same command after a crash; only uncommitted shards are redone.
+incremental: rerun with more sources; only slices not yet ingested are added (a new generation).
+
+examples:
+  python -m ingest /pacs/export --out /data/medswav --workers 8
+  python -m ingest s3://bucket/dicom --out /data/ds --scheduler tcp://head:8786 --shard-size 1GB
+  python -m ingest /pacs --out /data/ds --labels findings.csv --config ingest.toml
+
+exit status: 0 when the job finished (rejected files are listed in DATASET/errors), 1 when some tasks
+failed (rerun to retry), 2 when the job could not run (bad arguments, config, scheduler, sources).
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m ingest", description=__doc__.split(":", 1)[1].strip(), epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="DICOM files or folders (walked recursively) or fsspec URLs (s3://, gs://, ...)")
+    p.add_argument("--out", metavar="DATASET", help="dataset folder to create or extend")
+    p.add_argument("--config", metavar="FILE", help="TOML file with any of these settings (command line wins)")
+    g = p.add_argument_group("engine")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--workers", type=int, metavar="N", help="embedded LocalCluster with N worker processes (default 2)")
+    x.add_argument("--scheduler", metavar="ADDRESS", help="use a running Dask cluster, e.g. tcp://10.0.0.1:8786")
+    g.add_argument("--dashboard-address", metavar="ADDR", help="embedded cluster dashboard (default :8787, ':0' = any)")
+    g.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
+    n = p.add_argument_group("non-DICOM sources (MedMNIST .npz/.npy arrays, PNG/TIFF folders, NIfTI volumes)")
+    n.add_argument("--modality", choices=("ct", "mr", "xr", "us"),
+                   help="treat the sources as non-DICOM images of this modality (see ingest/arrays.py)")
+    s = p.add_argument_group("shards and pixels")
+    s.add_argument("--shard-size", metavar="SIZE", help="target shard size, e.g. 1GB (default), 256MB, 64MiB")
+    s.add_argument("--max-pixel-bytes", metavar="SIZE",
+                   help="reject files whose declared decoded pixels exceed SIZE, before decoding (default 2GiB)")
+    s.add_argument("--max-side", type=int, metavar="PIXELS",
+                   help="reduce images larger than this by an integer block mean (default: keep full size)")
+    s.add_argument("--frames-per-unit", type=int, metavar="N",
+                   help="multi-frame files are shuffled in runs of N frames (default 16)")
+    d = p.add_argument_group("split, order, labels, privacy")
+    d.add_argument("--val-fraction", type=float, metavar="F", help="share of patients in the val split (default 0.05)")
+    d.add_argument("--seed", type=int, help="shuffle seed (default 0)")
+    d.add_argument("--labels", metavar="FILE",
+                   help="CSV or Parquet keyed by SOPInstanceUID, SeriesInstanceUID or StudyInstanceUID; "
+                        "other columns are numeric labels")
+    d.add_argument("--salt", help="secret salt of all hashes (prefer env MEDSWAV_SALT: argv is visible to other users)")
+    d.add_argument("--hash-paths", action="store_const", const=True,
+                   help="keep only salted hashes of source paths in inventory/ and errors/")
+    d.add_argument("--rescan", action="store_const", const=True,
+                   help="rescan the sources even when resuming with unchanged sources")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from .salt import ENV
+
+    # salt precedence: --salt > MEDSWAV_SALT > config file > DATASET.salt (the env must beat the config file)
+    salt = args.salt or os.environ.get(ENV) or None
+    try:
+        cfg = build_config(
+            args.config,
+            sources=args.sources or None, out=args.out, workers=args.workers, scheduler=args.scheduler,
+            dashboard_address=args.dashboard_address, progress=args.progress,
+            shard_size=parse_size(args.shard_size) if args.shard_size else None,
+            max_pixel_bytes=parse_size(args.max_pixel_bytes) if args.max_pixel_bytes else None,
+            max_side=args.max_side, frames_per_unit=args.frames_per_unit, val_fraction=args.val_fraction,
+            seed=args.seed, labels=args.labels, salt=salt, hash_paths=args.hash_paths, rescan=args.rescan,
+            modality=args.modality,
+        )
+        from .finalize import report
+        from .job import JobFailed, run
+
+        try:
+            if cfg.modality:
+                from .arrays import SourceError, run_arrays
+
+                try:
+                    summary, stats = run_arrays(cfg, cfg.modality), {}
+                except SourceError as e:
+                    raise ConfigError(str(e)) from None
+            else:
+                summary, stats = run(cfg)
+                stats = vars(stats)
+        except JobFailed as e:
+            print(f"ingest: {e}", file=sys.stderr)
+            return 1
+    except ConfigError as e:
+        print(f"ingest: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ingest: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(report(summary, stats))
+    print(f"\ndataset: {cfg.root.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

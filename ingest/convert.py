@@ -1,0 +1,225 @@
+"""Phase 3, convert: one Dask task writes one whole shard.
+
+The task reads its slice list (written by plan), decodes each frame with pydicom and its plugins,
+applies the pixel rules of `ingest.pixels`, and writes the samples through `shards.ShardWriter`
+(tar + index renamed into place, manifest part last as the commit marker). A file that fails becomes
+one row in `errors/<shard>.parquet` (written before the commit) and the task goes on. A shard whose
+every slice failed has nothing to commit; an empty marker under `_work` records that it is done.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter, OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .pixels import to_stored
+from .plan import spec_path
+from .scan import WORK_DIR, Rejected, _open, error_row, shown_source
+
+_CACHE_FILES = 4  # open datasets kept per task: frames of one multi-frame file are spread over a shard
+
+
+def empty_marker(root: Path, generation: int, name: str) -> Path:
+    return Path(root) / WORK_DIR / f"g{generation:03d}" / "empty" / name
+
+
+def shard_done(root: Path, generation: int, modality: str, name: str) -> bool:
+    from shards import ShardWriter
+
+    return ShardWriter.is_committed(root, modality, name) or empty_marker(root, generation, name).exists()
+
+
+def _remove_stale_temporaries(root: Path, modality: str, name: str) -> None:
+    """Hidden temporaries of this shard left by a writer that died (killed worker or client)."""
+    from shards.layout import idx_path, manifest_path, tar_path
+
+    for final in (tar_path(root, modality, name), idx_path(root, modality, name), manifest_path(root, modality, name)):
+        if final.parent.is_dir():
+            for stale in final.parent.glob(f".{final.name}.tmp-*"):
+                stale.unlink(missing_ok=True)
+
+
+def load_dataset(src: str):
+    """The whole file (pixels included); force only for files without a meta header."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with _open(src) as fp:
+            try:
+                ds = pydicom.dcmread(fp)
+            except InvalidDicomError:
+                fp.seek(0)
+                ds = pydicom.dcmread(fp, force=True)
+    except OSError as e:
+        raise Rejected("unreadable", f"{type(e).__name__}: {e}") from None
+    except Exception as e:
+        raise Rejected("damaged file", f"{type(e).__name__}: {str(e)[:200]}") from None
+    if "SOPInstanceUID" not in ds:
+        # pydicom returns an empty dataset when the file ends inside an element (often the pixel data)
+        raise Rejected("damaged file", "the file cannot be parsed to its end (truncated or corrupted data)")
+    return ds
+
+
+def _first(value):
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, (list, tuple)) or hasattr(value, "__len__") and not isinstance(value, str):
+            value = value[0]
+        return float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _functional(ds, frame: int, sequence: str, attribute: str):
+    """A value from the per-frame, then shared functional groups (enhanced multi-frame objects)."""
+    for groups, i in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        try:
+            item = ds[groups][i]
+            return item[sequence][0].get(attribute)
+        except (KeyError, IndexError, TypeError, AttributeError):
+            continue
+    return None
+
+
+def frame_rescale(ds, frame: int) -> tuple[float, float]:
+    slope = _functional(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = _functional(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
+    if slope is None:
+        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    return (_first(slope) if _first(slope) is not None else 1.0,
+            _first(intercept) if _first(intercept) is not None else 0.0)
+
+
+def decode_frame(ds, frame: int) -> np.ndarray:
+    """Rule 1 of ingest.pixels: pydicom's decoding of one frame (YBR -> RGB), palette applied."""
+    from pydicom.pixels import apply_color_lut, pixel_array
+
+    try:
+        arr = pixel_array(ds, index=frame)
+    except Exception as e:
+        raise Rejected("pixel decoding failed", f"{type(e).__name__}: {str(e)[:300]}") from None
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+        try:
+            arr = apply_color_lut(arr, ds)
+        except Exception as e:
+            raise Rejected("bad palette", f"{type(e).__name__}: {str(e)[:200]}") from None
+    return arr
+
+
+def convert_frame(ds, frame: int, max_side: int | None = None):
+    """(stored 2-D array, PixelInfo) of one frame: decode + the documented pixel rules."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    arr = decode_frame(ds, frame)
+    slope, intercept = frame_rescale(ds, frame)
+    try:
+        return to_stored(
+            arr, photometric=photometric, bits_stored=int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16),
+            signed=int(ds.get("PixelRepresentation") or 0) == 1, slope=slope, intercept=intercept,
+            modality_lut_sequence="ModalityLUTSequence" in ds, max_side=max_side,
+        )
+    except ValueError as e:
+        raise Rejected("unsupported pixels", str(e)) from None
+
+
+def all_frames(path: str, max_side: int | None = None) -> list[np.ndarray]:
+    """Every frame of a file as stored in a shard (used by tests and tools)."""
+    ds = load_dataset(path)
+    frames = max(1, int(ds.get("NumberOfFrames") or 1))
+    return [convert_frame(ds, f, max_side)[0] for f in range(frames)]
+
+
+def _meta(ds, spec: dict, modality: str, info) -> "SampleMeta":
+    from shards import SampleMeta
+
+    frame = spec["frame"]
+    spacing = _functional(ds, frame, "PixelMeasuresSequence", "PixelSpacing") or ds.get("PixelSpacing") \
+        or ds.get("ImagerPixelSpacing")
+    thickness = _functional(ds, frame, "PixelMeasuresSequence", "SliceThickness") or ds.get("SliceThickness")
+    try:
+        spacing = [float(v) * info.downsample for v in spacing] if spacing else None
+    except (TypeError, ValueError):
+        spacing = None
+    center = _functional(ds, frame, "FrameVOILUTSequence", "WindowCenter") or ds.get("WindowCenter")
+    width = _functional(ds, frame, "FrameVOILUTSequence", "WindowWidth") or ds.get("WindowWidth")
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    return SampleMeta(
+        modality=modality, split=spec["split"], frame=frame, frames=spec["frames"],
+        sop_hash=spec["sop_hash"], series_hash=spec["series_hash"], study_hash=spec["study_hash"],
+        patient_hash=spec["patient_hash"], source_hash=spec["source_hash"],
+        pixel_spacing=spacing, slice_thickness=_first(thickness),
+        rescale_slope=info.rescale_slope, rescale_intercept=info.rescale_intercept,
+        rescale_applied=info.rescale_applied,
+        photometric=str(ds.get("PhotometricInterpretation", "") or ""),
+        bits_stored=int(ds.get("BitsStored") or 0), bits_allocated=int(ds.get("BitsAllocated") or 0),
+        pixel_representation=int(ds.get("PixelRepresentation") or 0), transfer_syntax=ts,
+        body_part=str(ds.get("BodyPartExamined", "") or ""), manufacturer=str(ds.get("Manufacturer", "") or ""),
+        window_center=_first(center), window_width=_first(width),
+    )
+
+
+def run_convert_task(root: str, generation: int, name: str, modality: str, label_names: list[str],
+                     salt: str, max_side: int | None, hash_paths: bool) -> dict:
+    """Dask task: write shard `name` from its slice list. Idempotent: a committed shard is left alone."""
+    from shards import ShardWriter, sample_key, salted_hash, write_errors
+
+    root = Path(root)
+    result = {"name": name, "modality": modality, "samples": 0, "errors": Counter(), "skipped": False}
+    if shard_done(root, generation, modality, name):
+        result["skipped"] = True
+        return result
+    _remove_stale_temporaries(root, modality, name)
+    specs = pq.read_table(spec_path(root, generation, name)).to_pylist()
+    cache: OrderedDict[str, object] = OrderedDict()
+    failed: set[str] = set()
+    errors: list[dict] = []
+    writer = ShardWriter(root, modality=modality, name=name, label_names=label_names)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for spec in specs:
+                src = spec["path"]
+                if src in failed:
+                    continue
+                try:
+                    ds = cache.get(src)
+                    if ds is None:
+                        ds = load_dataset(src)
+                        uid = str(ds.get("SOPInstanceUID", "") or "")
+                        if salted_hash(uid, salt) != spec["sop_hash"]:
+                            raise Rejected("changed since scan", "the file's SOPInstanceUID differs from the inventory")
+                        cache[src] = ds
+                        if len(cache) > _CACHE_FILES:
+                            cache.popitem(last=False)
+                    pixels, info = convert_frame(ds, spec["frame"], max_side)
+                    key = sample_key(str(ds.SOPInstanceUID), spec["frame"], salt)
+                    labels = np.asarray(spec["labels"], dtype=np.float32) if spec["labels"] is not None else None
+                    writer.write(key, pixels, _meta(ds, spec, modality, info), labels=labels)
+                except Rejected as e:
+                    failed.add(src)
+                    cache.pop(src, None)
+                    frame_level = e.reason in ("pixel decoding failed", "unsupported pixels") and spec["frames"] > 1
+                    detail = f"frame {spec['frame']}: {e.detail}" if frame_level else e.detail
+                    errors.append(error_row(shown_source(src, salt, hash_paths), "convert", e.reason, detail))
+                except Exception as e:  # a bug or an exotic file: record it, keep the shard going
+                    failed.add(src)
+                    cache.pop(src, None)
+                    errors.append(error_row(shown_source(src, salt, hash_paths), "convert", "conversion failed",
+                                            f"{type(e).__name__}: {str(e)[:300]}"))
+        write_errors(root, name, errors)  # before the commit: a committed shard has its errors on disk
+        result["errors"] = Counter(e["reason"] for e in errors)
+        if len(writer):
+            result["samples"] = writer.commit()
+        else:
+            writer.abort()
+            marker = empty_marker(root, generation, name)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+    except BaseException:
+        writer.abort()
+        raise
+    return result
