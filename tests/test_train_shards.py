@@ -49,3 +49,18 @@ def test_four_modalities_from_shards_train_and_resume_exactly(tmp_path, shard_da
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     for k, v in state["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_on_shards(tmp_path, shard_dataset):
+    from test_train_dist import _free_port, _torchrun_pair
+    run = tmp_path / "run"
+    args = _args(shard_dataset, run)[4:]  # without --data/--out, given below
+    _torchrun_pair(_free_port(), ["--data", str(shard_dataset), "--out", str(run), *args, "--max-steps", "2"])
+    out = _torchrun_pair(_free_port(), ["--data", str(shard_dataset), "--out", str(run), *args,
+                                        "--max-steps", "3", "--resume", "auto"])
+    assert any("at step 2" in o for o in out)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 3 and state["world_size"] == 2
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
