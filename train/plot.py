@@ -36,8 +36,8 @@ def plot_run(run: Path, out: Path) -> Path:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     ax = axes[0, 0]
-    for m in modalities:
-        ax.plot(steps, [r.get(f"loss_ss/{m}", math.nan) for r in rows], label=f"L_ss {m}")
+    for i, m in enumerate(modalities):
+        ax.plot(steps, [r.get(f"loss_ss/{m}", math.nan) for r in rows], color=f"C{i}", label=f"L_ss {m}")
     if any("loss_sup" in r for r in rows):
         ax.plot(steps, [r.get("loss_sup", math.nan) for r in rows], label="L_sup", color="black", lw=1)
     if k:
@@ -45,10 +45,11 @@ def plot_run(run: Path, out: Path) -> Path:
     ax.set(title="losses", xlabel="step")
     ax.legend(fontsize=8)
     ax = axes[0, 1]
-    for m in modalities:
-        ax.plot(steps, [r.get(f"code_entropy/{m}", math.nan) for r in rows], label=f"code entropy {m}")
-        ax.plot(steps, [r.get(f"proto_usage/{m}", math.nan) for r in rows], ls=":", label=f"prototype usage {m}")
-    ax.set(title="codes (1 = spread, 0 = collapse)", xlabel="step", ylim=(-0.05, 1.05))
+    for i, m in enumerate(modalities):
+        ax.plot(steps, [r.get(f"code_entropy/{m}", math.nan) for r in rows], color=f"C{i}", label=m)
+        ax.plot(steps, [r.get(f"proto_usage/{m}", math.nan) for r in rows], color=f"C{i}", ls=":")
+    ax.set(title="codes: entropy (solid), prototype usage (dotted); 1 = spread, 0 = collapse",
+           xlabel="step", ylim=(-0.05, 1.05))
     ax.legend(fontsize=8)
     ax = axes[1, 0]
     ax.plot(steps, [r["lr"] for r in rows])
