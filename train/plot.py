@@ -48,7 +48,7 @@ def plot_run(run: Path, out: Path) -> Path:
     for i, m in enumerate(modalities):
         ax.plot(steps, [r.get(f"code_entropy/{m}", math.nan) for r in rows], color=f"C{i}", label=m)
         ax.plot(steps, [r.get(f"proto_usage/{m}", math.nan) for r in rows], color=f"C{i}", ls=":")
-    ax.set(title="codes: entropy (solid), prototype usage (dotted); 1 = spread, 0 = collapse",
+    ax.set(title="code entropy (solid), prototype usage (dotted)\n1 = spread, 0 = collapse",
            xlabel="step", ylim=(-0.05, 1.05))
     ax.legend(fontsize=8)
     ax = axes[1, 0]
