@@ -1,0 +1,190 @@
+"""Per-step cost of SwAV training, split into phases, beside a plain supervised step of the same
+encoder on the same crops (the baseline), in one run.
+
+    python -m benchmarks.train_step [--quick] [--json PATH] [--arch resnet50] [--batch-size 32]
+
+Phases of a SwAV step: data wait, forward (backbone + projector + prototype scores), Sinkhorn + loss
+(queue scoring, Sinkhorn, swapped cross-entropies), backward, optimiser (LARS + prototype
+normalisation). swav_overhead_fraction = (Sinkhorn + loss + queue + prototype scoring and
+normalisation) / total step: what SwAV adds on top of the encoder's own work. Limits: 0.05 for
+swav_overhead_fraction at K = 3000 and for data_wait_fraction.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks._common import parser, print_table, write_json
+from train.config import Config
+from train.data import build_source
+from train.models import SwAVModel
+from train.optim import LARS, param_groups
+from train.swav import FeatureQueue, modality_losses
+
+LIMIT = 0.05
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(args) -> dict:
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    amp = device.type == "cuda"
+    cfg = Config(synthetic=not args.data, data=args.data or "", batch_size=args.batch_size,
+                 crop_sizes=tuple(args.crop_sizes), num_crops=tuple(args.num_crops),
+                 synthetic_steps=2 * (args.steps + args.warmup) + 1)
+    source = build_source(cfg, 0, 1, device.type)
+
+    def cycle():  # as many steps as asked for, whatever an epoch's length
+        epoch = 0
+        while True:
+            yield from source.epoch_iter(epoch)
+            epoch += 1
+
+    batches = cycle()
+    torch.manual_seed(0)
+    model = SwAVModel(args.arch, 1, args.num_prototypes).to(device)
+    opt = LARS(param_groups(model), lr=0.1)
+    b = args.batch_size
+    queue = None
+    if args.queue_length:
+        queue = FeatureQueue(1, 2, args.queue_length - args.queue_length % b, 128, device)
+        queue.features.copy_(F.normalize(torch.randn_like(queue.features), dim=-1))
+        queue.filled.fill_(queue.length)  # full: the heaviest case (after the queue's start epoch)
+    protos = [model.prototypes[0].weight]
+
+    def proto_cost() -> float:
+        """Forward + backward of the prototype layer alone, same shapes (it runs inside forward)."""
+        z = torch.randn(sum(args.num_crops) * b, 128, device=device, requires_grad=True)
+        _sync(device)
+        t = time.perf_counter()
+        s = z @ model.prototypes[0].weight.float().t()
+        s.sum().backward()
+        _sync(device)
+        model.prototypes[0].weight.grad = None
+        return time.perf_counter() - t
+
+    phases = ("data", "forward", "sinkhorn_loss", "backward", "optimizer", "normalize_prototypes")
+    swav = {k: 0.0 for k in phases}
+    scoring = [0.0]  # prototype scoring: inside forward + backward; measured alone to count it as overhead
+
+    def swav_step(record: bool) -> None:
+        t = [time.perf_counter()]
+        batch = next(batches)
+        crops = [c.to(device, non_blocking=True) for c in batch["crops"]]
+        _sync(device); t.append(time.perf_counter())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(crops)
+        _sync(device); t.append(time.perf_counter())
+        losses, _ = modality_losses(out["scores"], out["z"], protos, queue=queue, fill_queue=queue is not None)
+        loss = torch.stack(losses).sum()
+        _sync(device); t.append(time.perf_counter())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(device); t.append(time.perf_counter())
+        opt.step()
+        _sync(device); t.append(time.perf_counter())
+        model.normalize_prototypes()
+        _sync(device); t.append(time.perf_counter())
+        if record:
+            for k, a, b_ in zip(phases, t, t[1:]):
+                swav[k] += b_ - a
+            scoring[0] += proto_cost()
+
+    # Baseline: the same encoder, same crops, a linear classifier and cross-entropy, SGD step.
+    torch.manual_seed(0)
+    encoder = SwAVModel(args.arch, 1, 1).backbone.to(device)
+    head = torch.nn.Linear(encoder.num_features, 1000).to(device)
+    base_opt = torch.optim.SGD(list(encoder.parameters()) + list(head.parameters()), lr=0.1, momentum=0.9)
+    sup = {k: 0.0 for k in ("data", "forward", "loss", "backward", "optimizer")}
+
+    def supervised_step(record: bool) -> None:
+        t = [time.perf_counter()]
+        batch = next(batches)
+        crops = [c.to(device, non_blocking=True) for c in batch["crops"]]
+        _sync(device); t.append(time.perf_counter())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = torch.cat([head(encoder(g.transpose(0, 1).reshape(-1, *g.shape[2:]))) for g in crops])
+        _sync(device); t.append(time.perf_counter())
+        target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
+        loss = F.cross_entropy(logits.float(), target)
+        _sync(device); t.append(time.perf_counter())
+        base_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(device); t.append(time.perf_counter())
+        base_opt.step()
+        _sync(device); t.append(time.perf_counter())
+        if record:
+            for k, a, b_ in zip(sup, t, t[1:]):
+                sup[k] += b_ - a
+
+    # Interleaved, so that a machine's changing load weighs on both alike.
+    for i in range(args.warmup + args.steps):
+        swav_step(i >= args.warmup)
+        supervised_step(i >= args.warmup)
+    proto_scoring = scoring[0]
+
+    n = args.steps
+    swav_step = sum(swav.values()) / n
+    overhead = (swav["sinkhorn_loss"] + swav["normalize_prototypes"] + proto_scoring) / n
+    sup_step = sum(sup.values()) / n
+    figures = {
+        "swav_step_s": swav_step,
+        "supervised_step_s": sup_step,
+        "swav_over_supervised": swav_step / sup_step,
+        "swav_overhead_fraction": overhead / swav_step,
+        "data_wait_fraction": swav["data"] / n / swav_step,
+        "images_per_s": b / swav_step,
+        "supervised_images_per_s": b / sup_step,
+        "phases_s": {**{k: v / n for k, v in swav.items()}, "prototype_scoring_in_fwd_bwd": proto_scoring / n},
+        "supervised_phases_s": {k: v / n for k, v in sup.items()},
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+    }
+    return figures
+
+
+def main(argv=None):
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default=None, help="encoder (default resnet50; resnet18 with --quick)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per step")
+    p.add_argument("--crop-sizes", type=int, nargs=2, default=[224, 92])
+    p.add_argument("--num-crops", type=int, nargs=2, default=[2, 6])
+    p.add_argument("--num-prototypes", type=int, default=3000)
+    p.add_argument("--queue-length", type=int, default=3840, help="full queue of this length (0: none)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 3; 2 with --quick)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--data", default="", help="data source (.npz or shard dataset); default synthetic crops")
+    args = p.parse_args(argv)
+    args.arch = args.arch or ("resnet18" if args.quick else "resnet50")
+    args.steps = args.steps or (2 if args.quick else 3)
+    fig = run(args)
+    ph, sp = fig["phases_s"], fig["supervised_phases_s"]
+    rows = [{"phase": "data wait", "swav_ms": 1e3 * ph["data"], "supervised_ms": 1e3 * sp["data"]},
+            {"phase": "forward", "swav_ms": 1e3 * ph["forward"], "supervised_ms": 1e3 * sp["forward"]},
+            {"phase": "sinkhorn + loss", "swav_ms": 1e3 * ph["sinkhorn_loss"], "supervised_ms": 1e3 * sp["loss"]},
+            {"phase": "backward", "swav_ms": 1e3 * ph["backward"], "supervised_ms": 1e3 * sp["backward"]},
+            {"phase": "optimiser", "swav_ms": 1e3 * (ph["optimizer"] + ph["normalize_prototypes"]),
+             "supervised_ms": 1e3 * sp["optimizer"]},
+            {"phase": "(prototype scoring, in fwd+bwd)", "swav_ms": 1e3 * ph["prototype_scoring_in_fwd_bwd"],
+             "supervised_ms": 0.0},
+            {"phase": "step", "swav_ms": 1e3 * fig["swav_step_s"], "supervised_ms": 1e3 * fig["supervised_step_s"]}]
+    print_table(f"train step: {args.arch}, batch {args.batch_size}, crops {args.num_crops[0]}x{args.crop_sizes[0]} + "
+                f"{args.num_crops[1]}x{args.crop_sizes[1]}, K={args.num_prototypes}, queue {args.queue_length}, "
+                f"{fig['device']}", rows, ["phase", "swav_ms", "supervised_ms"])
+    checks = [("swav_overhead_fraction", fig["swav_overhead_fraction"]), ("data_wait_fraction", fig["data_wait_fraction"])]
+    print_table("against the limits", [{"figure": k, "value": v, "limit": LIMIT, "ok": "yes" if v <= LIMIT else "NO"}
+                                       for k, v in checks] +
+                [{"figure": "images_per_s", "value": fig["images_per_s"], "limit": "-", "ok": "-"},
+                 {"figure": "supervised_images_per_s", "value": fig["supervised_images_per_s"], "limit": "-", "ok": "-"}],
+                ["figure", "value", "limit", "ok"])
+    write_json(args.json, "train_step", fig, {k: v for k, v in vars(args).items() if k != "json"})
+    return fig
+
+
+if __name__ == "__main__":
+    main()

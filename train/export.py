@@ -1,0 +1,59 @@
+"""Export the pretrained backbone of a training checkpoint for downstream use.
+
+    python -m train.export runs/swav/checkpoint.pt --out backbone.pt
+
+The file holds {"arch", "num_features", "state_dict", "step", "modalities"}; load it with
+``load_backbone(path)`` (builds the encoder named in the file) or ``load_backbone(path, arch=...)``
+(refuses another architecture with an error naming both).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .models import build_encoder
+
+PREFIX = "backbone."
+
+
+def export_backbone(checkpoint: Path, out: Path) -> dict:
+    from .checkpoint import load, save_atomic
+    state = load(checkpoint)
+    if "model" not in state or "arch" not in state:
+        raise SystemExit(f"error: {checkpoint} is not a medswav training checkpoint (no model/arch)")
+    weights = {k[len(PREFIX):]: v for k, v in state["model"].items() if k.startswith(PREFIX)}
+    encoder = build_encoder(state["arch"])
+    encoder.load_state_dict(weights)  # proves the export loads before writing it
+    blob = {"arch": state["arch"], "num_features": encoder.num_features, "state_dict": weights,
+            "step": state.get("step"), "modalities": state.get("modalities")}
+    save_atomic(blob, Path(out))
+    return blob
+
+
+def load_backbone(path: str | Path, arch: str | None = None, map_location="cpu") -> torch.nn.Module:
+    blob = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(blob, dict) or "arch" not in blob or "state_dict" not in blob:
+        raise ValueError(f"{path} is not a medswav backbone export (run python -m train.export)")
+    if arch is not None and arch != blob["arch"]:
+        raise ValueError(f"{path} holds {blob['arch']} weights; they cannot be loaded into {arch}")
+    encoder = build_encoder(blob["arch"])
+    encoder.load_state_dict(blob["state_dict"])
+    return encoder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="training checkpoint (run folder's checkpoint.pt)")
+    parser.add_argument("--out", type=Path, required=True, help="output file for the backbone weights")
+    args = parser.parse_args(argv)
+    if not args.checkpoint.exists():
+        raise SystemExit(f"error: no such checkpoint: {args.checkpoint}")
+    blob = export_backbone(args.checkpoint, args.out)
+    print(f"wrote {args.out}: {blob['arch']} backbone ({len(blob['state_dict'])} tensors, "
+          f"{blob['num_features']} features) from step {blob['step']}")
+
+
+if __name__ == "__main__":
+    main()

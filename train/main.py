@@ -1,0 +1,268 @@
+"""The training loop: SwAV with per-modality prototypes, queue, prototype freezing and hybrid supervision.
+
+    python -m train --synthetic --arch resnet18 --device cpu ...            # one process
+    torchrun --nnodes=N --nproc-per-node=G ... -m train --config FILE      # many
+
+Read top to bottom: setup, model, optimiser + schedule, resume, loop (data -> forward -> codes and
+loss -> backward -> freeze -> step -> log -> checkpoint).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import checkpoint as ckpt
+from .config import Config, load_config, to_dict
+from .data import Prefetcher, build_source
+from .metrics import MetricsLogger
+from .models import SwAVModel
+from .optim import LARS, lr_schedule, param_groups
+from .swav import FeatureQueue, code_stats, modality_losses, supervised_loss
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def setup_distributed(cfg: Config):
+    """Process group from torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK); none for a plain run."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible")
+    rank, world, local = 0, 1, 0
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if use_cuda:
+            torch.cuda.set_device(local)
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    return rank, world, device
+
+
+def _gather_queue(queue: FeatureQueue | None, world: int):
+    """Every process's queue (they differ), so that a resume restores all of them."""
+    if queue is None:
+        return None
+    state = queue.state_dict()
+    if world > 1:
+        feats = [torch.empty_like(queue.features) for _ in range(world)]
+        dist.all_gather(feats, queue.features)
+        filled = [torch.empty_like(queue.filled.to(queue.features.device)) for _ in range(world)]
+        dist.all_gather(filled, queue.filled.to(queue.features.device))
+        state = {"features": torch.stack(feats).cpu(), "filled": torch.stack(filled).cpu()}
+    else:
+        state = {k: v[None] for k, v in state.items()}
+    return state
+
+
+def train(cfg: Config) -> dict:
+    rank, world, device = setup_distributed(cfg)
+    is_main = rank == 0
+    out = Path(cfg.out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # same initial weights on every process (DDP also broadcasts rank 0's)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    on_gpu = device.type == "cuda"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if on_gpu else None
+    # Fixed crop sizes: let cuDNN pick its fastest kernels; NHWC suits tensor cores in bf16/fp16.
+    torch.backends.cudnn.benchmark = on_gpu and not cfg.deterministic
+    channels_last = on_gpu and cfg.channels_last and not cfg.crop_depths
+
+    # ---- data and model
+    source = build_source(cfg, rank, world, device.type)
+    n_mod = len(source.modalities)
+    if cfg.batch_size % n_mod:
+        raise SystemExit(f"error: batch size {cfg.batch_size} must be a multiple of the {n_mod} modalities")
+    sub_batch = cfg.batch_size // n_mod
+    num_labels = source.num_labels if cfg.beta > 0 else 0
+    if cfg.beta > 0 and num_labels == 0:
+        raise SystemExit("error: beta > 0 needs labels, but the data set has no label columns")
+    model = SwAVModel(cfg.arch, n_mod, cfg.num_prototypes, cfg.feat_dim, cfg.hidden_dim, num_labels,
+                      assigned_views=len(cfg.crops_for_assign)).to(device)
+    if on_gpu and world > 1 and cfg.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if channels_last:  # single-channel inputs are NHWC already; the weights carry the format onwards
+        model = model.to(memory_format=torch.channels_last)
+    prototype_params = [p for p in model.prototypes.parameters()]
+
+    # ---- optimiser and per-step schedule (precomputed: a resumed run reads the same numbers)
+    optimizer = LARS(param_groups(model), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                     trust_coefficient=cfg.lars_trust)
+    steps_per_epoch = source.steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    scale = cfg.batch_size * world / cfg.lr_ref_batch if cfg.lr_ref_batch else 1.0
+    lrs = lr_schedule(cfg.base_lr * scale, cfg.final_lr * scale, total_steps,
+                      round(cfg.warmup_epochs * steps_per_epoch), cfg.start_warmup * scale)
+    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+
+    # Queue: queue_length per modality over all processes, a multiple of the sub-batch per process.
+    q_len = cfg.queue_length // world
+    q_len -= q_len % sub_batch
+    queue = FeatureQueue(n_mod, len(cfg.crops_for_assign), q_len, cfg.feat_dim, device) if q_len > 0 else None
+
+    # ---- resume
+    step = 0
+    resume_path = ckpt.resolve_resume(cfg.resume, out)
+    if resume_path is not None:
+        state = ckpt.load(resume_path)
+        if state["arch"] != cfg.arch:
+            raise SystemExit(f"error: checkpoint {resume_path} is {state['arch']}, config asks for {cfg.arch}")
+        if list(state["modalities"]) != list(source.modalities):
+            raise SystemExit(f"error: checkpoint {resume_path} has modalities {state['modalities']}, "
+                             f"the data gives {source.modalities}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if queue is not None and state.get("queue") is not None:
+            if state["queue"]["features"].shape[0] == world and state["queue"]["features"].shape[1:] == queue.features.shape:
+                queue.load_state_dict({k: v[rank] for k, v in state["queue"].items()})
+            elif is_main:
+                print(f"warning: queue saved by {state['queue']['features'].shape[0]} processes; "
+                      f"starting an empty queue on {world}", file=sys.stderr)
+        ckpt.set_rng_state(state["rng"])
+        step = state["step"]
+        if is_main:
+            print(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch})", flush=True)
+
+    ddp = DDP(model, device_ids=[device.index] if on_gpu else None) if world > 1 else model
+    log = MetricsLogger(out, is_main, cfg.tensorboard, resume_step=step)
+    log.console(f"medswav train: {cfg.arch}, {world} process(es) on {device.type}, modalities "
+                f"{source.modalities}, batch {cfg.batch_size}x{world}, {steps_per_epoch} steps/epoch, "
+                f"steps {step} -> {stop_step} of {total_steps}, K={cfg.num_prototypes}, queue {q_len}/process")
+
+    def save(step: int) -> None:
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise NonFiniteLoss(f"non-finite parameters after step {step}: not saving over the last good "
+                                f"checkpoint {out / ckpt.CHECKPOINT_NAME}")
+        queue_state = _gather_queue(queue, world)   # collective: every process takes part
+        if is_main:
+            ckpt.save_atomic({
+                "version": 1, "arch": cfg.arch, "config": to_dict(cfg), "step": step,
+                "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
+                "world_size": world, "modalities": source.modalities, "num_labels": num_labels,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "queue": queue_state, "rng": ckpt.rng_state(),
+            }, out / ckpt.CHECKPOINT_NAME)
+        if world > 1:
+            dist.barrier()
+
+    # ---- loop
+    history = []
+    window = {"data": 0.0, "total": 0.0, "n": 0}
+    try:
+        while step < stop_step:
+            epoch = step // steps_per_epoch
+            batches = source.epoch_iter(epoch, step % steps_per_epoch)
+            if on_gpu and not getattr(source, "prefetches", False):
+                batches = Prefetcher(batches)
+            batches = iter(batches)
+            while step < stop_step:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    if step % steps_per_epoch:
+                        raise SystemExit(f"error: the data source ended after {step % steps_per_epoch} of its "
+                                         f"{steps_per_epoch} steps in epoch {epoch}")
+                    break
+                t_data = time.perf_counter() - t0
+
+                for group in optimizer.param_groups:
+                    group["lr"] = float(lrs[step])
+                model.normalize_prototypes()
+                crops = [c.to(device, non_blocking=True) for c in batch["crops"]]
+                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                    outputs = ddp(crops)
+
+                # Codes and losses per modality, over that modality's rows only (fp32, outside autocast).
+                fill_queue = epoch >= cfg.epoch_queue_starts
+                log_now = is_main and (step % cfg.log_every == 0 or step + 1 == stop_step)
+                losses_ss, _ = modality_losses(
+                    outputs["scores"], outputs["z"], [p.weight for p in model.prototypes],
+                    temperature=cfg.temperature, eps=cfg.epsilon, iterations=cfg.sinkhorn_iterations,
+                    assigned=cfg.crops_for_assign, queue=queue, fill_queue=fill_queue)
+                stats = {}
+                if log_now:
+                    for m, name in enumerate(source.modalities):
+                        for k, v in code_stats(outputs["scores"][m][list(cfg.crops_for_assign)]).items():
+                            stats[f"{k}/{name}"] = v
+                        stats[f"loss_ss/{name}"] = losses_ss[m].item()
+                loss_ss = torch.stack(losses_ss).sum()
+                loss = cfg.alpha * loss_ss
+                loss_sup = None
+                if outputs["sup_logits"] is not None:
+                    loss_sup = supervised_loss(outputs["sup_logits"], batch["label"].to(device), cfg.sup_loss)
+                    loss = loss + cfg.beta * loss_sup
+
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                finite = torch.isfinite(loss.detach()).float()
+                if world > 1:
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if finite.item() < 1:
+                    raise NonFiniteLoss(
+                        f"non-finite loss ({loss.item()}) at step {step}, epoch {epoch}: stopping without "
+                        f"updating; the last good checkpoint is {out / ckpt.CHECKPOINT_NAME}. Usual causes: "
+                        f"learning rate too high, fp16 overflow (use bf16), unnormalised inputs.")
+                if step < cfg.freeze_prototypes_steps:
+                    for p in prototype_params:
+                        p.grad = None  # frozen prototypes: gradient dropped, so no update, decay or momentum
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+
+                loss_value = loss.item()
+                history.append(loss_value)
+                t_step = time.perf_counter() - t0
+                window["data"] += t_data
+                window["total"] += t_step
+                window["n"] += 1
+                if log_now:
+                    row = {"epoch": epoch, "loss": loss_value, "loss_ss": loss_ss.item(),
+                           "lr": float(lrs[step - 1]),
+                           "images_per_s": window["n"] * cfg.batch_size * world / window["total"],
+                           "data_wait_fraction": window["data"] / window["total"],
+                           "prototypes_frozen": int(step - 1 < cfg.freeze_prototypes_steps),
+                           "queue_in_use": int(queue is not None and queue.full(0, 0)), **stats}
+                    if loss_sup is not None:
+                        row["loss_sup"] = loss_sup.item()
+                    log.log(step, row)
+                    entropy = " ".join(f"H[{n}]={stats.get(f'code_entropy/{n}', float('nan')):.2f}"
+                                       for n in source.modalities)
+                    log.console(f"step {step}/{stop_step} ep {epoch} loss {loss_value:.4f} lr {row['lr']:.2e} "
+                                f"{row['images_per_s']:.1f} img/s wait {100 * row['data_wait_fraction']:.0f}% "
+                                f"{entropy}")
+                    window = {"data": 0.0, "total": 0.0, "n": 0}
+                if step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_step:
+                    save(step)
+    except NonFiniteLoss as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        log.close()
+        if hasattr(source, "close"):
+            source.close()
+    return {"step": step, "losses": history, "model": model}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = load_config(argv)
+    try:
+        return train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Rank-0 run log: console lines, metrics.jsonl (one JSON object per logged step) and TensorBoard."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(out) / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step and self.path.exists():
+            # Steps after the checkpoint were lost with the crash: drop them so the file reads as one run.
+            kept = [l for l in self.path.read_text().splitlines()
+                    if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+        elif not resume_step and self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=resume_step or None)
+        self._t0 = time.time()
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time() - self._t0, 3), **values}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def console(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self.tb is not None:
+                self.tb.close()

@@ -1,0 +1,86 @@
+"""One picture of a run: losses against ln(K), code entropy per modality, learning rate, throughput.
+
+    python -m train.plot RUN_DIR [--out RUN_DIR/metrics.png]
+
+Reads RUN_DIR/metrics.jsonl (and K from RUN_DIR/checkpoint.pt's config when present). Collapse reads
+at a glance: a per-modality loss flat at the dashed ln(K) line with its code entropy near 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def plot_run(run: Path, out: Path) -> Path:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib (pip install matplotlib)") from None
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found (is {run} a training run folder?)")
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    if not rows:
+        raise SystemExit(f"error: {path} is empty")
+    k = None
+    cfg_path = run / "checkpoint.pt"
+    if cfg_path.exists():
+        import torch
+        k = torch.load(cfg_path, map_location="cpu", weights_only=False)["config"]["num_prototypes"]
+    steps = [r["step"] for r in rows]
+    modalities = sorted({key.split("/", 1)[1] for r in rows for key in r if key.startswith("loss_ss/")})
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    ax = axes[0, 0]
+    for i, m in enumerate(modalities):
+        ax.plot(steps, [r.get(f"loss_ss/{m}", math.nan) for r in rows], color=f"C{i}", label=f"L_ss {m}")
+    if any("loss_sup" in r for r in rows):
+        ax.plot(steps, [r.get("loss_sup", math.nan) for r in rows], label="L_sup", color="black", lw=1)
+    if k:
+        ax.axhline(math.log(k), ls="--", color="grey", label=f"ln K = {math.log(k):.2f} (collapse)")
+    ax.set(title="losses", xlabel="step")
+    ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    for i, m in enumerate(modalities):
+        ax.plot(steps, [r.get(f"code_entropy/{m}", math.nan) for r in rows], color=f"C{i}", label=m)
+        ax.plot(steps, [r.get(f"proto_usage/{m}", math.nan) for r in rows], color=f"C{i}", ls=":")
+    ax.set(title="code entropy (solid), prototype usage (dotted)\n1 = spread, 0 = collapse",
+           xlabel="step", ylim=(-0.05, 1.05))
+    ax.legend(fontsize=8)
+    ax = axes[1, 0]
+    ax.plot(steps, [r["lr"] for r in rows])
+    frozen = [s for s, r in zip(steps, rows) if r.get("prototypes_frozen")]
+    if frozen:
+        ax.axvspan(steps[0], frozen[-1], color="tab:blue", alpha=0.1, label="prototypes frozen")
+    queue = [s for s, r in zip(steps, rows) if r.get("queue_in_use")]
+    if queue:
+        ax.axvline(queue[0], color="tab:green", ls="--", label="queue in use")
+    ax.set(title="learning rate", xlabel="step")
+    ax.legend(fontsize=8)
+    ax = axes[1, 1]
+    ax.plot(steps, [r["images_per_s"] for r in rows], label="images/s")
+    ax.set(title="throughput", xlabel="step", ylabel="images/s")
+    twin = ax.twinx()
+    twin.plot(steps, [100 * r["data_wait_fraction"] for r in rows], color="tab:red", lw=1)
+    twin.set_ylabel("data wait %", color="tab:red")
+    fig.suptitle(str(run))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="run folder (holds metrics.jsonl)")
+    parser.add_argument("--out", type=Path, help="PNG file (default RUN/metrics.png)")
+    args = parser.parse_args(argv)
+    out = plot_run(args.run, args.out or args.run / "metrics.png")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
