@@ -44,6 +44,7 @@ class Config:
     crop_depths: tuple[int, ...] = ()   # 3-D volumes: depth of each group's crops (empty: 2-D images)
     min_scale_crops: tuple[float, ...] = (0.14, 0.05)   # NPZ source random-resized-crop scales
     max_scale_crops: tuple[float, ...] = (1.0, 0.14)
+    rescale_size_range: tuple[int, ...] = (600, 1200)   # shard datasets: image sides after the rescale augmentation
     crops_for_assign: tuple[int, ...] = (0, 1)  # views whose codes are predicted (the first views)
     temperature: float = 0.1            # tau of the prediction softmax
     epsilon: float = 0.03               # Sinkhorn entropy weight

@@ -164,8 +164,10 @@ class ShardSource:
     prefetches = True  # DALI runs ahead on its own: no extra thread
 
     def __init__(self, root: str, batch_size: int, crop_sizes, num_crops, modalities=(), split="train",
-                 seed: int = 0, rank: int = 0, world_size: int = 1, device: str = "cpu", num_threads: int = 2):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, device: str = "cpu", num_threads: int = 2,
+                 size_range=(600, 1200)):
         try:
+            from augment_dali.config import AugmentConfig
             from augment_dali.loader import SwavLoader
         except ImportError as e:
             raise SystemExit(f"error: cannot read shard dataset {root}: augment_dali.loader unavailable ({e})")
@@ -173,7 +175,8 @@ class ShardSource:
             self.loader = SwavLoader(root, batch_size=batch_size, modalities=list(modalities) or None,
                                      rank=rank, world_size=world_size, device="gpu" if device == "cuda" else "cpu",
                                      seed=seed, crop_sizes=tuple(crop_sizes), num_crops=tuple(num_crops),
-                                     num_threads=num_threads, split=split)
+                                     num_threads=num_threads, split=split,
+                                     augment=AugmentConfig(size_range=tuple(size_range)))
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {root}: {e}") from None
         self.modalities = list(self.loader.modalities)
@@ -212,7 +215,7 @@ def build_source(cfg, rank: int, world_size: int, device: str):
     if not Path(cfg.data).is_dir():
         raise SystemExit(f"error: --data {cfg.data}: not a shard dataset folder nor .npz files")
     return ShardSource(cfg.data, cfg.batch_size, cfg.crop_sizes, cfg.num_crops, cfg.modalities, cfg.split,
-                       cfg.seed, rank, world_size, device, cfg.num_workers)
+                       cfg.seed, rank, world_size, device, cfg.num_workers, size_range=cfg.rescale_size_range)
 
 
 class Prefetcher:
