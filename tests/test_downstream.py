@@ -58,7 +58,7 @@ def test_bad_inputs_get_clear_errors(pneumonia, tmp_path, medmnist_dir):
     with pytest.raises(ValueError, match="546 train images but 543 labels"):
         load(tmp_path / "broken.npz")
     torch.save({"arch": "resnet50", "state_dict": build_encoder("resnet50", None).state_dict()}, tmp_path / "r50.pt")
-    with pytest.raises(ValueError, match="resnet50 backbone, but the task asks for resnet18"):
+    with pytest.raises(ValueError, match="holds resnet50 weights; they cannot be loaded into resnet18"):
         build_encoder("resnet18", tmp_path / "r50.pt")
 
 

@@ -33,17 +33,11 @@ class FitResult:
 
 
 def build_encoder(arch: str, pretrained: str | Path | None) -> nn.Module:
-    """A fresh encoder of `arch`, initialised from an exported backbone file when given."""
+    """A fresh encoder of `arch`, initialised from an exported backbone file (`python -m train.export`) when given."""
+    from train.export import load_backbone
     from train.models import build_encoder as _build
 
-    encoder = _build(arch)
-    if pretrained:
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        saved_arch = state.get("arch")
-        if saved_arch != arch:
-            raise ValueError(f"{pretrained} holds a {saved_arch} backbone, but the task asks for {arch}")
-        encoder.load_state_dict(state["state_dict"])
-    return encoder
+    return load_backbone(pretrained, arch) if pretrained else _build(arch)
 
 
 class Classifier(nn.Module):
