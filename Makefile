@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   - install into .venv, then run the main job (ingest real DICOM, augment, train, export)
+#   make demo   - install into .venv, then run the main job: ingest real DICOM (pydicom + pydicom-data),
+#                 reference energies, augmentation preview, a short CPU training run, backbone export
 #   make test   - install into .venv, then run the test suite
 # Override PYTHON, VENV or TORCH on the command line, e.g. `make demo TORCH="torch==2.13.0+cu130"`.
 PYTHON ?= python3
@@ -22,6 +23,11 @@ $(STAMP): pyproject.toml $(shell find augment_dali/csrc -type f 2>/dev/null) aug
 
 demo: $(STAMP)
 	$(PY) -m ingest.demo --out demo_output
+	$(PY) -m augment_dali.stats demo_output/dataset --samples 200
+	$(PY) -m augment_dali.preview demo_output/dataset --out demo_output/preview.png
+	$(PY) -m train --config configs/cpu_demo_shards.toml --data demo_output/dataset --out demo_output/train
+	$(PY) -m train.export demo_output/train/checkpoint.pt --out demo_output/backbone.pt
+	$(PY) -m train.plot demo_output/train
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
