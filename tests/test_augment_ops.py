@@ -244,11 +244,17 @@ def test_band_energies_operator_matches_reference(ct, mr, mr_energies):
 def test_energy_bands_constant_and_tiny_images_stay_finite():
     const = np.full((64, 48), 0.37, np.float32)
     tiny = np.random.default_rng(0).random((9, 13)).astype(np.float32)  # sigma 16: radius 48 > side
-    refs = [np.full(6, 0.05, np.float32), np.full(6, 0.05, np.float32)]
-    (ys,), = run_pipeline(_energy_graph, [[const, tiny], refs])
-    assert np.isfinite(ys[0]).all() and np.isfinite(ys[1]).all()
+    own = R.band_energies(tiny)
+    refs = [np.full(6, 0.05, np.float32), np.full(6, 0.05, np.float32), (1.3 * own).astype(np.float32)]
+    (ys,), = run_pipeline(_energy_graph, [[const, tiny, tiny], refs])
+    assert all(np.isfinite(y).all() for y in ys)
     np.testing.assert_allclose(ys[0], const, atol=1e-6)  # every band has energy 0: passed through
-    np.testing.assert_allclose(ys[1], R.energy_bands(tiny, refs[1]), atol=MAX_ERR["energy_bands"])
+    # Fixed targets of 0.05 give the tiny image's residual (energy ~1e-6 after sigma 16) a gain of
+    # ~4e4, which amplifies the float32 rounding of the stored low-pass planes (~3e-8): the tolerance
+    # grows with the largest gain there; moderate gains are held to the usual tolerance.
+    max_gain = (refs[1] / own).max()
+    np.testing.assert_allclose(ys[1], R.energy_bands(tiny, refs[1]), atol=MAX_ERR["energy_bands"] + 1e-7 * max_gain)
+    np.testing.assert_allclose(ys[2], R.energy_bands(tiny, refs[2]), atol=MAX_ERR["energy_bands"])
 
 
 def test_energy_bands_is_nd_ready_on_a_volume(mr):

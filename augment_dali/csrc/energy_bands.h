@@ -8,14 +8,19 @@
 
 #include "math/energy.h"
 #include "math/gaussian.h"
+#include "math/recursive_gaussian.h"
 #include "op_common.h"
 
 namespace medswav {
 
-// Blur kernels of one sample's cascade, packed: band b uses taps[offset[b] .. offset[b] + 2 r[b]].
+// Blur kernels of one sample's cascade. Band b uses the recursive filter recursive[b] when
+// recursive[b].pad > 0 (sigma >= kRecursiveMinSigma), else the exact taps
+// taps[offset[b] .. offset[b] + 2 radius[b]] (packed over all samples).
 struct CascadeKernels {
   std::vector<int> offset, radius;
+  std::vector<RecursiveGaussian> recursive;
   int num_bands() const { return static_cast<int>(radius.size()); }
+  bool is_recursive(int b) const { return recursive[b].pad > 0; }
 };
 
 // EnergiesOnly == false: operator energy_bands (the augmentation).
@@ -46,14 +51,20 @@ class EnergyBandsImpl : public dali::StatelessOperator<Backend> {
       auto &k = kernels_[i];
       k.offset.clear();
       k.radius.clear();
+      k.recursive.clear();
       for (int b = 0; b < nb; b++) {
         float s = sig.data[b];
         DALI_ENFORCE(s > 0 && std::isfinite(s),
                      dali::make_string("medswav.", name, ": sigmas must be > 0, got ", s));
-        auto taps = gaussian_taps(s);
         k.offset.push_back(static_cast<int>(taps_.size()));
         k.radius.push_back(gaussian_radius(s));
-        taps_.insert(taps_.end(), taps.begin(), taps.end());
+        if (s >= kRecursiveMinSigma) {
+          k.recursive.push_back(recursive_gaussian(s));
+        } else {
+          auto taps = gaussian_taps(s);
+          taps_.insert(taps_.end(), taps.begin(), taps.end());
+          k.recursive.push_back(RecursiveGaussian{0, 0, 0, 0, 0});
+        }
       }
       band_shape.set_tensor_shape(i, dali::TensorShape<>(nb + 1));
     }
