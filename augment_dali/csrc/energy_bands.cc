@@ -239,6 +239,70 @@ void rg_lines_dispatch(const RecursiveGaussian &c, const float *src, int64_t str
   rg_lines_sse(c, src, stride, dst, dst_stride, n, buf);
 }
 
+// Lines along the last axis are interleaved for rg_lines by transposing blocks of kLines (8) lines:
+// 8 x 8 tiles in registers (three shuffle stages), leftover columns one by one.
+typedef int v8i __attribute__((vector_size(32)));
+
+inline __attribute__((always_inline)) void transpose8x8(const float *src, int64_t src_stride, float *dst,
+                                                        int64_t dst_stride) {
+  v8f r[8], t[8], u[8];
+  for (int j = 0; j < 8; j++) r[j] = load_v<v8f>(src + j * src_stride);
+  for (int j = 0; j < 8; j += 2) {
+    t[j] = __builtin_shuffle(r[j], r[j + 1], v8i{0, 8, 1, 9, 4, 12, 5, 13});
+    t[j + 1] = __builtin_shuffle(r[j], r[j + 1], v8i{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int j = 0; j < 8; j += 4) {
+    for (int h = 0; h < 2; h++) {
+      u[j + 2 * h] = __builtin_shuffle(t[j + h], t[j + h + 2], v8i{0, 1, 8, 9, 4, 5, 12, 13});
+      u[j + 2 * h + 1] = __builtin_shuffle(t[j + h], t[j + h + 2], v8i{2, 3, 10, 11, 6, 7, 14, 15});
+    }
+  }
+  for (int k = 0; k < 4; k++) {
+    v8f lo = __builtin_shuffle(u[k], u[k + 4], v8i{0, 1, 2, 3, 8, 9, 10, 11});
+    v8f hi = __builtin_shuffle(u[k], u[k + 4], v8i{4, 5, 6, 7, 12, 13, 14, 15});
+    std::memcpy(dst + k * dst_stride, &lo, sizeof(lo));
+    std::memcpy(dst + (k + 4) * dst_stride, &hi, sizeof(hi));
+  }
+}
+
+// to_block: to[q * 8 + j] = from[j * n + q] (8 lines of n -> interleaved); else the inverse.
+inline __attribute__((always_inline)) void interleave_lines(const float *from, float *to, int64_t n,
+                                                            bool to_block) {
+  int64_t q = 0;
+  for (; q + 8 <= n; q += 8) {
+    if (to_block)
+      transpose8x8(from + q, n, to + q * kLines, kLines);
+    else
+      transpose8x8(from + q * kLines, kLines, to + q, n);
+  }
+  for (; q < n; q++)
+    for (int j = 0; j < kLines; j++) {
+      if (to_block)
+        to[q * kLines + j] = from[j * n + q];
+      else
+        to[j * n + q] = from[q * kLines + j];
+    }
+}
+
+void interleave_lines_sse(const float *from, float *to, int64_t n, bool to_block) {
+  interleave_lines(from, to, n, to_block);
+}
+#ifdef MSW_HAVE_AVX2_PATH
+__attribute__((target("avx2"))) void interleave_lines_avx2(const float *from, float *to, int64_t n,
+                                                           bool to_block) {
+  interleave_lines(from, to, n, to_block);
+}
+#endif
+
+void interleave_lines_dispatch(const float *from, float *to, int64_t n, bool to_block) {
+  static_assert(kLines == 8, "8 x 8 tiles");
+#ifdef MSW_HAVE_AVX2_PATH
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return interleave_lines_avx2(from, to, n, to_block);
+#endif
+  interleave_lines_sse(from, to, n, to_block);
+}
+
 // Recursive blur along one axis. Along inner axes, kLines neighbouring columns are already interleaved
 // in memory; lines along the last axis are transposed in blocks of kLines first. Leftover lines run
 // through the scalar recursive_gaussian_line.
@@ -251,13 +315,9 @@ void recursive_axis_cpu(const float *src, float *dst, const AxisExtent &e, const
   if (e.inner == 1) {
     int64_t l = 0;
     for (; l + kLines <= e.outer; l += kLines) {
-      const float *s = src + l * n;
-      for (int q = 0; q < n; q++)
-        for (int j = 0; j < kLines; j++) block[q * kLines + j] = s[j * int64_t(n) + q];
+      interleave_lines_dispatch(src + l * n, block, n, true);
       rg_lines_dispatch(c, block, kLines, block, kLines, n, buf);
-      float *d = dst + l * n;
-      for (int j = 0; j < kLines; j++)
-        for (int q = 0; q < n; q++) d[j * int64_t(n) + q] = block[q * kLines + j];
+      interleave_lines_dispatch(block, dst + l * n, n, false);
     }
     for (; l < e.outer; l++) recursive_gaussian_line(c, src + l * n, 1, dst + l * n, 1, n, buf, 1);
     return;
@@ -289,7 +349,8 @@ void blur_cpu(const float *src, float *dst, float *tmp, const dali::TensorShape<
 
 // Sum and sum of squares of hi - lo (of hi when lo is null), in double: 8 partial sums in two
 // vectors break the add-latency chain (the order differs from the GPU's tree reduction anyway).
-void band_moments(const float *hi, const float *lo, int64_t n, double *sum, double *sum_sq) {
+inline __attribute__((always_inline)) void band_moments_impl(const float *hi, const float *lo, int64_t n,
+                                                              double *sum, double *sum_sq) {
   v4d s[2] = {}, ss[2] = {};
   int64_t p = 0;
   for (; p + 8 <= n; p += 8) {
@@ -313,6 +374,24 @@ void band_moments(const float *hi, const float *lo, int64_t n, double *sum, doub
   }
   *sum = a;
   *sum_sq = aa;
+}
+
+void band_moments_sse(const float *hi, const float *lo, int64_t n, double *sum, double *sum_sq) {
+  band_moments_impl(hi, lo, n, sum, sum_sq);
+}
+#ifdef MSW_HAVE_AVX2_PATH
+__attribute__((target("avx2"))) void band_moments_avx2(const float *hi, const float *lo, int64_t n,
+                                                       double *sum, double *sum_sq) {
+  band_moments_impl(hi, lo, n, sum, sum_sq);
+}
+#endif
+
+void band_moments(const float *hi, const float *lo, int64_t n, double *sum, double *sum_sq) {
+#ifdef MSW_HAVE_AVX2_PATH
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return band_moments_avx2(hi, lo, n, sum, sum_sq);
+#endif
+  band_moments_sse(hi, lo, n, sum, sum_sq);
 }
 
 // combine_bands for every element, evaluated band by band over blocks of elements: the same operations
