@@ -4,6 +4,7 @@
 #define MEDSWAV_ENERGY_BANDS_H_
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "math/energy.h"
@@ -59,7 +60,7 @@ class EnergyBandsImpl : public dali::StatelessOperator<Backend> {
         k.offset.push_back(static_cast<int>(taps_.size()));
         k.radius.push_back(gaussian_radius(s));
         if (s >= kRecursiveMinSigma) {
-          k.recursive.push_back(recursive_gaussian(s));
+          k.recursive.push_back(recursive_for(s));
         } else {
           auto taps = gaussian_taps(s);
           taps_.insert(taps_.end(), taps.begin(), taps.end());
@@ -87,6 +88,16 @@ class EnergyBandsImpl : public dali::StatelessOperator<Backend> {
   void RunImpl(Workspace &ws) override;
 
  private:
+  // Coefficients per sigma, memoised: solving for them takes a bisection (~20 us), every sample and
+  // iteration usually share the same few sigmas.
+  const RecursiveGaussian &recursive_for(float sigma) {
+    for (auto &entry : rg_cache_)
+      if (entry.first == sigma) return entry.second;
+    if (rg_cache_.size() >= 64) rg_cache_.clear();  // per-sample random sigmas: stay bounded
+    rg_cache_.emplace_back(sigma, recursive_gaussian(sigma));
+    return rg_cache_.back().second;
+  }
+
   void RunCPU(Workspace &ws);  // energy_bands.cc
   void RunGPU(Workspace &ws);  // energy_bands.cu
 
@@ -94,6 +105,7 @@ class EnergyBandsImpl : public dali::StatelessOperator<Backend> {
   dali::ArgValue<float, 1> sigmas_;
   std::vector<CascadeKernels> kernels_;
   std::vector<float> taps_;  // all samples' taps, packed (offsets in kernels_)
+  std::vector<std::pair<float, RecursiveGaussian>> rg_cache_;
 };
 
 template <typename Backend>
