@@ -4,8 +4,9 @@ For each modality, R slices are drawn uniformly without replacement (seeded) fro
 through the first steps of the training pipeline, with the same settings: normalisation to [0, 1]
 (augment_dali.normalize), rescaling by s ~ U[scale_range] with sides clamped into size_range, then
 the Gaussian-cascade band energies (standard deviation of each of the len(sigmas) detail bands and of
-the low-pass residual; the math of `augment_dali.reference.band_energies`, run with DALI's gaussian_blur
-for speed). Measuring after the rescale matters: a
+the low-pass residual), measured by the `fn.medswav.band_energies` operator: the very cascade the
+energy_bands augmentation uses (exact taps for sigma < 4, recursive Gaussian from 4 on; its spec is
+`augment_dali.reference.band_energies`). Measuring after the rescale matters: a
 band's energy depends on the image's size in pixels, and the energy_bands operator sees rescaled images.
 
 Writes DATASET/stats/energy.json:
@@ -22,7 +23,6 @@ import argparse
 import dataclasses
 import datetime as _dt
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -68,31 +68,24 @@ def load_energy_stats(root: str | os.PathLike) -> dict:
 def energy_pipeline(sigmas, batch_size: int = 16, num_threads: int = 2, prepare: tuple | None = None):
     """DALI graph: images fed as "images" (float32 HW) -> [len(sigmas) + 1] band energies per image.
 
-    Same cascade as `augment_dali.reference.band_energies` (taps of radius ceil(3 sigma), reflect-101
-    borders, population standard deviation), with DALI's gaussian_blur: equal to the NumPy reference
-    within float32 rounding (tested) and an order of magnitude faster. With `prepare = (method, NormalizeConfig,
-    size_range)` the raw pixels are first normalised and rescaled by the per-sample factors fed as
-    "scales", with the training pipeline's own operators.
+    The `fn.medswav.band_energies` operator: the same cascade code as `fn.medswav.energy_bands`, so the
+    reference energies are measured with the filter they are later compared against; equal to
+    `augment_dali.reference.band_energies` within float32 rounding (tested). With `prepare = (method,
+    NormalizeConfig, size_range)` the raw pixels are first normalised and rescaled by the per-sample
+    factors fed as "scales", with the training pipeline's own operators.
     """
     from nvidia.dali import fn, pipeline_def, types
+
+    import augment_dali  # noqa: F401  (the medswav operators)
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
     def pipe():
         cur = fn.external_source(name="images", layout="HW", dtype=types.FLOAT)
         if prepare is not None:
-            import augment_dali  # noqa: F401  (the medswav operators)
-
             method, normalize, (lo, hi) = prepare
             scales = fn.external_source(name="scales", dtype=types.FLOAT)
             cur = fn.medswav.rescale(normalize_dali(cur, method, normalize), scale=scales, min_size=lo, max_size=hi)
-        energies = []
-        for sigma in sigmas:
-            low = fn.gaussian_blur(cur, sigma=float(sigma), window_size=2 * max(1, math.ceil(3.0 * sigma)) + 1)
-            band = cur - low
-            energies.append(fn.reductions.std_dev(band, fn.reductions.mean(band)))
-            cur = low
-        energies.append(fn.reductions.std_dev(cur, fn.reductions.mean(cur)))
-        return fn.stack(*energies)
+        return fn.medswav.band_energies(cur, sigmas=[float(s) for s in sigmas])
 
     p = pipe()
     p.build()

@@ -3,8 +3,10 @@
 Tolerances (float32 operators vs float64 references, intensities in [0, 1]):
 - gamma, linear: 1e-6 absolute (one float32 rounding of a pow / multiply-add).
 - rescale: 1e-4 absolute (float32 sampling coordinates and weights).
-- energy_bands: 2e-4 absolute (float32 blurs of up to 97 taps, amplified by the band gains);
-  band_energies: 1e-4 relative.
+- energy_bands: 2e-4 absolute (float32 planes from blurs of up to 25 taps and, for sigma >= 4, a
+  recursive filter run in double; rounding amplified by the band gains); band_energies: 1e-4 relative.
+  The NumPy reference runs the same recursive filter; how far that filter is from the exact Gaussian is
+  tested separately (test_recursive_gaussian_approximates_the_exact_gaussian).
 - multicrop: exact (a copy).
 GPU tests compare GPU against CPU operators: 1e-5 absolute (5e-5 for energy_bands, whose energies
 are reduced in a different order on the GPU; 1e-6 for band_energies), multicrop exact.
@@ -244,22 +246,54 @@ def test_band_energies_operator_matches_reference(ct, mr, mr_energies):
 def test_energy_bands_constant_and_tiny_images_stay_finite():
     const = np.full((64, 48), 0.37, np.float32)
     tiny = np.random.default_rng(0).random((9, 13)).astype(np.float32)  # sigma 16: radius 48 > side
-    refs = [np.full(6, 0.05, np.float32), np.full(6, 0.05, np.float32)]
-    (ys,), = run_pipeline(_energy_graph, [[const, tiny], refs])
-    assert np.isfinite(ys[0]).all() and np.isfinite(ys[1]).all()
+    own = R.band_energies(tiny)
+    refs = [np.full(6, 0.05, np.float32), np.full(6, 0.05, np.float32), (1.3 * own).astype(np.float32)]
+    (ys,), = run_pipeline(_energy_graph, [[const, tiny, tiny], refs])
+    assert all(np.isfinite(y).all() for y in ys)
     np.testing.assert_allclose(ys[0], const, atol=1e-6)  # every band has energy 0: passed through
-    np.testing.assert_allclose(ys[1], R.energy_bands(tiny, refs[1]), atol=MAX_ERR["energy_bands"])
+    # Fixed targets of 0.05 give the tiny image's residual (energy ~1e-6 after sigma 16) a gain of
+    # ~4e4, which amplifies the float32 rounding of the stored low-pass planes (~3e-8): the tolerance
+    # grows with the largest gain there; moderate gains are held to the usual tolerance.
+    max_gain = (refs[1] / own).max()
+    np.testing.assert_allclose(ys[1], R.energy_bands(tiny, refs[1]), atol=MAX_ERR["energy_bands"] + 1e-7 * max_gain)
+    np.testing.assert_allclose(ys[2], R.energy_bands(tiny, refs[2]), atol=MAX_ERR["energy_bands"])
 
 
 def test_energy_bands_is_nd_ready_on_a_volume(mr):
-    """3-D input: the cascade blurs along every axis (the 3-D path of METHOD.md comes later)."""
-    vol = np.stack([m[96:160, 96:160] for m in mr] * 4)  # 12 x 64 x 64 from real MR slices
-    own = R.band_energies(vol, (1.0, 2.0))
-    ref = (own * np.array([1.2, 0.8, 1.1])).astype(np.float32)
-    (ys,), = run_pipeline(lambda x, r: fn.medswav.energy_bands(x, ref_energies=r, sigmas=[1.0, 2.0]),
+    """3-D input: the cascade blurs along every axis (the 3-D path of METHOD.md comes later), with
+    exact taps (sigma 1, 2) and the recursive filter (sigma 5) along each of the three axes."""
+    vol = np.stack([m[96:160, 96:163] for m in mr] * 4)  # 12 x 64 x 67 from real MR slices
+    sigmas = (1.0, 2.0, 5.0)
+    own = R.band_energies(vol, sigmas)
+    ref = (own * np.array([1.2, 0.8, 1.1, 0.9])).astype(np.float32)
+    (ys,), = run_pipeline(lambda x, r: fn.medswav.energy_bands(x, ref_energies=r, sigmas=list(sigmas)),
                           [[vol], [ref]])
     assert ys[0].shape == vol.shape
-    np.testing.assert_allclose(ys[0], R.energy_bands(vol, ref, (1.0, 2.0)), atol=MAX_ERR["energy_bands"])
+    np.testing.assert_allclose(ys[0], R.energy_bands(vol, ref, sigmas), atol=MAX_ERR["energy_bands"])
+
+
+def test_recursive_gaussian_approximates_the_exact_gaussian(ct, mr):
+    """Sigmas >= 4 use the recursive filter (constant cost per pixel): its impulse response is within
+    1.2 % of the exact Gaussian's peak, has unit sum and variance sigma^2, and on real slices every band
+    energy is within 1 % of the exact cascade's (so the augmentation is the same up to ~1 %)."""
+    n = 401
+    delta = np.zeros((n, 1))
+    delta[n // 2] = 1.0
+    for sigma in (4.0, 8.0, 16.0):
+        rec = R.recursive_blur_axis0(delta, sigma)[:, 0]
+        exact = R.exact_gaussian_blur(delta[:, 0], sigma)
+        assert np.abs(rec - exact).max() < 0.012 * exact.max(), sigma
+        assert abs(rec.sum() - 1.0) < 1e-6  # unit DC gain (up to the line-end extension)
+        assert abs((rec * (np.arange(n) - n // 2) ** 2).sum() - sigma ** 2) < 1e-3 * sigma ** 2
+        assert np.abs(rec - exact).max() > 1e-4 * exact.max()  # really the recursive filter
+    for x in (ct[0], mr[0]):
+        cur, exact_e = np.asarray(x, np.float64), []
+        for s in R.DEFAULT_SIGMAS:
+            low = R.exact_gaussian_blur(cur, s)
+            exact_e.append((cur - low).std())
+            cur = low
+        exact_e.append(cur.std())
+        np.testing.assert_allclose(R.band_energies(x), exact_e, rtol=0.01)
 
 
 def test_energy_bands_custom_sigmas_need_matching_ref_count(mr):

@@ -22,6 +22,20 @@ __global__ void conv_axis_kernel(const float *src, float *dst, AxisExtent e, con
   }
 }
 
+// The recursive Gaussian along one axis: one thread per line (recursive_gaussian_line, the function
+// the CPU backend runs on its leftover lines). Each thread keeps its causal pass in `buf`, interleaved
+// with the other lines' (stride = number of lines) so that neighbouring threads access memory together.
+__global__ void recursive_axis_kernel(const float *src, float *dst, AxisExtent e, RecursiveGaussian c,
+                                      double *buf) {
+  int64_t lines = e.outer * e.inner;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < lines;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    int64_t o = t / e.inner, i = t % e.inner;
+    int64_t offset = o * e.n * e.inner + i;
+    recursive_gaussian_line(c, src + offset, e.inner, dst + offset, e.inner, e.n, buf + t, lines);
+  }
+}
+
 // Accumulates sum and sum of squares of (hi - lo) (or of hi when lo is null) into moments[0..1].
 __global__ void moments_kernel(const float *hi, const float *lo, int64_t n, double *moments) {
   double s = 0, ss = 0;
@@ -100,6 +114,19 @@ void EnergyBandsImpl<Backend, EnergiesOnly>::RunGPU(Workspace &ws) {
   const float *dev_taps = upload(scratch, stream, taps_);
   // Samples run one after another on the stream, reusing one set of planes: nb low-pass + 1 scratch.
   float *dev_planes = scratch.AllocateGPU<float>((max_nb + 1) * max_vol);
+  int64_t rg_buf = 0;  // doubles for the causal passes of the largest recursive blur along any axis
+  for (int i = 0; i < n; i++) {
+    auto sh = in.shape()[i];
+    const auto &k = kernels_[i];
+    for (int b = 0; b < k.num_bands(); b++) {
+      if (!k.is_recursive(b)) continue;
+      for (int a = 0; a < sh.size(); a++) {
+        auto e = axis_extent(sh, a);
+        rg_buf = std::max(rg_buf, e.outer * e.inner * (e.n + 2 * k.recursive[b].pad));
+      }
+    }
+  }
+  double *dev_rg_buf = rg_buf > 0 ? scratch.AllocateGPU<double>(rg_buf) : nullptr;
   size_t num_moments = 2 * (kMaxBands + 1) * size_t(n);
   double *dev_moments = scratch.AllocateGPU<double>(num_moments);
   CUDA_CALL(cudaMemsetAsync(dev_moments, 0, num_moments * sizeof(double), stream));
@@ -123,8 +150,12 @@ void EnergyBandsImpl<Backend, EnergiesOnly>::RunGPU(Workspace &ws) {
       const float *cur = args.planes[b];
       for (int a = nd - 1; a >= 0; a--) {
         float *dst = ((nd - 1 - a) % 2 == (nd - 1) % 2) ? low : tmp;
-        conv_axis_kernel<<<grid_for(vol), kBlock, 0, stream>>>(cur, dst, axis_extent(sh, a),
-                                                              dev_taps + k.offset[b], k.radius[b]);
+        auto e = axis_extent(sh, a);
+        if (k.is_recursive(b))
+          recursive_axis_kernel<<<grid_for(e.outer * e.inner), kBlock, 0, stream>>>(cur, dst, e, k.recursive[b],
+                                                                                   dev_rg_buf);
+        else
+          conv_axis_kernel<<<grid_for(vol), kBlock, 0, stream>>>(cur, dst, e, dev_taps + k.offset[b], k.radius[b]);
         cur = dst;
       }
       args.planes[b + 1] = low;

@@ -4,18 +4,24 @@
 #define MEDSWAV_ENERGY_BANDS_H_
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "math/energy.h"
 #include "math/gaussian.h"
+#include "math/recursive_gaussian.h"
 #include "op_common.h"
 
 namespace medswav {
 
-// Blur kernels of one sample's cascade, packed: band b uses taps[offset[b] .. offset[b] + 2 r[b]].
+// Blur kernels of one sample's cascade. Band b uses the recursive filter recursive[b] when
+// recursive[b].pad > 0 (sigma >= kRecursiveMinSigma), else the exact taps
+// taps[offset[b] .. offset[b] + 2 radius[b]] (packed over all samples).
 struct CascadeKernels {
   std::vector<int> offset, radius;
+  std::vector<RecursiveGaussian> recursive;
   int num_bands() const { return static_cast<int>(radius.size()); }
+  bool is_recursive(int b) const { return recursive[b].pad > 0; }
 };
 
 // EnergiesOnly == false: operator energy_bands (the augmentation).
@@ -46,14 +52,20 @@ class EnergyBandsImpl : public dali::StatelessOperator<Backend> {
       auto &k = kernels_[i];
       k.offset.clear();
       k.radius.clear();
+      k.recursive.clear();
       for (int b = 0; b < nb; b++) {
         float s = sig.data[b];
         DALI_ENFORCE(s > 0 && std::isfinite(s),
                      dali::make_string("medswav.", name, ": sigmas must be > 0, got ", s));
-        auto taps = gaussian_taps(s);
         k.offset.push_back(static_cast<int>(taps_.size()));
         k.radius.push_back(gaussian_radius(s));
-        taps_.insert(taps_.end(), taps.begin(), taps.end());
+        if (s >= kRecursiveMinSigma) {
+          k.recursive.push_back(recursive_for(s));
+        } else {
+          auto taps = gaussian_taps(s);
+          taps_.insert(taps_.end(), taps.begin(), taps.end());
+          k.recursive.push_back(RecursiveGaussian{0, 0, 0, 0, 0});
+        }
       }
       band_shape.set_tensor_shape(i, dali::TensorShape<>(nb + 1));
     }
@@ -76,6 +88,16 @@ class EnergyBandsImpl : public dali::StatelessOperator<Backend> {
   void RunImpl(Workspace &ws) override;
 
  private:
+  // Coefficients per sigma, memoised: solving for them takes a bisection (~20 us), every sample and
+  // iteration usually share the same few sigmas.
+  const RecursiveGaussian &recursive_for(float sigma) {
+    for (auto &entry : rg_cache_)
+      if (entry.first == sigma) return entry.second;
+    if (rg_cache_.size() >= 64) rg_cache_.clear();  // per-sample random sigmas: stay bounded
+    rg_cache_.emplace_back(sigma, recursive_gaussian(sigma));
+    return rg_cache_.back().second;
+  }
+
   void RunCPU(Workspace &ws);  // energy_bands.cc
   void RunGPU(Workspace &ws);  // energy_bands.cu
 
@@ -83,6 +105,7 @@ class EnergyBandsImpl : public dali::StatelessOperator<Backend> {
   dali::ArgValue<float, 1> sigmas_;
   std::vector<CascadeKernels> kernels_;
   std::vector<float> taps_;  // all samples' taps, packed (offsets in kernels_)
+  std::vector<std::pair<float, RecursiveGaussian>> rg_cache_;
 };
 
 template <typename Backend>

@@ -9,7 +9,7 @@
 #if defined(__CUDACC__)
 #define MSW_HD __host__ __device__ __forceinline__
 #else
-#define MSW_HD inline
+#define MSW_HD inline __attribute__((always_inline))
 #endif
 
 namespace medswav {
