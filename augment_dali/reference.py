@@ -160,7 +160,7 @@ def energy_bands(x: np.ndarray, ref_energies, sigmas=DEFAULT_SIGMAS) -> np.ndarr
 # --- rescale -------------------------------------------------------------------------------------
 
 def rescale_size(shape, scale: float, min_size: int = 600, max_size: int = 1200) -> tuple[int, ...]:
-    """Output shape of ``rescale`` (see docs/README_augment_ops.md, "Rescale rule").
+    """Output shape of ``rescale`` (see docs/AUGMENT_OPERATORS.md, "Rescale rule").
 
     t = scale * shape; the aspect-preserving factor k closest to 1 with min_size <= k * t <= max_size
     on every side is applied (k = clip(1, min_size / min(t), max_size / max(t))); when the aspect ratio

@@ -6,7 +6,7 @@
 // d = 1.41650 +- 1.00829 i, 1.86543, scaled as d^(1/q) with q solved (bisection, double) so that the
 // variance of the whole impulse response equals sigma^2 exactly. Unit gain at DC (a constant stays
 // constant). Against the exact Gaussian, the impulse response differs by at most ~1% of its peak for
-// sigma >= 4 and a smooth image by ~0.3% of its standard deviation (docs/README_augment_ops.md).
+// sigma >= 4 and a smooth image by ~0.3% of its standard deviation (docs/AUGMENT_OPERATORS.md).
 //
 // Borders: every line is extended by pad = ceil(3 sigma) elements on each side with reflect-101
 // (as the FIR path reads them); the causal pass starts in the steady state of the first extended
