@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 from .arrays import SourceError, run_arrays
 
                 try:
-                    summary, stats = run_arrays(cfg, cfg.modality), {}
+                    summary, stats = run_arrays(cfg, cfg.modality)
                 except SourceError as e:
                     raise ConfigError(str(e)) from None
             else:

@@ -284,8 +284,9 @@ def convert_shard(entry: tuple[str, list[dict]], root: str, modality: str, label
     return written
 
 
-def run_arrays(cfg, modality: str) -> dict:
-    """`python -m ingest SOURCE... --modality M`: the whole job for non-DICOM sources."""
+def run_arrays(cfg, modality: str) -> tuple[dict, dict]:
+    """`python -m ingest SOURCE... --modality M`: the whole job for non-DICOM sources.
+    Returns (dataset.json content, this run's counts)."""
     import hashlib
 
     from shards import Dataset, ShardWriter, sample_key, write_errors
@@ -329,6 +330,9 @@ def run_arrays(cfg, modality: str) -> dict:
 
         raise JobFailed(f"{len(failures)} shard task(s) failed: {failures[0][1]}; rerun the same command")
     plan_path.unlink()
+    stats = {"files": len(set(i.source for i in items)), "new_slices": sum(len(v) for v in plan["shards"].values()),
+             "already_ingested": len(items) - sum(len(v) for v in plan["shards"].values()),
+             "shards_written": len(todo), "shards_skipped": len(plan["shards"]) - len(todo)}
     summary = finalize(root, {"arrays_modality": modality, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
                               "shard_size": cfg.shard_size, "salt_fingerprint": fingerprint(salt)})
-    return summary
+    return summary, stats
