@@ -44,8 +44,13 @@ def _first(value):
         return None
 
 
+_GROUPS = ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence")
+
+
 def _functional(ds, frame: int, sequence: str, attribute: str):
     """A value from the per-frame, then shared functional groups (enhanced multi-frame objects)."""
+    if _GROUPS[0] not in ds and _GROUPS[1] not in ds:  # the common case: skip four failed look-ups
+        return None
     for groups, i in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         try:
             item = ds[groups][i]
