@@ -8,6 +8,7 @@ every slice failed has nothing to commit; an empty marker under `_work` records 
 """
 from __future__ import annotations
 
+import json
 import warnings
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from .native import Changed, header_meta, read_frame
 from .pixels import to_stored
 from .plan import spec_path
 from .scan import WORK_DIR, Rejected, _open, error_row, shown_source
@@ -64,37 +66,6 @@ def load_dataset(src: str):
     return ds
 
 
-def _first(value):
-    if value is None or value == "":
-        return None
-    try:
-        if isinstance(value, (list, tuple)) or hasattr(value, "__len__") and not isinstance(value, str):
-            value = value[0]
-        return float(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
-def _functional(ds, frame: int, sequence: str, attribute: str):
-    """A value from the per-frame, then shared functional groups (enhanced multi-frame objects)."""
-    for groups, i in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
-        try:
-            item = ds[groups][i]
-            return item[sequence][0].get(attribute)
-        except (KeyError, IndexError, TypeError, AttributeError):
-            continue
-    return None
-
-
-def frame_rescale(ds, frame: int) -> tuple[float, float]:
-    slope = _functional(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
-    intercept = _functional(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
-    if slope is None:
-        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-    return (_first(slope) if _first(slope) is not None else 1.0,
-            _first(intercept) if _first(intercept) is not None else 0.0)
-
-
 def decode_frame(ds, frame: int) -> np.ndarray:
     """Rule 1 of ingest.pixels: pydicom's decoding of one frame (YBR -> RGB), palette applied."""
     from pydicom.pixels import apply_color_lut, pixel_array
@@ -113,17 +84,23 @@ def decode_frame(ds, frame: int) -> np.ndarray:
 
 def convert_frame(ds, frame: int, max_side: int | None = None):
     """(stored 2-D array, PixelInfo) of one frame: decode + the documented pixel rules."""
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    arr = decode_frame(ds, frame)
-    slope, intercept = frame_rescale(ds, frame)
+    return apply_rules(decode_frame(ds, frame), header_meta(ds, frame), max_side)
+
+
+def apply_rules(arr: np.ndarray, meta: dict, max_side: int | None):
     try:
         return to_stored(
-            arr, photometric=photometric, bits_stored=int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16),
-            signed=int(ds.get("PixelRepresentation") or 0) == 1, slope=slope, intercept=intercept,
-            modality_lut_sequence="ModalityLUTSequence" in ds, max_side=max_side,
+            arr, photometric=meta["photometric"].upper(), bits_stored=meta["rule_bits_stored"],
+            signed=meta["signed"], slope=meta["slope"], intercept=meta["intercept"],
+            modality_lut_sequence=meta["modality_lut_sequence"], max_side=max_side,
         )
     except ValueError as e:
         raise Rejected("unsupported pixels", str(e)) from None
+
+
+def fast_frame(layout: dict, path: str, frame: int, max_side: int | None = None):
+    """Like convert_frame for a file with a native layout (ingest.native): no pydicom parse."""
+    return apply_rules(read_frame(layout, path, frame), layout["meta"], max_side)
 
 
 def all_frames(path: str, max_side: int | None = None) -> list[np.ndarray]:
@@ -133,32 +110,22 @@ def all_frames(path: str, max_side: int | None = None) -> list[np.ndarray]:
     return [convert_frame(ds, f, max_side)[0] for f in range(frames)]
 
 
-def _meta(ds, spec: dict, modality: str, info) -> "SampleMeta":
+def _meta(meta: dict, spec: dict, modality: str, info) -> "SampleMeta":
     from shards import SampleMeta
 
-    frame = spec["frame"]
-    spacing = _functional(ds, frame, "PixelMeasuresSequence", "PixelSpacing") or ds.get("PixelSpacing") \
-        or ds.get("ImagerPixelSpacing")
-    thickness = _functional(ds, frame, "PixelMeasuresSequence", "SliceThickness") or ds.get("SliceThickness")
-    try:
-        spacing = [float(v) * info.downsample for v in spacing] if spacing else None
-    except (TypeError, ValueError):
-        spacing = None
-    center = _functional(ds, frame, "FrameVOILUTSequence", "WindowCenter") or ds.get("WindowCenter")
-    width = _functional(ds, frame, "FrameVOILUTSequence", "WindowWidth") or ds.get("WindowWidth")
-    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    spacing = meta["pixel_spacing"]
     return SampleMeta(
-        modality=modality, split=spec["split"], frame=frame, frames=spec["frames"],
+        modality=modality, split=spec["split"], frame=spec["frame"], frames=spec["frames"],
         sop_hash=spec["sop_hash"], series_hash=spec["series_hash"], study_hash=spec["study_hash"],
         patient_hash=spec["patient_hash"], source_hash=spec["source_hash"],
-        pixel_spacing=spacing, slice_thickness=_first(thickness),
+        pixel_spacing=[v * info.downsample for v in spacing] if spacing else None,
+        slice_thickness=meta["slice_thickness"],
         rescale_slope=info.rescale_slope, rescale_intercept=info.rescale_intercept,
-        rescale_applied=info.rescale_applied,
-        photometric=str(ds.get("PhotometricInterpretation", "") or ""),
-        bits_stored=int(ds.get("BitsStored") or 0), bits_allocated=int(ds.get("BitsAllocated") or 0),
-        pixel_representation=int(ds.get("PixelRepresentation") or 0), transfer_syntax=ts,
-        body_part=str(ds.get("BodyPartExamined", "") or ""), manufacturer=str(ds.get("Manufacturer", "") or ""),
-        window_center=_first(center), window_width=_first(width),
+        rescale_applied=info.rescale_applied, photometric=meta["photometric"],
+        bits_stored=meta["bits_stored"], bits_allocated=meta["bits_allocated"],
+        pixel_representation=meta["pixel_representation"], transfer_syntax=meta["transfer_syntax"],
+        body_part=meta["body_part"], manufacturer=meta["manufacturer"],
+        window_center=meta["window_center"], window_width=meta["window_width"],
     )
 
 
@@ -176,6 +143,7 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
     specs = pq.read_table(spec_path(root, generation, name)).to_pylist()
     cache: OrderedDict[str, object] = OrderedDict()
     failed: set[str] = set()
+    slow: set[str] = set()  # files with a native layout that must take the pydicom path after all
     errors: list[dict] = []
     writer = ShardWriter(root, modality=modality, name=name, label_names=label_names)
     try:
@@ -186,6 +154,18 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
                 if src in failed:
                     continue
                 try:
+                    layout = spec.get("native_layout")
+                    if layout is not None and src not in slow:
+                        layout = json.loads(layout)
+                        try:
+                            pixels, info = fast_frame(layout, src, spec["frame"], max_side)
+                        except (Changed, OSError):
+                            slow.add(src)  # replaced since the scan (or unreadable): pydicom path decides
+                        else:
+                            labels = np.asarray(spec["labels"], dtype=np.float32) if spec["labels"] is not None else None
+                            writer.write(layout["keys"][spec["frame"]], pixels,
+                                         _meta(layout["meta"], spec, modality, info), labels=labels)
+                            continue
                     ds = cache.get(src)
                     if ds is None:
                         ds = load_dataset(src)
@@ -198,7 +178,7 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
                     pixels, info = convert_frame(ds, spec["frame"], max_side)
                     key = sample_key(str(ds.SOPInstanceUID), spec["frame"], salt)
                     labels = np.asarray(spec["labels"], dtype=np.float32) if spec["labels"] is not None else None
-                    writer.write(key, pixels, _meta(ds, spec, modality, info), labels=labels)
+                    writer.write(key, pixels, _meta(header_meta(ds, spec["frame"]), spec, modality, info), labels=labels)
                 except Rejected as e:
                     failed.add(src)
                     cache.pop(src, None)

@@ -55,7 +55,7 @@ SPEC_SCHEMA = pa.schema([
     ("path", pa.string()), ("frame", pa.int32()), ("frames", pa.int32()),
     ("sop_hash", pa.string()), ("series_hash", pa.string()), ("study_hash", pa.string()),
     ("patient_hash", pa.string()), ("source_hash", pa.string()), ("split", pa.string()),
-    ("labels", pa.list_(pa.float32())),
+    ("labels", pa.list_(pa.float32())), ("native_layout", pa.string()),
 ])
 RECORD_SCHEMA = pa.schema([
     ("shard", pa.string()), ("modality", pa.string()), ("split", pa.string()),
@@ -270,6 +270,9 @@ def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
            ("sop_hash", "series_hash", "study_hash", "patient_hash", "source_hash")},
         "split": pa.array(np.where(is_val[slice_row], "val", "train"), pa.string()),
         "labels": label_col.take(slice_row),
+        # inventories written before the fast path have no layouts: every slice takes the pydicom path
+        "native_layout": (inventory.column("native_layout") if "native_layout" in inventory.column_names
+                          else pa.nulls(len(inventory), pa.string())).take(slice_row),
     }, schema=SPEC_SCHEMA)
     u_sop = inventory.column("sop_hash").take(u_row)
     specs: dict[str, pa.Table] = {}

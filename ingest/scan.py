@@ -50,6 +50,7 @@ INVENTORY_SCHEMA = pa.schema([
     ("pixel_length", pa.int64()),       # declared length of the pixel data element; -1 undefined/unknown
     ("pixel_end", pa.int64()),          # file offset where that value ends; -1 undefined/unknown
     ("declared_bytes", pa.int64()),     # rows * cols * frames * samples * bits_allocated / 8
+    ("native_layout", pa.string()),     # JSON for convert's fast path (ingest.native); null: pydicom path
 ])
 PATHS_SCHEMA = pa.schema([("source_hash", pa.string()), ("path", pa.string())])
 
@@ -227,6 +228,8 @@ def read_header(src: str, salt: str, hash_paths: bool) -> dict:
     from pydicom.errors import InvalidDicomError
     from shards import salted_hash
 
+    from .native import native_layout
+
     try:
         fp = _open(src)
     except OSError as e:
@@ -272,6 +275,14 @@ def read_header(src: str, salt: str, hash_paths: bool) -> dict:
             raise
         except Exception as e:
             raise Rejected("bad header value", f"{type(e).__name__}: {str(e)[:200]}") from None
+        layout = None
+        if has_pixels and not float_pixels and length >= 0:
+            try:
+                mtime_ns = os.stat(_local(src)).st_mtime_ns if not _is_url(src) else -1
+                layout = native_layout(ds, src=src, ts=ts, value_start=end - length, value_length=length,
+                                       file_size=size, mtime_ns=mtime_ns, salt=salt)
+            except OSError:
+                layout = None
     source_hash = salted_hash(src, salt)
     return {
         "source": "" if hash_paths else src,
@@ -293,6 +304,7 @@ def read_header(src: str, salt: str, hash_paths: bool) -> dict:
         "pixel_length": length,
         "pixel_end": end,
         "declared_bytes": rows * cols * frames * spp * max(bits_allocated, 1) // 8,
+        "native_layout": layout,
     }
 
 
