@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(PY) -m train.plot demo_output/train
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick
