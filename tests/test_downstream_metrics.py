@@ -95,5 +95,9 @@ def test_robustness_known_answers():
     changes = robustness.robustness_changes(lambda x: x.mean(dim=(1, 2, 3)), images, cfg)
     assert changes.shape == (4, 3)
     assert changes == pytest.approx(np.full((4, 3), 0.5), abs=1e-5)  # 0.5 -> 0.25
+    # q = 0.447 predicts class 0 with p = 0.553; gamma 2 gives q = 0.2, i.e. p = 0.8: a change of 0.447.
+    dark = torch.full((3, 1, 16, 16), 0.2 ** 0.5)
+    flips = robustness.robustness_changes(lambda x: x.mean(dim=(1, 2, 3)), dark, cfg)  # q = 0.447 -> 0.2
+    assert flips == pytest.approx(np.full((3, 3), (0.8 - 0.5528) / 0.5528), abs=1e-4)
     constant = robustness.robustness_changes(lambda x: torch.full((x.shape[0],), 0.3), images, robustness.RobustnessConfig(n_images=4, n_transforms=2))
     assert np.all(constant == 0)

@@ -94,7 +94,7 @@ def write_report(out: Path, header: dict, results: dict) -> Path:
     if "robustness" in results:
         r = results["robustness"]
         plot_robustness(r, out / "robustness.png")
-        lines += ["## Robustness", "", "Relative change |p(T x) - p(x)| / p(x) of the positive-class probability.", "",
+        lines += ["## Robustness", "", "Relative change |p(T x) - p(x)| / p(x) of the probability of the class predicted for x.", "",
                   "| init | median | mean | IQR |", "|---|---|---|---|"]
         for i, v in r["runs"].items():
             lines.append(f"| {i} | {v['median']:.3f} | {v['mean']:.3f} | {v['q25']:.3f} to {v['q75']:.3f} |")

@@ -3,7 +3,10 @@
 Transforms follow the paper: gamma with gamma ~ U[1.8, 2.6] on intensities in [0, 1], a random rotation
 and a random isotropic scaling (both by an affine resampling that keeps the image size). Each of
 `n_images` test images gets `n_transforms` random transforms; the statistic per pair is
-|p(T(x)) - p(x)| / p(x), p being the predicted probability of the positive class.
+|p(T(x)) - p(x)| / p(x), p being the probability of the class predicted for the original image
+(max(q, 1 - q) for a positive-class probability q). Dividing by the positive-class probability itself
+would let confidently negative images (q near 0) dominate with arbitrarily large ratios; the predicted
+class's probability is at least 0.5, so the statistic lies in [0, 1].
 """
 from __future__ import annotations
 
@@ -47,12 +50,16 @@ def random_transform(images: torch.Tensor, generator: torch.Generator, cfg: Robu
 
 @torch.no_grad()
 def robustness_changes(predict_proba, images: torch.Tensor, cfg: RobustnessConfig) -> np.ndarray:
-    """[n_images, n_transforms] relative changes; `predict_proba(images) -> [N]` positive-class probability."""
+    """[n_images, n_transforms] relative changes of the predicted class's probability;
+    `predict_proba(images) -> [N]` gives the positive-class probability."""
     g = torch.Generator().manual_seed(cfg.seed)
     pick = torch.randperm(images.shape[0], generator=g)[: cfg.n_images]
     x = images[pick]
-    p0 = predict_proba(x).cpu().numpy()
+    q0 = predict_proba(x).cpu().numpy().astype(np.float64)
+    positive = q0 >= 0.5
+    p0 = np.where(positive, q0, 1 - q0)
     changes = np.empty((len(pick), cfg.n_transforms))
     for t in range(cfg.n_transforms):
-        changes[:, t] = relative_change(p0, predict_proba(random_transform(x, g, cfg)).cpu().numpy())
+        qt = predict_proba(random_transform(x, g, cfg)).cpu().numpy().astype(np.float64)
+        changes[:, t] = relative_change(p0, np.where(positive, qt, 1 - qt))
     return changes
