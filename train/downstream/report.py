@@ -16,6 +16,17 @@ def _plt():
     return plt
 
 
+def _finish(fig, ax, path: Path, title: str, legend: bool = True) -> None:
+    plt = _plt()
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_label_efficiency(result: dict, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -29,12 +40,7 @@ def plot_label_efficiency(result: dict, path: Path) -> None:
     ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
     ax.set_xlabel("fraction of training labels")
     ax.set_ylabel("test AUC (mean, 95% CI)")
-    ax.set_title("Label efficiency")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, "Label efficiency")
 
 
 def plot_convergence(result: dict, path: Path) -> None:
@@ -47,12 +53,7 @@ def plot_convergence(result: dict, path: Path) -> None:
         ax.fill_between(epochs, curves.min(0), curves.max(0), color=color, alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation AUC")
-    ax.set_title(f"Convergence (speed-up {result['speedup']:.0%})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, f"Convergence (speed-up {result['speedup']:.0%})")
 
 
 def plot_robustness(result: dict, path: Path) -> None:
@@ -61,11 +62,7 @@ def plot_robustness(result: dict, path: Path) -> None:
     inits = list(result["runs"])
     ax.boxplot([result["runs"][i]["per_image_mean"] for i in inits], tick_labels=inits)
     ax.set_ylabel("relative change of p (mean over transforms)")
-    ax.set_title("Robustness to gamma, rotation, scaling")
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, "Robustness to gamma, rotation, scaling", legend=False)
 
 
 def write_report(out: Path, header: dict, results: dict) -> Path:
