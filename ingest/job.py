@@ -30,6 +30,7 @@ from .salt import fingerprint, read_state, resolve_salt, write_state
 from .scan import INVENTORY_DIR, INVENTORY_SCHEMA, WORK_DIR, run_scan_task, scan_tasks
 
 INGEST_VERSION = 1
+SCAN_TASKS_PER_WORKER = 16  # small enough that the last task to finish leaves little idle time
 
 
 class JobFailed(RuntimeError):
@@ -45,7 +46,7 @@ class RunStats:
     shards_skipped: int = 0
     generations: list[int] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # scan, plan, convert, finalize
-    job_seconds: float = 0.0  # from the connected cluster to the written dataset.json
+    job_seconds: float = 0.0  # from the connected cluster to the written dataset.json (before shutdown)
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
@@ -186,15 +187,15 @@ def run(cfg: IngestConfig) -> tuple[dict, RunStats]:
             _log("sources unchanged since the resumed generation: not rescanning (--rescan to force)")
         else:
             _scan_plan_convert(client, root, cfg, salt, labels, label_names, stats)
-    finalize_start = time.perf_counter()
-    summary = finalize(root, {
-        "version": INGEST_VERSION, "generations": planning.generations(root), "hash_paths": cfg.hash_paths,
-        "val_fraction": cfg.val_fraction, "seed": cfg.seed, "shard_size": cfg.shard_size,
-        "max_side": cfg.max_side, "salt_fingerprint": fingerprint(salt),
-        "modality_map": {**planning.MODALITY_MAP, **{k.upper(): v for k, v in cfg.modality_map.items()}},
-    })
-    stats.add_time("finalize", time.perf_counter() - finalize_start)
-    stats.job_seconds = time.perf_counter() - job_start
+        finalize_start = time.perf_counter()
+        summary = finalize(root, {
+            "version": INGEST_VERSION, "generations": planning.generations(root), "hash_paths": cfg.hash_paths,
+            "val_fraction": cfg.val_fraction, "seed": cfg.seed, "shard_size": cfg.shard_size,
+            "max_side": cfg.max_side, "salt_fingerprint": fingerprint(salt),
+            "modality_map": {**planning.MODALITY_MAP, **{k.upper(): v for k, v in cfg.modality_map.items()}},
+        })
+        stats.add_time("finalize", time.perf_counter() - finalize_start)
+        stats.job_seconds = time.perf_counter() - job_start  # the cluster's start and shutdown excluded
     return summary, stats
 
 
@@ -208,7 +209,7 @@ def _scan_plan_convert(client, root: Path, cfg: IngestConfig, salt: str, labels,
     shutil.rmtree(root / WORK_DIR / f"g{g:03d}", ignore_errors=True)
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     try:
-        tasks = scan_tasks(list(cfg.sources), target_tasks=8 * n_workers, files_per_task=cfg.files_per_scan_task)
+        tasks = scan_tasks(list(cfg.sources), target_tasks=SCAN_TASKS_PER_WORKER * n_workers, files_per_task=cfg.files_per_scan_task)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     token = uuid.uuid4().hex[:8]

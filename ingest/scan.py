@@ -146,6 +146,9 @@ def _exists(src: str) -> bool:
     return os.path.exists(_local(src))
 
 
+FOLDERS_PER_TASK = 4
+
+
 def scan_tasks(sources: list[str], target_tasks: int, files_per_task: int, max_depth: int = 4) -> list[ScanTask]:
     """Split the sources into scan tasks by expanding only the top folder levels on the client."""
     loose: list[str] = []
@@ -155,7 +158,9 @@ def scan_tasks(sources: list[str], target_tasks: int, files_per_task: int, max_d
             raise FileNotFoundError(f"source not found: {src}")
         (frontier if _is_dir(src) else loose).append(src)
     depth = 0
-    while frontier and len(frontier) < target_tasks and depth < max_depth:
+    # several folders per task, dealt out round-robin: exports are skewed (a 1000-slice CT series next
+    # to 2-slice X-ray studies) and neighbouring folders tend to be alike, so each task gets a fair mix
+    while frontier and len(frontier) < FOLDERS_PER_TASK * target_tasks and depth < max_depth:
         nxt: list[str] = []
         for d in frontier:
             files, dirs = _list_dir(d)
@@ -169,9 +174,9 @@ def scan_tasks(sources: list[str], target_tasks: int, files_per_task: int, max_d
     for i in range(0, len(loose), per):
         tasks.append(ScanTask(len(tasks), files=loose[i:i + per]))
     frontier = sorted(set(frontier))
-    per = max(1, -(-len(frontier) // max(1, target_tasks)))
-    for i in range(0, len(frontier), per):
-        tasks.append(ScanTask(len(tasks), walk=frontier[i:i + per]))
+    n_walks = min(len(frontier), max(1, target_tasks))
+    for j in range(n_walks):
+        tasks.append(ScanTask(len(tasks), walk=frontier[j::n_walks]))
     return tasks
 
 
@@ -222,12 +227,14 @@ def _pixel_element(fp, ds, offset: int, size: int) -> tuple[bool, bool, int, int
     return True, _PIXEL_TAGS[tag], int(length), start + int(length)
 
 
-def read_header(src: str, salt: str, hash_paths: bool) -> dict:
-    """One inventory row for `src`; raises Rejected for files that are not usable DICOM."""
+def read_header(src: str, salt: str, hash_paths: bool, fast: bool = True) -> dict:
+    """One inventory row for `src`; raises Rejected for files that are not usable DICOM.
+    `fast=False` always parses with pydicom (the reference the fast reader is tested against)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     from shards import salted_hash
 
+    from .header import parse_header
     from .native import native_layout
 
     try:
@@ -240,16 +247,21 @@ def read_header(src: str, salt: str, hash_paths: bool) -> dict:
         fp.seek(0)
         if size == 0:
             raise Rejected("empty file", "zero bytes")
-        try:
+        ds = parse_header(fp, size) if fast else None  # None: pydicom decides (ingest.header)
+        if ds is not None:
+            offset = ds.pixel_offset
+        else:
             try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True)
-            except InvalidDicomError:
-                # no 128-byte preamble / meta header: many old exports; pixels are still recoverable
                 fp.seek(0)
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-            offset = fp.tell()
-        except Exception as e:  # pydicom raises many types on garbage
-            raise Rejected("not DICOM", f"header unreadable: {type(e).__name__}: {str(e)[:200]}") from None
+                try:
+                    ds = pydicom.dcmread(fp, stop_before_pixels=True)
+                except InvalidDicomError:
+                    # no 128-byte preamble / meta header: many old exports; pixels are still recoverable
+                    fp.seek(0)
+                    ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+                offset = fp.tell()
+            except Exception as e:  # pydicom raises many types on garbage
+                raise Rejected("not DICOM", f"header unreadable: {type(e).__name__}: {str(e)[:200]}") from None
         if "SOPInstanceUID" not in ds and "Modality" not in ds:
             raise Rejected("not DICOM", "no SOPInstanceUID and no Modality in what could be parsed")
         ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
@@ -281,7 +293,7 @@ def read_header(src: str, salt: str, hash_paths: bool) -> dict:
                 mtime_ns = os.stat(_local(src)).st_mtime_ns if not _is_url(src) else -1
                 layout = native_layout(ds, src=src, ts=ts, value_start=end - length, value_length=length,
                                        file_size=size, mtime_ns=mtime_ns, salt=salt)
-            except OSError:
+            except Exception:  # pydicom raises many types on odd values: convert's pydicom path decides
                 layout = None
     source_hash = salted_hash(src, salt)
     return {
@@ -356,6 +368,10 @@ def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_pa
                 row = read_header(src, salt, hash_paths)
         except Rejected as e:
             errors.append(error_row(_shown(src, salt, hash_paths), "scan", e.reason, e.detail))
+            continue
+        except Exception as e:  # an exotic file must not fail the whole task: record it, go on
+            errors.append(error_row(_shown(src, salt, hash_paths), "scan", "header unreadable",
+                                    f"{type(e).__name__}: {str(e)[:200]}"))
             continue
         rows.append(row)
         n_rows += 1
