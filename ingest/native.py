@@ -156,17 +156,17 @@ def read_frame(layout: dict, path: str, frame: int) -> np.ndarray:
         if st.st_size != layout["size"] or st.st_mtime_ns != layout["mtime_ns"]:
             raise Changed(path)
         n = layout["frame_bytes"]
-        buf = os.pread(fd, n, layout["start"] + frame * n)
+        buf = np.empty(n, dtype=np.uint8)  # read straight into a writable array: no copy for the shifts
+        got = os.preadv(fd, [buf], layout["start"] + frame * n)
     finally:
         os.close(fd)
-    if len(buf) != n:
+    if got != n:
         raise Changed(path)
-    arr = np.frombuffer(buf, dtype=np.dtype(layout["dtype"]))
+    arr = buf.view(np.dtype(layout["dtype"]))
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     shift = layout["shift"]
     if shift:
-        arr = arr.copy() if not arr.flags.writeable else arr
         np.left_shift(arr, shift, out=arr)
         np.right_shift(arr, shift, out=arr)
     rows, cols, spp = layout["rows"], layout["cols"], layout["spp"]

@@ -63,11 +63,12 @@ def luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def invert_monochrome1(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
+    # both results always fit the dtype, so they are computed in it: -1 - x is two's complement NOT
     if signed:
-        return (-1 - arr.astype(np.int64)).astype(arr.dtype)
-    top = (1 << bits_stored) - 1
-    masked = arr & np.asarray(top, dtype=arr.dtype) if bits_stored < arr.dtype.itemsize * 8 else arr
-    return (top - masked.astype(np.int64)).astype(arr.dtype)
+        return np.invert(arr)
+    top = np.asarray((1 << bits_stored) - 1, dtype=arr.dtype)
+    masked = arr & top if bits_stored < arr.dtype.itemsize * 8 else arr
+    return np.subtract(top, masked, dtype=arr.dtype)
 
 
 def exact_rescale(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray | None:
@@ -83,6 +84,10 @@ def exact_rescale(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray
     for dt in (arr.dtype, *_INT_CANDIDATES):
         info = np.iinfo(dt)
         if info.min <= lo2 and hi2 <= info.max:
+            if s == 1 and dt == arr.dtype:
+                # the usual CT case, in one pass: x + b wraps modulo 2**bits in dt, which is exact
+                # because every result fits dt (b itself may not: it is taken modulo 2**bits as well)
+                return np.add(arr, np.asarray(b).astype(dt), dtype=dt)
             # int32 arithmetic is exact whenever inputs and result fit it (the common case); else int64
             wide = max(abs(lo), abs(hi), abs(s), abs(b), abs(lo2), abs(hi2)) * (abs(s) + 1) < 2**31
             work = arr.astype(np.int32 if wide else np.int64)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 MODALITIES = ("ct", "mr", "xr", "us")
 SPLITS = ("train", "val", "test")  # "test" only where a source brings its own split (e.g. MedMNIST)
@@ -51,10 +51,15 @@ class SampleMeta:
             raise ValueError(f"unknown split {self.split!r}; expected one of {SPLITS}")
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        # a flat dict instead of asdict(), whose recursive deep copy costs more than the encoding
+        values = {name: getattr(self, name) for name in _FIELD_NAMES}
+        return json.dumps(values, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes | str) -> "SampleMeta":
         raw = json.loads(data)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(SampleMeta))

@@ -10,13 +10,13 @@ import io
 import json
 import os
 import tarfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from .checksum import crc32
 from .dataset import Dataset, ShardFiles, summarize
 from .index import read_index
 from .layout import DATASET_JSON, MANIFEST_DIR, SHARDS_DIR, TMP_MARK
@@ -39,7 +39,7 @@ def _file_crc32(path: Path) -> int:
     crc = 0
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
     return crc
 
 
@@ -95,7 +95,7 @@ def verify_shard(root: Path, shard: ShardFiles) -> list[str]:
                     continue
                 f.seek(m.offset)
                 data = f.read(m.size)
-                if zlib.crc32(data) != row[sum_col]:
+                if crc32(data) != row[sum_col]:
                     problems.append(f"{where}: {key}.{ext} checksum mismatch")
                     continue
                 if ext == "npy":

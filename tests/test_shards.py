@@ -123,6 +123,40 @@ def test_tar_is_plain_ustar_with_integer_mtime(dataset):
     assert [m.name for m in members][:2] == [members[0].name.split(".")[0] + ".json", members[0].name.split(".")[0] + ".npy"]
 
 
+def test_tar_is_byte_identical_to_webdatasets_stream_writer(tmp_path, real_slices, monkeypatch):
+    """ShardWriter swaps TarWriter's stream-mode tarfile for a seekable one (and syncs in the background
+    while writing): the bytes must be exactly what webdataset's own TarWriter writes."""
+    import io
+
+    import webdataset
+
+    import shards.writer as writer
+
+    monkeypatch.setattr(writer, "SYNC_EVERY", 1 << 20)  # several background syncs within this small shard
+    reference = io.BytesIO()
+    tw = webdataset.TarWriter(reference, encoder=False, mtime=writer.TAR_MTIME, user="medswav", group="medswav")
+    with shards.ShardWriter(tmp_path, "ct", "ct-g000-000000") as w:
+        for i, (modality, uid, pixels) in enumerate(real_slices):
+            key = shards.sample_key(uid, 0, SALT)
+            meta = shards.SampleMeta(modality="ct", split="train", sop_hash=shards.salted_hash(uid, SALT))
+            w.write(key, pixels, meta)
+            tw.write({"__key__": key, "json": meta.to_json(), "npy": writer.npy_bytes(pixels.astype(pixels.dtype.newbyteorder("<")))})
+    tw.close()
+    written = (tmp_path / "shards" / "ct" / "ct-g000-000000.tar").read_bytes()
+    assert len(written) > 3 << 20 and written == reference.getvalue()
+
+
+def test_checksums_are_zlib_crc32():
+    import zlib
+
+    from shards.checksum import crc32
+
+    data = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    assert crc32(data) == zlib.crc32(data)
+    assert crc32(data[1000:], crc32(data[:1000])) == zlib.crc32(data)  # running value, as the tar's CRC
+    assert crc32(b"") == 0
+
+
 def test_verify_passes_then_catches_a_flipped_byte_anywhere(dataset):
     assert verify(dataset).ok
     shard = shards.Dataset(dataset).shards("ct")[0]
