@@ -10,7 +10,8 @@ realistic series and patients so that the split and the shuffle do real work. Mi
 One run measures (a) the naive baseline: serial dcmread + pixel_array + np.save per slice; (b) the
 decode limit: serial dcmread + pixel_array only, nothing written (what one core can do at best);
 (c) `ingest` with 1 and with 2 workers (embedded LocalCluster), timed from the connected cluster to
-the written dataset.json (scan + plan + convert + finalize; cluster start-up reported separately).
+the written dataset.json (scan + plan + convert + finalize; the cluster's start and shutdown reported
+separately).
 """
 from __future__ import annotations
 
@@ -142,6 +143,22 @@ def decode_limit(files: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def durable_write_rate(folder: Path, size: int = 512 << 20) -> float:
+    """Bytes/s that `folder` takes with an fsync at the end (how shards are committed)."""
+    path = folder / ".medswav-write-test"
+    block = np.random.default_rng(0).integers(0, 255, size=8 << 20, dtype=np.uint8).tobytes()
+    start = time.perf_counter()
+    try:
+        with open(path, "wb") as f:
+            for _ in range(size // len(block)):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        return size / (time.perf_counter() - start)
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def ingest_once(corpus: Path, out: Path, workers: int, shard_size: str) -> dict:
     from ingest.config import build_config
     from ingest.job import run
@@ -151,7 +168,7 @@ def ingest_once(corpus: Path, out: Path, workers: int, shard_size: str) -> dict:
     start = time.perf_counter()
     summary, stats = run(cfg)
     total = time.perf_counter() - start
-    return {"total_s": total, "job_s": stats.job_seconds, "startup_s": total - stats.job_seconds,
+    return {"total_s": total, "job_s": stats.job_seconds, "start_stop_s": total - stats.job_seconds,
             "phases": stats.phase_seconds, "samples": summary["samples"], "bytes": summary["bytes"]}
 
 
@@ -162,6 +179,9 @@ def main(argv=None) -> dict:
                    help="corpus transfer syntax: native = uncompressed as the sources (decode is cheapest, so "
                         "our overhead shows most); jpegls = re-encoded JPEG-LS lossless, as many archives store")
     p.add_argument("--keep", metavar="DIR", help="work folder to keep (default: a temporary folder, removed)")
+    p.add_argument("--out", metavar="DIR", help="where the ingested datasets are written (default: the work "
+                   "folder). Each shard is fsynced before its commit, so a slow disk caps the rate: the "
+                   "storage line of the table shows that cap")
     args = p.parse_args(argv)
     n = args.slices or {("native", True): 1500, ("native", False): 20000,
                         ("jpegls", True): 400, ("jpegls", False): 4000}[(args.syntax, bool(args.quick))]
@@ -182,9 +202,12 @@ def main(argv=None) -> dict:
         warm_cache(files)
         naive_s = naive_baseline(files, work / "naive")
         shutil.rmtree(work / "naive", ignore_errors=True)
+        out_root = Path(args.out) if args.out else work
+        out_root.mkdir(parents=True, exist_ok=True)
+        storage_bps = durable_write_rate(out_root)
         runs = {}
         for workers in (1, 2):
-            out = work / f"ds-{workers}"
+            out = out_root / f"ds-{workers}"
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(Path(str(out) + ".salt"), ignore_errors=True)
             warm_cache(files)
@@ -195,8 +218,11 @@ def main(argv=None) -> dict:
         limit = slices / decode_s
         per_worker = slices / runs[1]["job_s"]
         two = slices / runs[2]["job_s"]
+        shard_bytes_per_slice = runs[1]["bytes"] / slices
         figures = {
             "slices": slices,
+            "storage_write_MBps": storage_bps / 1e6,
+            "storage_limit_slices_per_s": storage_bps / shard_bytes_per_slice,
             "source_bytes": info["bytes"],
             "decode_limit_slices_per_s": limit,
             "naive_slices_per_s": slices / naive_s,
@@ -205,7 +231,7 @@ def main(argv=None) -> dict:
             "ratio_to_limit": per_worker / limit,
             "scaling_1_to_2": two / per_worker,
             "shard_bytes_per_source_byte": runs[1]["bytes"] / info["bytes"],
-            "cluster_startup_s": runs[1]["startup_s"],
+            "cluster_start_stop_s": runs[1]["start_stop_s"],
             "phase_seconds_1_worker": runs[1]["phases"],
             "phase_seconds_2_workers": runs[2]["phases"],
         }
@@ -218,6 +244,8 @@ def main(argv=None) -> dict:
             {"what": "(b) decode limit: dcmread + pixel_array", "slices/s": limit, "vs limit": 1.0},
             {"what": "(a) naive: dcmread + pixel_array + np.save", "slices/s": slices / naive_s,
              "vs limit": slices / naive_s / limit},
+            {"what": f"storage: {storage_bps / 1e6:,.0f} MB/s durable writes to the output", "slices/s":
+             figures["storage_limit_slices_per_s"], "vs limit": figures["storage_limit_slices_per_s"] / limit},
             {"what": "(c) ingest, 1 worker", "slices/s": per_worker, "vs limit": per_worker / limit},
             {"what": "(c) ingest, 2 workers", "slices/s": two, "vs limit": two / limit},
         ]
@@ -227,7 +255,7 @@ def main(argv=None) -> dict:
               f"scaling_1_to_2 {figures['scaling_1_to_2']:.3f} (target >= 1.8)   "
               f"shard bytes / source byte {figures['shard_bytes_per_source_byte']:.3f}")
         print(f"phases, 1 worker (s): " + ", ".join(f"{k} {v:.2f}" for k, v in runs[1]["phases"].items())
-              + f"; cluster start-up {runs[1]['startup_s']:.1f} s (not counted)")
+              + f"; cluster start + shutdown {runs[1]['start_stop_s']:.1f} s (not counted)")
         print(f"phases, 2 workers (s): " + ", ".join(f"{k} {v:.2f}" for k, v in runs[2]["phases"].items()))
         print(f"projection: 100 M slices on 512 workers at this per-worker rate: "
               f"{figures['projection_100M_512_workers_hours']:.1f} h, needing "
