@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -144,16 +145,17 @@ def decode_limit(files: list[str]) -> float:
 
 
 def durable_write_rate(folder: Path, size: int = 512 << 20) -> float:
-    """Bytes/s that `folder` takes with an fsync at the end (how shards are committed)."""
+    """Bytes/s that `folder` takes through shards.ShardFile (how shards are written), fsync included."""
+    from shards.shardfile import ShardFile
+
     path = folder / ".medswav-write-test"
     block = np.random.default_rng(0).integers(0, 255, size=8 << 20, dtype=np.uint8).tobytes()
     start = time.perf_counter()
     try:
-        with open(path, "wb") as f:
-            for _ in range(size // len(block)):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
+        f = ShardFile(path)
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.close(sync=True)
         return size / (time.perf_counter() - start)
     finally:
         path.unlink(missing_ok=True)
@@ -179,6 +181,8 @@ def main(argv=None) -> dict:
                    help="corpus transfer syntax: native = uncompressed as the sources (decode is cheapest, so "
                         "our overhead shows most); jpegls = re-encoded JPEG-LS lossless, as many archives store")
     p.add_argument("--keep", metavar="DIR", help="work folder to keep (default: a temporary folder, removed)")
+    p.add_argument("--repeat", type=int, default=3, metavar="N",
+                   help="rounds of all measurements; the figures are medians (default 3)")
     p.add_argument("--out", metavar="DIR", help="where the ingested datasets are written (default: the work "
                    "folder). Each shard is fsynced before its commit, so a slow disk caps the rate: the "
                    "storage line of the table shows that cap")
@@ -197,43 +201,65 @@ def main(argv=None) -> dict:
               f"(built in {time.perf_counter() - t0:.1f} s) in {corpus}")
         # ~32 shards: enough tasks that 2 workers finish together (at 1e8 slices, 1 GB shards give ~5e4 tasks)
         shard_size = str(max(8 * 10**6, int(info["bytes"] * 1.2 / 32)))
-        warm_cache(files)
-        decode_s = decode_limit(files)
-        warm_cache(files)
-        naive_s = naive_baseline(files, work / "naive")
-        shutil.rmtree(work / "naive", ignore_errors=True)
         out_root = Path(args.out) if args.out else work
         out_root.mkdir(parents=True, exist_ok=True)
-        storage_bps = durable_write_rate(out_root)
-        runs = {}
-        for workers in (1, 2):
-            out = out_root / f"ds-{workers}"
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(Path(str(out) + ".salt"), ignore_errors=True)
-            warm_cache(files)
-            runs[workers] = ingest_once(corpus, out, workers, shard_size)
-            assert runs[workers]["samples"] == info["slices"], runs[workers]
-            shutil.rmtree(out, ignore_errors=True)
         slices = info["slices"]
-        limit = slices / decode_s
-        per_worker = slices / runs[1]["job_s"]
-        two = slices / runs[2]["job_s"]
+        rounds = []
+        for r in range(args.repeat):
+            # every round measures all of them back to back, so that each ratio compares like with like
+            # on a machine whose speed drifts (shared VM: CPU, page cache and disk all vary by +-30%)
+            warm_cache(files)
+            decode_s = decode_limit(files)
+            warm_cache(files)
+            naive_s = naive_baseline(files, work / "naive")
+            shutil.rmtree(work / "naive", ignore_errors=True)
+            storage_bps = durable_write_rate(out_root)
+            runs = {}
+            for workers in (1, 2):
+                out = out_root / f"ds-{workers}"
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(Path(str(out) + ".salt"), ignore_errors=True)
+                warm_cache(files)
+                runs[workers] = ingest_once(corpus, out, workers, shard_size)
+                assert runs[workers]["samples"] == slices, runs[workers]
+                shutil.rmtree(out, ignore_errors=True)
+            one, two = slices / runs[1]["job_s"], slices / runs[2]["job_s"]
+            rounds.append({"decode_limit": slices / decode_s, "naive": slices / naive_s, "storage_bps": storage_bps,
+                           "one": one, "two": two, "ratio": one * decode_s / slices, "scaling": two / one,
+                           "runs": runs})
+            print(f"round {r + 1}/{args.repeat}: decode limit {slices / decode_s:,.0f}, naive {slices / naive_s:,.0f}, "
+                  f"ingest 1 worker {one:,.0f}, 2 workers {two:,.0f} slices/s; storage {storage_bps / 1e6:,.0f} MB/s; "
+                  f"ratio {rounds[-1]['ratio']:.3f}, scaling {rounds[-1]['scaling']:.3f}", flush=True)
+
+        def median(key):
+            return statistics.median(x[key] for x in rounds)
+
+        def median_phases(workers):
+            names = rounds[0]["runs"][workers]["phases"]
+            return {k: statistics.median(x["runs"][workers]["phases"][k] for x in rounds) for k in names}
+
+        limit, naive, storage_bps = median("decode_limit"), median("naive"), median("storage_bps")
+        per_worker, two = median("one"), median("two")
+        runs = rounds[0]["runs"]
         shard_bytes_per_slice = runs[1]["bytes"] / slices
         figures = {
             "slices": slices,
+            "rounds": args.repeat,
             "storage_write_MBps": storage_bps / 1e6,
             "storage_limit_slices_per_s": storage_bps / shard_bytes_per_slice,
             "source_bytes": info["bytes"],
             "decode_limit_slices_per_s": limit,
-            "naive_slices_per_s": slices / naive_s,
+            "naive_slices_per_s": naive,
             "slices_per_s_per_worker": per_worker,
             "slices_per_s_2_workers": two,
-            "ratio_to_limit": per_worker / limit,
-            "scaling_1_to_2": two / per_worker,
+            "ratio_to_limit": median("ratio"),
+            "scaling_1_to_2": median("scaling"),
+            "ratio_to_limit_per_round": [x["ratio"] for x in rounds],
+            "scaling_1_to_2_per_round": [x["scaling"] for x in rounds],
             "shard_bytes_per_source_byte": runs[1]["bytes"] / info["bytes"],
-            "cluster_start_stop_s": runs[1]["start_stop_s"],
-            "phase_seconds_1_worker": runs[1]["phases"],
-            "phase_seconds_2_workers": runs[2]["phases"],
+            "cluster_start_stop_s": statistics.median(x["runs"][1]["start_stop_s"] for x in rounds),
+            "phase_seconds_1_worker": median_phases(1),
+            "phase_seconds_2_workers": median_phases(2),
         }
         # 100 M slices on 512 single-threaded workers, at this machine's per-worker rate and perfect scaling
         # (storage must then deliver 512 x per-worker x bytes/slice)
@@ -242,14 +268,14 @@ def main(argv=None) -> dict:
         figures["projection_read_GBps"] = per_worker * 512 * bytes_per_slice / 1e9
         rows = [
             {"what": "(b) decode limit: dcmread + pixel_array", "slices/s": limit, "vs limit": 1.0},
-            {"what": "(a) naive: dcmread + pixel_array + np.save", "slices/s": slices / naive_s,
-             "vs limit": slices / naive_s / limit},
+            {"what": "(a) naive: dcmread + pixel_array + np.save", "slices/s": naive, "vs limit": naive / limit},
             {"what": f"storage: {storage_bps / 1e6:,.0f} MB/s durable writes to the output", "slices/s":
              figures["storage_limit_slices_per_s"], "vs limit": figures["storage_limit_slices_per_s"] / limit},
             {"what": "(c) ingest, 1 worker", "slices/s": per_worker, "vs limit": per_worker / limit},
             {"what": "(c) ingest, 2 workers", "slices/s": two, "vs limit": two / limit},
         ]
-        print_table(f"ingest benchmark ({args.syntax}): {slices:,} slices, {info['bytes'] / 1e9:.2f} GB, serial rates are one core",
+        print_table(f"ingest benchmark ({args.syntax}): {slices:,} slices, {info['bytes'] / 1e9:.2f} GB, serial rates are one "
+                    f"core; medians of {args.repeat} round(s)",
                     rows, ["what", "slices/s", "vs limit"])
         print(f"\nratio_to_limit {figures['ratio_to_limit']:.3f} (target >= 0.85)   "
               f"scaling_1_to_2 {figures['scaling_1_to_2']:.3f} (target >= 1.8)   "
@@ -261,7 +287,8 @@ def main(argv=None) -> dict:
               f"{figures['projection_100M_512_workers_hours']:.1f} h, needing "
               f"{figures['projection_read_GBps']:.1f} GB/s of storage reads (and about as much written)")
         write_json(args.json, "ingest", figures, {"quick": args.quick, "slices": slices, "shard_size": shard_size,
-                                                 "syntax": args.syntax})
+                                                 "syntax": args.syntax, "repeat": args.repeat,
+                                                 "out": str(args.out) if args.out else "work folder"})
         return figures
     finally:
         if not args.keep:

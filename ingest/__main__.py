@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reduce images larger than this by an integer block mean (default: keep full size)")
     s.add_argument("--frames-per-unit", type=int, metavar="N",
                    help="multi-frame files are shuffled in runs of N frames (default 16)")
+    s.add_argument("--no-direct-io", dest="direct_io", action="store_const", const=False,
+                   help="write shards through the page cache instead of O_DIRECT (which is used where the "
+                        "filesystem supports it: it spares the workers' CPU and the source files' cache)")
     d = p.add_argument_group("split, order, labels, privacy")
     d.add_argument("--val-fraction", type=float, metavar="F", help="share of patients in the val split (default 0.05)")
     d.add_argument("--seed", type=int, help="shuffle seed (default 0)")
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             max_pixel_bytes=parse_size(args.max_pixel_bytes) if args.max_pixel_bytes else None,
             max_side=args.max_side, frames_per_unit=args.frames_per_unit, val_fraction=args.val_fraction,
             seed=args.seed, labels=args.labels, salt=salt, hash_paths=args.hash_paths, rescan=args.rescan,
-            modality=args.modality,
+            modality=args.modality, direct_io=args.direct_io,
         )
         from .finalize import report
         from .job import JobFailed, run

@@ -258,13 +258,14 @@ def _plan(items: list[Item], job: ArraysJob, salt: str, plan_id: str) -> dict:
     return {"id": plan_id, "modality": job.modality, "shards": dict(zip(names, shards))}
 
 
-def convert_shard(entry: tuple[str, list[dict]], root: str, modality: str, label_names: list[str], salt: str) -> int:
+def convert_shard(entry: tuple[str, list[dict]], root: str, modality: str, label_names: list[str], salt: str,
+                  direct_io: bool = True) -> int:
     """One Dask task: write one shard of non-DICOM images; unreadable images go to errors/."""
     from shards import SampleMeta, ShardWriter, salted_hash, sample_key, write_errors
 
     name, specs = entry
     errors, written = [], 0
-    with ShardWriter(root, modality, name, label_names=label_names) as writer:
+    with ShardWriter(root, modality, name, label_names=label_names, direct_io=direct_io) as writer:
         for spec in specs:
             item = Item(spec["source"], spec["locator"], spec["split"], None, 0)
             try:
@@ -324,7 +325,7 @@ def run_arrays(cfg, modality: str) -> tuple[dict, dict]:
     with dask_client(cfg) as client:
         _, failures = run_phase(client, "convert", convert_shard, todo, key_of=lambda e: f"arrays-{e[0]}",
                                 progress=cfg.progress, root=str(root), modality=modality,
-                                label_names=label_names, salt=salt)
+                                label_names=label_names, salt=salt, direct_io=cfg.direct_io)
     if failures:
         from .job import JobFailed
 

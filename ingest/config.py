@@ -59,6 +59,7 @@ class IngestConfig:
     max_side: int | None = None                        # downsample (integer block mean) above this side
     frames_per_unit: int = 16                          # multi-frame files are planned in runs of this many frames
     files_per_scan_task: int = 2000                    # scan task granularity for folders listed by the client
+    direct_io: bool = True                             # write shards with O_DIRECT where the filesystem allows
     # identity and privacy
     salt: str | None = None                            # else env MEDSWAV_SALT, else DATASET.salt file
     hash_paths: bool = False                           # keep only salted hashes of source paths

@@ -130,7 +130,7 @@ def _meta(meta: dict, spec: dict, modality: str, info) -> "SampleMeta":
 
 
 def run_convert_task(root: str, generation: int, name: str, modality: str, label_names: list[str],
-                     salt: str, max_side: int | None, hash_paths: bool) -> dict:
+                     salt: str, max_side: int | None, hash_paths: bool, direct_io: bool = True) -> dict:
     """Dask task: write shard `name` from its slice list. Idempotent: a committed shard is left alone."""
     from shards import ShardWriter, sample_key, salted_hash, write_errors
 
@@ -145,7 +145,7 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
     failed: set[str] = set()
     slow: set[str] = set()  # files with a native layout that must take the pydicom path after all
     errors: list[dict] = []
-    writer = ShardWriter(root, modality=modality, name=name, label_names=label_names)
+    writer = ShardWriter(root, modality=modality, name=name, label_names=label_names, direct_io=direct_io)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -76,8 +76,8 @@ def run_phase(client, desc: str, fn: Callable, items: list, key_of: Callable[[An
     if not items:
         return [], []
     futures = {}
-    for item in items:
-        fut = client.submit(fn, item, key=key_of(item), pure=False, **kwargs)
+    for rank, item in enumerate(items):  # started in the order given (callers put the longest first)
+        fut = client.submit(fn, item, key=key_of(item), pure=False, priority=len(items) - rank, **kwargs)
         futures[fut] = item
     results, failures = [], []
     with tqdm(total=len(futures), desc=desc, unit="task", disable=not progress, file=sys.stderr,

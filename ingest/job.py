@@ -102,8 +102,10 @@ def _previous_error_keys(root: Path, skip_prefixes: tuple[str, ...]) -> set[tupl
 def _convert_generation(client, root: Path, g: int, cfg: IngestConfig, salt: str, label_names: list[str],
                         stats: RunStats) -> None:
     meta = planning.read_plan_meta(root, g)
-    todo = [(name, info["modality"]) for name, info in sorted(meta["shards"].items())
-            if not shard_done(root, g, info["modality"], name)]
+    # largest shards first (each modality's and split's last shard is a remainder): the workers then
+    # run out of work together instead of one finishing a big shard while the others idle
+    by_size = sorted(meta["shards"].items(), key=lambda kv: (-kv[1].get("est_bytes", 0), kv[0]))
+    todo = [(name, info["modality"]) for name, info in by_size if not shard_done(root, g, info["modality"], name)]
     stats.shards_skipped += len(meta["shards"]) - len(todo)
     if todo:
         _log(f"generation g{g:03d}: {len(todo)} of {len(meta['shards'])} shard(s) to write")
@@ -112,7 +114,7 @@ def _convert_generation(client, root: Path, g: int, cfg: IngestConfig, salt: str
     results, failures = run_phase(
         client, f"convert g{g:03d}", _convert_item, todo, key_of=lambda it: f"convert-{it[0]}-{token}",
         progress=cfg.progress, root=str(root), generation=g, label_names=label_names, salt=salt,
-        max_side=meta.get("max_side"), hash_paths=meta.get("hash_paths", False))
+        max_side=meta.get("max_side"), hash_paths=meta.get("hash_paths", False), direct_io=cfg.direct_io)
     stats.add_time("convert", time.perf_counter() - start)
     stats.shards_written += sum(1 for r in results if not r["skipped"])
     if failures:

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import tarfile
-import threading
 import uuid
 from pathlib import Path
 from typing import Sequence
@@ -23,60 +22,16 @@ from .index import Member, write_index
 from .layout import idx_path, manifest_path, tar_path, temporary
 from .manifest import LABEL_NAMES_META, MANIFEST_SCHEMA, TAR_CRC32_META, TAR_SIZE_META, write_parquet_atomically
 from .sample import SampleMeta
+from .shardfile import ShardFile
 
 # A fixed integer mtime keeps tars reproducible and avoids PAX headers (a float mtime adds ~1 KB/member).
 TAR_MTIME = 0
-TAR_COPY_BUFFER = 1 << 30
-SYNC_EVERY = 8 << 20  # larger than any member: tarfile copies a member's data in one read + write
+TAR_COPY_BUFFER = 1 << 30  # larger than any member: tarfile copies a member's data in one read + write
 
 
 def checksum(data: bytes) -> int:
     """CRC-32 of a member: catches flipped bits and truncation at several GB/s (not a security hash)."""
     return crc32(data)
-
-
-class _HashingFile:
-    """File wrapper that checksums every byte written, so the whole tar's CRC costs no second read.
-
-    It also hands the written data to the disk while the shard is still being written: every
-    SYNC_EVERY bytes a background thread runs fdatasync, so the fsync before the commit only waits
-    for the last few megabytes instead of the whole shard (the worker would sit idle meanwhile).
-    """
-
-    def __init__(self, path: Path):
-        self._file = open(path, "wb")
-        self.crc = 0
-        self.size = 0
-        self._synced = 0
-        self._sync: threading.Thread | None = None
-
-    def write(self, data) -> int:
-        if self._file.closed:  # an aborted shard: tarfile's stream flushes late from __del__
-            return len(data)
-        self.crc = crc32(data, self.crc)
-        self.size += len(data)
-        written = self._file.write(data)
-        if self.size - self._synced >= SYNC_EVERY and (self._sync is None or not self._sync.is_alive()):
-            self._file.flush()
-            self._synced = self.size
-            self._sync = threading.Thread(target=os.fdatasync, args=(self._file.fileno(),), daemon=True)
-            self._sync.start()
-        return written
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self, sync: bool = False) -> None:
-        if self._sync is not None:
-            self._sync.join()  # never close the descriptor under a running fdatasync
-        if not self._file.closed:
-            if sync:
-                self._file.flush()
-                os.fsync(self._file.fileno())
-            self._file.close()
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -94,7 +49,8 @@ class ShardWriter:
     ...     w.write(key, pixels, meta)
     """
 
-    def __init__(self, root: str | os.PathLike, modality: str, name: str, label_names: Sequence[str] = ()):
+    def __init__(self, root: str | os.PathLike, modality: str, name: str, label_names: Sequence[str] = (),
+                 direct_io: bool = True):
         if "." in name or "/" in name:
             raise ValueError(f"shard name {name!r} must not contain '.' or '/'")
         self.root = Path(root)
@@ -110,7 +66,7 @@ class ShardWriter:
         self._keys: set[str] = set()
         from webdataset import TarWriter  # imported here: webdataset is slow to import
 
-        self._file = _HashingFile(self._tmp_tar)
+        self._file = ShardFile(self._tmp_tar, direct=direct_io)  # O_DIRECT where the filesystem allows
         self._tarwriter = TarWriter(io.BytesIO(), encoder=False, mtime=TAR_MTIME, user="medswav", group="medswav")
         # TarWriter opens its tarfile in stream mode ("w|"), which re-buffers every byte through 10 KB
         # records (four copies and ~50 Python calls per CT slice). The same tar written to our seekable

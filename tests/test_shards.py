@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -123,19 +124,22 @@ def test_tar_is_plain_ustar_with_integer_mtime(dataset):
     assert [m.name for m in members][:2] == [members[0].name.split(".")[0] + ".json", members[0].name.split(".")[0] + ".npy"]
 
 
-def test_tar_is_byte_identical_to_webdatasets_stream_writer(tmp_path, real_slices, monkeypatch):
-    """ShardWriter swaps TarWriter's stream-mode tarfile for a seekable one (and syncs in the background
-    while writing): the bytes must be exactly what webdataset's own TarWriter writes."""
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_tar_is_byte_identical_to_webdatasets_stream_writer(tmp_path, real_slices, monkeypatch, direct_io):
+    """ShardWriter swaps TarWriter's stream-mode tarfile for a seekable one and writes it in background
+    blocks (O_DIRECT or buffered): the bytes must be exactly what webdataset's own TarWriter writes."""
     import io
 
     import webdataset
 
+    import shards.shardfile as shardfile
     import shards.writer as writer
 
-    monkeypatch.setattr(writer, "SYNC_EVERY", 1 << 20)  # several background syncs within this small shard
+    monkeypatch.setattr(shardfile, "BLOCK", 64 << 10)  # many blocks, members straddling them
     reference = io.BytesIO()
     tw = webdataset.TarWriter(reference, encoder=False, mtime=writer.TAR_MTIME, user="medswav", group="medswav")
-    with shards.ShardWriter(tmp_path, "ct", "ct-g000-000000") as w:
+    with shards.ShardWriter(tmp_path, "ct", "ct-g000-000000", direct_io=direct_io) as w:
+        assert w._file.direct == direct_io or _filesystem(tmp_path) == "tmpfs"  # ext4 / xfs take O_DIRECT
         for i, (modality, uid, pixels) in enumerate(real_slices):
             key = shards.sample_key(uid, 0, SALT)
             meta = shards.SampleMeta(modality="ct", split="train", sop_hash=shards.salted_hash(uid, SALT))
@@ -144,6 +148,43 @@ def test_tar_is_byte_identical_to_webdatasets_stream_writer(tmp_path, real_slice
     tw.close()
     written = (tmp_path / "shards" / "ct" / "ct-g000-000000.tar").read_bytes()
     assert len(written) > 3 << 20 and written == reference.getvalue()
+
+
+def _filesystem(path) -> str:
+    """The type of the filesystem holding `path` (longest mount point in /proc/mounts)."""
+    best, kind = "", ""
+    for line in open("/proc/mounts"):
+        _, mount, fs = line.split()[:3]
+        if str(path).startswith(mount) and len(mount) > len(best):
+            best, kind = mount, fs
+    return kind
+
+
+def test_shard_file_switches_to_buffered_writes_when_o_direct_is_refused(tmp_path, monkeypatch):
+    """Some filesystems accept O_DIRECT at open and refuse the writes (EINVAL): the file must carry on
+    with ordinary writes and still hold exactly the bytes given."""
+    import errno
+    import fcntl
+
+    import shards.shardfile as shardfile
+
+    real_pwrite, refused = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(shardfile.os, "pwrite", pwrite)
+    monkeypatch.setattr(shardfile, "BLOCK", 1 << 20)
+    data = np.random.default_rng(1).integers(0, 256, (3 << 20) + 123, dtype=np.uint8).tobytes()
+    f = shardfile.ShardFile(tmp_path / "x.tar")
+    assert f.direct or _filesystem(tmp_path) == "tmpfs"
+    f.write(data[:5]), f.write(data[5:])
+    f.close(sync=True)
+    assert (tmp_path / "x.tar").read_bytes() == data and not f.direct
+    assert refused == [0] or _filesystem(tmp_path) == "tmpfs"
 
 
 def test_checksums_are_zlib_crc32():

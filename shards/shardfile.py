@@ -1,0 +1,146 @@
+"""ShardFile: the file object a shard's tar is written to.
+
+A shard is written once, sequentially, and read much later by other machines, so the page cache only
+gets in the way: on an ingestion node whose memory is full of source files, every page of a buffered
+write must first be reclaimed from that cache and later written back by the kernel. On the 2-core
+development VM, writing 4 GiB buffered (then fsync) took 3 to 10.6 CPU-seconds, varying from run to
+run with the cache's state; with O_DIRECT it took 0.2.
+ShardFile therefore writes with O_DIRECT where the filesystem allows it: bytes are gathered in
+page-aligned blocks and a background thread writes each full block straight to the device while the
+next one fills (the worker computes, the disk writes). The last block is padded to the alignment and
+the file truncated to its true size. Filesystems without O_DIRECT (tmpfs, many FUSE mounts) get
+ordinary writes of the same blocks, each followed by fdatasync in the same background thread, so the
+fsync before a shard's commit never waits for a whole shard either.
+
+Every byte also goes through CRC-32 on the way, so the whole tar's checksum costs no second read.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import threading
+from pathlib import Path
+
+from .checksum import crc32
+
+BLOCK = 2 << 20  # bytes per background write: small enough that a commit rarely waits on one
+ALIGN = 4096     # O_DIRECT offset / length / address alignment (mmap memory is page-aligned)
+
+
+class ShardFile:
+    """Write-only, sequential, checksummed; `close(sync=True)` returns once the bytes are durable."""
+
+    def __init__(self, path: str | os.PathLike, direct: bool = True):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.direct = False
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._fd = os.open(path, flags | os.O_DIRECT, 0o644)
+                self.direct = True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+        if not self.direct:
+            self._fd = os.open(path, flags, 0o644)
+        self.path = Path(path)
+        self.crc = 0
+        self.size = 0
+        self._blocks = [mmap.mmap(-1, BLOCK), mmap.mmap(-1, BLOCK)]
+        self._current = 0     # index of the block being filled
+        self._fill = 0        # bytes in it
+        self._offset = 0      # file offset of its first byte
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.closed = False
+
+    # ------------------------------------------------------------ file-object interface used by tarfile
+    def write(self, data) -> int:
+        if self.closed:
+            raise ValueError(f"write to closed shard file {self.path}")
+        view = memoryview(data).cast("B")
+        n = len(view)
+        self.crc = crc32(view, self.crc)
+        self.size += n
+        pos = 0
+        while pos < n:
+            block = self._blocks[self._current]
+            k = min(BLOCK - self._fill, n - pos)
+            block[self._fill:self._fill + k] = view[pos:pos + k]
+            self._fill += k
+            pos += k
+            if self._fill == BLOCK:
+                self._hand_off(BLOCK)
+        return n
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass  # blocks are written as they fill; close(sync=True) makes everything durable
+
+    # ------------------------------------------------------------ background writes
+    def _hand_off(self, length: int) -> None:
+        """Write the current block (its first `length` bytes) in the background; fill the other one."""
+        self._wait()
+        block, offset = self._blocks[self._current], self._offset
+        self._writer = threading.Thread(target=self._write_block, args=(block, length, offset), daemon=True)
+        self._writer.start()
+        self._offset += length
+        self._current ^= 1
+        self._fill = 0
+
+    def _write_block(self, block: mmap.mmap, length: int, offset: int) -> None:
+        try:
+            view = memoryview(block)[:length]
+            done = 0
+            while done < length:
+                try:
+                    done += os.pwrite(self._fd, view[done:], offset + done)
+                except OSError as e:
+                    if not (self.direct and e.errno == errno.EINVAL):
+                        raise
+                    self._buffered()  # the filesystem opened with O_DIRECT but refuses its writes
+            if not self.direct:
+                os.fdatasync(self._fd)
+        except BaseException as e:  # re-raised in the writing thread at the next hand-off or close
+            self._error = e
+
+    def _buffered(self) -> None:
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
+
+    def _wait(self) -> None:
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    # ------------------------------------------------------------ end
+    def close(self, sync: bool = False) -> None:
+        """sync=True: write the rest and return once the whole file is durable (the commit's precondition).
+        sync=False: stop writing (an aborted shard, whose file the caller deletes)."""
+        if self.closed:
+            return
+        try:
+            if sync:
+                self._wait()  # first: a failed O_DIRECT write may have switched to buffered writes
+                if self._fill:
+                    # O_DIRECT writes whole aligned blocks: pad, then cut the file to its true size
+                    self._hand_off(-(-self._fill // ALIGN) * ALIGN if self.direct else self._fill)
+                    self._wait()
+                    os.ftruncate(self._fd, self.size)
+                os.fsync(self._fd)
+            else:
+                try:
+                    self._wait()
+                except Exception:
+                    pass  # the shard is being thrown away
+        finally:
+            self.closed = True
+            os.close(self._fd)
+            for block in self._blocks:
+                block.close()
