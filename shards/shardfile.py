@@ -8,9 +8,9 @@ run with the cache's state; with O_DIRECT it took 0.2.
 ShardFile therefore writes with O_DIRECT where the filesystem allows it: bytes are gathered in
 page-aligned blocks and a background thread writes each full block straight to the device while the
 next one fills (the worker computes, the disk writes). The last block is padded to the alignment and
-the file truncated to its true size. Filesystems without O_DIRECT (tmpfs, many FUSE mounts) get
-ordinary writes of the same blocks, each followed by fdatasync in the same background thread, so the
-fsync before a shard's commit never waits for a whole shard either.
+the file truncated to its true size. Filesystems without O_DIRECT (older tmpfs, many FUSE mounts)
+get ordinary writes, with a background fdatasync every SYNC_EVERY bytes, so that the fsync before a
+shard's commit never waits for a whole shard either.
 
 Every byte also goes through CRC-32 on the way, so the whole tar's checksum costs no second read.
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 from .checksum import crc32
 
 BLOCK = 2 << 20  # bytes per background write: small enough that a commit rarely waits on one
+SYNC_EVERY = 8 << 20  # without O_DIRECT: bytes between background fdatasyncs
 ALIGN = 4096     # O_DIRECT offset / length / address alignment (mmap memory is page-aligned)
 
 
@@ -53,6 +54,8 @@ class ShardFile:
         self._offset = 0      # file offset of its first byte
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._sync: threading.Thread | None = None  # buffered mode's background fdatasync
+        self._synced = 0
         self.closed = False
 
     # ------------------------------------------------------------ file-object interface used by tarfile
@@ -63,6 +66,9 @@ class ShardFile:
         n = len(view)
         self.crc = crc32(view, self.crc)
         self.size += n
+        if not self.direct:
+            self._drain_blocks()
+            return self._write_buffered(view)
         pos = 0
         while pos < n:
             block = self._blocks[self._current]
@@ -102,16 +108,44 @@ class ShardFile:
                     if not (self.direct and e.errno == errno.EINVAL):
                         raise
                     self._buffered()  # the filesystem opened with O_DIRECT but refuses its writes
-            if not self.direct:
-                os.fdatasync(self._fd)
         except BaseException as e:  # re-raised in the writing thread at the next hand-off or close
             self._error = e
+
+    def _drain_blocks(self) -> None:
+        """After a switch from O_DIRECT: write what the blocks still hold, so offsets stay contiguous."""
+        if self._writer is None and not self._fill:
+            return
+        self._wait()
+        if self._fill:
+            block = memoryview(self._blocks[self._current])[:self._fill]
+            done = 0
+            while done < self._fill:
+                done += os.pwrite(self._fd, block[done:], self._offset + done)
+            self._offset += self._fill
+            self._fill = 0
+
+    def _write_buffered(self, view: memoryview) -> int:
+        """Without O_DIRECT: a plain write (a copy into the page cache), and every SYNC_EVERY bytes an
+        fdatasync in the background, skipped while the previous one still runs, so that the commit's
+        fsync finds little left to write and the worker never waits for the disk before it."""
+        offset = self.size - len(view)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+        if self.size - self._synced >= SYNC_EVERY and (self._sync is None or not self._sync.is_alive()):
+            self._synced = self.size
+            self._sync = threading.Thread(target=os.fdatasync, args=(self._fd,), daemon=True)
+            self._sync.start()
+        return len(view)
 
     def _buffered(self) -> None:
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         self.direct = False
 
     def _wait(self) -> None:
+        if self._sync is not None:
+            self._sync.join()  # never fsync or close the descriptor under a running fdatasync
+            self._sync = None
         if self._writer is not None:
             self._writer.join()
             self._writer = None
