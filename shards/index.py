@@ -35,8 +35,13 @@ def format_index(samples: list[list[Member]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_index(path: str | os.PathLike, samples: list[list[Member]]) -> None:
-    Path(path).write_text(format_index(samples), encoding="ascii")
+def write_index(path: str | os.PathLike, samples: list[list[Member]], sync: bool = False) -> None:
+    """sync=True: durable on return (the writer commits the manifest part only after the index)."""
+    with open(path, "w", encoding="ascii") as f:
+        f.write(format_index(samples))
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def read_index(path: str | os.PathLike) -> list[list[Member]]:

@@ -165,7 +165,7 @@ class ShardWriter:
             os.replace(self._tmp_tar, self._tar)
             idx = idx_path(self.root, self.modality, self.name)
             tmp_idx = temporary(idx, self._token)
-            write_index(tmp_idx, self._samples)
+            write_index(tmp_idx, self._samples, sync=True)  # durable before the manifest commits the shard
             os.replace(tmp_idx, idx)
             table = pa.Table.from_pylist(self._rows, schema=MANIFEST_SCHEMA)
             meta = {
