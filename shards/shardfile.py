@@ -6,8 +6,8 @@ write must first be reclaimed from that cache and later written back by the kern
 development VM, writing 4 GiB buffered (then fsync) took 3 to 10.6 CPU-seconds, varying from run to
 run with the cache's state; with O_DIRECT it took 0.2.
 ShardFile therefore writes with O_DIRECT where the filesystem allows it: bytes are gathered in
-page-aligned blocks and a background thread writes each full block straight to the device while the
-next one fills (the worker computes, the disk writes). The last block is padded to the alignment and
+page-aligned blocks and background threads write each full block straight to the device, up to
+IN_FLIGHT at once, while the next one fills (the worker computes, the disk writes). The last block is padded to the alignment and
 the file truncated to its true size. Filesystems without O_DIRECT (older tmpfs, many FUSE mounts)
 get ordinary writes, with a background fdatasync every SYNC_EVERY bytes, so that the fsync before a
 shard's commit never waits for a whole shard either.
@@ -26,6 +26,7 @@ from pathlib import Path
 from .checksum import crc32
 
 BLOCK = 2 << 20  # bytes per background write: small enough that a commit rarely waits on one
+IN_FLIGHT = 2    # O_DIRECT writes at once: the disk's queue never runs dry while a block fills
 SYNC_EVERY = 8 << 20  # without O_DIRECT: bytes between background fdatasyncs
 ALIGN = 4096     # O_DIRECT offset / length / address alignment (mmap memory is page-aligned)
 
@@ -48,11 +49,11 @@ class ShardFile:
         self.path = Path(path)
         self.crc = 0
         self.size = 0
-        self._blocks = [mmap.mmap(-1, BLOCK), mmap.mmap(-1, BLOCK)]
+        self._blocks = [mmap.mmap(-1, BLOCK) for _ in range(IN_FLIGHT + 1)]
         self._current = 0     # index of the block being filled
         self._fill = 0        # bytes in it
         self._offset = 0      # file offset of its first byte
-        self._writer: threading.Thread | None = None
+        self._writers: list[threading.Thread] = []  # writes in flight, oldest first
         self._error: BaseException | None = None
         self._sync: threading.Thread | None = None  # buffered mode's background fdatasync
         self._synced = 0
@@ -88,32 +89,37 @@ class ShardFile:
 
     # ------------------------------------------------------------ background writes
     def _hand_off(self, length: int) -> None:
-        """Write the current block (its first `length` bytes) in the background; fill the other one."""
-        self._wait()
+        """Write the current block (its first `length` bytes) in the background; fill the next one
+        (once the write that last used it has finished)."""
         block, offset = self._blocks[self._current], self._offset
-        self._writer = threading.Thread(target=self._write_block, args=(block, length, offset), daemon=True)
-        self._writer.start()
+        writer = threading.Thread(target=self._write_block, args=(block, length, offset), daemon=True)
+        writer.start()
+        self._writers.append(writer)
         self._offset += length
-        self._current ^= 1
+        self._current = (self._current + 1) % len(self._blocks)
         self._fill = 0
+        if len(self._writers) > IN_FLIGHT:
+            self._writers.pop(0).join()  # the block about to be filled is free again
+        self._raise_error()
 
     def _write_block(self, block: mmap.mmap, length: int, offset: int) -> None:
         try:
             view = memoryview(block)[:length]
-            done = 0
+            done, retried = 0, False
             while done < length:
                 try:
                     done += os.pwrite(self._fd, view[done:], offset + done)
                 except OSError as e:
-                    if not (self.direct and e.errno == errno.EINVAL):
+                    if e.errno != errno.EINVAL or retried:
                         raise
                     self._buffered()  # the filesystem opened with O_DIRECT but refuses its writes
+                    retried = True
         except BaseException as e:  # re-raised in the writing thread at the next hand-off or close
             self._error = e
 
     def _drain_blocks(self) -> None:
         """After a switch from O_DIRECT: write what the blocks still hold, so offsets stay contiguous."""
-        if self._writer is None and not self._fill:
+        if not self._writers and not self._fill:
             return
         self._wait()
         if self._fill:
@@ -146,9 +152,11 @@ class ShardFile:
         if self._sync is not None:
             self._sync.join()  # never fsync or close the descriptor under a running fdatasync
             self._sync = None
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
+        while self._writers:
+            self._writers.pop(0).join()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
