@@ -14,8 +14,8 @@ the written dataset.json (scan + plan + convert + finalize; the cluster's start 
 separately). Each configuration runs on as many cores as it has workers (client, scheduler and kernel
 work included), the serial baselines on one core: "per worker" means per core. Every round measures
 all of them back to back; the figures are medians over the rounds. The storage line is the output
-folder's write rate from 2 concurrent shards.ShardFile: when 2 workers' rate times bytes per slice nears
-it, the disk, not ingestion, sets the 2-worker figure.
+folder's write rate through shards.ShardFile (one writer): when 2 workers' rate times bytes per slice
+nears it, the disk, not ingestion, sets the 2-worker figure.
 """
 from __future__ import annotations
 
@@ -128,72 +128,6 @@ def warm_cache(files: list[str]) -> None:
         with open(f, "rb") as fh:
             while fh.read(1 << 22):
                 pass
-
-
-@contextmanager
-def on_cores(n: int | None):
-    """Run the block (and every process it starts) on the first n cores this process may use; None: all.
-
-    Without it, "1 worker" would also get the idle second core for its writer thread, the kernel's
-    page-cache work, the Dask scheduler and the client, which 2 workers then have to share: each
-    configuration gets exactly as many cores as it has workers, and the serial baselines one core."""
-    if n is None or not hasattr(os, "sched_setaffinity"):
-        yield
-        return
-    allowed = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, allowed[:n])
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, allowed)
-
-
-def naive_baseline(files: list[str], out: Path) -> float:
-    import pydicom
-
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    for i, f in enumerate(files):
-        np.save(out / f"{i:07d}.npy", pydicom.dcmread(f).pixel_array)
-    return time.perf_counter() - start
-
-
-def decode_limit(files: list[str]) -> float:
-    import pydicom
-
-    start = time.perf_counter()
-    for f in files:
-        pydicom.dcmread(f).pixel_array
-    return time.perf_counter() - start
-
-
-def durable_write_rate(folder: Path, size: int = 512 << 20, writers: int = 2) -> float:
-    """Bytes/s that `folder` takes from `writers` concurrent shards.ShardFile (as from that many workers),
-    fsync included: what the storage lets 2 workers write at best."""
-    import threading
-
-    from shards.shardfile import ShardFile
-
-    block = np.random.default_rng(0).integers(0, 255, size=8 << 20, dtype=np.uint8).tobytes()
-    paths = [folder / f".medswav-write-test-{i}" for i in range(writers)]
-
-    def write(path: Path) -> None:
-        f = ShardFile(path)
-        for _ in range(size // len(block)):
-            f.write(block)
-        f.close(sync=True)
-
-    threads = [threading.Thread(target=write, args=(p,)) for p in paths]
-    start = time.perf_counter()
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return writers * size / (time.perf_counter() - start)
-    finally:
-        for p in paths:
-            p.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -365,7 +299,7 @@ def main(argv=None) -> dict:
         rows = [
             {"what": "(b) decode limit: dcmread + pixel_array", "slices/s": limit, "vs limit": 1.0},
             {"what": "(a) naive: dcmread + pixel_array + np.save", "slices/s": naive, "vs limit": naive / limit},
-            {"what": f"storage: 2 writers, {storage_bps / 1e6:,.0f} MB/s durable", "slices/s":
+            {"what": f"storage: {storage_bps / 1e6:,.0f} MB/s durable writes", "slices/s":
              figures["storage_limit_slices_per_s"], "vs limit": figures["storage_limit_slices_per_s"] / limit},
             {"what": "(c) ingest, 1 worker", "slices/s": per_worker, "vs limit": per_worker / limit},
             {"what": "(c) ingest, 2 workers", "slices/s": two, "vs limit": two / limit},
