@@ -21,31 +21,32 @@ DALI_SCHEMA(medswav__Linear)
     .AddOptionalArg("shift", "Additive offset b (units of the [0, 1] range), per sample.", 0.0f, true);
 
 namespace medswav {
+namespace {
 
-template <>
-void Gamma<CPUBackend>::RunImpl(Workspace &ws) {
+// out[k] = px(in[k]) over every pixel of sample i, px = make_px(i); samples on the thread pool.
+template <typename MakePx>
+void map_pixels(Workspace &ws, MakePx make_px) {
   const auto &in = ws.Input<CPUBackend>(0);
   auto &out = ws.Output<CPUBackend>(0);
   out.SetLayout(in.GetLayout());
   for_each_sample(ws, in.shape(), [&](int i) {
     const float *src = in.tensor<float>(i);
     float *dst = out.mutable_tensor<float>(i);
-    float g = arg_at(gamma_, i);
-    for (int64_t k = 0, n = in.shape().tensor_size(i); k < n; k++) dst[k] = gamma_px(src[k], g);
+    const auto px = make_px(i);
+    for (int64_t k = 0, n = in.shape().tensor_size(i); k < n; k++) dst[k] = px(src[k]);
   });
+}
+
+}  // namespace
+
+template <>
+void Gamma<CPUBackend>::RunImpl(Workspace &ws) {
+  map_pixels(ws, [&](int i) { return GammaPx{arg_at(gamma_, i)}; });
 }
 
 template <>
 void Linear<CPUBackend>::RunImpl(Workspace &ws) {
-  const auto &in = ws.Input<CPUBackend>(0);
-  auto &out = ws.Output<CPUBackend>(0);
-  out.SetLayout(in.GetLayout());
-  for_each_sample(ws, in.shape(), [&](int i) {
-    const float *src = in.tensor<float>(i);
-    float *dst = out.mutable_tensor<float>(i);
-    float a = arg_at(scale_, i), b = arg_at(shift_, i);
-    for (int64_t k = 0, n = in.shape().tensor_size(i); k < n; k++) dst[k] = linear_px(src[k], a, b);
-  });
+  map_pixels(ws, [&](int i) { return LinearPx{arg_at(scale_, i), arg_at(shift_, i)}; });
 }
 
 }  // namespace medswav

@@ -9,6 +9,19 @@
 
 namespace medswav {
 
+// The per-pixel functors of the two operators: one sample's arguments bound to the shared formula of
+// math/intensity.h. Both backends apply them through one element-wise loop (map_pixels in the .cc and
+// the .cu), so the operators differ only in which functor they build per sample.
+struct GammaPx {
+  float gamma;
+  MSW_HD float operator()(float x) const { return gamma_px(x, gamma); }
+};
+
+struct LinearPx {
+  float scale, shift;
+  MSW_HD float operator()(float x) const { return linear_px(x, scale, shift); }
+};
+
 // out = clamp(x, 0, 1) ** gamma, gamma per sample (> 0).
 template <typename Backend>
 class Gamma : public dali::StatelessOperator<Backend> {
