@@ -7,8 +7,8 @@ development VM, writing 4 GiB buffered (then fsync) took 3 to 10.6 CPU-seconds, 
 run with the cache's state; with O_DIRECT it took 0.2.
 ShardFile therefore writes with O_DIRECT where the filesystem allows it: bytes are gathered in
 page-aligned blocks and background threads write each full block straight to the device, up to
-IN_FLIGHT at once, while the next one fills (the worker computes, the disk writes). The last block is padded to the alignment and
-the file truncated to its true size. Filesystems without O_DIRECT (older tmpfs, many FUSE mounts)
+IN_FLIGHT at once, while the next one fills (the worker computes, the disk writes). The last block
+is padded to the alignment and the file truncated to its true size. Filesystems without O_DIRECT (older tmpfs, many FUSE mounts)
 get ordinary writes, with a background fdatasync every SYNC_EVERY bytes, so that the fsync before a
 shard's commit never waits for a whole shard either.
 
@@ -102,18 +102,21 @@ class ShardFile:
             self._writers.pop(0).join()  # the block about to be filled is free again
         self._raise_error()
 
+    def _pwrite_all(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+
     def _write_block(self, block: mmap.mmap, length: int, offset: int) -> None:
         try:
             view = memoryview(block)[:length]
-            done, retried = 0, False
-            while done < length:
-                try:
-                    done += os.pwrite(self._fd, view[done:], offset + done)
-                except OSError as e:
-                    if e.errno != errno.EINVAL or retried:
-                        raise
-                    self._buffered()  # the filesystem opened with O_DIRECT but refuses its writes
-                    retried = True
+            try:
+                self._pwrite_all(view, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._buffered()  # the filesystem opened with O_DIRECT but refuses its writes
+                self._pwrite_all(view, offset)
         except BaseException as e:  # re-raised in the writing thread at the next hand-off or close
             self._error = e
 
@@ -123,10 +126,7 @@ class ShardFile:
             return
         self._wait()
         if self._fill:
-            block = memoryview(self._blocks[self._current])[:self._fill]
-            done = 0
-            while done < self._fill:
-                done += os.pwrite(self._fd, block[done:], self._offset + done)
+            self._pwrite_all(memoryview(self._blocks[self._current])[:self._fill], self._offset)
             self._offset += self._fill
             self._fill = 0
 
@@ -134,10 +134,7 @@ class ShardFile:
         """Without O_DIRECT: a plain write (a copy into the page cache), and every SYNC_EVERY bytes an
         fdatasync in the background, skipped while the previous one still runs, so that the commit's
         fsync finds little left to write and the worker never waits for the disk before it."""
-        offset = self.size - len(view)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], offset + done)
+        self._pwrite_all(view, self.size - len(view))
         if self.size - self._synced >= SYNC_EVERY and (self._sync is None or not self._sync.is_alive()):
             self._synced = self.size
             self._sync = threading.Thread(target=os.fdatasync, args=(self._fd,), daemon=True)
