@@ -231,10 +231,10 @@ def main(argv=None) -> dict:
         out_root.mkdir(parents=True, exist_ok=True)
         slices = info["slices"]
         rounds = []
+        one_core = None if args.no_pin else 1
         for r in range(args.repeat):
             # every round measures all of them back to back, so that each ratio compares like with like
             # on a machine whose speed drifts (shared VM: CPU, page cache and disk all vary by +-30%)
-            one_core = None if args.no_pin else 1
             warm_cache(files)
             with on_cores(one_core):
                 decode_s = decode_limit(files)
@@ -310,9 +310,10 @@ def main(argv=None) -> dict:
         print(f"\nratio_to_limit {figures['ratio_to_limit']:.3f} (target >= 0.85)   "
               f"scaling_1_to_2 {figures['scaling_1_to_2']:.3f} (target >= 1.8)   "
               f"shard bytes / source byte {figures['shard_bytes_per_source_byte']:.3f}")
-        print(f"phases, 1 worker (s): " + ", ".join(f"{k} {v:.2f}" for k, v in runs[1]["phases"].items())
-              + f"; cluster start + shutdown {runs[1]['start_stop_s']:.1f} s (not counted)")
-        print(f"phases, 2 workers (s): " + ", ".join(f"{k} {v:.2f}" for k, v in runs[2]["phases"].items()))
+        for workers in (1, 2):
+            phases = figures[f"phase_seconds_{workers}_worker{'s' if workers > 1 else ''}"]
+            print(f"phases, {workers} worker(s), medians (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+        print(f"cluster start + shutdown {figures['cluster_start_stop_s']:.1f} s (not counted)")
         print(f"projection: 100 M slices on 512 workers at this per-worker rate: "
               f"{figures['projection_100M_512_workers_hours']:.1f} h, needing "
               f"{figures['projection_read_GBps']:.1f} GB/s of storage reads (and about as much written)")

@@ -211,7 +211,8 @@ def _scan_plan_convert(client, root: Path, cfg: IngestConfig, salt: str, labels,
     shutil.rmtree(root / WORK_DIR / f"g{g:03d}", ignore_errors=True)
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     try:
-        tasks = scan_tasks(list(cfg.sources), target_tasks=SCAN_TASKS_PER_WORKER * n_workers, files_per_task=cfg.files_per_scan_task)
+        tasks = scan_tasks(list(cfg.sources), target_tasks=SCAN_TASKS_PER_WORKER * n_workers,
+                           files_per_task=cfg.files_per_scan_task)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     token = uuid.uuid4().hex[:8]

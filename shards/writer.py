@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
-
 import numpy as np
 import pyarrow as pa
 
