@@ -84,17 +84,16 @@ def exact_rescale(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray
     for dt in (arr.dtype, *_INT_CANDIDATES):
         info = np.iinfo(dt)
         if info.min <= lo2 and hi2 <= info.max:
-            if s == 1 and dt == arr.dtype:
-                # the usual CT case, in one pass: x + b wraps modulo 2**bits in dt, which is exact
-                # because every result fits dt (b itself may not: it is taken modulo 2**bits as well)
-                return np.add(arr, np.asarray(b).astype(dt), dtype=dt)
-            # int32 arithmetic is exact whenever inputs and result fit it (the common case); else int64
-            wide = max(abs(lo), abs(hi), abs(s), abs(b), abs(lo2), abs(hi2)) * (abs(s) + 1) < 2**31
-            work = arr.astype(np.int32 if wide else np.int64)
-            work *= s
-            work += b
-            return work.astype(dt, copy=False)
+            # computed in dt itself, modulo 2**bits: exact, because every result fits dt (x, s and b
+            # need not: they wrap on the way and the wrapped result is still the true one)
+            work = arr if s == 1 else np.multiply(arr, _wrapped(s, dt), dtype=dt, casting="unsafe")
+            return np.add(work, _wrapped(b, dt), dtype=dt, casting="unsafe")
     return None
+
+
+def _wrapped(value: int, dt: np.dtype) -> np.ndarray:
+    """`value` modulo 2**bits as a scalar of integer dtype dt."""
+    return np.array(value % (1 << (8 * dt.itemsize)), dtype=np.uint64).astype(dt)
 
 
 def block_mean(arr: np.ndarray, max_side: int) -> tuple[np.ndarray, int]:

@@ -234,3 +234,39 @@ def test_no_identifying_header_value_reaches_shards_or_manifests(ingested):
         elif not re.fullmatch(r"[\d.+-]+", v) and v.encode() in binary:
             leaks.append((v, where, "tar bytes"))
     assert not leaks, leaks[:10]
+
+
+def test_rescale_and_inversion_are_exact_in_every_integer_dtype():
+    """Rules 3 and 4 compute in the stored dtype (modulo 2**bits, with wrapping inputs): against Python's
+    unbounded integers, every result that fits the first of (stored dtype, int16, int32) must be exact in
+    that dtype, and the others refused."""
+    from ingest.pixels import exact_rescale, invert_monochrome1
+
+    rng = np.random.default_rng(7)
+    exact = refused = 0
+    for dt in (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32):
+        info = np.iinfo(dt)
+        for _ in range(300):
+            s = int(rng.choice([1, -1, 2, 3, -7, 1000, 10**6, 10**12]))
+            b = int(rng.integers(-2**40, 2**40)) if rng.random() < 0.2 else int(rng.integers(-5000, 5000))
+            x = rng.integers(info.min, info.max, size=50, endpoint=True)
+            if rng.random() < 0.6:
+                x = x // (abs(s) * int(rng.choice([1, 16, 4096])))
+            x = x.astype(dt)
+            want = [s * int(v) + b for v in x]
+            fits = [np.dtype(d) for d in (dt, np.int16, np.int32)
+                    if np.iinfo(d).min <= min(want) and max(want) <= np.iinfo(d).max]
+            got = exact_rescale(x, float(s), float(b))
+            if not fits:
+                assert got is None
+                refused += 1
+                continue
+            assert got.dtype == fits[0] and [int(v) for v in got] == want, (dt, s, b)
+            exact += 1
+        x = rng.integers(info.min, info.max, size=1000, endpoint=True).astype(dt)
+        for bits in ([info.bits] if info.min < 0 else [info.bits, info.bits - 3, 1]):
+            top = (1 << bits) - 1
+            want = [-1 - int(v) for v in x] if info.min < 0 else [top - (int(v) & top) for v in x]
+            got = invert_monochrome1(x, bits, info.min < 0)
+            assert got.dtype == dt and [int(v) for v in got] == want
+    assert exact > 1000 and refused > 500
