@@ -32,12 +32,17 @@ class FitResult:
     model: nn.Module | None = None                         # the selected (best validation AUC) model
 
 
-def build_encoder(arch: str, pretrained: str | Path | None) -> nn.Module:
-    """A fresh encoder of `arch`, initialised from an exported backbone file (`python -m train.export`) when given."""
+def build_encoder(arch: str, pretrained: str | Path | None, seed: int = 0) -> nn.Module:
+    """A fresh encoder of `arch`, initialised from an exported backbone file (`python -m train.export`) when
+    given, else randomly from `seed` (so that a random-init run is as reproducible as a pretrained one)."""
     from train.export import load_backbone
     from train.models import build_encoder as _build
 
-    return load_backbone(pretrained, arch) if pretrained else _build(arch)
+    if pretrained:
+        return load_backbone(pretrained, arch)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(seed)
+        return _build(arch)
 
 
 class Classifier(nn.Module):

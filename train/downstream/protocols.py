@@ -64,7 +64,7 @@ def label_efficiency(data: LabelledData, pretrained: str, cfg: ProtocolConfig, l
             train = _subset(data["train"], subsets[f])
             for init in INITS:
                 start = time.time()
-                encoder = build_encoder(cfg.arch, pretrained if init == "pretrained" else None)
+                encoder = build_encoder(cfg.arch, pretrained if init == "pretrained" else None, seed=cfg.seed + r)
                 result = fit(encoder, data.n_outputs, data.task, train, data["val"], _fit_config(cfg, cfg.seed + r))
                 scores = predict(result.model, test.images, data.task, device=cfg.device)
                 auc = metrics.auc(test.labels, scores, data.task)
@@ -96,7 +96,7 @@ def convergence_protocol(data: LabelledData, pretrained: str, cfg: ProtocolConfi
     for init in INITS:
         curves, epochs = [], []
         for r in range(cfg.repeats):
-            encoder = build_encoder(cfg.arch, pretrained if init == "pretrained" else None)
+            encoder = build_encoder(cfg.arch, pretrained if init == "pretrained" else None, seed=cfg.seed + r)
             result = fit(encoder, data.n_outputs, data.task, train, data["val"], _fit_config(cfg, cfg.seed + r))
             curves.append(result.val_curve)
             epochs.append(convergence.epochs_to_fraction_of_best(result.val_curve, 0.98))
