@@ -22,8 +22,14 @@ examples:
   python -m ingest s3://bucket/dicom --out /data/ds --scheduler tcp://head:8786 --shard-size 1GB
   python -m ingest /pacs --out /data/ds --labels findings.csv --config ingest.toml
 
+lock: one job writes a dataset at a time (DATASET/ingest.lock, with owner, host and a heartbeat); a second
+job is refused with status 2. A lock whose process on this host is gone, or whose heartbeat is older than
+--lock-timeout, is stale and taken over.
+
 exit status: 0 when the job finished (rejected files are listed in DATASET/errors), 1 when some tasks
-failed (rerun to retry), 2 when the job could not run (bad arguments, config, scheduler, sources).
+failed or the dataset's file system failed (disk full: rerun to retry), 2 when the job could not run
+(bad arguments, config, scheduler, sources, an --out that is a file or a foreign non-empty folder or not
+writable, a dataset locked by another job).
 """
 
 
@@ -66,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep only salted hashes of source paths in inventory/ and errors/")
     d.add_argument("--rescan", action="store_const", const=True,
                    help="rescan the sources even when resuming with unchanged sources")
+    d.add_argument("--lock-timeout", type=float, metavar="SECONDS",
+                   help="a dataset lock (DATASET/ingest.lock) whose heartbeat is older than this is stale and "
+                        "taken over (default 600)")
     return p.parse_args(argv)
 
 
@@ -84,10 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             max_pixel_bytes=parse_size(args.max_pixel_bytes) if args.max_pixel_bytes else None,
             max_side=args.max_side, frames_per_unit=args.frames_per_unit, val_fraction=args.val_fraction,
             seed=args.seed, labels=args.labels, salt=salt, hash_paths=args.hash_paths, rescan=args.rescan,
-            modality=args.modality, direct_io=args.direct_io,
+            modality=args.modality, direct_io=args.direct_io, lock_timeout=args.lock_timeout,
         )
         from .finalize import report
         from .job import JobFailed, run
+        from .lock import LockLost
 
         try:
             if cfg.modality:
@@ -100,12 +110,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 summary, stats = run(cfg)
                 stats = vars(stats)
-        except JobFailed as e:
+        except (JobFailed, LockLost) as e:
             print(f"ingest: {e}", file=sys.stderr)
             return 1
     except ConfigError as e:
         print(f"ingest: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the dataset's file system failed under the job (disk full, I/O error)
+        print(f"ingest: error: {e}; rerun the same command once it is fixed", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ingest: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -288,6 +288,16 @@ def convert_shard(entry: tuple[str, list[dict]], root: str, modality: str, label
 def run_arrays(cfg, modality: str) -> tuple[dict, dict]:
     """`python -m ingest SOURCE... --modality M`: the whole job for non-DICOM sources.
     Returns (dataset.json content, this run's counts)."""
+    from .job import make_dataset_folder, check_out_folder
+    from .lock import DatasetLock
+
+    check_out_folder(cfg.root, list(cfg.sources))
+    make_dataset_folder(cfg.root)
+    with DatasetLock(cfg.root, cfg.lock_timeout):  # one writer per dataset, as for DICOM sources
+        return _run_arrays_locked(cfg, modality)
+
+
+def _run_arrays_locked(cfg, modality: str) -> tuple[dict, dict]:
     import hashlib
 
     from shards import Dataset, ShardWriter, sample_key, write_errors
@@ -297,7 +307,6 @@ def run_arrays(cfg, modality: str) -> tuple[dict, dict]:
     from .salt import fingerprint, read_state, resolve_salt, write_state
 
     root = cfg.root
-    root.mkdir(parents=True, exist_ok=True)
     salt, origin = resolve_salt(root, cfg.salt)
     print(f"salt: from {origin}", file=sys.stderr)
     if not read_state(root):

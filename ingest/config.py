@@ -74,6 +74,7 @@ class IngestConfig:
     # behaviour
     rescan: bool = False                               # rescan sources even when resuming the same job
     progress: bool = True
+    lock_timeout: float = 600.0                        # seconds without heartbeat after which a dataset lock is stale
 
     def validate(self) -> "IngestConfig":
         if not self.sources:
@@ -88,6 +89,10 @@ class IngestConfig:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_side is not None and self.max_side < 1:
             raise ConfigError(f"max_side must be >= 1, got {self.max_side}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"--seed must be an integer >= 0, got {self.seed!r}")  # numpy seeds are unsigned
+        if not isinstance(self.lock_timeout, (int, float)) or not self.lock_timeout > 0:
+            raise ConfigError(f"--lock-timeout must be positive, got {self.lock_timeout}")
         if self.frames_per_unit < 1 or self.files_per_scan_task < 1:
             raise ConfigError("frames_per_unit and files_per_scan_task must be >= 1")
         from .plan import PARTITIONS

@@ -11,10 +11,13 @@ generation planned go into a new generation.
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import os
 import shutil
 import sys
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +29,8 @@ from .config import ConfigError, IngestConfig
 from .convert import run_convert_task, shard_done
 from .engine import dask_client, run_phase
 from .finalize import finalize, report
-from .salt import fingerprint, read_state, resolve_salt, write_state
+from .lock import LOCK_FILE, DatasetLock
+from .salt import ENV, STATE_FILE, fingerprint, read_state, resolve_salt, salt_file, write_state
 from .scan import INVENTORY_DIR, INVENTORY_SCHEMA, WORK_DIR, run_scan_task, scan_tasks
 
 INGEST_VERSION = 1
@@ -99,16 +103,10 @@ def _previous_error_keys(root: Path, skip_prefixes: tuple[str, ...]) -> set[tupl
     return seen
 
 
-def _convert_generation(client, root: Path, g: int, cfg: IngestConfig, salt: str, label_names: list[str],
-                        stats: RunStats) -> None:
-    meta = planning.read_plan_meta(root, g)
-    # largest shards first (each modality's and split's last shard is a remainder): the workers then
-    # run out of work together instead of one finishing a big shard while the others idle
-    by_size = sorted(meta["shards"].items(), key=lambda kv: (-kv[1].get("est_bytes", 0), kv[0]))
-    todo = [(name, info["modality"]) for name, info in by_size if not shard_done(root, g, info["modality"], name)]
-    stats.shards_skipped += len(meta["shards"]) - len(todo)
-    if todo:
-        _log(f"generation g{g:03d}: {len(todo)} of {len(meta['shards'])} shard(s) to write")
+def _convert_shards(client, root: Path, g: int, todo: list[tuple[str, str]], meta: dict, cfg: IngestConfig,
+                    salt: str, label_names: list[str], stats: RunStats) -> dict[str, int]:
+    """Run the convert tasks of `todo` ((name, modality), in start order); returns {name: samples} of the
+    shards each task found committed or committed itself. Raises JobFailed when a task failed."""
     token = uuid.uuid4().hex[:8]
     start = time.perf_counter()
     results, failures = run_phase(
@@ -122,21 +120,128 @@ def _convert_generation(client, root: Path, g: int, cfg: IngestConfig, salt: str
         first = failures[0][1]
         raise JobFailed(f"{len(failures)} shard task(s) failed ({names}...): {type(first).__name__}: {first}; "
                         f"rerun the same command to retry them")
-    missing = [n for n, info in meta["shards"].items() if not shard_done(root, g, info["modality"], n)]
-    if missing:
-        raise JobFailed(f"{len(missing)} shard(s) of g{g:03d} not committed; rerun the same command")
-    meta.update(status="complete", completed=_now())
+    return {r["name"]: r["samples"] for r in results if not r["skipped"]}
+
+
+def _committed_samples(root: Path, modality: str, name: str) -> int:
+    from shards.layout import manifest_path
+
+    path = manifest_path(root, modality, name)
+    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+
+
+def _write_plan_meta(root: Path, g: int, meta: dict) -> None:
     path = planning.plan_meta_path(root, g)
     tmp = path.with_name(f".{path.name}.tmp")
-    import json
-
     tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+def _clear_work(root: Path, g: int) -> None:
     shutil.rmtree(root / WORK_DIR / f"g{g:03d}", ignore_errors=True)  # clear source paths of the plan
     try:
         (root / WORK_DIR).rmdir()
     except OSError:
         pass  # another generation still pending
+
+
+def _convert_generation(client, root: Path, g: int, cfg: IngestConfig, salt: str, label_names: list[str],
+                        stats: RunStats) -> None:
+    meta = planning.read_plan_meta(root, g)
+    # largest shards first (each modality's and split's last shard is a remainder): the workers then
+    # run out of work together instead of one finishing a big shard while the others idle
+    by_size = sorted(meta["shards"].items(), key=lambda kv: (-kv[1].get("est_bytes", 0), kv[0]))
+    todo = [(name, info["modality"]) for name, info in by_size if not shard_done(root, g, info["modality"], name)]
+    stats.shards_skipped += len(meta["shards"]) - len(todo)
+    if todo:
+        _log(f"generation g{g:03d}: {len(todo)} of {len(meta['shards'])} shard(s) to write")
+    written = _convert_shards(client, root, g, todo, meta, cfg, salt, label_names, stats)
+    missing = [n for n, info in meta["shards"].items() if not shard_done(root, g, info["modality"], n)]
+    if missing:
+        raise JobFailed(f"{len(missing)} shard(s) of g{g:03d} not committed; rerun the same command")
+    # what each shard committed (0: every slice was rejected) is kept in the plan: a later run can then
+    # tell a shard that lost its manifest part from one that never had samples (lost_shards)
+    for name, info in meta["shards"].items():
+        info["committed"] = written[name] if name in written else _committed_samples(root, info["modality"], name)
+    meta.update(status="complete", completed=_now())
+    _write_plan_meta(root, g, meta)
+    _clear_work(root, g)
+
+
+def lost_shards(root: Path) -> list[tuple[int, str, str]]:
+    """(generation, shard, modality) of every shard of a complete generation that committed samples
+    but has no manifest part now (deleted or lost): its samples are planned, so no later run would
+    ingest them again; the shard must be rewritten."""
+    from shards import ShardWriter
+
+    lost = []
+    for g in planning.generations(root):
+        meta = planning.read_plan_meta(root, g)
+        if meta.get("status") != "complete":
+            continue
+        for name, info in sorted(meta["shards"].items()):
+            # plans written before "committed" was recorded: a shard that had no samples is simply redone
+            if info.get("committed", 1) and not ShardWriter.is_committed(root, info["modality"], name):
+                lost.append((g, name, info["modality"]))
+    return lost
+
+
+def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], inventory: pa.Table, cfg: IngestConfig,
+                  salt: str, labels, label_names: list[str], stats: RunStats) -> dict[str, str]:
+    """Rewrite lost shards under their own names from their plan records (the slices, their order and
+    split) and this run's scan (where each source file is now). Returns {shard: why} of the shards
+    that cannot be rewritten (their source files are not among this run's sources, or changed)."""
+    import pyarrow.compute as pc
+
+    unrecoverable: dict[str, str] = {}
+    by_gen: dict[int, list[tuple[str, str]]] = {}
+    for g, name, modality in lost:
+        by_gen.setdefault(g, []).append((name, modality))
+    index = inventory.select(["source_hash", "path", "frames", "sop_hash", "series_hash", "study_hash",
+                              "patient_hash", "native_layout"]).rename_columns(
+        ["source_hash", "path", "frames", "inv_sop_hash", "series_hash", "study_hash", "patient_hash", "native_layout"])
+    for g, shards in by_gen.items():
+        meta = planning.read_plan_meta(root, g)
+        records = pq.read_table(planning.plan_record_path(root, g))
+        shutil.rmtree(root / WORK_DIR / f"g{g:03d}", ignore_errors=True)
+        todo = []
+        for name, modality in shards:
+            rec = records.filter(pc.equal(records.column("shard"), name))
+            rec = rec.append_column("_order", pa.array(range(rec.num_rows), pa.int64()))
+            joined = rec.join(index, keys="source_hash", join_type="left outer")
+            joined = joined.take(pc.sort_indices(joined, sort_keys=[("_order", "ascending")]))
+            found = pc.fill_null(pc.equal(joined.column("inv_sop_hash"), joined.column("sop_hash")), False)
+            n_missing = rec.num_rows - pc.sum(found.cast(pa.int64())).as_py() if rec.num_rows else 0
+            if n_missing:
+                unrecoverable[name] = (f"{n_missing} of its {rec.num_rows} slices come from files not found "
+                                       f"(unchanged) by this run's scan")
+                continue
+            if label_names and labels is None:
+                unrecoverable[name] = "the dataset has labels: pass --labels to rewrite it"
+                continue
+            label_col = pa.nulls(joined.num_rows, pa.list_(pa.float32()))
+            if labels is not None:
+                rows = joined.select(["sop_hash", "series_hash", "study_hash"]).to_pylist()
+                label_col = pa.array([labels.lookup(r) for r in rows], pa.list_(pa.float32()))
+            spec = pa.table({
+                "path": joined.column("path"), "frame": joined.column("frame").cast(pa.int32()),
+                "frames": joined.column("frames").cast(pa.int32()),
+                **{c: joined.column(c) for c in ("sop_hash", "series_hash", "study_hash", "patient_hash",
+                                                 "source_hash", "split")},
+                "labels": label_col, "native_layout": joined.column("native_layout"),
+            }, schema=planning.SPEC_SCHEMA)
+            from shards.manifest import write_parquet_atomically
+
+            write_parquet_atomically(spec, planning.spec_path(root, g, name))
+            todo.append((name, modality))
+            _log(f"shard {name} lost its manifest part: rewriting it from the plan of g{g:03d}")
+        if todo:
+            written = _convert_shards(client, root, g, todo, meta, cfg, salt, label_names, stats)
+            for name, _ in todo:
+                meta["shards"][name]["committed"] = written.get(name, 0)
+            _write_plan_meta(root, g, meta)
+        _clear_work(root, g)
+    return unrecoverable
 
 
 def _sources_hash(cfg: IngestConfig, salt: str) -> str:
@@ -154,17 +259,98 @@ def _scan_item(task, **kwargs):
     return run_scan_task(task, **kwargs)
 
 
+def check_out_folder(root: Path, sources: list[str]) -> None:
+    """Refuse an --out that cannot be this job's dataset folder, before anything is created.
+
+    A folder is a dataset once the first run has written ingest.json (or dataset.json); before that the
+    only entries a crashed first run leaves are its lock file. Anything else means the folder belongs to
+    someone else, and ingest would mix its files into theirs (and a later `rm -r` of the dataset would
+    delete them)."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {root} exists and is not a folder")
+    if root.is_dir():
+        try:
+            entries = sorted(p.name for p in root.iterdir())
+        except OSError as e:
+            raise ConfigError(f"cannot read dataset folder {root}: {e.strerror or e}") from None
+        if STATE_FILE not in entries and "dataset.json" not in entries:
+            foreign = [n for n in entries if n != LOCK_FILE and not n.startswith(f".{LOCK_FILE}.")]
+            if foreign:
+                raise ConfigError(f"--out {root} is a non-empty folder that is not a medswav dataset (it holds "
+                                  f"{foreign[0]!r}" + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+                                  + "); choose a new or empty folder")
+    real_out = os.path.realpath(root)
+    for src in sources:
+        if "://" in src and not src.startswith("file://"):
+            continue
+        real_src = os.path.realpath(src[len("file://"):] if src.startswith("file://") else src)
+        if real_src == real_out or real_src.startswith(real_out.rstrip(os.sep) + os.sep):
+            raise ConfigError(f"source {src} is the dataset folder --out {root} or lies inside it")
+
+
+def own_folder_in_sources(root: Path, sources: list[str]) -> frozenset[str]:
+    """The dataset folder as the scan's walk would reach it (normalised), for each source that holds it:
+    the job must not ingest its own shards, manifests and temporaries."""
+    real_out = os.path.realpath(root)
+    found = set()
+    for src in sources:
+        if "://" in src and not src.startswith("file://"):
+            continue
+        local = src[len("file://"):] if src.startswith("file://") else src
+        real_src = os.path.realpath(local)
+        if real_out.startswith(real_src.rstrip(os.sep) + os.sep):
+            found.add(os.path.normpath(os.path.join(local, os.path.relpath(real_out, real_src))))
+            found.add(os.path.normpath(real_out))
+    return frozenset(found)
+
+
+def make_dataset_folder(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create dataset folder {root}: {e.strerror or e}") from None
+
+
+def _salt_without_creating(root: Path, cfg: IngestConfig) -> tuple[str, str] | None:
+    """The salt, when finding it creates nothing (given, in the environment, in the salt file, or a
+    dataset whose salt is missing, which is refused); None when the salt file is still to be made."""
+    if cfg.salt or os.environ.get(ENV) or salt_file(root).exists() or (root / STATE_FILE).exists():
+        return resolve_salt(root, cfg.salt)
+    return None
+
+
 def run(cfg: IngestConfig) -> tuple[dict, RunStats]:
-    """Run the whole job; returns (dataset.json content, this run's counts)."""
+    """Run the whole job; returns (dataset.json content, this run's counts).
+
+    Order of effects: arguments and the --out folder are checked, then an existing dataset is locked
+    (a second writer is refused before any cluster starts), then the cluster is connected; only then
+    are the dataset folder, its lock and the salt file created, so that a job that cannot run
+    (unreachable scheduler, ...) leaves nothing behind."""
     root = cfg.root
     missing = [s for s in cfg.sources if "://" not in s and not Path(s).exists()]
     if missing:  # fail before starting a cluster
         raise ConfigError(f"source not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    root.mkdir(parents=True, exist_ok=True)
-    salt, origin = resolve_salt(root, cfg.salt)
-    _log(f"salt: from {origin}")
+    check_out_folder(root, list(cfg.sources))
+    exclude = own_folder_in_sources(root, list(cfg.sources))
+    with ExitStack() as stack:
+        lock = stack.enter_context(DatasetLock(root, cfg.lock_timeout)) if root.is_dir() else None
+        known = _salt_without_creating(root, cfg)
+        labels = planning.LabelTable.load(cfg.labels, known[0]) if cfg.labels and known else None
+        client = stack.enter_context(dask_client(cfg))
+        if lock is None:
+            make_dataset_folder(root)
+            lock = stack.enter_context(DatasetLock(root, cfg.lock_timeout))
+            check_out_folder(root, list(cfg.sources))  # another job may have filled it while we connected
+        salt, origin = known or resolve_salt(root, cfg.salt)
+        _log(f"salt: from {origin}")
+        if cfg.labels and labels is None:
+            labels = planning.LabelTable.load(cfg.labels, salt)
+        return _run_locked(client, lock, root, cfg, salt, labels, exclude)
+
+
+def _run_locked(client, lock: DatasetLock, root: Path, cfg: IngestConfig, salt: str, labels,
+                exclude: frozenset[str]) -> tuple[dict, RunStats]:
     state = read_state(root)
-    labels = planning.LabelTable.load(cfg.labels, salt) if cfg.labels else None
     label_names = state.get("label_names", labels.names if labels else [])
     if labels and label_names != labels.names:
         raise ConfigError(f"labels file columns {labels.names} differ from the dataset's label names {label_names}")
@@ -174,34 +360,46 @@ def run(cfg: IngestConfig) -> tuple[dict, RunStats]:
         write_state(root, {"salt_fingerprint": fingerprint(salt), "label_names": label_names,
                            "hash_paths": cfg.hash_paths, "created": _now(), "ingest_version": INGEST_VERSION})
     stats = RunStats()
-    with dask_client(cfg) as client:
-        job_start = time.perf_counter()
-        gens = planning.generations(root)
-        resumed_sources = None
-        for g in gens:
-            meta = planning.read_plan_meta(root, g)
-            if meta.get("status") != "complete":
-                _log(f"resuming generation g{g:03d}")
-                _convert_generation(client, root, g, cfg, salt, label_names, stats)
-                stats.generations.append(g)
-                resumed_sources = meta.get("sources_hash")
-        if resumed_sources == _sources_hash(cfg, salt) and not cfg.rescan:
-            _log("sources unchanged since the resumed generation: not rescanning (--rescan to force)")
-        else:
-            _scan_plan_convert(client, root, cfg, salt, labels, label_names, stats)
-        finalize_start = time.perf_counter()
-        summary = finalize(root, {
-            "version": INGEST_VERSION, "generations": planning.generations(root), "hash_paths": cfg.hash_paths,
-            "val_fraction": cfg.val_fraction, "seed": cfg.seed, "shard_size": cfg.shard_size,
-            "max_side": cfg.max_side, "salt_fingerprint": fingerprint(salt),
-            "modality_map": {**planning.MODALITY_MAP, **{k.upper(): v for k, v in cfg.modality_map.items()}},
-        })
-        stats.add_time("finalize", time.perf_counter() - finalize_start)
-        stats.job_seconds = time.perf_counter() - job_start  # the cluster's start and shutdown excluded
+    job_start = time.perf_counter()
+    gens = planning.generations(root)
+    resumed_sources = None
+    for g in gens:
+        meta = planning.read_plan_meta(root, g)
+        if meta.get("status") != "complete":
+            _log(f"resuming generation g{g:03d}")
+            lock.check()
+            _convert_generation(client, root, g, cfg, salt, label_names, stats)
+            stats.generations.append(g)
+            resumed_sources = meta.get("sources_hash")
+    lost = lost_shards(root)
+    unrecoverable: dict[str, str] = {}
+    if resumed_sources == _sources_hash(cfg, salt) and not cfg.rescan and not lost:
+        _log("sources unchanged since the resumed generation: not rescanning (--rescan to force)")
+    else:
+        unrecoverable = _scan_plan_convert(client, lock, root, cfg, salt, labels, label_names, stats, exclude, lost)
+    lock.check()
+    if unrecoverable:  # dataset.json is left as it was: its sample count must not shrink
+        names = sorted(unrecoverable)
+        raise JobFailed(f"{len(names)} committed shard(s) lost their manifest part and cannot be rewritten: "
+                        + "; ".join(f"{n}: {unrecoverable[n]}" for n in names[:5])
+                        + (" ..." if len(names) > 5 else "")
+                        + "; rerun with the sources (and labels) they were built from, or restore the manifest parts")
+    finalize_start = time.perf_counter()
+    summary = finalize(root, {
+        "version": INGEST_VERSION, "generations": planning.generations(root), "hash_paths": cfg.hash_paths,
+        "val_fraction": cfg.val_fraction, "seed": cfg.seed, "shard_size": cfg.shard_size,
+        "max_side": cfg.max_side, "salt_fingerprint": fingerprint(salt),
+        "modality_map": {**planning.MODALITY_MAP, **{k.upper(): v for k, v in cfg.modality_map.items()}},
+    })
+    stats.add_time("finalize", time.perf_counter() - finalize_start)
+    stats.job_seconds = time.perf_counter() - job_start  # the cluster's start and shutdown excluded
     return summary, stats
 
 
-def _scan_plan_convert(client, root: Path, cfg: IngestConfig, salt: str, labels, label_names, stats) -> None:
+def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig, salt: str, labels, label_names,
+                       stats: RunStats, exclude: frozenset[str], lost: list[tuple[int, str, str]]) -> dict[str, str]:
+    """Scan, rewrite lost shards, plan and convert a new generation. Returns the lost shards that could
+    not be rewritten ({shard: why})."""
     from shards import write_errors
 
     gens = planning.generations(root)
@@ -212,20 +410,24 @@ def _scan_plan_convert(client, root: Path, cfg: IngestConfig, salt: str, labels,
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     try:
         tasks = scan_tasks(list(cfg.sources), target_tasks=SCAN_TASKS_PER_WORKER * n_workers,
-                           files_per_task=cfg.files_per_scan_task)
+                           files_per_task=cfg.files_per_scan_task, exclude=exclude)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     token = uuid.uuid4().hex[:8]
     start = time.perf_counter()
     results, failures = run_phase(client, "scan", _scan_item, tasks, key_of=lambda t: f"{t.name}-g{g:03d}-{token}",
                                   progress=cfg.progress, root=str(root), generation=g, salt=salt,
-                                  hash_paths=cfg.hash_paths)
+                                  hash_paths=cfg.hash_paths, exclude=exclude)
     if failures:
         raise JobFailed(f"{len(failures)} scan task(s) failed: {failures[0][1]}; rerun the same command")
     stats.files = sum(r["files"] for r in results)
     stats.add_time("scan", time.perf_counter() - start)
     start = time.perf_counter()
     inventory = _read_inventory(root, g, cfg.hash_paths)
+    unrecoverable = {}
+    if lost:
+        lock.check()
+        unrecoverable = _rewrite_lost(client, root, lost, inventory, cfg, salt, labels, label_names, stats)
     from .scan import shown_source
 
     plan, specs = planning.make_plan(
@@ -244,7 +446,8 @@ def _scan_plan_convert(client, root: Path, cfg: IngestConfig, salt: str, labels,
          f"{stats.already_ingested:,} already ingested, {len(scan_errors) + len(plan_errors):,} rejected")
     if not plan.shards:
         stats.add_time("plan", time.perf_counter() - start)
-        return
+        return unrecoverable
+    lock.check()
     planning.write_plan(root, plan, specs, {
         "sources_hash": _sources_hash(cfg, salt), "created": _now(), "status": "pending", "seed": cfg.seed,
         "shard_size": cfg.shard_size, "max_side": cfg.max_side, "hash_paths": cfg.hash_paths,
@@ -253,3 +456,4 @@ def _scan_plan_convert(client, root: Path, cfg: IngestConfig, salt: str, labels,
     stats.add_time("plan", time.perf_counter() - start)
     _convert_generation(client, root, g, cfg, salt, label_names, stats)
     stats.generations.append(g)
+    return unrecoverable

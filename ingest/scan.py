@@ -85,8 +85,9 @@ def _local(src: str) -> str:
     return src[len("file://"):] if src.startswith("file://") else src
 
 
-def _list_dir(src: str) -> tuple[list[str], list[str]]:
-    """(files, subfolders) directly inside `src`, sorted; hidden entries skipped."""
+def _list_dir(src: str, exclude: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """(files, subfolders) directly inside `src`, sorted; hidden entries and the folders in `exclude`
+    (normalised paths: the dataset being written, when it lies inside a source) skipped."""
     files, dirs = [], []
     if _is_url(src):
         import fsspec
@@ -104,7 +105,8 @@ def _list_dir(src: str) -> tuple[list[str], list[str]]:
                 if e.name.startswith("."):
                     continue
                 if e.is_dir(follow_symlinks=True):
-                    dirs.append(e.path)
+                    if not (exclude and os.path.normpath(e.path) in exclude):
+                        dirs.append(e.path)
                 elif e.is_file(follow_symlinks=True):
                     files.append(e.path)
     return sorted(files), sorted(dirs)
@@ -149,10 +151,14 @@ def _exists(src: str) -> bool:
 FOLDERS_PER_TASK = 4
 
 
-def scan_tasks(sources: list[str], target_tasks: int, files_per_task: int, max_depth: int = 4) -> list[ScanTask]:
-    """Split the sources into scan tasks by expanding only the top folder levels on the client."""
+def scan_tasks(sources: list[str], target_tasks: int, files_per_task: int, max_depth: int = 4,
+               exclude: frozenset[str] = frozenset()) -> list[ScanTask]:
+    """Split the sources into scan tasks by expanding only the top folder levels on the client.
+    A folder the client cannot list is handed to a task as it is: its walk records it as an
+    "unreadable folder" error row, like any unreadable folder deeper down."""
     loose: list[str] = []
     frontier: list[str] = []
+    unlisted: list[str] = []
     for src in sources:
         if not _exists(src):
             raise FileNotFoundError(f"source not found: {src}")
@@ -163,7 +169,11 @@ def scan_tasks(sources: list[str], target_tasks: int, files_per_task: int, max_d
     while frontier and len(frontier) < FOLDERS_PER_TASK * target_tasks and depth < max_depth:
         nxt: list[str] = []
         for d in frontier:
-            files, dirs = _list_dir(d)
+            try:
+                files, dirs = _list_dir(d, exclude)
+            except OSError:
+                unlisted.append(d)
+                continue
             loose.extend(files)
             nxt.extend(dirs)
         frontier, depth = nxt, depth + 1
@@ -173,7 +183,7 @@ def scan_tasks(sources: list[str], target_tasks: int, files_per_task: int, max_d
     per = min(files_per_task, max(64, -(-len(loose) // max(1, target_tasks))))
     for i in range(0, len(loose), per):
         tasks.append(ScanTask(len(tasks), files=loose[i:i + per]))
-    frontier = sorted(set(frontier))
+    frontier = sorted(set(frontier) | set(unlisted))
     n_walks = min(len(frontier), max(1, target_tasks))
     for j in range(n_walks):
         tasks.append(ScanTask(len(tasks), walk=frontier[j::n_walks]))
@@ -331,19 +341,20 @@ def paths_part(root: Path, generation: int, task_index: int, batch: int = 0) -> 
     return Path(root) / WORK_DIR / f"g{generation:03d}" / "paths" / f"part-{task_index:05d}-{batch:03d}.parquet"
 
 
-def _walk_logged(src: str, errors: list[dict]) -> Iterator[str]:
+def _walk_logged(src: str, errors: list[dict], exclude: frozenset[str] = frozenset()) -> Iterator[str]:
     """Like _walk, but an unreadable subfolder becomes an error row instead of ending the walk."""
     try:
-        files, dirs = _list_dir(src)
+        files, dirs = _list_dir(src, exclude)
     except OSError as e:
         errors.append(error_row(src, "scan", "unreadable folder", f"{type(e).__name__}: {e}"))
         return
     yield from files
     for d in dirs:
-        yield from _walk_logged(d, errors)
+        yield from _walk_logged(d, errors, exclude)
 
 
-def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_paths: bool) -> dict:
+def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_paths: bool,
+                  exclude: frozenset[str] = frozenset()) -> dict:
     """Dask task: walk + read headers, write inventory parts. Returns counts and error rows."""
     from shards.manifest import write_parquet_atomically
 
@@ -359,7 +370,7 @@ def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_pa
                                      paths_part(Path(root), generation, task.index, batch))
         rows, paths, batch = [], [], batch + 1
 
-    walked = itertools.chain.from_iterable(_walk_logged(d, errors) for d in task.walk)
+    walked = itertools.chain.from_iterable(_walk_logged(d, errors, exclude) for d in task.walk)
     for src in itertools.chain(task.files, walked):
         n_files += 1
         try:
