@@ -109,14 +109,16 @@ class ShardFile:
 
     def _write_block(self, block: mmap.mmap, length: int, offset: int) -> None:
         try:
-            view = memoryview(block)[:length]
-            try:
-                self._pwrite_all(view, offset)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self._buffered()  # the filesystem opened with O_DIRECT but refuses its writes
-                self._pwrite_all(view, offset)
+            # views released on the way out, error or not: the traceback of a failed write (disk full)
+            # keeps this frame alive, and a live view of the block would make closing the block fail
+            with memoryview(block) as whole, whole[:length] as view:
+                try:
+                    self._pwrite_all(view, offset)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self._buffered()  # the filesystem opened with O_DIRECT but refuses its writes
+                    self._pwrite_all(view, offset)
         except BaseException as e:  # re-raised in the writing thread at the next hand-off or close
             self._error = e
 
@@ -126,7 +128,8 @@ class ShardFile:
             return
         self._wait()
         if self._fill:
-            self._pwrite_all(memoryview(self._blocks[self._current])[:self._fill], self._offset)
+            with memoryview(self._blocks[self._current]) as whole, whole[:self._fill] as view:
+                self._pwrite_all(view, self._offset)
             self._offset += self._fill
             self._fill = 0
 
@@ -182,4 +185,7 @@ class ShardFile:
             self.closed = True
             os.close(self._fd)
             for block in self._blocks:
-                block.close()
+                try:
+                    block.close()
+                except BufferError:
+                    pass  # still viewed from the traceback of the error being raised: freed with it
