@@ -106,7 +106,8 @@ def _previous_error_keys(root: Path, skip_prefixes: tuple[str, ...]) -> set[tupl
 def _convert_shards(client, root: Path, g: int, todo: list[tuple[str, str]], meta: dict, cfg: IngestConfig,
                     salt: str, label_names: list[str], stats: RunStats) -> dict[str, int]:
     """Run the convert tasks of `todo` ((name, modality), in start order); returns {name: samples} of the
-    shards each task found committed or committed itself. Raises JobFailed when a task failed."""
+    shards written now (a task that found its shard committed already is left out). Raises JobFailed
+    when a task failed."""
     token = uuid.uuid4().hex[:8]
     start = time.perf_counter()
     results, failures = run_phase(
@@ -191,7 +192,10 @@ def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], inventor
     """Rewrite lost shards under their own names from their plan records (the slices, their order and
     split) and this run's scan (where each source file is now). Returns {shard: why} of the shards
     that cannot be rewritten (their source files are not among this run's sources, or changed)."""
+    import numpy as np
     import pyarrow.compute as pc
+
+    from shards.manifest import write_parquet_atomically
 
     unrecoverable: dict[str, str] = {}
     by_gen: dict[int, list[tuple[str, str]]] = {}
@@ -202,18 +206,18 @@ def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], inventor
         ["source_hash", "path", "frames", "inv_sop_hash", "series_hash", "study_hash", "patient_hash", "native_layout"])
     for g, shards in by_gen.items():
         meta = planning.read_plan_meta(root, g)
-        records = pq.read_table(planning.plan_record_path(root, g))
+        # only the lost shards' records (in file order = each shard's write order), joined once
+        records = pq.read_table(planning.plan_record_path(root, g), filters=[("shard", "in", [n for n, _ in shards])])
+        records = records.append_column("_order", pa.array(np.arange(records.num_rows), pa.int64()))
+        records = records.join(index, keys="source_hash", join_type="left outer").sort_by("_order")
         shutil.rmtree(root / WORK_DIR / f"g{g:03d}", ignore_errors=True)
         todo = []
         for name, modality in shards:
-            rec = records.filter(pc.equal(records.column("shard"), name))
-            rec = rec.append_column("_order", pa.array(range(rec.num_rows), pa.int64()))
-            joined = rec.join(index, keys="source_hash", join_type="left outer")
-            joined = joined.take(pc.sort_indices(joined, sort_keys=[("_order", "ascending")]))
+            joined = records.filter(pc.equal(records.column("shard"), name))
             found = pc.fill_null(pc.equal(joined.column("inv_sop_hash"), joined.column("sop_hash")), False)
-            n_missing = rec.num_rows - pc.sum(found.cast(pa.int64())).as_py() if rec.num_rows else 0
+            n_missing = joined.num_rows - pc.sum(found.cast(pa.int64())).as_py() if joined.num_rows else 0
             if n_missing:
-                unrecoverable[name] = (f"{n_missing} of its {rec.num_rows} slices come from files not found "
+                unrecoverable[name] = (f"{n_missing} of its {joined.num_rows} slices come from files not found "
                                        f"(unchanged) by this run's scan")
                 continue
             if label_names and labels is None:
@@ -230,8 +234,6 @@ def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], inventor
                                                  "source_hash", "split")},
                 "labels": label_col, "native_layout": joined.column("native_layout"),
             }, schema=planning.SPEC_SCHEMA)
-            from shards.manifest import write_parquet_atomically
-
             write_parquet_atomically(spec, planning.spec_path(root, g, name))
             todo.append((name, modality))
             _log(f"shard {name} lost its manifest part: rewriting it from the plan of g{g:03d}")
@@ -445,6 +447,7 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
     _log(f"plan g{g:03d}: {stats.files:,} files, {plan.slices:,} new slices in {len(plan.shards):,} shard(s), "
          f"{stats.already_ingested:,} already ingested, {len(scan_errors) + len(plan_errors):,} rejected")
     if not plan.shards:
+        _clear_work(root, g)  # the scan's path lists (--hash-paths) must not outlive the run
         stats.add_time("plan", time.perf_counter() - start)
         return unrecoverable
     lock.check()

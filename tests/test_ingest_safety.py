@@ -138,7 +138,8 @@ def test_lost_manifest_part_is_rewritten_never_healed_away(tmp_path, dicom_dir, 
 
     ct, mr = dicom_dir / "ct_kits_abdomen_18", dicom_dir / "mr_transfer_syntaxes"
     out = tmp_path / "ds"
-    run_ingest([ct], out, shard_size="2MB")
+    # with hashed paths: the rewrite must find its files through this run's scan, not through stored paths
+    run_ingest([ct], out, shard_size="2MB", hash_paths=True)
 
     def ct_layout():
         return sorted((r["key"], r["shard"], r["index"], r["npy_crc32"], r["json_crc32"])
@@ -155,14 +156,14 @@ def test_lost_manifest_part_is_rewritten_never_healed_away(tmp_path, dicom_dir, 
     # a run whose sources lack the shard's files cannot redo it: it fails naming it, and dataset.json
     # keeps its count instead of shrinking to what the manifests still hold
     with pytest.raises(JobFailed, match=victim):
-        run_ingest([mr], out, shard_size="2MB")
+        run_ingest([mr], out, shard_size="2MB", hash_paths=True)
     assert json.loads((out / "dataset.json").read_text())["samples"] == 18
 
     # the run with the shard's sources rewrites it under its own name, identical (a dead job's lock is
     # taken over on the way)
     _write_lock(out, host=socket.gethostname(), pid=_dead_pid())
     capsys.readouterr()
-    summary, stats = run_ingest([ct, mr], out, shard_size="2MB")
+    summary, stats = run_ingest([ct, mr], out, shard_size="2MB", hash_paths=True)
     assert "taking over the stale dataset lock" in capsys.readouterr().err
     assert ct_layout() == before and tar.read_bytes() == tar_bytes
     assert stats.shards_written == 1 and stats.new_slices == 0
