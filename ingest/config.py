@@ -142,7 +142,6 @@ def build_config(file: str | Path | None = None, **overrides: Any) -> IngestConf
         values.update(load_toml(file))
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        cfg = IngestConfig(**{k: _coerce(k, v) for k, v in values.items()})
-    except TypeError as e:
-        raise ConfigError(str(e)) from None
-    return cfg.validate()
+        return IngestConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+    except TypeError as e:  # an unknown keyword, or a value of the wrong type (workers = "two" in TOML)
+        raise ConfigError(f"invalid setting: {e}") from None

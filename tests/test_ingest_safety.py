@@ -182,6 +182,7 @@ def test_lost_manifest_part_is_rewritten_never_healed_away(tmp_path, dicom_dir, 
     ("negative seed", "--seed must be an integer >= 0"),
     ("unreachable scheduler", "cannot reach Dask scheduler"),
     ("read-only filesystem", "cannot create dataset folder"),
+    ("setting of the wrong type", "invalid setting"),
 ])
 def test_refused_with_one_line_and_status_2_creating_nothing(tmp_path, dicom_dir, tmpfs, case, message):
     base = tmpfs("ro,size=1m") if case == "read-only filesystem" else tmp_path / "base"
@@ -197,6 +198,9 @@ def test_refused_with_one_line_and_status_2_creating_nothing(tmp_path, dicom_dir
         extra = ["--seed", "-1"]
     elif case == "unreachable scheduler":
         extra = ["--scheduler", "tcp://127.0.0.1:9"]
+    elif case == "setting of the wrong type":
+        (tmp_path / "ingest.toml").write_text('frames_per_unit = "many"\n')
+        extra = ["--config", tmp_path / "ingest.toml"]
     before = sorted((str(p), p.stat().st_size) for p in base.rglob("*"))
     args = [dicom_dir / "ct_kits_abdomen_18", "--out", out, "--no-progress", *extra]
     if case != "unreachable scheduler":
