@@ -14,7 +14,8 @@ shards) -> convert (one Dask task per shard) -> finalize (dataset.json, report).
 salt: --salt, else env MEDSWAV_SALT, else `salt` in --config, else the file DATASET.salt next to the
 dataset folder (created with a random salt on the first run; keep it private and keep it: reruns need it).
 
-resume: rerun the same command after a crash; only uncommitted shards are redone.
+resume: rerun the same command after a crash; only uncommitted shards are redone (and a committed shard
+whose manifest part was lost is rewritten from the plan, or the run fails naming it).
 incremental: rerun with more sources; only slices not yet ingested are added (a new generation).
 
 examples:
