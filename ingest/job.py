@@ -270,6 +270,13 @@ def check_out_folder(root: Path, sources: list[str]) -> None:
     delete them)."""
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--out {root} exists and is not a folder")
+    if not root.exists():  # found now, not after a cluster has started for nothing
+        parent = root.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK | os.X_OK):
+            why = "read-only file system" if os.statvfs(parent).f_flag & os.ST_RDONLY else "no write permission"
+            raise ConfigError(f"cannot create dataset folder {root}: {parent} is not writable ({why})")
     if root.is_dir():
         try:
             entries = sorted(p.name for p in root.iterdir())
