@@ -8,8 +8,9 @@ It holds JSON: pid, host, user, start time and a heartbeat time that a backgroun
 rewrites every `heartbeat` seconds (a tenth of the timeout, at most a minute). Host and user names
 are the operator's, not patient data.
 
-A lock is stale, and the next job takes it over, when its holder ran on this host and that process is
-gone, or when its heartbeat is older than the timeout (`lock_timeout`, 600 s by default; hosts' clocks
+A lock is stale, and the next job takes it over, when its holder ran on this host, in this boot and PID
+namespace (containers sharing a host name have their own PIDs), and that process is gone, or when its
+heartbeat is older than the timeout (`lock_timeout`, 600 s by default; hosts' clocks
 must agree to well within it). Takeover renames the stale file away (one rename succeeds, the others
 find it gone) and then creates a fresh one with O_EXCL as usual; a takeover that finds it moved a lock
 which was refreshed in the meantime puts it back. The holder's heartbeat checks that the file is still
@@ -64,6 +65,15 @@ def _user() -> str:
         return str(os.getuid())
 
 
+def pid_scope() -> str | None:
+    """Where a pid means the same process: this boot and this PID namespace (None when unknown)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -94,7 +104,8 @@ class DatasetLock:
     # ------------------------------------------------------------ acquire / release
     def acquire(self) -> "DatasetLock":
         started = _now()
-        self._info = {"pid": os.getpid(), "host": socket.gethostname(), "user": _user(), "token": self.token,
+        self._info = {"pid": os.getpid(), "pid_scope": pid_scope(), "host": socket.gethostname(), "user": _user(),
+                      "token": self.token,
                       "started": _iso(started), "heartbeat": _iso(started), "heartbeat_unix": started,
                       "timeout_s": self.timeout}
         for _ in range(_ATTEMPTS):
@@ -167,8 +178,9 @@ class DatasetLock:
             except FileNotFoundError:
                 return "gone"
         else:
-            if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) \
-                    and not _pid_alive(info["pid"]):
+            scope = pid_scope()
+            if info.get("host") == socket.gethostname() and scope is not None and info.get("pid_scope") == scope \
+                    and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
                 return f"process {info['pid']} on this host is gone"
             beat = float(info.get("heartbeat_unix", 0))
         age = _now() - beat

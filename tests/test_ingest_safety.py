@@ -80,7 +80,7 @@ def test_second_writer_is_refused_with_status_2(tmp_path, dicom_dir):
 
 
 def test_stale_locks_are_taken_over_and_live_ones_kept(tmp_path):
-    from ingest.lock import DatasetLock, DatasetLocked, LockLost, lock_path
+    from ingest.lock import DatasetLock, DatasetLocked, LockLost, lock_path, pid_scope
 
     root = tmp_path / "ds"
     root.mkdir()
@@ -90,9 +90,14 @@ def test_stale_locks_are_taken_over_and_live_ones_kept(tmp_path):
         assert json.loads(lock_path(root).read_text())["pid"] == os.getpid()
     assert not lock_path(root).exists()
 
-    _write_lock(root, host=socket.gethostname(), pid=_dead_pid())  # this host, fresh, but its process is gone
+    # this host, fresh heartbeat, but its process is gone ...
+    _write_lock(root, host=socket.gethostname(), pid=_dead_pid(), pid_scope=pid_scope())
     with DatasetLock(root) as lock:
         assert "on this host is gone" in lock.took_over["reason"]
+    # ... unless that pid belongs to another PID namespace (a container with the same host name)
+    _write_lock(root, host=socket.gethostname(), pid=_dead_pid(), pid_scope="another-boot:1")
+    with pytest.raises(DatasetLocked):
+        DatasetLock(root).acquire()
 
     _write_lock(root)  # another host, fresh heartbeat: it may be running
     with pytest.raises(DatasetLocked, match="pid 1 on host some-other-host"):
@@ -162,7 +167,9 @@ def test_lost_manifest_part_is_rewritten_never_healed_away(tmp_path, dicom_dir, 
 
     # the run with the shard's sources rewrites it under its own name, identical (a dead job's lock is
     # taken over on the way)
-    _write_lock(out, host=socket.gethostname(), pid=_dead_pid())
+    from ingest.lock import pid_scope
+
+    _write_lock(out, host=socket.gethostname(), pid=_dead_pid(), pid_scope=pid_scope())
     capsys.readouterr()
     summary, stats = run_ingest([ct, mr], out, shard_size="2MB", hash_paths=True)
     assert "taking over the stale dataset lock" in capsys.readouterr().err
