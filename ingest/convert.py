@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from .decoders import release_decoded
 from .native import Changed, header_meta, read_frame
 from .pixels import to_stored
 from .plan import spec_path
@@ -67,11 +68,14 @@ def load_dataset(src: str):
 
 
 def decode_frame(ds, frame: int) -> np.ndarray:
-    """Rule 1 of ingest.pixels: pydicom's decoding of one frame (YBR -> RGB), palette applied."""
-    from pydicom.pixels import apply_color_lut, pixel_array
+    """Rule 1 of ingest.pixels: one frame decoded in the order of ingest.decoders (YBR -> RGB), palette
+    applied."""
+    from pydicom.pixels import apply_color_lut
+
+    from .decoders import decode
 
     try:
-        arr = pixel_array(ds, index=frame)
+        arr = decode(ds, frame)
     except Exception as e:
         raise Rejected("pixel decoding failed", f"{type(e).__name__}: {str(e)[:300]}") from None
     if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
@@ -233,4 +237,6 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
     except BaseException:
         writer.abort()
         raise
+    finally:
+        release_decoded()  # a whole file decoded by GDCM is not kept beyond its task
     return result

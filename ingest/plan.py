@@ -5,9 +5,12 @@ Rules, in order:
    non-image objects (SEG, RTSTRUCT, SR, PR, RTDOSE, RTPLAN, KO, DOC, ...), modality codes without a
    partition, no pixel data, float pixel data, odd geometry, pixel data shorter than the geometry
    says (native syntaxes), declared decoded size above `max_pixel_bytes`.
-2. Deduplication by SOPInstanceUID (+ frame): among files with the same SOP instance the lossless
-   one wins, then the smallest source path; the others are recorded as duplicates. Frames already
-   planned by an earlier generation are skipped silently ("already ingested").
+2. Deduplication by SOPInstanceUID + frame: files with the same SOP instance are ranked lossless
+   first, then by smallest source path; each frame comes from the first ranked file that has it, and
+   up to MAX_FALLBACKS worse copies holding that frame are carried as its fallbacks (convert tries
+   them in order when the planned copy fails). Files that contribute no frame are recorded as
+   duplicates. Frames already planned by an earlier generation are skipped silently ("already
+   ingested").
 3. Partition by modality code (MODALITY_MAP, extendable with `modality_map` in the config).
 4. Patient-level split: a patient is in "val" when its salted patient hash, read as a fraction of
    2**60, is below `val_fraction` (no patient ID: study, then series, then SOP hash stand in).
