@@ -76,6 +76,8 @@ def decode_frame(ds, frame: int) -> np.ndarray:
 
     try:
         arr = decode(ds, frame)
+    except Rejected:
+        raise
     except Exception as e:
         raise Rejected("pixel decoding failed", f"{type(e).__name__}: {str(e)[:300]}") from None
     if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":

@@ -17,13 +17,14 @@ PALETTE_1_FRAME = "OBXXXX1A.dcm"                     # US palette colour, 1 fram
 PALETTE_2_FRAMES = "OBXXXX1A_2frame.dcm"             # ... and the same SOP instance with 2 frames
 JPEG_12BIT_DAMAGED = "JPEG-lossy.dcm"   # JPEG Extended 12-bit that libjpeg rejects (misplaced marker) ...
 JPEG_12BIT_REPAIRED = "JPGExtended.dcm"  # ... and the same image with a repaired codestream
+CT_J2K = "693_J2KR.dcm"  # the only CT: damaged without a duplicate, its shard has no sample to commit
 
 
-def _damage_codestreams(path) -> None:
+def _damage_codestreams(path, frames: int) -> None:
     """Overwrite the JPEG 2000 start-of-codestream marker of every frame: no decoder can read them."""
     data = path.read_bytes()
     marker = b"\xff\x4f\xff\x51"
-    assert data.count(marker) == 10
+    assert data.count(marker) == frames
     path.write_bytes(data.replace(marker, b"\0\0\0\0"))
 
 
@@ -32,15 +33,17 @@ def copies(tmp_path_factory):
     src = tmp_path_factory.mktemp("copies")
     files = {}
     for folder, name in (("a", J2K_10_FRAMES), ("b", J2K_10_FRAMES), ("c", J2K_10_FRAMES),
-                         ("d", PALETTE_1_FRAME), ("e", PALETTE_2_FRAMES), ("f", JPEG_12BIT_DAMAGED)):
+                         ("d", PALETTE_1_FRAME), ("e", PALETTE_2_FRAMES), ("f", JPEG_12BIT_DAMAGED),
+                         ("g", CT_J2K)):
         (src / folder).mkdir()
         files[folder] = src / folder / name
         shutil.copyfile(get_testdata_file(name), files[folder])
-    _damage_codestreams(files["a"])  # a wins the ranking (same syntax, smallest path) but is broken
+    _damage_codestreams(files["a"], 10)  # a wins the ranking (same syntax, smallest path) but is broken
+    _damage_codestreams(files["g"], 1)
     out = tmp_path_factory.mktemp("dedup") / "ds"
-    run_ingest([src], out, modality_map={"NM": "xr"})  # the JPEG 12-bit files are nuclear medicine
+    summary, stats = run_ingest([src], out, modality_map={"NM": "xr"})  # the JPEG 12-bit files are NM
     return {"files": {k: str(v) for k, v in files.items()}, "manifest": manifest_rows(out), "errors": error_rows(out),
-            "root": out}
+            "root": out, "summary": summary, "stats": stats}
 
 
 def _by_source(rows, files):
@@ -164,3 +167,14 @@ def test_gdcm_and_libjpeg_decode_lossless_files_identically():
         assert ours.shape == theirs.shape and np.array_equal(ours, theirs), path
         compared += 1
     assert compared >= 15
+
+
+def test_report_counts_only_committed_shards(copies):
+    from dataclasses import asdict
+
+    from ingest.finalize import report
+
+    committed = {r["shard"] for r in copies["manifest"]}
+    assert "ct" not in {r["modality"] for r in copies["manifest"]}  # the CT shard had nothing to commit
+    assert copies["stats"].shards_written == len(committed) == 3  # mr, us, xr
+    assert f"{len(committed)} shards written" in report(copies["summary"], asdict(copies["stats"]))
