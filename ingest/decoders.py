@@ -66,7 +66,7 @@ def decode(ds, frame: int) -> np.ndarray:
             return pixel_array(ds, index=frame, decoding_plugin=plugin)
         except Exception as e:
             failures.append(_short(e) if plugin else f"pydicom: {_short(e)}")
-    if str(ds.file_meta.get("TransferSyntaxUID", "")) == JPEG_EXTENDED_12BIT and _gdcm_available():
+    if str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")) == JPEG_EXTENDED_12BIT and _gdcm_available():
         try:
             return gdcm_whole_file(ds)[frame]
         except Exception as e:
