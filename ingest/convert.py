@@ -217,13 +217,13 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
                         continue
                     try:
                         key, pixels, meta, info, frames = frame_from(src, spec, fallback=n > 0)
+                        labels = np.asarray(spec["labels"], dtype=np.float32) if spec["labels"] is not None else None
+                        source_hash = spec["source_hash"] if n == 0 else salted_hash(src, salt)
+                        writer.write(key, pixels, _meta(meta, {**spec, "frames": frames, "source_hash": source_hash},
+                                                        modality, info), labels=labels)
                     except Exception as e:  # Rejected, or a bug / exotic file: record it, try the next copy
                         fail(src, spec["frames"], spec["frame"], e, log=n == 0)
                         continue
-                    labels = np.asarray(spec["labels"], dtype=np.float32) if spec["labels"] is not None else None
-                    source_hash = spec["source_hash"] if n == 0 else salted_hash(src, salt)
-                    writer.write(key, pixels, _meta(meta, {**spec, "frames": frames, "source_hash": source_hash},
-                                                    modality, info), labels=labels)
                     if n > 0:
                         _note_fallback(errors, logged, copies[:n], shown_source(src, salt, hash_paths))
                     break
