@@ -4,7 +4,8 @@ Rules, in order:
 1. Rejections before any decoding (one row each in errors/, stage "plan"): no SOPInstanceUID,
    non-image objects (SEG, RTSTRUCT, SR, PR, RTDOSE, RTPLAN, KO, DOC, ...), modality codes without a
    partition, no pixel data, float pixel data, odd geometry, pixel data shorter than the geometry
-   says (native syntaxes), declared decoded size above `max_pixel_bytes`.
+   says (native syntaxes), declared decoded size above `max_pixel_bytes`, a file larger than
+   `max_pixel_bytes` (convert may hold a whole file in memory, e.g. excess pixel data).
 2. Deduplication by SOPInstanceUID + frame: files with the same SOP instance are ranked lossless
    first, then by smallest source path; each frame comes from the first ranked file that has it, and
    up to MAX_FALLBACKS worse copies holding that frame are carried as its fallbacks (convert tries
@@ -130,6 +131,9 @@ def _reject_reason(r: dict, modality_map: dict[str, str], max_bytes: int) -> tup
         return ("declared size above limit",
                 f"{r['rows']}x{r['cols']}x{r['frames']} frames x {r['samples_per_pixel']} samples x "
                 f"{r['bits_allocated']} bits = {_mb(r['declared_bytes'])} > max_pixel_bytes {_mb(max_bytes)}")
+    if r["size"] > max_bytes:  # convert's pydicom path holds the whole file: it counts against the same budget
+        return ("file above limit", f"the file is {_mb(r['size'])} > max_pixel_bytes {_mb(max_bytes)} "
+                                    f"(it declares {_mb(r['declared_bytes'])} of pixels)")
     if r["transfer_syntax"] in NATIVE_SYNTAXES and r["pixel_length"] >= 0:
         expected = r["declared_bytes"]
         if r["photometric"] == "YBR_FULL_422":
@@ -209,6 +213,7 @@ def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
         | inventory.column("float_pixels").to_numpy(zero_copy_only=False)
         | (rows_ <= 0) | (cols_ <= 0) | ~np.isin(_np(inventory, "samples_per_pixel"), (1, 3))
         | ~np.isin(_np(inventory, "bits_allocated"), (1, 8, 16, 32)) | (declared > max_pixel_bytes)
+        | (_np(inventory, "size") > max_pixel_bytes)
         | (native & (plen >= 0) & ((plen < declared) | (_np(inventory, "pixel_end") > _np(inventory, "size"))))
     )
     accepted = ~suspect

@@ -68,8 +68,34 @@ def _with_frames(name: str, frames: int, modality: str) -> bytes:
     return buf.getvalue()
 
 
-def test_a_million_declared_frames_over_one_fragment_are_rejected_at_scan(tmp_path):
+def _plan_one(path, max_pixel_bytes: int):
+    import pyarrow as pa
+
     from ingest.plan import make_plan
+    from ingest.scan import INVENTORY_SCHEMA, read_header
+
+    row = read_header(str(path), SALT, False)
+    inventory = pa.Table.from_pylist([row], schema=INVENTORY_SCHEMA).append_column("path", pa.array([str(path)]))
+    plan, _ = make_plan(inventory, generation=0, modality_map={}, max_pixel_bytes=max_pixel_bytes, max_side=None,
+                        shard_size=1 << 30, frames_per_unit=16, val_fraction=0.0, seed=0, previous=set())
+    return plan
+
+
+def test_a_file_larger_than_the_budget_is_rejected_before_decoding(tmp_path):
+    """A 128 x 128 CT (32 KB declared) whose Pixel Data carries 4 MB of excess bytes: pydicom would read
+    all of them, so the file counts against max_pixel_bytes even though its declared size is small."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PixelData = ds.PixelData + bytes(4 << 20)
+    path = tmp_path / "padded.dcm"
+    ds.save_as(path)
+    plan = _plan_one(path, max_pixel_bytes=1 << 20)
+    assert plan.slices == 0 and [e["reason"] for e in plan.errors] == ["file above limit"]
+    assert _plan_one(get_testdata_file("CT_small.dcm"), max_pixel_bytes=1 << 20).slices == 1
+
+
+def test_a_million_declared_frames_over_one_fragment_are_rejected_at_scan(tmp_path):
     from ingest.scan import Rejected, read_header
 
     # a real 3 x 3 JPEG whose header now claims 1,000,000 frames: 27 MB declared, under any budget
@@ -80,12 +106,5 @@ def test_a_million_declared_frames_over_one_fragment_are_rejected_at_scan(tmp_pa
     assert e.value.reason == "implausible frame count" and "1,000,000" in e.value.detail
     # the same file with its true frame count is scanned and planned as one slice
     path.write_bytes(_with_frames("SC_rgb_small_odd_jpeg.dcm", 1, "US"))
-    import pyarrow as pa
-
-    from ingest.scan import INVENTORY_SCHEMA
-
-    row = read_header(str(path), SALT, False)
-    inventory = pa.Table.from_pylist([row], schema=INVENTORY_SCHEMA).append_column("path", pa.array([str(path)]))
-    plan, _ = make_plan(inventory, generation=0, modality_map={}, max_pixel_bytes=1 << 31, max_side=None,
-                        shard_size=1 << 30, frames_per_unit=16, val_fraction=0.0, seed=0, previous=set())
+    plan = _plan_one(path, max_pixel_bytes=1 << 31)
     assert plan.slices == 1 and not plan.errors
