@@ -7,7 +7,8 @@ Order, per frame (the first that succeeds wins; later ones run only after a fail
 2. pydicom's GDCM plugin (python-gdcm).
 3. JPEG Extended 12-bit (1.2.840.10008.1.2.4.51), which pydicom's GDCM plugin refuses: GDCM's own
    reader on the whole file (single-sample images only), cached per dataset so that a multi-frame file
-   is decoded once. Its memory is the declared decoded size, which plan has bounded by max_pixel_bytes.
+   is decoded once. At its peak it holds about three copies of the declared decoded size (GDCM's
+   buffer, the str the binding returns, its bytes), a rare path that plan bounds by max_pixel_bytes.
 
 Before any decoder runs, the frame's codestream header (JPEG / JPEG-LS SOF, JPEG 2000 SIZ) must not
 declare more samples than the DICOM header: decoders size their output from the codestream, so a 512 x
@@ -52,7 +53,8 @@ def plugin_order(ds) -> list[str]:
         return [""]  # pydicom raises its own readable error
     if not available:
         return [""]
-    return [p for p in PLUGIN_ORDER if p in available] + sorted(set(available) - set(PLUGIN_ORDER))
+    others = sorted(set(available) - set(PLUGIN_ORDER))  # plugins of later pydicom versions: before GDCM
+    return [p for p in PLUGIN_ORDER[:-1] if p in available] + others + [p for p in ("gdcm",) if p in available]
 
 
 def decode(ds, frame: int) -> np.ndarray:
