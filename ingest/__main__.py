@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s = p.add_argument_group("shards and pixels")
     s.add_argument("--shard-size", metavar="SIZE", help="target shard size, e.g. 1GB (default), 256MB, 64MiB")
     s.add_argument("--max-pixel-bytes", metavar="SIZE",
-                   help="reject files whose declared decoded pixels exceed SIZE, before decoding (default 2GiB)")
+                   help="reject files whose declared decoded pixels, or whose file size, exceed SIZE, before "
+                        "decoding (default 2GiB)")
     s.add_argument("--max-side", type=int, metavar="PIXELS",
                    help="reduce images larger than this by an integer block mean (default: keep full size)")
     s.add_argument("--frames-per-unit", type=int, metavar="N",

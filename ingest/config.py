@@ -55,7 +55,7 @@ class IngestConfig:
     dashboard_address: str = ":8787"                   # embedded cluster's dashboard (":0" = any port)
     # sharding
     shard_size: int = 1_000_000_000                    # target bytes per shard (estimated before decoding)
-    max_pixel_bytes: int = 2 * 2**30                   # declared decoded size of one file; larger = rejected
+    max_pixel_bytes: int = 2 * 2**30                   # declared decoded size and file size; larger = rejected
     max_side: int | None = None                        # downsample (integer block mean) above this side
     frames_per_unit: int = 16                          # multi-frame files are planned in runs of this many frames
     files_per_scan_task: int = 2000                    # scan task granularity for folders listed by the client

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from .decoders import release_decoded
 from .native import Changed, header_meta, read_frame
 from .pixels import to_stored
 from .plan import spec_path
@@ -67,11 +68,16 @@ def load_dataset(src: str):
 
 
 def decode_frame(ds, frame: int) -> np.ndarray:
-    """Rule 1 of ingest.pixels: pydicom's decoding of one frame (YBR -> RGB), palette applied."""
-    from pydicom.pixels import apply_color_lut, pixel_array
+    """Rule 1 of ingest.pixels: one frame decoded in the order of ingest.decoders (YBR -> RGB), palette
+    applied."""
+    from pydicom.pixels import apply_color_lut
+
+    from .decoders import decode
 
     try:
-        arr = pixel_array(ds, index=frame)
+        arr = decode(ds, frame)
+    except Rejected:
+        raise
     except Exception as e:
         raise Rejected("pixel decoding failed", f"{type(e).__name__}: {str(e)[:300]}") from None
     if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
@@ -129,6 +135,25 @@ def _meta(meta: dict, spec: dict, modality: str, info) -> "SampleMeta":
     )
 
 
+def _failure(e: Exception, frames: int, frame: int) -> tuple[str, str]:
+    """(reason, detail) of a copy that failed on `frame`."""
+    if not isinstance(e, Rejected):
+        return "conversion failed", f"{type(e).__name__}: {str(e)[:300]}"
+    frame_level = e.reason in ("pixel decoding failed", "unsupported pixels") and frames > 1
+    return e.reason, f"frame {frame}: {e.detail}" if frame_level else e.detail
+
+
+def _note_fallback(errors: list[dict], logged: dict[str, int], failed_copies: list[str], used: str) -> None:
+    """Say in the failed copies' error rows which duplicate stood in for them (once per row)."""
+    note = f"; fallback used: duplicate copy {used}"
+    for src in failed_copies:
+        if src not in logged:
+            continue
+        row = errors[logged[src]]
+        if "; fallback used: " not in row["detail"]:
+            row["detail"] = (row["detail"][:500 - len(note)] + note)
+
+
 def run_convert_task(root: str, generation: int, name: str, modality: str, label_names: list[str],
                      salt: str, max_side: int | None, hash_paths: bool, direct_io: bool = True) -> dict:
     """Dask task: write shard `name` from its slice list. Idempotent: a committed shard is left alone."""
@@ -142,54 +167,66 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
     _remove_stale_temporaries(root, modality, name)
     specs = pq.read_table(spec_path(root, generation, name)).to_pylist()
     cache: OrderedDict[str, object] = OrderedDict()
-    failed: set[str] = set()
+    failed: dict[str, tuple[str, str]] = {}  # source -> (reason, detail) of its failure in this task
     slow: set[str] = set()  # files with a native layout that must take the pydicom path after all
     errors: list[dict] = []
+    logged: dict[str, int] = {}  # source -> index of its row in `errors`
     writer = ShardWriter(root, modality=modality, name=name, label_names=label_names, direct_io=direct_io)
+
+    def fail(src: str, frames: int, frame: int, e: Exception, log: bool) -> None:
+        failed[src] = _failure(e, frames, frame)
+        cache.pop(src, None)
+        # a fallback copy is already in errors/ as a duplicate (plan), or under its own frames
+        if log and src not in logged:
+            logged[src] = len(errors)
+            errors.append(error_row(shown_source(src, salt, hash_paths), "convert", *failed[src]))
+
+    def frame_from(src: str, spec: dict, fallback: bool):
+        """(key, pixels, meta dict, PixelInfo, frames) of the spec's frame read from copy `src`."""
+        layout = spec.get("native_layout") if not fallback else None
+        if layout is not None and src not in slow:
+            layout = json.loads(layout)
+            try:
+                pixels, info = fast_frame(layout, src, spec["frame"], max_side)
+            except (Changed, OSError):
+                slow.add(src)  # replaced since the scan (or unreadable): pydicom path decides
+            else:
+                return layout["keys"][spec["frame"]], pixels, layout["meta"], info, spec["frames"]
+        ds = cache.get(src)
+        if ds is None:
+            ds = load_dataset(src)
+            uid = str(ds.get("SOPInstanceUID", "") or "")
+            if salted_hash(uid, salt) != spec["sop_hash"]:
+                raise Rejected("changed since scan", "the file's SOPInstanceUID differs from the inventory")
+            cache[src] = ds
+            if len(cache) > _CACHE_FILES:
+                cache.popitem(last=False)
+        pixels, info = convert_frame(ds, spec["frame"], max_side)
+        frames = max(1, int(ds.get("NumberOfFrames") or 1)) if fallback else spec["frames"]
+        return (sample_key(str(ds.SOPInstanceUID), spec["frame"], salt), pixels,
+                header_meta(ds, spec["frame"]), info, frames)
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for spec in specs:
-                src = spec["path"]
-                if src in failed:
-                    continue
-                try:
-                    layout = spec.get("native_layout")
-                    if layout is not None and src not in slow:
-                        layout = json.loads(layout)
-                        try:
-                            pixels, info = fast_frame(layout, src, spec["frame"], max_side)
-                        except (Changed, OSError):
-                            slow.add(src)  # replaced since the scan (or unreadable): pydicom path decides
-                        else:
-                            labels = np.asarray(spec["labels"], dtype=np.float32) if spec["labels"] is not None else None
-                            writer.write(layout["keys"][spec["frame"]], pixels,
-                                         _meta(layout["meta"], spec, modality, info), labels=labels)
-                            continue
-                    ds = cache.get(src)
-                    if ds is None:
-                        ds = load_dataset(src)
-                        uid = str(ds.get("SOPInstanceUID", "") or "")
-                        if salted_hash(uid, salt) != spec["sop_hash"]:
-                            raise Rejected("changed since scan", "the file's SOPInstanceUID differs from the inventory")
-                        cache[src] = ds
-                        if len(cache) > _CACHE_FILES:
-                            cache.popitem(last=False)
-                    pixels, info = convert_frame(ds, spec["frame"], max_side)
-                    key = sample_key(str(ds.SOPInstanceUID), spec["frame"], salt)
-                    labels = np.asarray(spec["labels"], dtype=np.float32) if spec["labels"] is not None else None
-                    writer.write(key, pixels, _meta(header_meta(ds, spec["frame"]), spec, modality, info), labels=labels)
-                except Rejected as e:
-                    failed.add(src)
-                    cache.pop(src, None)
-                    frame_level = e.reason in ("pixel decoding failed", "unsupported pixels") and spec["frames"] > 1
-                    detail = f"frame {spec['frame']}: {e.detail}" if frame_level else e.detail
-                    errors.append(error_row(shown_source(src, salt, hash_paths), "convert", e.reason, detail))
-                except Exception as e:  # a bug or an exotic file: record it, keep the shard going
-                    failed.add(src)
-                    cache.pop(src, None)
-                    errors.append(error_row(shown_source(src, salt, hash_paths), "convert", "conversion failed",
-                                            f"{type(e).__name__}: {str(e)[:300]}"))
+                # the planned copy first, then the other copies of the same SOP instance, best first
+                copies = [spec["path"], *(spec.get("fallbacks") or [])]
+                for n, src in enumerate(copies):
+                    if src in failed:
+                        continue
+                    try:
+                        key, pixels, meta, info, frames = frame_from(src, spec, fallback=n > 0)
+                        labels = np.asarray(spec["labels"], dtype=np.float32) if spec["labels"] is not None else None
+                        source_hash = spec["source_hash"] if n == 0 else salted_hash(src, salt)
+                        writer.write(key, pixels, _meta(meta, {**spec, "frames": frames, "source_hash": source_hash},
+                                                        modality, info), labels=labels)
+                    except Exception as e:  # Rejected, or a bug / exotic file: record it, try the next copy
+                        fail(src, spec["frames"], spec["frame"], e, log=n == 0)
+                        continue
+                    if n > 0:
+                        _note_fallback(errors, logged, copies[:n], shown_source(src, salt, hash_paths))
+                    break
         write_errors(root, name, errors)  # before the commit: a committed shard has its errors on disk
         result["errors"] = Counter(e["reason"] for e in errors)
         if len(writer):
@@ -202,4 +239,6 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
     except BaseException:
         writer.abort()
         raise
+    finally:
+        release_decoded()  # a whole file decoded by GDCM is not kept beyond its task
     return result

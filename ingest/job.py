@@ -115,7 +115,7 @@ def _convert_shards(client, root: Path, g: int, todo: list[tuple[str, str]], met
         progress=cfg.progress, root=str(root), generation=g, label_names=label_names, salt=salt,
         max_side=meta.get("max_side"), hash_paths=meta.get("hash_paths", False), direct_io=cfg.direct_io)
     stats.add_time("convert", time.perf_counter() - start)
-    stats.shards_written += sum(1 for r in results if not r["skipped"])
+    stats.shards_written += sum(1 for r in results if not r["skipped"] and r["samples"])  # committed ones
     if failures:
         names = ", ".join(item[0] for item, _ in failures[:5])
         first = failures[0][1]
@@ -148,12 +148,17 @@ def _clear_work(root: Path, g: int) -> None:
 
 def _convert_generation(client, root: Path, g: int, cfg: IngestConfig, salt: str, label_names: list[str],
                         stats: RunStats) -> None:
+    from shards import ShardWriter
+
     meta = planning.read_plan_meta(root, g)
     # largest shards first (each modality's and split's last shard is a remainder): the workers then
     # run out of work together instead of one finishing a big shard while the others idle
     by_size = sorted(meta["shards"].items(), key=lambda kv: (-kv[1].get("est_bytes", 0), kv[0]))
     todo = [(name, info["modality"]) for name, info in by_size if not shard_done(root, g, info["modality"], name)]
-    stats.shards_skipped += len(meta["shards"]) - len(todo)
+    # "already committed" counts committed shards only, not the ones whose every slice failed
+    pending = {name for name, _ in todo}
+    stats.shards_skipped += sum(1 for name, info in by_size if name not in pending
+                                and ShardWriter.is_committed(root, info["modality"], name))
     if todo:
         _log(f"generation g{g:03d}: {len(todo)} of {len(meta['shards'])} shard(s) to write")
     written = _convert_shards(client, root, g, todo, meta, cfg, salt, label_names, stats)

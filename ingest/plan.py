@@ -4,10 +4,14 @@ Rules, in order:
 1. Rejections before any decoding (one row each in errors/, stage "plan"): no SOPInstanceUID,
    non-image objects (SEG, RTSTRUCT, SR, PR, RTDOSE, RTPLAN, KO, DOC, ...), modality codes without a
    partition, no pixel data, float pixel data, odd geometry, pixel data shorter than the geometry
-   says (native syntaxes), declared decoded size above `max_pixel_bytes`.
-2. Deduplication by SOPInstanceUID (+ frame): among files with the same SOP instance the lossless
-   one wins, then the smallest source path; the others are recorded as duplicates. Frames already
-   planned by an earlier generation are skipped silently ("already ingested").
+   says (native syntaxes), declared decoded size above `max_pixel_bytes`, a file larger than
+   `max_pixel_bytes` (convert may hold a whole file in memory, e.g. excess pixel data).
+2. Deduplication by SOPInstanceUID + frame: files with the same SOP instance are ranked lossless
+   first, then by smallest source path; each frame comes from the first ranked file that has it, and
+   up to MAX_FALLBACKS worse copies holding that frame are carried as its fallbacks (convert tries
+   them in order when the planned copy fails). Files that contribute no frame are recorded as
+   duplicates. Frames already planned by an earlier generation are skipped silently ("already
+   ingested").
 3. Partition by modality code (MODALITY_MAP, extendable with `modality_map` in the config).
 4. Patient-level split: a patient is in "val" when its salted patient hash, read as a fraction of
    2**60, is below `val_fraction` (no patient ID: study, then series, then SOP hash stand in).
@@ -50,12 +54,16 @@ NON_IMAGE = {
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", ""}
 SAMPLE_OVERHEAD = 2048  # tar headers + JSON per sample, for the shard size estimate
 SPLIT_SCALE = float(1 << 60)
+MAX_FALLBACKS = 4  # copies carried per slice to stand in for a copy that fails to decode
 
 SPEC_SCHEMA = pa.schema([
     ("path", pa.string()), ("frame", pa.int32()), ("frames", pa.int32()),
     ("sop_hash", pa.string()), ("series_hash", pa.string()), ("study_hash", pa.string()),
     ("patient_hash", pa.string()), ("source_hash", pa.string()), ("split", pa.string()),
     ("labels", pa.list_(pa.float32())), ("native_layout", pa.string()),
+    # paths of other copies of the same SOP instance that hold this frame, best first (tried in order
+    # when `path` fails); empty for the vast majority of slices, whose SOP instance has one copy
+    ("fallbacks", pa.list_(pa.string())),
 ])
 RECORD_SCHEMA = pa.schema([
     ("shard", pa.string()), ("modality", pa.string()), ("split", pa.string()),
@@ -123,6 +131,9 @@ def _reject_reason(r: dict, modality_map: dict[str, str], max_bytes: int) -> tup
         return ("declared size above limit",
                 f"{r['rows']}x{r['cols']}x{r['frames']} frames x {r['samples_per_pixel']} samples x "
                 f"{r['bits_allocated']} bits = {_mb(r['declared_bytes'])} > max_pixel_bytes {_mb(max_bytes)}")
+    if r["size"] > max_bytes:  # convert's pydicom path holds the whole file: it counts against the same budget
+        return ("file above limit", f"the file is {_mb(r['size'])} > max_pixel_bytes {_mb(max_bytes)} "
+                                    f"(it declares {_mb(r['declared_bytes'])} of pixels)")
     if r["transfer_syntax"] in NATIVE_SYNTAXES and r["pixel_length"] >= 0:
         expected = r["declared_bytes"]
         if r["photometric"] == "YBR_FULL_422":
@@ -143,6 +154,23 @@ def _est_bytes(r: dict, max_side: int | None) -> int:
         rows, cols = rows // k, cols // k
     itemsize = 2 if r["photometric"] == "PALETTE COLOR" else max(1, r["bits_allocated"] // 8)
     return rows * cols * itemsize + SAMPLE_OVERHEAD
+
+
+def _fallback_column(slice_row: np.ndarray, frame_no: np.ndarray,
+                     alternates: dict[int, list[tuple[str, int]]]) -> pa.Array:
+    """Per slice, the paths of the worse copies of its SOP instance that have its frame (best first)."""
+    counts = np.zeros(len(slice_row), dtype=np.int32)
+    values: list[str] = []
+    if alternates:
+        with_alternates = np.nonzero(np.isin(slice_row, np.fromiter(alternates, dtype=np.int64)))[0]
+        for s, row, frame in zip(with_alternates.tolist(), slice_row[with_alternates].tolist(),
+                                 frame_no[with_alternates].tolist()):
+            paths = [path for path, frames in alternates[row] if frames > frame][:MAX_FALLBACKS]
+            counts[s] = len(paths)
+            values.extend(paths)
+    offsets = np.zeros(len(slice_row) + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.string()))
 
 
 def _np(table: pa.Table, name: str) -> np.ndarray:
@@ -185,6 +213,7 @@ def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
         | inventory.column("float_pixels").to_numpy(zero_copy_only=False)
         | (rows_ <= 0) | (cols_ <= 0) | ~np.isin(_np(inventory, "samples_per_pixel"), (1, 3))
         | ~np.isin(_np(inventory, "bits_allocated"), (1, 8, 16, 32)) | (declared > max_pixel_bytes)
+        | (_np(inventory, "size") > max_pixel_bytes)
         | (native & (plen >= 0) & ((plen < declared) | (_np(inventory, "pixel_end") > _np(inventory, "size"))))
     )
     accepted = ~suspect
@@ -195,7 +224,8 @@ def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
             plan.errors.append(error_row(shown(r), "plan", *why))
         else:
             accepted[i] = True
-    # 2. dedupe by SOP instance: lossless first, then path
+    # 2. dedupe by SOP instance + frame: files ranked lossless first, then path; each frame comes from
+    # the first ranked file that has it, and the later files that have it are its fallbacks
     acc = np.nonzero(accepted)[0]
     keys = inventory.select(["sop_hash", "lossy", "path"]).take(acc)
     order = pc.sort_indices(keys, sort_keys=[("sop_hash", "ascending"), ("lossy", "ascending"),
@@ -205,18 +235,41 @@ def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
     dup = np.zeros(len(ranked), dtype=bool)
     if len(ranked) > 1:
         dup[1:] = pc.equal(sop_sorted.slice(1), sop_sorted.slice(0, len(ranked) - 1)).to_numpy(zero_copy_only=False)
+    ranked_frames = frames_[ranked].astype(np.int64)
+    first_frame = np.zeros(len(ranked), dtype=np.int64)  # frames below this are taken from better copies
+    alternates: dict[int, list[tuple[str, int]]] = {}   # row -> the worse copies of its SOP (path, frames)
     if dup.any():
+        # the most frames of any better copy of the same SOP: a running max that restarts per SOP (each
+        # SOP's values are offset above every earlier SOP's, so the global running max stays inside it)
+        sop_index = np.cumsum(~dup) - 1
+        running = np.maximum.accumulate(sop_index * (1 << 32) + ranked_frames) - sop_index * (1 << 32)
+        first_frame[1:] = np.where(dup[1:], running[:-1], 0)
         run_start = np.maximum.accumulate(np.where(dup, 0, np.arange(len(ranked))))
-        dup_rows = inventory.take(ranked[dup]).to_pylist()
-        kept_rows = inventory.take(ranked[run_start[dup]]).to_pylist()
+        redundant = dup & (ranked_frames <= first_frame)
+        dup_rows = inventory.take(ranked[redundant]).to_pylist()
+        kept_rows = inventory.take(ranked[run_start[redundant]]).to_pylist()
         for r, k in zip(dup_rows, kept_rows):
             plan.errors.append(error_row(shown(r), "plan", "duplicate SOPInstanceUID",
-                                         f"same SOP instance as {shown(k)}, which is kept"))
-    kept = ranked[~dup]
-    # 3. one slice per (file, frame), minus frames planned by earlier generations
-    nf = frames_[kept].astype(np.int64)
+                                         f"same SOP instance as {shown(k)}, which is kept (this copy is "
+                                         f"its fallback should it fail to decode)"))
+        in_group = dup.copy()
+        in_group[:-1] |= dup[1:]
+        members = np.nonzero(in_group)[0]
+        paths = inventory.column("path").take(ranked[members]).to_pylist()
+        for pos, (i, path) in enumerate(zip(members.tolist(), paths)):
+            if dup[i]:
+                start = pos - (i - run_start[i])
+                for j in range(start, pos):
+                    better = alternates.setdefault(int(ranked[members[j]]), [])
+                    if len(better) < 2 * MAX_FALLBACKS:
+                        better.append((path, int(ranked_frames[i])))
+    keep_ranked = ranked_frames > first_frame
+    kept, kept_first = ranked[keep_ranked], first_frame[keep_ranked]
+    # 3. one slice per (file, frame) it wins, minus frames planned by earlier generations
+    nf = frames_[kept].astype(np.int64) - kept_first
     slice_row = np.repeat(kept, nf)
-    frame_no = np.arange(len(slice_row), dtype=np.int64) - np.repeat(np.cumsum(nf) - nf, nf)
+    frame_no = (np.arange(len(slice_row), dtype=np.int64) - np.repeat(np.cumsum(nf) - nf, nf)
+                + np.repeat(kept_first, nf))
     if isinstance(previous, set):
         previous = pa.table({"sop_hash": pa.array([p[0] for p in previous], pa.string()),
                              "frame": pa.array([p[1] for p in previous], pa.int64())})
@@ -228,6 +281,7 @@ def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
         keep = np.sort(left.column("_i").to_numpy())
         plan.already_ingested = len(slice_row) - len(keep)
         slice_row, frame_no = slice_row[keep], frame_no[keep]
+    fallbacks = _fallback_column(slice_row, frame_no, alternates)
     # 4. per-row attributes: partition, split, estimated bytes, labels
     group = inventory.column("patient_hash")
     for fallback in ("study_hash", "series_hash", "sop_hash"):
@@ -273,6 +327,7 @@ def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
         # inventories written before the fast path have no layouts: every slice takes the pydicom path
         "native_layout": (inventory.column("native_layout") if "native_layout" in inventory.column_names
                           else pa.nulls(len(inventory), pa.string())).take(slice_row),
+        "fallbacks": fallbacks,
     }, schema=SPEC_SCHEMA)
     u_sop = inventory.column("sop_hash").take(u_row)
     specs: dict[str, pa.Table] = {}

@@ -297,6 +297,10 @@ def read_header(src: str, salt: str, hash_paths: bool, fast: bool = True) -> dic
             raise
         except Exception as e:
             raise Rejected("bad header value", f"{type(e).__name__}: {str(e)[:200]}") from None
+        if has_pixels and length < 0 and ts != DEFLATED and frames > 1:
+            from .decoders import check_fragment_count  # encapsulated: frames vs fragments present
+
+            check_fragment_count(fp, offset, frames)
         layout = None
         if has_pixels and not float_pixels and length >= 0:
             try:

@@ -67,15 +67,26 @@ def source_by_hash(files: list[str]) -> dict[str, str]:
     return {salted_hash(f, SALT): f for f in files}
 
 
+# the documented decoder order (docs/INGEST.md): GDCM only when the others fail; "" = uncompressed (no plugin)
+DECODER_ORDER = ("pylibjpeg", "pydicom", "pyjpegls", "pillow", "gdcm", "")
+
+
 def reference_frames(path: str) -> tuple[object, list[np.ndarray]]:
     """pydicom's own decoding of every frame (palette applied), before our integer rules."""
     import pydicom
-    from pydicom.pixels import apply_color_lut
+    from pydicom.pixels import apply_color_lut, pixel_array
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(path, force=True)
-        arr = ds.pixel_array
+        for plugin in DECODER_ORDER:
+            try:
+                arr = pixel_array(ds, decoding_plugin=plugin)
+                break
+            except Exception as e:
+                failure = e
+        else:
+            raise failure
         if ds.PhotometricInterpretation == "PALETTE COLOR":
             arr = apply_color_lut(arr, ds)
     frames = int(ds.get("NumberOfFrames") or 1)
