@@ -238,6 +238,8 @@ def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], inventor
                 **{c: joined.column(c) for c in ("sop_hash", "series_hash", "study_hash", "patient_hash",
                                                  "source_hash", "split")},
                 "labels": label_col, "native_layout": joined.column("native_layout"),
+                # the plan records keep the planned copy only; its duplicates were not rescanned as such
+                "fallbacks": pa.nulls(joined.num_rows, pa.list_(pa.string())),
             }, schema=planning.SPEC_SCHEMA)
             write_parquet_atomically(spec, planning.spec_path(root, g, name))
             todo.append((name, modality))
