@@ -314,8 +314,10 @@ def gpu_checks(h: Harness, quick: bool) -> list[dict]:
                        "max_abs_diff": None, "tolerance": 0.0, "detail": str(e)})
     # rescale: the size rule's cases (shrink, grow, clamp, 1x1, empty) at production sizes
     r_in = [im["big"], im["half"], im["ct"], one, empty, im["wide"]]
-    r_scale = [0.4, 0.7, 0.4, 0.5, 0.4, 0.3]
+    r_scale = [0.7, 0.7, 0.4, 0.5, 0.4, 0.3]
     r_out = [h.rescale_size(x.shape, s) if x.size else (0, 0) for x, s in zip(r_in, r_scale)]
+    r_in.append(im["big"])  # a strong, anisotropic shrink (no size rule)
+    r_out.append((37, 53))
     checks.append(_compare(h, "gpu/rescale", 1e-5, lambda g: h.rescale(r_in, r_out, gpu=g),
                            "outputs " + ", ".join(f"{a}x{b}" for a, b in r_out)))
     rng = np.random.default_rng(1)
@@ -368,7 +370,8 @@ def sanitizer_check(tool: str, out: Path, timeout: int) -> dict:
                 "detail": f"timed out after {timeout} s"}
     sub.mkdir(parents=True, exist_ok=True)
     (sub / "sanitizer.log").write_text(proc.stdout + proc.stderr)
-    summary = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln]
+    summary = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+               if "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln]
     ok = proc.returncode == 0
     detail = (summary[-1].strip() if summary else "") + f" (exit {proc.returncode}; log {sub / 'sanitizer.log'})"
     return {"name": name, "kind": "sanitizer", "status": "pass" if ok else "fail", "max_abs_diff": None,

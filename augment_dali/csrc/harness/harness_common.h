@@ -33,12 +33,14 @@ int guarded(Fn &&fn) {
 // One cascade per sample from its sigmas; exact taps packed into `taps`.
 inline std::vector<CascadeKernels> plan_cascades(int n, int num_sigmas, const float *sigmas, std::vector<float> &taps) {
   if (num_sigmas < 1 || num_sigmas >= kMaxBands)
-    throw std::invalid_argument("need 1.." + std::to_string(kMaxBands - 1) + " sigmas, got " + std::to_string(num_sigmas));
+    throw std::invalid_argument("need 1.." + std::to_string(kMaxBands - 1) + " sigmas, got " +
+                                std::to_string(num_sigmas));
   std::vector<CascadeKernels> plans(n);
   for (int i = 0; i < n; i++)
     for (int b = 0; b < num_sigmas; b++) {
       float s = sigmas[i * num_sigmas + b];
-      if (!(s > 0) || !std::isfinite(s)) throw std::invalid_argument("sigmas must be finite and > 0, got " + std::to_string(s));
+      if (!(s > 0) || !std::isfinite(s))
+        throw std::invalid_argument("sigmas must be finite and > 0, got " + std::to_string(s));
       add_cascade_band(plans[i], taps, s, [](float sigma) { return recursive_gaussian(sigma); });
     }
   return plans;
@@ -64,7 +66,8 @@ inline std::vector<CropDesc> plan_crops(int n, const int *in_hw, const float *co
       int h = in_hw[2 * i], w = in_hw[2 * i + 1];
       for (int c = 0; c < num_crops[g]; c++) {
         const double *u = positions + (size_t(i) * total + j0 + c) * 2;
-        if (!(u[0] >= 0 && u[0] <= 1 && u[1] >= 0 && u[1] <= 1)) throw std::invalid_argument("positions must lie in [0, 1]");
+        if (!(u[0] >= 0 && u[0] <= 1 && u[1] >= 0 && u[1] <= 1))
+          throw std::invalid_argument("positions must lie in [0, 1]");
         descs.push_back({inputs[i], outputs[size_t(i) * num_groups + g] + int64_t(c) * s * s, h, w,
                          crop_origin(h, s, border, u[0]), crop_origin(w, s, border, u[1])});
       }

@@ -121,7 +121,8 @@ MSW_API int msw_multicrop(int use_gpu, int n, const int *in_hw, const float *con
   }
   return guarded([&] {
     std::vector<int> group_start;
-    auto descs = plan_crops(n, in_hw, inputs, num_groups, crop_sizes, num_crops, border, positions, outputs, group_start);
+    auto descs =
+        plan_crops(n, in_hw, inputs, num_groups, crop_sizes, num_crops, border, positions, outputs, group_start);
     for (int g = 0; g < num_groups; g++)
       for (int d = group_start[g]; d < group_start[g + 1]; d++) cpu::crop_one(descs[d], crop_sizes[g]);
   });

@@ -156,7 +156,8 @@ int gpu_pointwise(int op, int n, const int64_t *sizes, const float *const *input
     std::vector<gpu::PointwiseSample> samples;
     for (int i = 0; i < n; i++)
       samples.push_back({dev.to_device(inputs[i], size_t(sizes[i])),
-                         static_cast<float *>(dev.gpu(size_t(sizes[i]) * sizeof(float))), sizes[i], a[i], b ? b[i] : 0.0f});
+                         static_cast<float *>(dev.gpu(size_t(sizes[i]) * sizeof(float))), sizes[i], a[i],
+                         b ? b[i] : 0.0f});
     if (op == 0)
       gpu::pointwise(samples, gpu::GammaOp{}, dev, dev.stream());
     else

@@ -234,7 +234,8 @@ void energy_bands(std::vector<EnergySample> samples, const std::vector<float> &t
   chunk_start.push_back(n);
   char *scratch = scratch_bytes ? static_cast<char *>(alloc.gpu(scratch_bytes)) : nullptr;
   int max_chunk = 0;
-  for (size_t c = 0; c + 1 < chunk_start.size(); c++) max_chunk = std::max(max_chunk, chunk_start[c + 1] - chunk_start[c]);
+  for (size_t c = 0; c + 1 < chunk_start.size(); c++)
+    max_chunk = std::max(max_chunk, chunk_start[c + 1] - chunk_start[c]);
   for (int i = 0; i < n; i++) {
     auto &s = samples[i];
     s.planes = s.vol > 0 ? reinterpret_cast<float *>(scratch + offset[i]) : nullptr;
@@ -244,8 +245,10 @@ void energy_bands(std::vector<EnergySample> samples, const std::vector<float> &t
   }
   const EnergySample *dev_samples = upload(alloc, stream, samples);
   const float *dev_taps = upload(alloc, stream, taps);
-  auto *partials = static_cast<double *>(alloc.gpu(sizeof(double) * 2 * kMomentBlocks * (kMaxBands + 1) * size_t(max_chunk)));
-  auto *gains = energies_only ? nullptr : static_cast<float *>(alloc.gpu(sizeof(float) * kGainStride * size_t(max_chunk)));
+  size_t partials_bytes = sizeof(double) * 2 * kMomentBlocks * (kMaxBands + 1) * size_t(max_chunk);
+  auto *partials = static_cast<double *>(alloc.gpu(partials_bytes));
+  float *gains = nullptr;
+  if (!energies_only) gains = static_cast<float *>(alloc.gpu(sizeof(float) * kGainStride * size_t(max_chunk)));
   for (size_t c = 0; c + 1 < chunk_start.size(); c++) {
     int first = chunk_start[c], count = chunk_start[c + 1] - first;
     int64_t max_vol = 0, max_lines = 0;
@@ -262,11 +265,12 @@ void energy_bands(std::vector<EnergySample> samples, const std::vector<float> &t
     }
     const EnergySample *d = dev_samples + first;
     unsigned grid_vol = blocks_for(max_vol, kEnergyBlock, 1024);
+    unsigned grid_lines = blocks_for(max_lines, kLineBlock, 1024);
     for (int b = 0; b < max_nb; b++) {
       for (int k = 0; k < max_nd; k++) {
         if (any_fir[b]) fir_pass_kernel<<<dim3(grid_vol, count), kEnergyBlock, 0, stream>>>(d, b, k, dev_taps);
         if (any_rg[b])
-          recursive_pass_kernel<<<dim3(blocks_for(max_lines, kLineBlock, 1024), count), kLineBlock, 0, stream>>>(d, b, k);
+          recursive_pass_kernel<<<dim3(grid_lines, count), kLineBlock, 0, stream>>>(d, b, k);
       }
     }
     moments_kernel<<<dim3(kMomentBlocks, count, max_nb + 1), kEnergyBlock, 0, stream>>>(d, partials);

@@ -29,7 +29,8 @@ void multicrop(const std::vector<CropDesc> &descs, const std::vector<int> &group
   for (size_t g = 0; g + 1 < group_start.size(); g++) {
     int count = group_start[g + 1] - group_start[g], s = crop_sizes[g];
     for (int first = 0; first < count; first += kMaxGridYZ) {
-      dim3 block(32, 8), grid(std::min((s + 31) / 32, 64), std::min((s + 7) / 8, 1024), std::min(count - first, kMaxGridYZ));
+      dim3 block(32, 8);
+      dim3 grid(std::min((s + 31) / 32, 64), std::min((s + 7) / 8, 1024), std::min(count - first, kMaxGridYZ));
       multicrop_kernel<<<grid, block, 0, stream>>>(dev + group_start[g] + first, s);
     }
   }
