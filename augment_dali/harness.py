@@ -31,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -344,10 +345,13 @@ SANITIZER_ERROR_EXIT = 86
 
 
 def find_sanitizer() -> str | None:
+    """compute-sanitizer from PATH, the CUDA toolkit, or the nvidia-cuda-sanitizer-api wheel (medswav[test])."""
     nvcc = plugin_build.find_nvcc()
     root = plugin_build.cuda_root(nvcc)
+    wheels = Path(sysconfig.get_paths()["purelib"]) / "nvidia"
     for cand in (shutil.which("compute-sanitizer"), root and str(root / "bin" / "compute-sanitizer"),
-                 "/usr/local/cuda/bin/compute-sanitizer"):
+                 "/usr/local/cuda/bin/compute-sanitizer",
+                 *map(str, sorted(wheels.glob("*/compute-sanitizer/compute-sanitizer")))):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
     return None
@@ -358,7 +362,7 @@ def sanitizer_check(tool: str, out: Path, timeout: int) -> dict:
     name = f"sanitizer/{tool}"
     if exe is None:
         return {"name": name, "kind": "sanitizer", "status": "fail", "max_abs_diff": None, "tolerance": None,
-                "detail": "compute-sanitizer not found (CUDA toolkit bin/)"}
+                "detail": "compute-sanitizer not found (CUDA toolkit bin/; or pip install nvidia-cuda-sanitizer-api)"}
     sub = out / tool
     cmd = [exe, "--tool", tool, "--error-exitcode", str(SANITIZER_ERROR_EXIT), "--print-limit", "50",
            sys.executable, "-m", "augment_dali.harness", "--out", str(sub), "--quick", "--gpu-only"]

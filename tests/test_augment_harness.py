@@ -103,7 +103,7 @@ def test_harness_cli_rejects_missing_out():
 
 @pytest.mark.slow
 @pytest.mark.skipif(plugin_build.find_nvcc() is None, reason="needs nvcc")
-def test_harness_compiles_with_nvcc_without_spills_or_local_memory(tmp_path):
+def test_harness_compiles_with_nvcc_without_spills_or_local_memory():
     lib = H.build_harness(use_cuda=True)
     h = H.Harness(lib)
     assert h.has_cuda_backend
