@@ -132,8 +132,9 @@ class Harness:
         reason = self.lib.msw_last_error().decode()
         return count, (self.lib.msw_cuda_device_name().decode() if count > 0 else reason)
 
-    def energy_bands(self, images, sigmas, refs=None, gpu=False) -> list[np.ndarray]:
-        """refs None: band_energies. sigmas: one row per sample (or one row for all)."""
+    def energy_bands(self, images, sigmas, refs=None, gpu=False, budget_bytes: int = 0) -> list[np.ndarray]:
+        """refs None: band_energies. sigmas: one row per sample (or one row for all). budget_bytes: GPU
+        scratch per chunk of samples (0: the operators' default, 1: one sample per chunk)."""
         images = [_f32(x) for x in images]
         n, ndim = len(images), images[0].ndim if images else 2
         sig = _f32(np.broadcast_to(np.asarray(sigmas, np.float32), (n, np.asarray(sigmas).shape[-1])))
@@ -143,7 +144,8 @@ class Harness:
         ref = None if refs is None else _f32(np.asarray(refs, np.float32).reshape(n, nb + 1))
         rc = self.lib.msw_energy_bands(int(gpu), n, ndim, shapes.ctypes.data_as(ctypes.c_void_p), _ptrs(images), nb,
                                        sig.ctypes.data_as(ctypes.c_void_p),
-                                       None if ref is None else ref.ctypes.data_as(ctypes.c_void_p), _ptrs(outs))
+                                       None if ref is None else ref.ctypes.data_as(ctypes.c_void_p), _ptrs(outs),
+                                       ctypes.c_int64(budget_bytes))
         self._check(rc, "energy_bands")
         return outs
 
@@ -305,11 +307,14 @@ def gpu_checks(h: Harness, quick: bool) -> list[dict]:
         a = h.energy_bands(batch, sigmas, refs, gpu=True)
         b = h.energy_bands(batch, sigmas, refs, gpu=True)
         alone = h.energy_bands(batch[:1], sigmas[:1], refs[:1], gpu=True)
+        chunked = h.energy_bands(batch, sigmas, refs, gpu=True, budget_bytes=1)  # one sample per chunk
         ea, eb = h.energy_bands(batch, sigmas, gpu=True), h.energy_bands(batch, sigmas, gpu=True)
-        same = all(np.array_equal(x, y) for x, y in zip(a + ea, b + eb)) and np.array_equal(alone[0], a[0])
+        same = all(np.array_equal(x, y) for x, y in zip(a + ea + chunked, b + eb + a))
+        same = same and np.array_equal(alone[0], a[0])
         checks.append({"name": "gpu/energy_bands_bit_reproducible", "kind": "gpu",
                        "status": "pass" if same else "fail", "max_abs_diff": 0.0 if same else None,
-                       "tolerance": 0.0, "detail": "two runs and batch vs alone, bit for bit"})
+                       "tolerance": 0.0, "detail": "two runs, batch vs alone, one chunk vs one sample per chunk: "
+                                                   "bit for bit"})
     except HarnessError as e:
         checks.append({"name": "gpu/energy_bands_bit_reproducible", "kind": "gpu", "status": "fail",
                        "max_abs_diff": None, "tolerance": 0.0, "detail": str(e)})

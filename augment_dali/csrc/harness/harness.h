@@ -18,8 +18,10 @@ MSW_API const char *msw_last_error(void);
 
 // energy_bands (refs != NULL; refs: n x (num_sigmas + 1)) or band_energies (refs == NULL; outputs[i]
 // holds num_sigmas + 1 floats). shapes: n x ndim; sigmas: n x num_sigmas (per-sample cascades).
+// budget_bytes: GPU scratch per chunk of samples (0: the operators' default; 1: one sample per chunk).
 MSW_API int msw_energy_bands(int use_gpu, int n, int ndim, const int64_t *shapes, const float *const *inputs,
-                             int num_sigmas, const float *sigmas, const float *refs, float *const *outputs);
+                             int num_sigmas, const float *sigmas, const float *refs, float *const *outputs,
+                             int64_t budget_bytes);
 // The rescale size rule for one 2-D sample (out: 2 sides).
 MSW_API void msw_rescale_size(const int64_t *in_hw, float scale, int min_size, int max_size, int64_t *out_hw);
 // in_hw, out_hw: n x 2.

@@ -22,7 +22,7 @@ std::string &last_error() {
 // The GPU half (harness_gpu.cu); absent from a library built without nvcc.
 #ifdef MEDSWAV_HARNESS_CUDA
 int gpu_energy_bands(int n, int ndim, const int64_t *shapes, const float *const *inputs, int num_sigmas,
-                     const float *sigmas, const float *refs, float *const *outputs);
+                     const float *sigmas, const float *refs, float *const *outputs, int64_t budget_bytes);
 int gpu_rescale(int n, const int *in_hw, const float *const *inputs, const int *out_hw, float *const *outputs);
 int gpu_multicrop(int n, const int *in_hw, const float *const *inputs, int num_groups, const int *crop_sizes,
                   const int *num_crops, float border, const double *positions, float *const *outputs);
@@ -69,10 +69,11 @@ MSW_API int msw_cuda_devices(void) {
 MSW_API const char *msw_cuda_device_name(void) { return device_name().c_str(); }
 
 MSW_API int msw_energy_bands(int use_gpu, int n, int ndim, const int64_t *shapes, const float *const *inputs,
-                             int num_sigmas, const float *sigmas, const float *refs, float *const *outputs) {
+                             int num_sigmas, const float *sigmas, const float *refs, float *const *outputs,
+                             int64_t budget_bytes) {
   if (use_gpu) {
 #ifdef MEDSWAV_HARNESS_CUDA
-    return gpu_energy_bands(n, ndim, shapes, inputs, num_sigmas, sigmas, refs, outputs);
+    return gpu_energy_bands(n, ndim, shapes, inputs, num_sigmas, sigmas, refs, outputs, budget_bytes);
 #else
     return no_gpu();
 #endif

@@ -85,7 +85,7 @@ int gpu_devices(std::string *name) {
 }
 
 int gpu_energy_bands(int n, int ndim, const int64_t *shapes, const float *const *inputs, int num_sigmas,
-                     const float *sigmas, const float *refs, float *const *outputs) {
+                     const float *sigmas, const float *refs, float *const *outputs, int64_t budget_bytes) {
   return guarded([&] {
     std::vector<float> taps;
     auto plans = plan_cascades(n, num_sigmas, sigmas, taps);
@@ -103,7 +103,10 @@ int gpu_energy_bands(int n, int ndim, const int64_t *shapes, const float *const 
       samples.push_back(gpu::make_energy_sample(in, dev_out[i], sh, ndim, plans[i],
                                                 refs ? refs + size_t(i) * (num_sigmas + 1) : nullptr));
     }
-    gpu::energy_bands(std::move(samples), taps, refs == nullptr, dev, dev.stream());
+    if (budget_bytes > 0)
+      gpu::energy_bands(std::move(samples), taps, refs == nullptr, dev, dev.stream(), size_t(budget_bytes));
+    else
+      gpu::energy_bands(std::move(samples), taps, refs == nullptr, dev, dev.stream());
     for (int i = 0; i < n; i++) dev.to_host(outputs[i], dev_out[i], out_count[i]);
     dev.finish();
   });
