@@ -119,8 +119,19 @@ class Harness:
 
     def __init__(self, lib_path: Path):
         self.lib = ctypes.CDLL(str(lib_path))
-        self.lib.msw_last_error.restype = ctypes.c_char_p
-        self.lib.msw_cuda_device_name.restype = ctypes.c_char_p
+        P, I, I64, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+        signatures = {  # csrc/harness/harness.h
+            "msw_has_cuda_backend": (I, []), "msw_cuda_devices": (I, []),
+            "msw_cuda_device_name": (ctypes.c_char_p, []), "msw_last_error": (ctypes.c_char_p, []),
+            "msw_energy_bands": (I, [I, I, I, P, P, I, P, P, P, I64]),
+            "msw_rescale_size": (None, [P, F, I, I, P]),
+            "msw_rescale": (I, [I, I, P, P, P, P]),
+            "msw_multicrop": (I, [I, I, P, P, I, P, P, F, P, P]),
+            "msw_pointwise": (I, [I, I, I, P, P, P, P, P]),
+        }
+        for name, (restype, argtypes) in signatures.items():
+            fn = getattr(self.lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
         self.has_cuda_backend = bool(self.lib.msw_has_cuda_backend())
 
     def _check(self, rc: int, what: str) -> None:

@@ -72,7 +72,7 @@ int gpu_devices(std::string *name) {
   cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess) {
     last_error() = std::string("no CUDA device: ") + cudaGetErrorString(e);
-    cudaGetLastError();  // clear the sticky-free error state
+    cudaGetLastError();  // reset the runtime's last-error state for the calls that follow
     return 0;
   }
   if (count > 0) {
