@@ -44,6 +44,7 @@ HARNESS_DIR = plugin_build.LIB_DIR / "harness"
 LIB_NAME = "libmedswav_harness.so"
 SOURCES = ("harness/harness_cpu.cc", "harness/harness_gpu.cu")
 DEFAULT_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
+MANY_SAMPLES = 65_600  # > 65,535: the largest gridDim.y / gridDim.z
 
 
 class HarnessError(RuntimeError):
@@ -347,6 +348,15 @@ def gpu_checks(h: Harness, quick: bool) -> list[dict]:
     checks.append(_compare(h, "gpu/multicrop_over_65535_crops", 0.0, lambda g: [
         c for per in h.multicrop([im["half"]], (4, 33), (many, 3), 0.1, pos_many, gpu=g) for c in per],
         f"{many} crops of 4 x 4 + 3 of 33 x 33"))
+    # More samples than gridDim.y / gridDim.z allow in one launch: every launcher must split the batch.
+    tiny = [im["ct"][k % 120:k % 120 + 2, k % 97:k % 97 + 3].copy() for k in range(MANY_SAMPLES)]
+    checks.append(_compare(h, "gpu/band_energies_over_65535_samples", 1e-6,
+                           lambda g: h.energy_bands(tiny, DEFAULT_SIGMAS, gpu=g), f"{MANY_SAMPLES} samples of 2 x 3"))
+    checks.append(_compare(h, "gpu/rescale_over_65535_samples", 1e-5,
+                           lambda g: h.rescale(tiny, [(3, 2)] * MANY_SAMPLES, gpu=g), f"{MANY_SAMPLES} samples"))
+    checks.append(_compare(h, "gpu/gamma_over_65535_samples", 1e-6,
+                           lambda g: h.pointwise("gamma", tiny, np.full(MANY_SAMPLES, 2.2), gpu=g),
+                           f"{MANY_SAMPLES} samples"))
     p_in = [im["big"], im["mr"], one, empty]
     gam = [2.6, 1.8, 2.2, 2.0]
     checks.append(_compare(h, "gpu/gamma", 1e-6, lambda g: h.pointwise("gamma", p_in, gam, gpu=g)))

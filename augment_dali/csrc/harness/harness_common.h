@@ -4,6 +4,7 @@
 #define MEDSWAV_HARNESS_HARNESS_COMMON_H_
 
 #include <cmath>
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -36,12 +37,17 @@ inline std::vector<CascadeKernels> plan_cascades(int n, int num_sigmas, const fl
     throw std::invalid_argument("need 1.." + std::to_string(kMaxBands - 1) + " sigmas, got " +
                                 std::to_string(num_sigmas));
   std::vector<CascadeKernels> plans(n);
+  std::map<float, RecursiveGaussian> memo;  // the coefficients take a bisection; samples share sigmas
+  auto recursive_for = [&memo](float sigma) {
+    auto it = memo.find(sigma);
+    return it != memo.end() ? it->second : (memo[sigma] = recursive_gaussian(sigma));
+  };
   for (int i = 0; i < n; i++)
     for (int b = 0; b < num_sigmas; b++) {
       float s = sigmas[i * num_sigmas + b];
       if (!(s > 0) || !std::isfinite(s))
         throw std::invalid_argument("sigmas must be finite and > 0, got " + std::to_string(s));
-      add_cascade_band(plans[i], taps, s, [](float sigma) { return recursive_gaussian(sigma); });
+      add_cascade_band(plans[i], taps, s, recursive_for);
     }
   return plans;
 }
