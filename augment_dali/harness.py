@@ -2,13 +2,13 @@
 
     python -m augment_dali.harness --out DIR [--sanitizer] [--quick] [--force-build]
 
-Builds ``augment_dali/_lib/harness/libmedswav_harness.so`` from the DALI-free sources (``csrc/kernels/*.cuh``
+Builds ``augment_dali/_lib/harness/cuda/libmedswav_harness.so`` (``.../cpu/`` without nvcc) from the DALI-free sources (``csrc/kernels/*.cuh``
 with nvcc: the launchers the DALI operators call; ``csrc/cpu/*.h`` with g++: the CPU backend code the DALI
 operators run), then compares GPU with CPU output for every operator (energy_bands, band_energies,
 rescale, gamma, linear, multicrop) at production sizes and edge cases: 1200 x 1200 and 600 x 600 images
 from real DICOM (pydicom's CT_small / MR_small, rescaled), 3-D volumes, per-sample parameters, 1 x 1 and
-empty (0-sized) samples, more than 65,535 crops in one launch, and checks that energy_bands and
-band_energies are bit-reproducible (two runs, one sample alone vs inside a batch). The operators take
+empty (0-sized) samples, more than 65,535 crops and samples in one call, and checks that energy_bands and
+band_energies are bit-reproducible (two runs, one sample alone vs inside a batch, chunked or not). The operators take
 float32 only (integer pixels are cast before them), so float32 is the one dtype tested. CPU
 self-checks (the harness's CPU path against the NumPy specification, augment_dali/reference.py) run
 first and need no GPU. With --sanitizer the GPU checks are then rerun (--quick sizes, same edge cases)
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cuda", action="store_true", help="build and run the CPU half only")
     p.add_argument("--force-build", action="store_true", help="rebuild the harness library")
     p.add_argument("--build-only", action="store_true", help="build the harness library, print its path, stop")
-    p.add_argument("--sanitizer-timeout", type=int, default=1200, help="seconds per sanitizer run (default 1200)")
+    p.add_argument("--sanitizer-timeout", type=int, default=600, help="seconds per sanitizer run (default 600)")
     args = p.parse_args(argv)
     if args.out is None and not args.build_only:
         p.error("--out is required")
