@@ -81,6 +81,8 @@ def build_harness(use_cuda: bool = True, force: bool = False, out_dir: Path | No
     link = [cxx, "-shared", "-o", str(out_dir / LIB_NAME) + ".tmp", str(cpu_obj)]
     if nvcc:
         arch = [a for c in plugin_build.CUDA_ARCHS for a in ("-gencode", f"arch=compute_{c},code=sm_{c}")]
+        newest = plugin_build.CUDA_ARCHS[-1]
+        arch += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]  # PTX: newer GPUs JIT it
         cmds.append([nvcc, "-std=c++20", "-O2", *arch, f"-I{csrc}", "-Xptxas", "-v,-warn-spills,-warn-lmem-usage",
                      "-Xcompiler", "-fPIC,-fvisibility=hidden", "-ccbin", cxx, "-c", str(csrc / SOURCES[1]),
                      "-o", str(gpu_obj)])
