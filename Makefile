@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medswav-installed
 
-.PHONY: install demo test bench-quick clean
+.PHONY: install demo test bench-quick gpu-harness clean
 
 install: $(STAMP)
 
@@ -35,5 +35,9 @@ test: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick
 
+# DALI-free CUDA kernels vs the CPU backend, then under compute-sanitizer (docs/AUGMENT_OPERATORS.md).
+gpu-harness: $(STAMP)
+	$(PY) -m augment_dali.harness --out gpu_harness --sanitizer
+
 clean:
-	rm -rf $(VENV) demo_output build *.egg-info augment_dali/_lib
+	rm -rf $(VENV) demo_output gpu_harness build *.egg-info augment_dali/_lib

@@ -60,13 +60,30 @@ def plugin_has_cuda(lib_dir: str | Path = LIB_DIR) -> bool:
         return False
 
 
+def gpu_backend_usable(lib_dir: str | Path = LIB_DIR) -> bool:
+    """True when GPU pipelines can run here: the plugin holds the CUDA backend and DALI sees a device."""
+    if not plugin_has_cuda(lib_dir):
+        return False
+    try:
+        from nvidia.dali.backend import GetCUDADeviceCount
+
+        return GetCUDADeviceCount() > 0
+    except Exception:  # no driver at all
+        return False
+
+
+# Entry points that must run without the plugin: the build (before it exists) and the DALI-free kernel
+# harness.
+_PLUGIN_FREE_MODULES = ("augment_dali.build", "augment_dali.harness")
+
+
 def _running_build() -> bool:
-    """True under `python -m augment_dali.build`, which imports this package before the plugin exists."""
+    """True under `python -m augment_dali.build` or `-m augment_dali.harness`, which need no plugin."""
     argv = list(getattr(sys, "orig_argv", ()))
     for i, arg in enumerate(argv[:-1]):
         if arg == "-m":
-            return argv[i + 1] == "augment_dali.build"
-    return any(a == "-maugment_dali.build" for a in argv)
+            return argv[i + 1] in _PLUGIN_FREE_MODULES
+    return any(a in ("-m" + m for m in _PLUGIN_FREE_MODULES) for a in argv)
 
 
 if not _running_build():

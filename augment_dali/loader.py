@@ -39,16 +39,22 @@ def _derive_seed(*parts) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def _to_torch(tensor_list, device_id: int | None):
-    """A uniform-shape float32 DALI TensorList as a torch tensor (a copy: DALI reuses its buffers)."""
+def _copy_into(tensor_list, out, device_id: int | None) -> None:
+    """Copy a uniform-shape float32 DALI TensorList into the torch tensor `out` (same shape).
+
+    GPU: a non-blocking copy queued on torch's current stream of the device. DALI makes that stream wait
+    until the pipeline has produced the data and keeps its buffer from being reused before the copy has
+    run (copy_to_external, non-blocking), so neither side needs a host synchronisation; work the
+    consumer queues on the same stream sees the finished copy.
+    """
     import torch
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     dense = tensor_list.as_tensor()
     if device_id is None:
-        return feed_ndarray(dense, torch.empty(dense.shape(), dtype=torch.float32))
-    out = torch.empty(dense.shape(), dtype=torch.float32, device=torch.device("cuda", device_id))
-    return feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(out.device))
+        feed_ndarray(dense, out)
+    else:
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(out.device))
 
 
 def _labels_from_raw(tensor_list, n_labels: int) -> np.ndarray:
@@ -77,7 +83,8 @@ class SwavLoader:
     `num_crops`, when given, override its crops. `split=None` reads every split. `num_threads` is the
     size of the one DALI pipeline's thread pool (all modalities share it). `cache_dir` receives the
     derived index files (default: a temporary folder removed by `close()`). `with_keys` adds the
-    sample keys to each step (tests, debugging).
+    sample keys to each step (tests, debugging). `pin_memory` (CPU loader only) returns the crops in
+    page-locked memory, so that `.to("cuda", non_blocking=True)` is a truly asynchronous copy.
     """
 
     def __init__(self, dataset_root, batch_size: int, modalities: list[str] | None = None, rank: int = 0,
@@ -85,7 +92,7 @@ class SwavLoader:
                  num_crops=None, num_threads: int = 2, split: str | None = "train",
                  augment: AugmentConfig | None = None, device_id: int | None = None,
                  steps_per_epoch: int | None = None, initial_fill: int = 1024, prefetch: int = 2,
-                 cache_dir: str | None = None, with_keys: bool = False):
+                 cache_dir: str | None = None, with_keys: bool = False, pin_memory: bool = False):
         self.root = Path(dataset_root)
         self.dataset = Dataset(self.root)
         available = self.dataset.modalities
@@ -97,6 +104,13 @@ class SwavLoader:
             raise ValueError(f"modalities {unknown} not in {self.root}; available: {', '.join(available)}")
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        if device == "gpu":
+            import augment_dali
+
+            if not augment_dali.plugin_has_cuda():
+                raise ValueError("device='gpu' needs the medswav plugin built with its CUDA backend (nvcc was not "
+                                 "found when it was built): rebuild with nvcc on PATH, "
+                                 "`python -m augment_dali.build --force`, or use device='cpu'")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
         if batch_size <= 0 or batch_size % len(requested):
@@ -112,6 +126,7 @@ class SwavLoader:
         self.device, self.device_id, self.seed = device, (device_id if device == "gpu" else None), seed
         self.num_threads, self.prefetch, self.initial_fill = num_threads, prefetch, initial_fill
         self.with_keys = with_keys
+        self.pin_memory = bool(pin_memory) and device == "cpu"
         config = augment or AugmentConfig()
         if crop_sizes is not None or num_crops is not None:
             config = dataclasses.replace(config, crop_sizes=tuple(crop_sizes or config.crop_sizes),
@@ -184,8 +199,7 @@ class SwavLoader:
         try:
             for _ in range(self._steps):
                 outs = pipe.run()
-                crops = [torch.cat([_to_torch(outs[where[m, f"crops{g}"]], self.device_id) for m in self.modalities])
-                         .unsqueeze(2) for g in groups]
+                crops = [self._gather_group(outs, where, g).unsqueeze(2) for g in groups]
                 if n_labels:
                     label = np.concatenate([_labels_from_raw(outs[where[m, "labels"]], n_labels)
                                             for m in self.modalities])
@@ -199,6 +213,21 @@ class SwavLoader:
                 yield step
         finally:
             del pipe
+
+    def _gather_group(self, outs, where, g: int):
+        """Crop group g of every modality, copied once into one [B, n_g, s_g, s_g] tensor (modality-major)."""
+        import torch
+
+        per = self.per_modality
+        shape = outs[where[self.modalities[0], f"crops{g}"]].as_tensor().shape()
+        if self.device_id is None:
+            out = torch.empty([self.batch_size, *shape[1:]], dtype=torch.float32, pin_memory=self.pin_memory)
+        else:
+            out = torch.empty([self.batch_size, *shape[1:]], dtype=torch.float32,
+                              device=torch.device("cuda", self.device_id))
+        for k, m in enumerate(self.modalities):
+            _copy_into(outs[where[m, f"crops{g}"]], out[k * per:(k + 1) * per], self.device_id)
+        return out
 
     def close(self) -> None:
         """Remove the derived index files (the loader's own temporary folder); safe to call twice."""

@@ -3,7 +3,8 @@
 Per branch (modality m, B/M samples per step), in METHOD.md section 4 order:
 
     fn.readers.webdataset (tar + .idx, ext "npy" [+ "labels.npy"])
-    -> fn.decoders.numpy (dtype float32) -> [.gpu()] -> normalise to [0, 1]   (augment_dali.normalize)
+    -> fn.decoders.numpy (stored dtype) -> [.gpu()] -> cast to float32 -> normalise to [0, 1]
+       (augment_dali.normalize; int16/uint16 pixels cross to the GPU at half the bytes of float32)
     -> fn.medswav.rescale       s ~ U[scale_range], sides clamped into size_range
     -> fn.medswav.energy_bands  ref_i ~ U[mean_i - std_i, mean_i + std_i] from stats/energy.json
     -> intensity: ONE of gamma (probability p_gamma, gamma ~ U[1.8, 2.6]) or linear
@@ -89,9 +90,10 @@ def _branch(b: Branch, cfg: AugmentConfig, device: str) -> dict:
         random_shuffle=True, initial_fill=b.initial_fill, seed=b.reader_seed, shard_id=0, num_shards=1,
         name=f"reader_{b.modality}")
     outs = outs if isinstance(outs, list) else [outs]
-    image = fn.reshape(fn.decoders.numpy(outs[0], dtype=types.FLOAT), layout="HW")
+    image = fn.reshape(fn.decoders.numpy(outs[0]), layout="HW")
     if device == "gpu":
         image = image.gpu()
+    image = fn.cast(image, dtype=types.FLOAT)  # on the GPU for GPU pipelines
     crops, _ = augment(image, b.modality, b.energy_mean, b.energy_std, cfg)
     named = {f"crops{g}": c for g, c in enumerate(crops)}
     if b.read_labels:

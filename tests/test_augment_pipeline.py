@@ -17,6 +17,7 @@ import pytest
 
 from _augment_fixtures import COUNTS, LABEL_NAMES, SALT, build_dataset, train_count
 
+import augment_dali
 import shards
 from augment_dali.config import AugmentConfig
 from augment_dali.loader import SwavLoader
@@ -270,10 +271,11 @@ def test_cpu_pipeline_runs_without_cuda(aug_dataset):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not augment_dali.gpu_backend_usable(), reason="needs a CUDA GPU and a plugin built with nvcc")
 def test_gpu_pipeline_equals_cpu_pipeline(aug_dataset):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
+        pytest.skip("no CUDA GPU for torch")
     cpu = list(_loader(aug_dataset, seed=5, steps_per_epoch=2, device="cpu"))
     gpu = list(_loader(aug_dataset, seed=5, steps_per_epoch=2, device="gpu"))
     for a, b in zip(cpu, gpu):
@@ -281,6 +283,20 @@ def test_gpu_pipeline_equals_cpu_pipeline(aug_dataset):
         for ca, cb in zip(a["crops"], b["crops"]):
             assert cb.is_cuda
             np.testing.assert_allclose(ca.numpy(), cb.cpu().numpy(), atol=1e-4)
+
+
+def test_gpu_loader_refuses_a_plugin_without_cuda(aug_dataset, monkeypatch):
+    """device='gpu' with a CPU-only plugin fails at construction with the fix named, not deep in DALI."""
+    monkeypatch.setattr(augment_dali, "plugin_has_cuda", lambda *a, **k: False)
+    with pytest.raises(ValueError, match="CUDA backend.*--force"):
+        SwavLoader(aug_dataset, batch_size=4, modalities=["mr", "xr"], device="gpu", device_id=0, augment=SMALL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not augment_dali.gpu_backend_usable(), reason="needs a CUDA GPU and a plugin built with nvcc")
+def test_cpu_loader_pins_its_crops_on_request(aug_dataset):
+    step = next(iter(_loader(aug_dataset, seed=5, steps_per_epoch=1, device="cpu", pin_memory=True)))
+    assert all(c.is_pinned() for c in step["crops"])
 
 
 def test_augment_graph_survives_constant_tiny_and_real_images(aug_dataset, dicom_dir):

@@ -7,22 +7,13 @@
 #include <utility>
 #include <vector>
 
+#include "math/cascade.h"
 #include "math/energy.h"
 #include "math/gaussian.h"
 #include "math/recursive_gaussian.h"
 #include "op_common.h"
 
 namespace medswav {
-
-// Blur kernels of one sample's cascade. Band b uses the recursive filter recursive[b] when
-// recursive[b].pad > 0 (sigma >= kRecursiveMinSigma), else the exact taps
-// taps[offset[b] .. offset[b] + 2 radius[b]] (packed over all samples).
-struct CascadeKernels {
-  std::vector<int> offset, radius;
-  std::vector<RecursiveGaussian> recursive;
-  int num_bands() const { return static_cast<int>(radius.size()); }
-  bool is_recursive(int b) const { return recursive[b].pad > 0; }
-};
 
 // EnergiesOnly == false: operator energy_bands (the augmentation).
 // EnergiesOnly == true: operator band_energies, which outputs the len(sigmas) + 1 band energies of each
@@ -57,15 +48,7 @@ class EnergyBandsImpl : public dali::StatelessOperator<Backend> {
         float s = sig.data[b];
         DALI_ENFORCE(s > 0 && std::isfinite(s),
                      dali::make_string("medswav.", name, ": sigmas must be > 0, got ", s));
-        k.offset.push_back(static_cast<int>(taps_.size()));
-        k.radius.push_back(gaussian_radius(s));
-        if (s >= kRecursiveMinSigma) {
-          k.recursive.push_back(recursive_for(s));
-        } else {
-          auto taps = gaussian_taps(s);
-          taps_.insert(taps_.end(), taps.begin(), taps.end());
-          k.recursive.push_back(RecursiveGaussian{0, 0, 0, 0, 0});
-        }
+        add_cascade_band(k, taps_, s, [this](float sigma) { return recursive_for(sigma); });
       }
       band_shape.set_tensor_shape(i, dali::TensorShape<>(nb + 1));
     }
@@ -112,19 +95,6 @@ template <typename Backend>
 using EnergyBands = EnergyBandsImpl<Backend, false>;
 template <typename Backend>
 using BandEnergies = EnergyBandsImpl<Backend, true>;
-
-// Extents of a convolution along `axis`: elements are (outer, n, inner), `inner` contiguous.
-struct AxisExtent {
-  int64_t outer, inner;
-  int n;
-};
-
-inline AxisExtent axis_extent(const dali::TensorShape<> &sh, int axis) {
-  AxisExtent e{1, 1, static_cast<int>(sh[axis])};
-  for (int d = 0; d < axis; d++) e.outer *= sh[d];
-  for (int d = axis + 1; d < sh.size(); d++) e.inner *= sh[d];
-  return e;
-}
 
 }  // namespace medswav
 

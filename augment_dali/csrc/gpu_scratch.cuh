@@ -2,10 +2,10 @@
 #ifndef MEDSWAV_GPU_SCRATCH_CUH_
 #define MEDSWAV_GPU_SCRATCH_CUH_
 
-#include <algorithm>
-#include <vector>
+#include <cstdint>
 
 #include "dali/kernels/dynamic_scratchpad.h"
+#include "kernels/device_alloc.cuh"
 
 namespace medswav {
 
@@ -13,15 +13,21 @@ namespace medswav {
 // the workspace stream, so kernels still queued on it keep valid buffers.
 using Scratchpad = dali::kernels::DynamicScratchpad;
 
-// Copies host data to the device through pinned memory (a truly asynchronous copy on `stream`).
-template <typename T>
-T *upload(Scratchpad &scratch, cudaStream_t stream, const std::vector<T> &host) {
-  if (host.empty()) return nullptr;
-  T *pinned = scratch.Allocate<dali::mm::memory_kind::pinned, T>(host.size());
-  std::copy(host.begin(), host.end(), pinned);
-  T *dev = scratch.AllocateGPU<T>(host.size());
-  CUDA_CALL(cudaMemcpyAsync(dev, pinned, host.size() * sizeof(T), cudaMemcpyHostToDevice, stream));
-  return dev;
+// The allocator the DALI-free launchers of kernels/*.cuh take (see kernels/device_alloc.cuh).
+struct ScratchpadAlloc {
+  Scratchpad &scratch;
+  void *gpu(size_t bytes) { return scratch.AllocateGPU<uint8_t>(bytes, 256); }
+  void *pinned(size_t bytes) { return scratch.Allocate<dali::mm::memory_kind::pinned, uint8_t>(bytes, 256); }
+};
+
+// Runs a launcher, turning its exceptions into DALI errors that name the operator.
+template <typename Fn>
+void launch_or_raise(const char *op, Fn &&fn) {
+  try {
+    fn();
+  } catch (const std::exception &e) {
+    DALI_FAIL(dali::make_string("medswav.", op, ": ", e.what()));
+  }
 }
 
 }  // namespace medswav

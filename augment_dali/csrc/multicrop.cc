@@ -1,4 +1,5 @@
 #include "multicrop.h"
+#include "cpu/multicrop_cpu.h"
 
 #include <algorithm>
 
@@ -40,18 +41,7 @@ void MultiCrop<CPUBackend>::RunImpl(Workspace &ws) {
   for (int g = 0; g < ng; g++) {
     int s = crop_sizes_[g];
     for (int d = group_start[g]; d < group_start[g + 1]; d++) {
-      pool.AddWork([&descs, d, s](int) {
-        const CropDesc &c = descs[d];
-        for (int y = 0; y < s; y++) {
-          float *row = c.dst + int64_t(y) * s;
-          int sy = c.y0 + y;
-          if (sy < 0 || sy >= c.h) {
-            std::fill(row, row + s, 0.0f);
-            continue;
-          }
-          for (int x = 0; x < s; x++) row[x] = crop_fetch(c.src, c.h, c.w, sy, c.x0 + x);
-        }
-      }, int64_t(s) * s);
+      pool.AddWork([&descs, d, s](int) { cpu::crop_one(descs[d], s); }, int64_t(s) * s);
     }
   }
   pool.RunAll();

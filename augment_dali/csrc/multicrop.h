@@ -14,12 +14,6 @@
 
 namespace medswav {
 
-struct CropDesc {
-  const float *src;
-  float *dst;  // size x size, row-major
-  int h, w, y0, x0;
-};
-
 template <typename Backend>
 class MultiCrop : public dali::Operator<Backend> {
  public:

@@ -1,5 +1,7 @@
 #include "rescale.h"
 
+#include "cpu/rescale_cpu.h"
+
 DALI_SCHEMA(medswav__Rescale)
     .DocStr(R"(Rescales a 2-D image by a per-sample factor, keeping the result's sides in a range.
 
@@ -31,14 +33,7 @@ void Rescale<CPUBackend>::RunImpl(Workspace &ws) {
     auto is = in.shape()[i], os = out.shape()[i];
     int h = is[0], w = is[1], oh = os[0], ow = os[1];
     if (int64_t(oh) * ow == 0) return;
-    const float *src = in.tensor<float>(i);
-    float *dst = out.mutable_tensor<float>(i);
-    std::vector<float> sx(ow);
-    for (int x = 0; x < ow; x++) sx[x] = resample_src_coord(x, w, ow);
-    for (int y = 0; y < oh; y++) {
-      float sy = resample_src_coord(y, h, oh);
-      for (int x = 0; x < ow; x++) dst[int64_t(y) * ow + x] = bilinear_at(src, h, w, sy, sx[x]);
-    }
+    cpu::rescale_sample(in.tensor<float>(i), h, w, out.mutable_tensor<float>(i), oh, ow);
   });
 }
 

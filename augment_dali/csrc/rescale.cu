@@ -1,32 +1,23 @@
+#include "gpu_scratch.cuh"
+#include "kernels/rescale.cuh"
 #include "rescale.h"
 
 namespace medswav {
-namespace {
-
-__global__ void rescale_kernel(const float *src, int h, int w, float *dst, int oh, int ow) {
-  int x = blockIdx.x * blockDim.x + threadIdx.x;
-  int y = blockIdx.y * blockDim.y + threadIdx.y;
-  if (x >= ow || y >= oh) return;
-  dst[int64_t(y) * ow + x] =
-      bilinear_at(src, h, w, resample_src_coord(y, h, oh), resample_src_coord(x, w, ow));
-}
-
-}  // namespace
 
 template <>
 void Rescale<GPUBackend>::RunImpl(Workspace &ws) {
   const auto &in = ws.Input<GPUBackend>(0);
   auto &out = ws.Output<GPUBackend>(0);
   out.SetLayout(in.GetLayout());
+  std::vector<gpu::RescaleSample> samples;
   for (int i = 0; i < in.num_samples(); i++) {
     auto is = in.shape()[i], os = out.shape()[i];
-    int oh = os[0], ow = os[1];
-    if (int64_t(oh) * ow == 0) continue;
-    dim3 block(32, 8), grid((ow + 31) / 32, (oh + 7) / 8);
-    rescale_kernel<<<grid, block, 0, ws.stream()>>>(in.tensor<float>(i), is[0], is[1],
-                                                    out.mutable_tensor<float>(i), oh, ow);
+    samples.push_back({in.tensor<float>(i), out.mutable_tensor<float>(i), static_cast<int>(is[0]),
+                       static_cast<int>(is[1]), static_cast<int>(os[0]), static_cast<int>(os[1])});
   }
-  CUDA_CALL(cudaGetLastError());
+  Scratchpad scratch(ws.stream());
+  ScratchpadAlloc alloc{scratch};
+  launch_or_raise("rescale", [&] { gpu::rescale(samples, alloc, ws.stream()); });
 }
 
 }  // namespace medswav

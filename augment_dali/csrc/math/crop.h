@@ -31,6 +31,13 @@ MSW_HD int crop_origin(int n, int c, float border, double u) {
   return lo + clamp_value(k, 0, hi - lo);
 }
 
+// One crop: the size x size output at dst (row-major) shows src (h x w) from (y0, x0) on.
+struct CropDesc {
+  const float *src;
+  float *dst;
+  int h, w, y0, x0;
+};
+
 // Pixel (y, x) of an h x w image, zero outside it.
 MSW_HD float crop_fetch(const float *img, int h, int w, int y, int x) {
   return (y >= 0 && y < h && x >= 0 && x < w) ? img[int64_t(y) * w + x] : 0.0f;

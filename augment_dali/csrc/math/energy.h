@@ -29,11 +29,17 @@ MSW_HD float band_gain(float ref, double energy) {
   return energy > kMinBandEnergy ? static_cast<float>(ref / energy) : 1.0f;
 }
 
-// Output pixel from the cascade levels I_0..I_B at one position (levels[i] = I_i there).
-MSW_HD float combine_bands(const float *levels, const float *gains, int num_bands, float residual_mean) {
-  float acc = 0.0f;
-  for (int i = 0; i < num_bands; i++) acc += gains[i] * (levels[i] - levels[i + 1]);
-  return acc + residual_mean + gains[num_bands] * (levels[num_bands] - residual_mean);
+// Output pixel from the cascade levels I_0..I_B at one position (level(i) = I_i there). The levels are
+// read once each, in order, so a GPU thread keeps two in registers instead of an array in local memory.
+template <typename Level>
+MSW_HD float combine_bands(Level level, const float *gains, int num_bands, float residual_mean) {
+  float acc = 0.0f, hi = level(0);
+  for (int i = 0; i < num_bands; i++) {
+    float lo = level(i + 1);
+    acc += gains[i] * (hi - lo);
+    hi = lo;
+  }
+  return acc + residual_mean + gains[num_bands] * (hi - residual_mean);
 }
 
 }  // namespace medswav
