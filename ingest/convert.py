@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from .native import Changed, header_meta, read_frame
 from .pixels import to_stored
 from .plan import spec_path
-from .scan import WORK_DIR, Rejected, _open, error_row, shown_source
+from .scan import WORK_DIR, Rejected, _open, error_row, inferred_syntax, set_syntax, shown_source
 
 _CACHE_FILES = 4  # open datasets kept per task: frames of one multi-frame file are spread over a shard
 
@@ -63,6 +63,12 @@ def load_dataset(src: str):
     if "SOPInstanceUID" not in ds:
         # pydicom returns an empty dataset when the file ends inside an element (often the pixel data)
         raise Rejected("damaged file", "the file cannot be parsed to its end (truncated or corrupted data)")
+    if not getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None):
+        # no File Meta Information: decode with the syntax scan inferred from the same encoding
+        pixels = ds.get_item(0x7FE00010) if 0x7FE00010 in ds else None
+        encapsulated = pixels is not None and (getattr(pixels, "length", None) == 0xFFFFFFFF
+                                               or getattr(pixels, "is_undefined_length", False))
+        set_syntax(ds, inferred_syntax(ds, encapsulated))
     return ds
 
 

@@ -60,6 +60,9 @@ LOSSY_SYNTAXES = {
     "1.2.840.10008.1.2.4.101", "1.2.840.10008.1.2.4.102", "1.2.840.10008.1.2.4.103",
 }
 DEFLATED = "1.2.840.10008.1.2.1.99"
+# (implicit VR, little endian) -> the native transfer syntax with that encoding (no implicit big endian)
+SYNTAX_OF_ENCODING = {(True, True): "1.2.840.10008.1.2", (False, True): "1.2.840.10008.1.2.1",
+                      (False, False): "1.2.840.10008.1.2.2"}
 _PIXEL_TAGS = {0x7FE00010: False, 0x7FE00008: True, 0x7FE00009: True}  # tag -> float pixel data
 
 
@@ -182,6 +185,32 @@ def scan_tasks(sources: list[str], target_tasks: int, files_per_task: int, max_d
 
 # ---------------------------------------------------------------- headers
 
+def inferred_syntax(ds, pixels_encapsulated: bool) -> str:
+    """The transfer syntax of a file whose File Meta Information has none (ACR-NEMA style exports
+    without preamble and group 0002): the encoding pydicom read the elements with (implicit VR little
+    endian unless the first element carries a valid VR; big endian when its group reads byte-swapped).
+    Encapsulated (compressed) Pixel Data says nothing about its codec: rejected."""
+    if pixels_encapsulated:
+        raise Rejected("unknown transfer syntax", "no Transfer Syntax UID in the file and encapsulated "
+                       "(compressed) Pixel Data: the codec cannot be inferred")
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    implicit = True if implicit is None else bool(implicit)
+    little = True if little is None else bool(little)
+    ts = SYNTAX_OF_ENCODING.get((implicit, little))
+    if ts is None:
+        raise Rejected("unknown transfer syntax", "no Transfer Syntax UID in the file and an impossible encoding")
+    return ts
+
+
+def set_syntax(ds, ts: str) -> None:
+    """Record an inferred transfer syntax where pydicom's decoders and `header_meta` look for it."""
+    from pydicom.dataset import FileMetaDataset
+
+    if getattr(ds, "file_meta", None) is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+
+
 def _open(src: str):
     if _is_url(src):
         import fsspec
@@ -273,6 +302,9 @@ def read_header(src: str, salt: str, hash_paths: bool, fast: bool = True) -> dic
                 has_pixels, float_pixels, length, end = _pixel_element(fp, ds, offset, size)
         except (OSError, struct.error):
             has_pixels, float_pixels, length, end = False, False, -1, -1
+        if not ts:  # no File Meta Information (or none with a syntax): ds is pydicom's, read with force
+            ts = inferred_syntax(ds, pixels_encapsulated=has_pixels and length < 0)
+            set_syntax(ds, ts)
         try:
             rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
             frames = max(1, _int(ds, "NumberOfFrames", 1))
