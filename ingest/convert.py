@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from .native import Changed, header_meta, read_frame
 from .pixels import to_stored
 from .plan import spec_path
-from .scan import WORK_DIR, Rejected, _open, error_row, inferred_syntax, set_syntax, shown_source
+from .scan import WORK_DIR, Rejected, _open, error_row, inferred_syntax, set_syntax, shown_source, sop_uid
 
 _CACHE_FILES = 4  # open datasets kept per task: frames of one multi-frame file are spread over a shard
 
@@ -60,8 +60,9 @@ def load_dataset(src: str):
         raise Rejected("unreadable", f"{type(e).__name__}: {e}") from None
     except Exception as e:
         raise Rejected("damaged file", f"{type(e).__name__}: {str(e)[:200]}") from None
-    if "SOPInstanceUID" not in ds:
-        # pydicom returns an empty dataset when the file ends inside an element (often the pixel data)
+    if "SOPInstanceUID" not in ds and not any(tag in ds for tag in (0x7FE00008, 0x7FE00009, 0x7FE00010)):
+        # pydicom returns an empty dataset when the file ends inside an element (often the pixel data);
+        # a file without SOPInstanceUID but with pixel data was read to its end (keyed by content)
         raise Rejected("damaged file", "the file cannot be parsed to its end (truncated or corrupted data)")
     if not getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None):
         # no File Meta Information: decode with the syntax scan inferred from the same encoding
@@ -172,17 +173,25 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
                             writer.write(layout["keys"][spec["frame"]], pixels,
                                          _meta(layout["meta"], spec, modality, info), labels=labels)
                             continue
-                    ds = cache.get(src)
-                    if ds is None:
+                    cached = cache.get(src)
+                    if cached is None:
                         ds = load_dataset(src)
-                        uid = str(ds.get("SOPInstanceUID", "") or "")
+                        if str(ds.get("SOPInstanceUID", "") or "").strip():
+                            uid = sop_uid(ds, None)
+                        else:  # keyed by its content (ingest.scan.sop_uid): hashed again, as scan did
+                            try:
+                                with _open(src) as fp:
+                                    uid = sop_uid(ds, fp)
+                            except OSError as e:
+                                raise Rejected("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
                         if salted_hash(uid, salt) != spec["sop_hash"]:
                             raise Rejected("changed since scan", "the file's SOPInstanceUID differs from the inventory")
-                        cache[src] = ds
+                        cache[src] = cached = (ds, uid)
                         if len(cache) > _CACHE_FILES:
                             cache.popitem(last=False)
+                    ds, uid = cached
                     pixels, info = convert_frame(ds, spec["frame"], max_side)
-                    key = sample_key(str(ds.SOPInstanceUID), spec["frame"], salt)
+                    key = sample_key(uid, spec["frame"], salt)
                     labels = np.asarray(spec["labels"], dtype=np.float32) if spec["labels"] is not None else None
                     writer.write(key, pixels, _meta(header_meta(ds, spec["frame"]), spec, modality, info), labels=labels)
                 except Rejected as e:

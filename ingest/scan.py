@@ -202,6 +202,28 @@ def inferred_syntax(ds, pixels_encapsulated: bool) -> str:
     return ts
 
 
+CONTENT_UID_PREFIX = "content-blake2b:"
+
+
+def content_uid(fp) -> str:
+    """Stand-in SOPInstanceUID of a file that has none: BLAKE2b-256 of every byte of the file.
+    Identical copies get the same one (so they deduplicate), and it is the same in every run; like a
+    real UID it only ever leaves the process as a salted hash (`sop_hash`) or inside sample keys."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=32)
+    fp.seek(0)
+    while chunk := fp.read(1 << 20):
+        digest.update(chunk)
+    return CONTENT_UID_PREFIX + digest.hexdigest()
+
+
+def sop_uid(ds, fp) -> str:
+    """The SOPInstanceUID that keys a file's samples: its own, else its content's (`content_uid`)."""
+    uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+    return uid or content_uid(fp)
+
+
 def set_syntax(ds, ts: str) -> None:
     """Record an inferred transfer syntax where pydicom's decoders and `header_meta` look for it."""
     from pydicom.dataset import FileMetaDataset
@@ -319,12 +341,14 @@ def read_header(src: str, salt: str, hash_paths: bool, fast: bool = True) -> dic
             raise
         except Exception as e:
             raise Rejected("bad header value", f"{type(e).__name__}: {str(e)[:200]}") from None
+        # a file without SOPInstanceUID is keyed by its content; one without pixels is rejected anyway
+        uid = sop_uid(ds, fp) if has_pixels else texts["SOPInstanceUID"]
         layout = None
         if has_pixels and not float_pixels and length >= 0:
             try:
                 mtime_ns = os.stat(_local(src)).st_mtime_ns if not _is_url(src) else -1
                 layout = native_layout(ds, src=src, ts=ts, value_start=end - length, value_length=length,
-                                       file_size=size, mtime_ns=mtime_ns, salt=salt)
+                                       file_size=size, mtime_ns=mtime_ns, salt=salt, uid=uid)
             except Exception:  # pydicom raises many types on odd values: convert's pydicom path decides
                 layout = None
     source_hash = salted_hash(src, salt)
@@ -332,7 +356,7 @@ def read_header(src: str, salt: str, hash_paths: bool, fast: bool = True) -> dic
         "source": "" if hash_paths else src,
         "source_hash": source_hash,
         "size": size,
-        "sop_hash": salted_hash(texts["SOPInstanceUID"], salt),
+        "sop_hash": salted_hash(uid, salt),
         "series_hash": salted_hash(texts["SeriesInstanceUID"], salt),
         "study_hash": salted_hash(texts["StudyInstanceUID"], salt),
         "patient_hash": salted_hash(texts["PatientID"], salt),

@@ -68,24 +68,36 @@ def legacy(tmp_path_factory, dicom_dir):
         _rewrite(mr / "explicit_big.dcm", src / "mr_explicit_be", meta=False, little=False):
             (mr / "explicit_big.dcm", EXPLICIT_BE),
     }
+    no_uid = {  # file -> original, for files without SOPInstanceUID (native and compressed pixels)
+        _rewrite(ct / "1-003.dcm", src / "ct_no_uid", drop=("SOPInstanceUID",)): ct / "1-003.dcm",
+        _rewrite(mr / "rle.dcm", src / "mr_rle_no_uid", drop=("SOPInstanceUID",)): mr / "rle.dcm",
+        _rewrite(ct / "1-004.dcm", src / "ct_acr_nema", meta=False, implicit=True, drop=("SOPInstanceUID",)):
+            ct / "1-004.dcm",
+    }
+    copy = shutil.copyfile(src / "ct_no_uid", src / "ct_no_uid_copy")
     out = src.parent / "ds"
     run_ingest([src], out)
-    return {"src": src, "out": out, "made": made, "manifest": manifest_rows(out), "errors": error_rows(out)}
+    return {"src": src, "out": out, "made": made, "no_uid": no_uid, "copy": str(copy),
+            "manifest": manifest_rows(out), "errors": error_rows(out)}
+
+
+def _rows_by_source(manifest: list[dict]) -> dict[str, list[dict]]:
+    by_source: dict[str, list[dict]] = {}
+    for row in manifest:
+        by_source.setdefault(row["source_hash"], []).append(row)
+    return by_source
 
 
 def test_files_without_file_meta_are_decoded_bit_exactly(legacy):
     from shards import salted_hash
 
-    assert not legacy["errors"]
     samples = _samples(legacy["out"])
-    by_source = {}
-    for row in legacy["manifest"]:
-        by_source.setdefault(row["source_hash"], []).append(row)
+    by_source = _rows_by_source(legacy["manifest"])
     for path, (original, syntax) in legacy["made"].items():
-        rows = by_source.pop(salted_hash(str(path), SALT))
+        rows = by_source.get(salted_hash(str(path), SALT))
+        assert rows, f"{path.name} not ingested: {legacy['errors']}"
         _assert_ingested_as(original, rows, samples)
         assert {samples[r["key"]][1]["transfer_syntax"] for r in rows} == {syntax}
-    assert not by_source
 
 
 def test_convert_infers_the_syntax_of_files_without_file_meta(legacy):
@@ -105,3 +117,36 @@ def test_compressed_pixels_without_file_meta_are_rejected_with_the_reason(tmp_pa
     with pytest.raises(Rejected) as caught:
         read_header(str(path), SALT, False)
     assert caught.value.reason == "unknown transfer syntax" and "codec" in caught.value.detail
+
+
+# ---------------------------------------------------------------- files without SOPInstanceUID
+
+def test_files_without_sop_uid_are_keyed_by_their_content(legacy):
+    """Ingested (native and compressed pixels, with and without File Meta Information), keyed by the
+    documented salted content identity; an identical copy is a duplicate; nothing else is rejected."""
+    import hashlib
+
+    from shards import salted_hash, sample_key
+
+    samples = _samples(legacy["out"])
+    by_source = _rows_by_source(legacy["manifest"])
+    for path, original in legacy["no_uid"].items():
+        rows = by_source.get(salted_hash(str(path), SALT))
+        assert rows, f"{path.name} not ingested: {legacy['errors']}"
+        _assert_ingested_as(original, rows, samples)
+        identity = "content-blake2b:" + hashlib.blake2b(path.read_bytes(), digest_size=32).hexdigest()
+        assert {r["sop_hash"] for r in rows} == {salted_hash(identity, SALT)}
+        assert sorted(r["key"] for r in rows) == sorted(sample_key(identity, r["frame"], SALT) for r in rows)
+    assert [(e["source"], e["reason"]) for e in legacy["errors"]] == [(legacy["copy"], "duplicate SOPInstanceUID")]
+    assert str(legacy["src"] / "ct_no_uid") in legacy["errors"][0]["detail"]
+    assert len(legacy["manifest"]) == len(legacy["made"]) + len(legacy["no_uid"])
+
+
+def test_content_key_is_the_same_in_every_scan(legacy):
+    from ingest.scan import read_header
+
+    for path in legacy["no_uid"]:
+        first, again = read_header(str(path), SALT, False), read_header(str(path), SALT, False, fast=False)
+        assert first["sop_hash"] == again["sop_hash"] != ""
+    assert read_header(legacy["copy"], SALT, False)["sop_hash"] == read_header(str(legacy["src"] / "ct_no_uid"),
+                                                                              SALT, False)["sop_hash"]
