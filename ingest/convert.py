@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from .native import Changed, header_meta, read_frame
 from .pixels import to_stored
 from .plan import spec_path
-from .scan import WORK_DIR, Rejected, _open, error_row, inferred_syntax, set_syntax, shown_source, sop_uid
+from .scan import WORK_DIR, Rejected, _open, inferred_syntax, scan_error, set_syntax, sop_uid, text_path
 
 _CACHE_FILES = 4  # open datasets kept per task: frames of one multi-frame file are spread over a shard
 
@@ -157,15 +157,16 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for spec in specs:
-                src = spec["path"]
+                src = spec["path"]  # path text (ingest.scan.path_text)
                 if src in failed:
                     continue
+                local = text_path(src)
                 try:
                     layout = spec.get("native_layout")
                     if layout is not None and src not in slow:
                         layout = json.loads(layout)
                         try:
-                            pixels, info = fast_frame(layout, src, spec["frame"], max_side)
+                            pixels, info = fast_frame(layout, local, spec["frame"], max_side)
                         except (Changed, OSError):
                             slow.add(src)  # replaced since the scan (or unreadable): pydicom path decides
                         else:
@@ -175,12 +176,12 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
                             continue
                     cached = cache.get(src)
                     if cached is None:
-                        ds = load_dataset(src)
+                        ds = load_dataset(local)
                         if str(ds.get("SOPInstanceUID", "") or "").strip():
                             uid = sop_uid(ds, None)
                         else:  # keyed by its content (ingest.scan.sop_uid): hashed again, as scan did
                             try:
-                                with _open(src) as fp:
+                                with _open(local) as fp:
                                     uid = sop_uid(ds, fp)
                             except OSError as e:
                                 raise Rejected("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
@@ -199,12 +200,12 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
                     cache.pop(src, None)
                     frame_level = e.reason in ("pixel decoding failed", "unsupported pixels") and spec["frames"] > 1
                     detail = f"frame {spec['frame']}: {e.detail}" if frame_level else e.detail
-                    errors.append(error_row(shown_source(src, salt, hash_paths), "convert", e.reason, detail))
+                    errors.append(scan_error(src, "convert", e.reason, detail, salt, hash_paths))
                 except Exception as e:  # a bug or an exotic file: record it, keep the shard going
                     failed.add(src)
                     cache.pop(src, None)
-                    errors.append(error_row(shown_source(src, salt, hash_paths), "convert", "conversion failed",
-                                            f"{type(e).__name__}: {str(e)[:300]}"))
+                    errors.append(scan_error(src, "convert", "conversion failed", f"{type(e).__name__}: {str(e)[:300]}",
+                                             salt, hash_paths))
         write_errors(root, name, errors)  # before the commit: a committed shard has its errors on disk
         result["errors"] = Counter(e["reason"] for e in errors)
         if len(writer):

@@ -3,6 +3,8 @@ SOPInstanceUID, hostile source trees (unreadable folders, symlink loops and diam
 folder names that identify a patient) and what `--hash-paths` lets reach the dataset folder."""
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -75,9 +77,12 @@ def legacy(tmp_path_factory, dicom_dir):
             ct / "1-004.dcm",
     }
     copy = shutil.copyfile(src / "ct_no_uid", src / "ct_no_uid_copy")
+    non_utf8 = Path(os.fsdecode(os.fsencode(src) + b"/\xff\xfe.dcm"))  # a name that is not UTF-8
+    shutil.copyfile(ct / "1-005.dcm", non_utf8)
     out = src.parent / "ds"
     run_ingest([src], out)
     return {"src": src, "out": out, "made": made, "no_uid": no_uid, "copy": str(copy),
+            "non_utf8": (non_utf8, ct / "1-005.dcm"),
             "manifest": manifest_rows(out), "errors": error_rows(out)}
 
 
@@ -139,7 +144,7 @@ def test_files_without_sop_uid_are_keyed_by_their_content(legacy):
         assert sorted(r["key"] for r in rows) == sorted(sample_key(identity, r["frame"], SALT) for r in rows)
     assert [(e["source"], e["reason"]) for e in legacy["errors"]] == [(legacy["copy"], "duplicate SOPInstanceUID")]
     assert str(legacy["src"] / "ct_no_uid") in legacy["errors"][0]["detail"]
-    assert len(legacy["manifest"]) == len(legacy["made"]) + len(legacy["no_uid"])
+    assert len(legacy["manifest"]) == len(legacy["made"]) + len(legacy["no_uid"]) + 1  # + non_utf8
 
 
 def test_content_key_is_the_same_in_every_scan(legacy):
@@ -150,3 +155,189 @@ def test_content_key_is_the_same_in_every_scan(legacy):
         assert first["sop_hash"] == again["sop_hash"] != ""
     assert read_header(legacy["copy"], SALT, False)["sop_hash"] == read_header(str(legacy["src"] / "ct_no_uid"),
                                                                               SALT, False)["sop_hash"]
+
+
+# ---------------------------------------------------------------- non-UTF-8 names
+
+def test_a_file_name_that_is_not_utf8_is_ingested(legacy):
+    """Paths travel as lossless text (NUL + hex for each undecodable byte) and convert opens them again."""
+    import pyarrow.dataset as pads
+
+    from ingest.scan import path_text, text_path
+    from shards import salted_hash
+
+    path, original = legacy["non_utf8"]
+    text = path_text(str(path))
+    assert text.endswith("/\x00ff\x00fe.dcm") and text_path(text) == str(path)
+    assert os.fsencode(text_path(text)) == os.fsencode(legacy["src"]) + b"/\xff\xfe.dcm"
+    rows = _rows_by_source(legacy["manifest"]).get(salted_hash(text, SALT))
+    assert rows, legacy["errors"]
+    _assert_ingested_as(original, rows, _samples(legacy["out"]))
+    inventory = pads.dataset(legacy["out"] / "inventory", format="parquet").to_table()
+    assert text in inventory.column("source").to_pylist()
+
+
+# ---------------------------------------------------------------- hostile trees and --hash-paths
+
+PATIENT_FOLDER = "SMITH^JOHN_123456"
+# every name in the tree below that must not reach the dataset folder in any form
+SECRET_NAMES = (PATIENT_FOLDER, "SMITH", "JOHN", "123456", "locked_RIVERA", "RIVERA", "dangling_KOWALSKI",
+                "KOWALSKI", "self_NGUYEN", "NGUYEN", "back_GARCIA", "GARCIA", "deep_study_OKAFOR", "OKAFOR",
+                "diamond_in_tree", "outside_tree", "link_to_outside", "level07", "leaf_folder")
+LEVELS = 20  # a naive walk of either diamond lists 2**20 folders
+
+
+def _diamond(base: Path, file_from: Path) -> None:
+    """level00 .. level19 side by side, each with two links (a, b) to the next level, the last to
+    leaf_folder holding one real file: 2**20 paths to that file, 21 real folders."""
+    names = [f"level{i:02d}" for i in range(LEVELS)] + ["leaf_folder"]
+    for name in names:
+        (base / name).mkdir(parents=True)
+    for here, nxt in zip(names, names[1:]):
+        for side in ("a", "b"):
+            (base / here / side).symlink_to(Path("..") / nxt, target_is_directory=True)
+    shutil.copyfile(file_from, base / "leaf_folder" / "slice.dcm")
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, dicom_dir):
+    """A source tree with a patient-named folder, unreadable folders (simulated: this runs as root),
+    links that lead nowhere, to themselves and to an ancestor, a file name that is not UTF-8, a diamond
+    of links inside the sources and one outside them (reached through a link, with a cycle back);
+    ingested with hash_paths on a cluster in this process, so the simulation reaches the workers."""
+    from distributed import LocalCluster
+
+    ct = dicom_dir / "ct_kits_abdomen_18"
+    base = tmp_path_factory.mktemp("hostile")
+    src, outside = base / "src", base / "outside_tree"
+    patient = src / PATIENT_FOLDER
+    deep = patient / "deep_study_OKAFOR" / "s1" / "s2" / "s3" / "s4"   # below what the client expands
+    for folder in (patient / "locked_RIVERA", deep / "locked_RIVERA"):
+        folder.mkdir(parents=True)
+        shutil.copyfile(ct / "1-010.dcm", folder / "hidden_from_us.dcm")
+    originals = {ct / "1-005.dcm": patient / "ct.dcm", ct / "1-006.dcm": deep / "ct.dcm"}
+    for original, copy in originals.items():
+        shutil.copyfile(original, copy)
+    non_utf8 = os.fsencode(patient) + b"/\xff\xfe" + PATIENT_FOLDER.encode() + b".dcm"
+    shutil.copyfile(ct / "1-007.dcm", non_utf8)
+    originals[ct / "1-007.dcm"] = Path(os.fsdecode(non_utf8))
+    (patient / "dangling_KOWALSKI.dcm").symlink_to(base / "nowhere" / "gone.dcm")
+    (patient / "self_NGUYEN").symlink_to(patient / "self_NGUYEN")
+    (deep / "back_GARCIA").symlink_to(patient, target_is_directory=True)
+    _diamond(src / "diamond_in_tree", ct / "1-008.dcm")
+    _diamond(outside, ct / "1-009.dcm")
+    (outside / "leaf_folder" / "again").symlink_to(outside / "level00", target_is_directory=True)
+    (src / "link_to_outside").symlink_to(outside / "level00", target_is_directory=True)
+    originals[ct / "1-008.dcm"] = src / "diamond_in_tree" / "leaf_folder" / "slice.dcm"
+    originals[ct / "1-009.dcm"] = None  # reached through link_to_outside/a/a/.../a (or b)
+    locked = {str(patient / "locked_RIVERA"), str(deep / "locked_RIVERA")}
+    listed: dict[str, int] = {}
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, int):  # a file descriptor (shutil.rmtree)
+            return real_scandir(path)
+        path_str = os.fsdecode(path)
+        real = os.path.realpath(path_str)
+        listed[real] = listed.get(real, 0) + 1
+        if path_str in locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path_str)
+        return real_scandir(path)
+
+    out = base / "ds"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "scandir", scandir)
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+            run_ingest([src], out, hash_paths=True, scheduler=cluster.scheduler_address)
+    return {"base": base, "src": src, "outside": outside, "patient": patient, "deep": deep, "out": out,
+            "originals": originals, "listed": listed, "locked": locked,
+            "manifest": manifest_rows(out), "errors": error_rows(out)}
+
+
+def test_hostile_tree_ingests_every_real_file_once(hostile):
+    import pydicom
+
+    from shards import salted_hash
+
+    samples = _samples(hostile["out"])
+    by_sop = {}
+    for row in hostile["manifest"]:
+        by_sop.setdefault(row["sop_hash"], []).append(row)
+    assert len(hostile["manifest"]) == len(hostile["originals"])
+    for original in hostile["originals"]:
+        rows = by_sop.get(salted_hash(str(pydicom.dcmread(original).SOPInstanceUID), SALT))
+        assert rows and len(rows) == 1, original
+        _assert_ingested_as(original, rows, samples)
+    for original, path in hostile["originals"].items():
+        if path is not None:
+            from ingest.scan import path_text
+
+            assert by_sop[salted_hash(str(pydicom.dcmread(original).SOPInstanceUID), SALT)][0]["source_hash"] \
+                == salted_hash(path_text(str(path)), SALT)
+    # no duplicate found (and dropped) through links: each real folder was listed once
+    assert not [e for e in hostile["errors"] if e["reason"] == "duplicate SOPInstanceUID"]
+    trees = (str(hostile["src"]), str(hostile["outside"]))
+    tree_folders = {p for p in hostile["listed"] if p.startswith(trees)}
+    assert tree_folders and max(hostile["listed"][f] for f in tree_folders) == 1
+    assert len(tree_folders) < 2 * (LEVELS + 1) + 20
+
+
+def test_hostile_tree_problems_are_recorded_with_hashed_sources(hostile):
+    from ingest.scan import path_text
+    from shards import salted_hash
+
+    def shown(path) -> str:
+        return "sha:" + salted_hash(path_text(str(path)), SALT)
+
+    patient, deep, outside = hostile["patient"], hostile["deep"], hostile["outside"]
+    got = {(e["source"], e["reason"]) for e in hostile["errors"]}
+    expected = {
+        (shown(patient / "locked_RIVERA"), "unreadable folder"),       # found by the client
+        (shown(deep / "locked_RIVERA"), "unreadable folder"),          # found by a scan task
+        (shown(patient / "dangling_KOWALSKI.dcm"), "broken link"),
+        (shown(patient / "self_NGUYEN"), "symlink loop"),              # ELOOP
+        (shown(deep / "back_GARCIA"), "symlink loop"),                 # to a folder that contains it
+    }
+    assert expected <= got
+    loops_outside = [e for e in hostile["errors"] if e["reason"] == "symlink loop"
+                     and (e["source"], e["reason"]) not in expected]
+    assert len(loops_outside) == 1  # leaf_folder/again -> level00, reached through link_to_outside
+    assert len(hostile["errors"]) == len(expected) + 1
+    for e in hostile["errors"]:
+        assert e["source"].startswith("sha:") and e["detail"]
+    locked = {e["detail"] for e in hostile["errors"] if e["reason"] == "unreadable folder"}
+    assert locked == {"PermissionError: [Errno 13] Permission denied: '<path>'"}
+
+
+def test_hash_paths_leaves_no_path_anywhere_in_the_dataset_folder(hostile):
+    """Every byte of every file (raw, and Parquet decoded) is free of the tree's names and paths."""
+    import pyarrow.parquet as pq
+
+    out = hostile["out"]
+    assert not (out / "_work").exists()
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".tar" for p in files) and any(p.parts[-2] == "errors" for p in files)
+    secrets = [*SECRET_NAMES, str(hostile["base"]), hostile["base"].name]
+    for p in files:
+        texts = [p.read_bytes()]
+        if p.suffix == ".parquet":
+            texts.append(repr(pq.read_table(p).to_pylist()).encode("utf-8", "backslashreplace"))
+        for text in texts:
+            for secret in secrets:
+                assert secret.encode() not in text, f"{secret!r} in {p.relative_to(out)}"
+            assert b"\xff\xfe" not in text and b"\\x00ff" not in text and b"\\udcff" not in text, p
+
+
+def test_scrubbed_removes_paths_from_exception_texts(tmp_path):
+    from ingest.scan import scrubbed
+
+    path = tmp_path / PATIENT_FOLDER / "missing.dcm"
+    try:
+        open(path, "rb")
+    except OSError as e:
+        detail = f"{type(e).__name__}: {e} (also tried {tmp_path / PATIENT_FOLDER}, file:///x/{PATIENT_FOLDER})"
+    assert PATIENT_FOLDER in detail
+    clean = scrubbed(detail, str(path), hash_paths=True)
+    assert PATIENT_FOLDER not in clean and str(tmp_path) not in clean and "missing.dcm" not in clean
+    assert clean.startswith("FileNotFoundError: [Errno 2] No such file or directory: '<path>'")
+    assert scrubbed(detail, str(path), hash_paths=False) == detail
