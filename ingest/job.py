@@ -27,7 +27,7 @@ from .convert import run_convert_task, shard_done
 from .engine import dask_client, run_phase
 from .finalize import finalize, report
 from .salt import fingerprint, read_state, resolve_salt, write_state
-from .scan import INVENTORY_DIR, INVENTORY_SCHEMA, WORK_DIR, run_scan_task, scan_tasks
+from .scan import INVENTORY_DIR, INVENTORY_SCHEMA, WORK_DIR, path_text, run_scan_task, scan_tasks
 
 INGEST_VERSION = 1
 SCAN_TASKS_PER_WORKER = 16  # small enough that the last task to finish leaves little idle time
@@ -132,6 +132,10 @@ def _convert_generation(client, root: Path, g: int, cfg: IngestConfig, salt: str
 
     tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
+    _remove_work(root, g)
+
+
+def _remove_work(root: Path, g: int) -> None:
     shutil.rmtree(root / WORK_DIR / f"g{g:03d}", ignore_errors=True)  # clear source paths of the plan
     try:
         (root / WORK_DIR).rmdir()
@@ -142,7 +146,8 @@ def _convert_generation(client, root: Path, g: int, cfg: IngestConfig, salt: str
 def _sources_hash(cfg: IngestConfig, salt: str) -> str:
     from shards import salted_hash
 
-    return salted_hash("\n".join(cfg.sources), salt)  # paths themselves stay out of the dataset
+    # paths themselves stay out of the dataset; path text: a source name need not be UTF-8
+    return salted_hash("\n".join(path_text(s) for s in cfg.sources), salt)
 
 
 def _convert_item(item, **kwargs):
@@ -243,6 +248,7 @@ def _scan_plan_convert(client, root: Path, cfg: IngestConfig, salt: str, labels,
     _log(f"plan g{g:03d}: {stats.files:,} files, {plan.slices:,} new slices in {len(plan.shards):,} shard(s), "
          f"{stats.already_ingested:,} already ingested, {len(scan_errors) + len(plan_errors):,} rejected")
     if not plan.shards:
+        _remove_work(root, g)  # the scan's clear paths (hash_paths): no generation will remove them
         stats.add_time("plan", time.perf_counter() - start)
         return
     planning.write_plan(root, plan, specs, {

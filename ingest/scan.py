@@ -598,8 +598,10 @@ def scrubbed(detail: str, src: str, hash_paths: bool) -> str:
         if parent == path:
             break
         path = parent
-    for form in sorted((f for f in forms if len(f) > 2), key=len, reverse=True):
-        detail = detail.replace(form, "<path>")
+    forms = {f for f in forms if len(f) > 2}
+    if forms:  # whole names only ("work" stays in "network"), the longest form first
+        alternatives = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
+        detail = re.sub(rf"(?<!\w)(?:{alternatives})(?!\w)", "<path>", detail)
     return _PATH_LIKE.sub("<path>", detail)
 
 
