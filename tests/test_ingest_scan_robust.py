@@ -348,3 +348,34 @@ def test_scrubbed_removes_paths_from_exception_texts(tmp_path):
     assert scrubbed(detail, str(path), hash_paths=False) == detail
     network = tmp_path / "work" / "x.dcm"  # a folder name inside a word is left alone
     assert scrubbed(f"network error on {network}", str(network), True) == "network error on <path>"
+
+
+def test_hash_paths_also_covers_non_dicom_sources(tmp_path, medmnist_dir):
+    """`--modality` sources (arrays, images) honour hash_paths too: errors hashed, details scrubbed."""
+    import pyarrow.parquet as pq
+
+    from ingest.arrays import run_arrays
+    from ingest.config import build_config
+    from ingest.salt import read_state
+
+    folder = tmp_path / PATIENT_FOLDER
+    folder.mkdir()
+    raw = dict(np.load(medmnist_dir / "breastmnist.npz"))
+    raw["val_labels"] = raw["val_labels"][:-1]
+    np.savez(folder / "mismatched.npz", **raw)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # PIL names the file in its error
+    np.save(folder / "good.npy", raw["test_images"][:5])
+    out = tmp_path / "ds"
+    sources = [str(folder / n) for n in ("mismatched.npz", "notes.txt", "broken.png", "good.npy")]
+    run_arrays(build_config(sources=sources, out=str(out), modality="us", hash_paths=True, workers=1, salt=SALT,
+                            shard_size="256KB", dashboard_address=":0", progress=False), "us")
+    assert read_state(out)["hash_paths"] is True
+    errors = error_rows(out)
+    assert len(errors) == 3 and all(e["source"].startswith("sha:") for e in errors)
+    assert any("78 val images but 77 labels" in e["detail"] for e in errors)
+    for p in (p for p in out.rglob("*") if p.is_file()):
+        texts = [p.read_bytes()] + ([repr(pq.read_table(p).to_pylist()).encode()] if p.suffix == ".parquet" else [])
+        for text in texts:
+            for secret in (PATIENT_FOLDER, "SMITH", "123456", "notes.txt", "broken.png", str(tmp_path)):
+                assert secret.encode() not in text, f"{secret!r} in {p.relative_to(out)}"
