@@ -204,8 +204,8 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
                 except Exception as e:  # a bug or an exotic file: record it, keep the shard going
                     failed.add(src)
                     cache.pop(src, None)
-                    errors.append(scan_error(src, "convert", "conversion failed", f"{type(e).__name__}: {str(e)[:300]}",
-                                             salt, hash_paths))
+                    errors.append(scan_error(src, "convert", "conversion failed",
+                                             f"{type(e).__name__}: {str(e)[:300]}", salt, hash_paths))
         write_errors(root, name, errors)  # before the commit: a committed shard has its errors on disk
         result["errors"] = Counter(e["reason"] for e in errors)
         if len(writer):

@@ -213,7 +213,8 @@ class Walker:
                 return
             key = (st.st_dev, st.st_ino)
             if key in ancestors:
-                self.problem(folder, SYMLINK_LOOP, "the links lead back to a folder that contains this one; not followed")
+                self.problem(folder, SYMLINK_LOOP,
+                             "the links lead back to a folder that contains this one; not followed")
                 return
             if key in self.visited:
                 return  # reached before through another link: walked once
@@ -231,12 +232,6 @@ class Walker:
                 yield from self.walk(d, linked, ancestors)
             elif self.follow(d, folder):
                 yield from self.walk(d, True, ancestors)
-
-
-def _list_dir(src: str) -> tuple[list[str], list[str]]:
-    """(files, subfolders incl. links to folders) directly inside `src`, sorted; hidden entries skipped."""
-    files, dirs, links = Walker().listing(src)
-    return files, sorted(dirs + links)
 
 
 def _walk(src: str) -> Iterator[str]:
