@@ -597,7 +597,8 @@ def scrubbed(detail: str, src: str, hash_paths: bool) -> str:
     if forms:  # whole names only ("work" stays in "network"), the longest form first
         alternatives = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
         detail = re.sub(rf"(?<!\w)(?:{alternatives})(?!\w)", "<path>", detail)
-    return _PATH_LIKE.sub("<path>", detail)
+    # a path replaced piecewise (a folder above the source, then the rest) still reads as one path
+    return re.sub("(?:<path>)+", "<path>", _PATH_LIKE.sub("<path>", detail))
 
 
 def scan_error(src: str, stage: str, reason: str, detail: str, salt: str, hash_paths: bool) -> dict:

@@ -381,6 +381,7 @@ def test_hash_paths_also_covers_non_dicom_sources(tmp_path, medmnist_dir, schedu
     errors = error_rows(out)
     assert len(errors) == 3 and all(e["source"].startswith("sha:") for e in errors)
     assert any("78 val images but 77 labels" in e["detail"] for e in errors)
+    assert any("cannot identify image file '<path>'" in e["detail"] for e in errors)  # PIL's text, scrubbed
     for p in (p for p in out.rglob("*") if p.is_file()):
         texts = [p.read_bytes()] + ([repr(pq.read_table(p).to_pylist()).encode()] if p.suffix == ".parquet" else [])
         for text in texts:
