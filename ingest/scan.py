@@ -135,16 +135,18 @@ class Walker:
     below it every folder is identified by (device, inode), so that a folder reached again through
     other links is walked only once per scan task and a cycle is recorded as a loop. Links that cannot
     be resolved are recorded ("broken link", or "symlink loop" for ELOOP); so are unreadable folders.
-    `problems` holds (path, reason, detail) of all of these."""
+    `problems` holds (path, reason, detail) of all of these. Folders in `exclude` (normalised paths:
+    the dataset being written, when it lies inside a source) are skipped."""
 
     roots: tuple[str, ...] = ()                       # real paths of the local source folders
+    exclude: frozenset[str] = frozenset()
     problems: list[tuple[str, str, str]] = field(default_factory=list)
     visited: set[tuple[int, int]] = field(default_factory=set)  # folders entered below followed links
 
     @classmethod
-    def for_sources(cls, sources: list[str]) -> "Walker":
+    def for_sources(cls, sources: list[str], exclude: frozenset[str] = frozenset()) -> "Walker":
         local = [_local(s) for s in sources if not _is_url(s)]
-        return cls(roots=tuple(sorted({os.path.realpath(s) for s in local if os.path.isdir(s)})))
+        return cls(roots=tuple(sorted({os.path.realpath(s) for s in local if os.path.isdir(s)})), exclude=exclude)
 
     def problem(self, path: str, reason: str, detail: str | BaseException) -> None:
         if isinstance(detail, BaseException):
@@ -168,7 +170,7 @@ class Walker:
             return sorted(files), sorted(dirs), links
         with os.scandir(_local(src)) as it:
             for e in it:
-                if e.name.startswith("."):
+                if e.name.startswith(".") or self.exclude and os.path.normpath(e.path) in self.exclude:
                     continue
                 try:
                     if e.is_symlink():
@@ -273,15 +275,17 @@ def _exists(src: str) -> bool:
 FOLDERS_PER_TASK = 4
 
 
-def scan_tasks(sources: list[str], target_tasks: int, files_per_task: int, max_depth: int = 4) -> list[ScanTask]:
-    """Split the sources into scan tasks by expanding only the top folder levels on the client."""
+def scan_tasks(sources: list[str], target_tasks: int, files_per_task: int, max_depth: int = 4,
+               exclude: frozenset[str] = frozenset()) -> list[ScanTask]:
+    """Split the sources into scan tasks by expanding only the top folder levels on the client;
+    `exclude`: folders never listed (Walker)."""
     loose: list[str] = []
     frontier: list[str] = []
     for src in sources:
         if not _exists(src):
             raise FileNotFoundError(f"source not found: {src}")
         (frontier if _is_dir(src) else loose).append(src)
-    walker = Walker.for_sources(sources)
+    walker = Walker.for_sources(sources, exclude)
     links: list[str] = []  # links to folders outside the sources: walked by the tasks, not expanded here
     depth = 0
     # several folders per task, dealt out round-robin: exports are skewed (a 1000-slice CT series next
@@ -519,7 +523,8 @@ def paths_part(root: Path, generation: int, task_index: int, batch: int = 0) -> 
     return Path(root) / WORK_DIR / f"g{generation:03d}" / "paths" / f"part-{task_index:05d}-{batch:03d}.parquet"
 
 
-def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_paths: bool) -> dict:
+def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_paths: bool,
+                  exclude: frozenset[str] = frozenset()) -> dict:
     """Dask task: walk + read headers, write inventory parts. Returns counts and error rows."""
     from shards.manifest import write_parquet_atomically
 
@@ -535,7 +540,7 @@ def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_pa
                                      paths_part(Path(root), generation, task.index, batch))
         rows, paths, batch = [], [], batch + 1
 
-    walker = Walker(roots=tuple(task.roots))
+    walker = Walker(roots=tuple(task.roots), exclude=exclude)
     walked = itertools.chain(itertools.chain.from_iterable(walker.walk(d) for d in task.walk),
                              itertools.chain.from_iterable(walker.walk(d, linked=True) for d in task.links))
     for src in itertools.chain(task.files, walked):

@@ -387,3 +387,25 @@ def test_hash_paths_also_covers_non_dicom_sources(tmp_path, medmnist_dir, schedu
         for text in texts:
             for secret in (PATIENT_FOLDER, "SMITH", "123456", "notes.txt", "broken.png", str(tmp_path)):
                 assert secret.encode() not in text, f"{secret!r} in {p.relative_to(out)}"
+
+
+def test_walk_skips_excluded_folders_and_lists_each_file_once(tmp_path, dicom_dir):
+    """Client expansion plus task walks (in this process): an excluded folder (a dataset written inside
+    its own source) is never listed, at any depth; the diamond's file is listed once."""
+    import pyarrow.parquet as pq
+
+    from ingest.scan import run_scan_task, scan_tasks
+
+    src = tmp_path / "src"
+    deep = src / "a" / "b" / "c" / "d" / "e"
+    for folder in (src / "out", deep / "out"):
+        folder.mkdir(parents=True)
+        shutil.copyfile(dicom_dir / "ct_kits_abdomen_18" / "1-001.dcm", folder / "own.dcm")
+    shutil.copyfile(dicom_dir / "ct_kits_abdomen_18" / "1-002.dcm", deep / "kept.dcm")
+    _diamond(src / "diamond", dicom_dir / "ct_kits_abdomen_18" / "1-003.dcm")
+    exclude = frozenset({os.path.normpath(src / "out"), os.path.normpath(deep / "out")})
+    tasks = scan_tasks([str(src)], target_tasks=2, files_per_task=64, exclude=exclude)
+    errors = [e for t in tasks for e in run_scan_task(t, str(tmp_path / "ds"), 0, SALT, False, exclude)["errors"]]
+    inventory = pq.read_table(tmp_path / "ds" / "inventory").column("source").to_pylist()
+    assert not errors
+    assert sorted(inventory) == sorted([str(deep / "kept.dcm"), str(src / "diamond" / "leaf_folder" / "slice.dcm")])
