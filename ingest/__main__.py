@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "other columns are numeric labels")
     d.add_argument("--salt", help="secret salt of all hashes (prefer env MEDSWAV_SALT: argv is visible to other users)")
     d.add_argument("--hash-paths", action="store_const", const=True,
-                   help="keep only salted hashes of source paths in inventory/ and errors/")
+                   help="keep only salted hashes of source paths in inventory/ and errors/ "
+                        "(paths scrubbed from error details too)")
     d.add_argument("--rescan", action="store_const", const=True,
                    help="rescan the sources even when resuming with unchanged sources")
     d.add_argument("--lock-timeout", type=float, metavar="SECONDS",

@@ -259,9 +259,11 @@ def _plan(items: list[Item], job: ArraysJob, salt: str, plan_id: str) -> dict:
 
 
 def convert_shard(entry: tuple[str, list[dict]], root: str, modality: str, label_names: list[str], salt: str,
-                  direct_io: bool = True) -> int:
+                  direct_io: bool = True, hash_paths: bool = False) -> int:
     """One Dask task: write one shard of non-DICOM images; unreadable images go to errors/."""
     from shards import SampleMeta, ShardWriter, salted_hash, sample_key, write_errors
+
+    from .scan import scan_error
 
     name, specs = entry
     errors, written = [], 0
@@ -271,8 +273,8 @@ def convert_shard(entry: tuple[str, list[dict]], root: str, modality: str, label
             try:
                 pixels = load_item(item)
             except (SourceError, OSError, ValueError, IndexError, RuntimeError) as e:
-                errors.append({"source": item.identity, "stage": "convert", "reason": "unreadable image",
-                               "detail": f"{type(e).__name__}: {str(e)[:200]}"})
+                errors.append(scan_error(item.identity, "convert", "unreadable image",
+                                         f"{type(e).__name__}: {str(e)[:200]}", salt, hash_paths))
                 continue
             meta = SampleMeta(modality=modality, split=spec["split"], source_hash=salted_hash(item.source, salt),
                               sop_hash=salted_hash(item.identity, salt), patient_hash=salted_hash(item.source, salt),
@@ -305,14 +307,16 @@ def _run_arrays_locked(cfg, modality: str) -> tuple[dict, dict]:
     from .engine import dask_client, run_phase
     from .finalize import finalize
     from .salt import fingerprint, read_state, resolve_salt, write_state
+    from .scan import scan_error
 
     root = cfg.root
     salt, origin = resolve_salt(root, cfg.salt)
     print(f"salt: from {origin}", file=sys.stderr)
     if not read_state(root):
-        write_state(root, {"salt_fingerprint": fingerprint(salt), "hash_paths": False})
+        write_state(root, {"salt_fingerprint": fingerprint(salt), "hash_paths": cfg.hash_paths})
     label_table, table_names = load_label_table(cfg.labels) if cfg.labels else (None, [])
     items, names, errors = list_items(list(cfg.sources), label_table)
+    errors = [scan_error(e["source"], e["stage"], e["reason"], e["detail"], salt, cfg.hash_paths) for e in errors]
     label_names = table_names or names
     write_errors(root, "scan-arrays", errors)
     existing = set(Dataset(root).manifest(columns=["key"]).column("key").to_pylist()) if Dataset(root).modalities else set()
@@ -334,7 +338,8 @@ def _run_arrays_locked(cfg, modality: str) -> tuple[dict, dict]:
     with dask_client(cfg) as client:
         _, failures = run_phase(client, "convert", convert_shard, todo, key_of=lambda e: f"arrays-{e[0]}",
                                 progress=cfg.progress, root=str(root), modality=modality,
-                                label_names=label_names, salt=salt, direct_io=cfg.direct_io)
+                                label_names=label_names, salt=salt, direct_io=cfg.direct_io,
+                                hash_paths=cfg.hash_paths)
     if failures:
         from .job import JobFailed
 

@@ -31,7 +31,7 @@ from .engine import dask_client, run_phase
 from .finalize import finalize, report
 from .lock import LOCK_FILE, DatasetLock
 from .salt import ENV, STATE_FILE, fingerprint, read_state, resolve_salt, salt_file, write_state
-from .scan import INVENTORY_DIR, INVENTORY_SCHEMA, WORK_DIR, run_scan_task, scan_tasks
+from .scan import INVENTORY_DIR, INVENTORY_SCHEMA, WORK_DIR, path_text, run_scan_task, scan_tasks
 
 INGEST_VERSION = 1
 SCAN_TASKS_PER_WORKER = 16  # small enough that the last task to finish leaves little idle time
@@ -256,7 +256,8 @@ def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], inventor
 def _sources_hash(cfg: IngestConfig, salt: str) -> str:
     from shards import salted_hash
 
-    return salted_hash("\n".join(cfg.sources), salt)  # paths themselves stay out of the dataset
+    # paths themselves stay out of the dataset; path text: a source name need not be UTF-8
+    return salted_hash("\n".join(path_text(s) for s in cfg.sources), salt)
 
 
 def _convert_item(item, **kwargs):
