@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
+from . import determinism
 from .config import Config, load_config, to_dict
 from .data import Prefetcher, build_source
 from .metrics import MetricsLogger
@@ -65,6 +66,15 @@ def _gather_queue(queue: FeatureQueue | None, world: int):
 
 
 def train(cfg: Config) -> dict:
+    if cfg.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
+        wants_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        reason = determinism.refusal(cfg, "cuda" if wants_cuda else "cpu")
+        if reason:
+            raise SystemExit(f"error: {reason}")
+        try:
+            determinism.prepare_environment("cuda" if wants_cuda else "cpu")
+        except determinism.DeterminismError as e:
+            raise SystemExit(f"error: {e}") from None
     rank, world, device = setup_distributed(cfg)
     is_main = rank == 0
     out = Path(cfg.out)
