@@ -43,8 +43,9 @@ gpu-kit: $(STAMP)
 	$(PY) -m benchmarks.gpu_kit plan
 
 # The system python of the GPU machine (torch there); the kit installs the rest under the staging folder.
+# Without make: bash .gpu/check.sh (the same command).
 gpu-check:
-	$(PYTHON) -m benchmarks.gpu_check $(if $(OUT),--out "$(OUT)")
+	PYTHON=$(PYTHON) bash .gpu/check.sh
 
 clean:
 	rm -rf $(VENV) demo_output build *.egg-info augment_dali/_lib

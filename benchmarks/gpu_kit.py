@@ -196,21 +196,54 @@ def _extract(tar: tarfile.TarFile, dest: Path) -> None:
 
 
 def install(wheels: list[Path], target: Path, python: str = sys.executable) -> Path:
-    """`pip install --no-index --no-deps --target`; the target's `nvidia` package extends over every
-    `nvidia` folder on sys.path, so that nvidia.dali (here) and the CUDA wheels beside torch both import."""
+    """`pip install --no-index --no-deps --target` (unpacked by hand where the machine's Python has no
+    pip); the target's `nvidia` package extends over every `nvidia` folder on sys.path, so that
+    nvidia.dali (here) and the CUDA wheels beside torch both import."""
     if not wheels:
         raise KitError("no wheels to install")
-    cmd = [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-           "--disable-pip-version-check", "--target", str(target), *map(str, wheels)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode:
-        tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
-        raise KitError(f"offline install into {target} failed: {' | '.join(tail)}")
+    if subprocess.run([python, "-m", "pip", "--version"], capture_output=True).returncode:
+        for wheel in wheels:
+            unpack_wheel(wheel, target)
+    else:
+        cmd = [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+               "--disable-pip-version-check", "--target", str(target), *map(str, wheels)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode:
+            tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
+            raise KitError(f"offline install into {target} failed: {' | '.join(tail)}")
     if (target / "nvidia").is_dir():
         (target / "nvidia" / "__init__.py").write_text(
             "# Written by benchmarks.gpu_kit: one `nvidia` package over every folder that has one.\n"
             "__path__ = __import__('pkgutil').extend_path(__path__, __name__)\n")
     return target
+
+
+def unpack_wheel(wheel: Path, target: Path) -> None:
+    """What `pip install --target` does with a wheel, for a Python without pip: the files where the
+    wheel puts them (``NAME.data/purelib`` and ``platlib`` into the target; scripts and headers are
+    not needed here), executable bits kept."""
+    target.mkdir(parents=True, exist_ok=True)
+    root = target.resolve()
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            name = info.filename
+            parts = name.split("/")
+            if parts[0].endswith(".data"):
+                if len(parts) < 3 or parts[1] not in ("purelib", "platlib"):
+                    continue
+                name = "/".join(parts[2:])
+            dest = (target / name).resolve()
+            if not dest.is_relative_to(root):
+                raise KitError(f"{wheel.name}: member {info.filename!r} points outside {target}")
+            if info.is_dir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(info) as f, open(dest, "wb") as g:
+                shutil.copyfileobj(f, g, 1 << 20)
+            mode = (info.external_attr >> 16) & 0o777
+            if mode:
+                os.chmod(dest, mode)
 
 
 def assemble(stage_dir: Path | None = None, install_wheels: bool = True) -> dict:
@@ -344,7 +377,7 @@ def plan(kit_dir: Path = KIT_DIR) -> list[dict]:
         raise KitError(f"no kit in {kit_dir}: build it with `make gpu-kit`")
     rel = [str(f.relative_to(REPO)) if f.is_relative_to(REPO) else str(f) for f in folders]
     calls = [{"call": k, "carry": [r], "command": f"bash .gpu/stage.sh {k}"} for k, r in enumerate(rel, 1)]
-    calls[-1]["command"] += " && make gpu-check"   # the last part's call runs the check as well
+    calls[-1]["command"] += " && bash .gpu/check.sh"   # the last part's call runs the check (= make gpu-check)
     return calls
 
 

@@ -179,4 +179,20 @@ def test_plan_names_one_part_per_call_and_ends_with_the_check(kit):
     assert [c["call"] for c in calls] == list(range(1, len(kit["parts"]) + 1))
     assert [c["carry"] for c in calls] == [[str(p)] for p in kit["parts"]]
     assert all(c["command"].startswith(f"bash .gpu/stage.sh {c['call']}") for c in calls)
-    assert calls[-1]["command"].endswith("&& make gpu-check")
+    assert calls[-1]["command"].endswith("&& bash .gpu/check.sh")
+
+
+def test_unpacking_without_pip_gives_what_pip_installs(tmp_path, dicom_bytes):
+    files = {"probe_pkg/__init__.py": b"X = 1\n", "probe_pkg/lib.so": dicom_bytes}
+    wheel = make_wheel(tmp_path, "probe_pkg", files)
+    with zipfile.ZipFile(wheel, "a") as z:   # a platlib file under NAME.data, as compiled wheels may have
+        z.writestr("probe_pkg-1.0.data/platlib/probe_extra.py", b"Y = 2\n")
+        z.writestr("probe_pkg-1.0.data/scripts/probe-cli", b"#!/bin/sh\n")
+    gpu_kit.install([wheel], tmp_path / "pip")
+    gpu_kit.unpack_wheel(wheel, tmp_path / "hand")
+
+    def tree(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+                if p.is_file() and "dist-info" not in str(p) and "/bin/" not in f"/{p.relative_to(root)}"}
+    assert tree(tmp_path / "hand") == tree(tmp_path / "pip")
+    assert tree(tmp_path / "hand")["probe_pkg/lib.so"] == dicom_bytes and "probe_extra.py" in tree(tmp_path / "hand")
