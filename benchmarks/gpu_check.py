@@ -31,6 +31,7 @@ import datetime as _dt
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def default_stages(work: Path) -> list[Stage]:
         Stage("dali", "DALI from the staged kit (offline install) or already installed", 150,
               [py, "-m", "benchmarks.gpu_check", "--install-kit"]),
         Stage("plugin", "operator plug-in built with nvcc", 180,
-              [py, "-m", "augment_dali.build"], needs_gpu=True, needs_dali=True),
+              [py, "-m", "benchmarks.gpu_check", "--build-plugin"], needs_gpu=True, needs_dali=True),
         Stage("harness", "DALI-free kernel harness + compute-sanitizer memcheck/racecheck", 150,
               [py, "-m", "augment_dali.harness", "--out", str(work / "harness"), "--sanitizer"] if harness else None,
               needs_gpu=True, unavailable="not available: augment_dali.harness is not in this checkout"),
@@ -260,7 +261,7 @@ def env_report() -> int:
     info = {"python": platform.python_version(), "cores": os.cpu_count(),
             "nvidia_smi": _cmd_output(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                                        "--format=csv,noheader"]),
-            "nvcc": _cmd_output(["nvcc", "--version"]).splitlines()[-1:] or [""]}
+            "nvcc": _cmd_output([shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc", "--version"]).splitlines()[-1:] or [""]}
     info["nvcc"] = info["nvcc"][0]
     for name, probe in (("torch", "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())"),
                         ("dali", "import nvidia.dali as d; print(d.__version__)"),
@@ -269,6 +270,21 @@ def env_report() -> int:
     for k, v in info.items():
         print(f"{k}: {v}")
     _write_stage_json(info)
+    return 0
+
+
+def build_plugin() -> int:
+    """Stage `plugin`: `python -m augment_dali.build`, which must find nvcc (a plug-in built without
+    CUDA would leave every GPU test skipped)."""
+    run = subprocess.run([sys.executable, "-m", "augment_dali.build"], cwd=REPO)
+    if run.returncode:
+        return run.returncode
+    stamp = REPO / "augment_dali" / "_lib" / "build_stamp.json"
+    info = json.loads(stamp.read_text()) if stamp.exists() else {}
+    _write_stage_json({"cuda": bool(info.get("cuda")), "dali_version": info.get("dali_version")})
+    if not info.get("cuda"):
+        print("error: the plug-in was built without CUDA: nvcc not found (set NVCC or CUDA_HOME)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -315,11 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated stage keys to run (default all)")
     p.add_argument("--env-report", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--install-kit", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--build-plugin", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.env_report:
         return env_report()
     if args.install_kit:
         return install_kit()
+    if args.build_plugin:
+        return build_plugin()
     work = Path(os.environ.get("MEDSWAV_GPU_STAGE", "/tmp/medswav-gpu-kit")) / "work"
     stages = default_stages(work)
     if args.only:
