@@ -8,7 +8,8 @@ a failing or killed stage does not stop the run:
   env        nvidia-smi, Python, torch, CUDA, nvcc and DALI versions
   dali       install the staged kit offline (benchmarks.gpu_kit assemble), or find DALI installed
   plugin     build the operator plug-in with nvcc (python -m augment_dali.build)
-  harness    the DALI-free kernel harness under compute-sanitizer (python -m augment_dali.harness)
+  harness    the DALI-free kernel harness, then its GPU checks under compute-sanitizer memcheck and
+             racecheck (python -m augment_dali.harness --sanitizer; pass/fail/skip counts)
   pytest     pytest -m gpu over the test files that have gpu tests
   augment    DALI pipeline samples/s, GPU against CPU, batch 32 to 256 (benchmarks.gpu_augment)
   train_step SwAV step fed by the GPU pipeline: ResNet-50, 2 x 224 + 6 x 92, bf16, channels_last,
@@ -79,8 +80,8 @@ def default_stages(work: Path) -> list[Stage]:
               [py, "-m", "benchmarks.gpu_check", "--install-kit"]),
         Stage("plugin", "operator plug-in built with nvcc", 180,
               [py, "-m", "benchmarks.gpu_check", "--build-plugin"], needs_gpu=True, needs_dali=True),
-        Stage("harness", "DALI-free kernel harness + compute-sanitizer memcheck/racecheck", 150,
-              [py, "-m", "augment_dali.harness", "--out", str(work / "harness"), "--sanitizer"] if harness else None,
+        Stage("harness", "DALI-free kernel harness + compute-sanitizer memcheck/racecheck", 180,
+              [py, "-m", "benchmarks.gpu_check", "--run-harness", str(work / "harness")] if harness else None,
               needs_gpu=True, unavailable="not available: augment_dali.harness is not in this checkout"),
         Stage("pytest", "pytest -m gpu", 180,
               [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "gpu", *_gpu_test_files()],
@@ -288,6 +289,25 @@ def build_plugin() -> int:
     return 0
 
 
+def run_harness(out: Path) -> int:
+    """Stage `harness`: augment_dali.harness (helper module of the plug-in, DALI-free) with the
+    sanitizer reruns; its harness.json summarised as the stage's figures. Exit code: the harness's
+    (0 all passed, 1 a check failed, 2 not built or run, 3 no CUDA device)."""
+    cmd = [sys.executable, "-m", "augment_dali.harness", "--out", str(out), "--sanitizer",
+           "--sanitizer-timeout", "60"]
+    rc = subprocess.run(cmd, cwd=REPO).returncode
+    report_path = out / "harness.json"
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+        checks = report.get("checks", [])
+        figures = {s: sum(c.get("status") == s for c in checks) for s in ("pass", "fail", "skip")}
+        figures.update(device=report.get("device"), exit_code=report.get("exit_code"),
+                       failed=[c["name"] for c in checks if c.get("status") == "fail"],
+                       report=str(report_path))
+        _write_stage_json(figures)
+    return rc
+
+
 def install_kit() -> int:
     """Stage `dali`: a staged kit is assembled and installed (it also brings the test data); without
     one, DALI already importable is fine."""
@@ -332,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env-report", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--install-kit", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--build-plugin", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--run-harness", type=Path, metavar="DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.env_report:
         return env_report()
@@ -339,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         return install_kit()
     if args.build_plugin:
         return build_plugin()
+    if args.run_harness:
+        return run_harness(args.run_harness)
     work = Path(os.environ.get("MEDSWAV_GPU_STAGE", "/tmp/medswav-gpu-kit")) / "work"
     stages = default_stages(work)
     if args.only:

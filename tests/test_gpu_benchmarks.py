@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pydicom
+import pytest
 
 import shards
 from benchmarks import gpu_augment, train_step
 
 
+@pytest.mark.slow
 def test_benchmark_dataset_repeats_real_slices_under_distinct_keys_and_feeds_train_step(tmp_path, dicom_dir, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     root = gpu_augment.build_dataset(tmp_path / "bench", dicom_dir.parent, per_modality=40)

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_one_process_ddp_queue_checkpoint_and_exact_resume_on_cpu(tmp_path):
     run = subprocess.run([sys.executable, "-m", "benchmarks.gpu_train_check", "--out", str(tmp_path / "runs"),
                           "--device", "cpu", "--json", str(tmp_path / "ddp.json")],
