@@ -62,25 +62,29 @@ def build_dataset(root: Path, data_dir: Path, per_modality: int) -> Path:
     return root
 
 
-def augment_figures(root: Path, batch_sizes: list[int], workers: int, steps: int) -> dict:
-    import torch
-
+def augment_figures(root: Path, batch_sizes: list[int], workers: int, steps: dict[str, int]) -> dict:
+    """samples/s of the same pipeline on each device of ``steps`` ("cpu", "gpu"), ``steps[device]``
+    timed steps per batch size (the first step, pipeline build and buffer fill, is not timed)."""
     from benchmarks.augment import run_dali
 
-    rows, figures = [], {"workers": workers, "gpu": torch.cuda.get_device_name(0)}
+    rows, figures = [], {"workers": workers}
+    if "gpu" in steps:
+        import torch
+        figures["gpu"] = torch.cuda.get_device_name(0)
     for b in batch_sizes:
         row = {"batch": b}
-        for device in ("cpu", "gpu"):
-            n, seconds, _ = run_dali(root, device, workers, b, steps * b)
+        for device in steps:
+            n, seconds, _ = run_dali(root, device, workers, b, steps[device] * b)
             row[f"{device}_samples_per_s"] = n / seconds
             figures[f"{device}_samples_per_s_b{b}"] = round(n / seconds, 2)
-        row["gpu_over_cpu"] = row["gpu_samples_per_s"] / row["cpu_samples_per_s"]
-        figures[f"gpu_over_cpu_b{b}"] = round(row["gpu_over_cpu"], 2)
+        if {"cpu", "gpu"} <= set(steps):
+            row["gpu_over_cpu"] = row["gpu_samples_per_s"] / row["cpu_samples_per_s"]
+            figures[f"gpu_over_cpu_b{b}"] = round(row["gpu_over_cpu"], 2)
         rows.append(row)
-        print(f"  batch {b}: cpu {row['cpu_samples_per_s']:.1f}, gpu {row['gpu_samples_per_s']:.1f} samples/s",
+        print(f"  batch {b}: " + ", ".join(f"{d} {row[d + '_samples_per_s']:.1f}" for d in steps) + " samples/s",
               flush=True)
-    print_table(f"DALI pipeline, METHOD 2-D sizes, {workers} CPU threads, {figures['gpu']}", rows,
-                ["batch", "cpu_samples_per_s", "gpu_samples_per_s", "gpu_over_cpu"])
+    print_table(f"DALI pipeline, METHOD 2-D sizes, {workers} CPU threads, {figures.get('gpu', 'no GPU')}", rows,
+                ["batch", *(f"{d}_samples_per_s" for d in steps), *(["gpu_over_cpu"] if len(steps) == 2 else [])])
     return figures
 
 
@@ -91,8 +95,10 @@ def main(argv=None) -> int:
                    help="real data (default $MEDSWAV_SHARED_DATA or ../shared/data)")
     p.add_argument("--per-modality", type=int, default=640, help="samples per modality in the dataset")
     p.add_argument("--batch-sizes", default="32,64,128,256")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DALI CPU threads")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per device and batch (after the first)")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="DALI CPU threads (default: the cores, at most 16)")
+    p.add_argument("--cpu-steps", type=int, default=2, help="timed CPU steps per batch size (after the first)")
+    p.add_argument("--gpu-steps", type=int, default=4, help="timed GPU steps per batch size (after the first)")
     p.add_argument("--then", choices=["augment", "train_step"], default="augment",
                    help="train_step: run benchmarks.train_step on this dataset (GPU pipeline, ResNet-50, bf16, "
                         "channels_last) instead")
@@ -107,7 +113,8 @@ def main(argv=None) -> int:
         if args.json:   # the stage's figures: the flat ones of train_step
             Path(args.json).write_text(json.dumps({k: v for k, v in fig.items() if not isinstance(v, dict)}, indent=1))
         return 0
-    figures = augment_figures(root, [int(b) for b in args.batch_sizes.split(",")], args.workers, args.steps)
+    figures = augment_figures(root, [int(b) for b in args.batch_sizes.split(",")], args.workers,
+                              {"cpu": args.cpu_steps, "gpu": args.gpu_steps})
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
     return 0

@@ -31,3 +31,6 @@ def test_benchmark_dataset_repeats_real_slices_under_distinct_keys_and_feeds_tra
                            "--queue-length", "8", "--precision", "bf16", "--channels-last", "--num-workers", "1"])
     assert fig["data"] == str(root) and fig["precision"] == "fp32" and fig["channels_last"] is False
     assert 0 <= fig["data_wait_fraction"] < 1 and fig["images_per_s"] > 0
+    # The augment stage's measurement, CPU half (the GPU half is the same call with device "gpu").
+    aug = gpu_augment.augment_figures(root, [4], workers=1, steps={"cpu": 1})
+    assert set(aug) == {"workers", "cpu_samples_per_s_b4"} and aug["cpu_samples_per_s_b4"] > 0
