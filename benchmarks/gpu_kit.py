@@ -376,8 +376,10 @@ def plan(kit_dir: Path = KIT_DIR) -> list[dict]:
     if not folders:
         raise KitError(f"no kit in {kit_dir}: build it with `make gpu-kit`")
     rel = [str(f.relative_to(REPO)) if f.is_relative_to(REPO) else str(f) for f in folders]
-    calls = [{"call": k, "carry": [r], "command": f"bash .gpu/stage.sh {k}"} for k, r in enumerate(rel, 1)]
+    calls = [{"call": k, "carry": [r], "command": f"bash .gpu/stage.sh {k}", "timeout_s": 120}
+             for k, r in enumerate(rel, 1)]
     calls[-1]["command"] += " && bash .gpu/check.sh"   # the last part's call runs the check (= make gpu-check)
+    calls[-1]["timeout_s"] = 600                        # the check's own budget is 480 s
     return calls
 
 
@@ -417,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(calls, indent=1))
             else:
                 for c in calls:
-                    print(f"call {c['call']}: carry {c['carry'][0]}; command: {c['command']}")
+                    print(f"call {c['call']}: carry {c['carry'][0]}; command: {c['command']}; timeout_s {c['timeout_s']}")
                 print("Make the calls back to back: a machine idle for 30 s is handed back with what was staged.")
         elif args.cmd == "stage":
             path = stage(args.part_dir, args.stage_dir)
