@@ -48,7 +48,7 @@ DALI = "nvidia-dali-cuda130==2.4.0"
 # (shards, augment_dali, the gpu tests); numpy, torch and pytest are on the machine already.
 DEPENDENCIES = ("astunparse", "gast", "six", "optree", "typing-extensions", "packaging", "nvtx", "makefun",
                 "libcst", "pyyaml", "pyarrow", "pydicom", "webdataset", "braceexpand", "isal",
-                "pytest-timeout")
+                "pytest-timeout", "tqdm")
 # Real data of the gpu tests and benchmarks, relative to ../shared/data.
 DATA = ("dicom/ct_kits_abdomen_18", "dicom/mr_mprage_sagittal_192", "medmnist/pneumoniamnist.npz",
         "medmnist/breastmnist.npz")
