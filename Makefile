@@ -2,6 +2,9 @@
 #   make demo   - install into .venv, then run the main job: ingest real DICOM (pydicom + pydicom-data),
 #                 reference energies, augmentation preview, a short CPU training run, backbone export
 #   make test   - install into .venv, then run the test suite
+#   make gpu-kit   - (here, with network) the GPU kit: stripped DALI wheel, dependency wheels, test data,
+#                    in parts of <= 60 MiB under build/gpu-kit/ (docs/GPU.md; staging: gpu_kit plan)
+#   make gpu-check - (on the GPU machine, no venv needed) every GPU stage, results in $OUT or build/gpu-check
 # Override PYTHON, VENV or TORCH on the command line, e.g. `make demo TORCH="torch==2.13.0+cu130"`.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +12,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medswav-installed
 
-.PHONY: install demo test bench-quick gpu-harness clean
+.PHONY: install demo test bench-quick gpu-harness gpu-kit gpu-check clean
 
 install: $(STAMP)
 
@@ -38,6 +41,15 @@ bench-quick: $(STAMP)
 # DALI-free CUDA kernels vs the CPU backend, then under compute-sanitizer (docs/AUGMENT_OPERATORS.md).
 gpu-harness: $(STAMP)
 	$(PY) -m augment_dali.harness --out gpu_harness --sanitizer
+
+gpu-kit: $(STAMP)
+	$(PY) -m benchmarks.gpu_kit build
+	$(PY) -m benchmarks.gpu_kit plan
+
+# The system python of the GPU machine (torch there); the kit installs the rest under the staging folder.
+# Without make: bash .gpu/check.sh (the same command).
+gpu-check:
+	PYTHON=$(PYTHON) bash .gpu/check.sh
 
 clean:
 	rm -rf $(VENV) demo_output gpu_harness build *.egg-info augment_dali/_lib

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
+from . import determinism
 from .config import Config, load_config, to_dict
 from .data import Prefetcher, build_source
 from .metrics import MetricsLogger
@@ -32,7 +33,10 @@ class NonFiniteLoss(RuntimeError):
 
 
 def setup_distributed(cfg: Config):
-    """Process group from torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK); none for a plain run."""
+    """Process group from torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK); none for a plain run.
+
+    Under torchrun the group exists even for one process, so that one GPU runs the DDP + SyncBatchNorm
+    code of a multi-GPU job (SyncBatchNorm with one process normalises like BatchNorm)."""
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is visible")
@@ -42,7 +46,7 @@ def setup_distributed(cfg: Config):
         local = int(os.environ.get("LOCAL_RANK", 0))
         if use_cuda:
             torch.cuda.set_device(local)
-        if world > 1 and not dist.is_initialized():
+        if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     return rank, world, device
@@ -65,6 +69,15 @@ def _gather_queue(queue: FeatureQueue | None, world: int):
 
 
 def train(cfg: Config) -> dict:
+    if cfg.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
+        wants_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        reason = determinism.refusal(cfg, "cuda" if wants_cuda else "cpu")
+        if reason:
+            raise SystemExit(f"error: {reason}")
+        try:
+            determinism.prepare_environment("cuda" if wants_cuda else "cpu")
+        except determinism.DeterminismError as e:
+            raise SystemExit(f"error: {e}") from None
     rank, world, device = setup_distributed(cfg)
     is_main = rank == 0
     out = Path(cfg.out)
@@ -90,7 +103,7 @@ def train(cfg: Config) -> dict:
         raise SystemExit("error: beta > 0 needs labels, but the data set has no label columns")
     model = SwAVModel(cfg.arch, n_mod, cfg.num_prototypes, cfg.feat_dim, cfg.hidden_dim, num_labels,
                       assigned_views=len(cfg.crops_for_assign)).to(device)
-    if on_gpu and world > 1 and cfg.sync_bn:
+    if on_gpu and dist.is_initialized() and cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:  # single-channel inputs are NHWC already; the weights carry the format onwards
         model = model.to(memory_format=torch.channels_last)
@@ -136,11 +149,16 @@ def train(cfg: Config) -> dict:
         if is_main:
             print(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch})", flush=True)
 
-    ddp = DDP(model, device_ids=[device.index] if on_gpu else None) if world > 1 else model
+    ddp = DDP(model, device_ids=[device.index] if on_gpu else None) if dist.is_initialized() else model
     log = MetricsLogger(out, is_main, cfg.tensorboard, resume_step=step)
+    sync_bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
     log.console(f"medswav train: {cfg.arch}, {world} process(es) on {device.type}, modalities "
                 f"{source.modalities}, batch {cfg.batch_size}x{world}, {steps_per_epoch} steps/epoch, "
                 f"steps {step} -> {stop_step} of {total_steps}, K={cfg.num_prototypes}, queue {q_len}/process")
+    log.console(f"setup: {'DDP over ' + dist.get_backend() if dist.is_initialized() else 'no process group'}, "
+                f"SyncBatchNorm layers {sync_bn}, autocast {amp_dtype or 'off'}, "
+                f"{'channels_last' if channels_last else 'contiguous'}, "
+                f"deterministic {'on' if cfg.deterministic else 'off'}")
 
     def save(step: int) -> None:
         if not all(torch.isfinite(p).all() for p in model.parameters()):
