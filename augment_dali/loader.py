@@ -20,8 +20,8 @@ last step it yielded (a DALI pipeline checkpoint: reader positions and every ran
 tens of KB whatever the data size). `set_epoch(e, start_step=s, checkpoint=c)` on a fresh loader (same
 dataset, seed, rank, world size and augmentation) then yields steps s..len-1 of epoch e exactly as an
 uninterrupted run would; the earlier steps are neither augmented nor decoded (DALI's readers skip
-through the index and read only the few samples still in their shuffle buffer). Without `checkpoint`
-the first s steps are run and dropped (`batches_replayed` counts them).
+through the index and read only the few samples still in their shuffle buffer). Without `checkpoint`,
+or if DALI refuses it (warning), the first s steps are run and dropped (`batches_replayed` counts them).
 """
 from __future__ import annotations
 
@@ -226,10 +226,13 @@ class SwavLoader:
         self.epoch, self._start_step, self._resume_from = epoch + 1, 0, None
         try:
             pipe, names = self._pipeline(epoch, resume_from)
-        except RuntimeError as e:  # DALI: a checkpoint of another pipeline (other dataset, options, version)
+        except RuntimeError as e:  # DALI refuses the state (e.g. saved by another DALI version): replay
             if resume_from is None:
                 raise
-            raise ValueError(f"cannot resume epoch {epoch} at step {start} from this checkpoint: {e}") from None
+            warnings.warn(f"cannot restore the pipeline of epoch {epoch} at step {start} "
+                          f"({str(e).splitlines()[0]}); replaying {start} steps")
+            resume_from = None
+            pipe, names = self._pipeline(epoch)
         where = {name: i for i, name in enumerate(names)}
         groups = range(len(self.config.crop_sizes))
         n_labels = len(self.label_names)
