@@ -62,9 +62,13 @@ def test_torchrun_two_nodes_on_shards(tmp_path, shard_dataset):
     run = tmp_path / "run"
     args = _args(shard_dataset, run)[4:]  # without --data/--out, given below
     _torchrun_pair(_free_port(), ["--data", str(shard_dataset), "--out", str(run), *args, "--max-steps", "2"])
+    mid = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert mid["step_in_epoch"] == 2 and len(mid["data_positions"]) == 2   # one position per rank, ...
+    assert not torch.equal(mid["data_positions"][0], mid["data_positions"][1])  # ... each its own
     out = _torchrun_pair(_free_port(), ["--data", str(shard_dataset), "--out", str(run), *args,
                                         "--max-steps", "3", "--resume", "auto"])
-    assert any("at step 2" in o for o in out)
+    assert any("at step 2 (epoch 0, data position restored)" in o for o in out)
+    assert not any("replaying" in o for o in out)   # every rank accepted its own position
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert state["step"] == 3 and state["world_size"] == 2
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]

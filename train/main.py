@@ -134,11 +134,13 @@ def train(cfg: Config) -> dict:
         ckpt.set_rng_state(state["rng"])
         step = state["step"]
         positions = state.get("data_positions")  # per rank, saved mid-epoch: continue there, no replay
-        if positions is not None and len(positions) == world and hasattr(source, "restore_position"):
+        restored = positions is not None and len(positions) == world and hasattr(source, "restore_position")
+        if restored:
             source.restore_position(step // steps_per_epoch, step % steps_per_epoch,
                                     positions[rank].numpy().tobytes())
         if is_main:
-            print(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch})", flush=True)
+            print(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch}"
+                  f"{', data position restored' if restored else ''})", flush=True)
 
     ddp = DDP(model, device_ids=[device.index] if on_gpu else None) if world > 1 else model
     log = MetricsLogger(out, is_main, cfg.tensorboard, resume_step=step)
