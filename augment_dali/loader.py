@@ -14,11 +14,20 @@ samples; larger modalities are read from a part of their data that moves every e
 is redrawn from (seed, epoch, modality)). Epoch e is a function of (seed, e, rank, world_size) only:
 `set_epoch(e)` on a fresh loader reproduces it. Without `set_epoch`, each new iteration moves on to the
 next epoch.
+
+Mid-epoch resume without replay: during an iteration, `loader.checkpoint()` is the position after the
+last step it yielded (a DALI pipeline checkpoint: reader positions and every random generator, a few
+tens of KB whatever the data size). `set_epoch(e, start_step=s, checkpoint=c)` on a fresh loader (same
+dataset, seed, rank, world size and augmentation) then yields steps s..len-1 of epoch e exactly as an
+uninterrupted run would; the earlier steps are neither augmented nor decoded (DALI's readers skip
+through the index and read only the few samples still in their shuffle buffer). Without `checkpoint`,
+or if DALI refuses it (warning), the first s steps are run and dropped (`batches_replayed` counts them).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import shutil
 import tempfile
 import warnings
@@ -150,6 +159,10 @@ class SwavLoader:
         self._steps = steps_per_epoch or natural
         self.samples_per_modality = counts
         self.epoch = 0
+        self._start_step, self._resume_from = 0, None
+        self._pipe, self._position = None, (0, 0)  # the running iteration's pipeline, (epoch, next step)
+        self.batches_run = 0        # pipeline steps run (read + augmented) over the loader's life
+        self.batches_replayed = 0   # of those, steps run only to be dropped (resume without checkpoint)
 
     def _check_stats(self, stats: dict) -> dict:
         missing = [m for m in self.modalities if m not in stats["modalities"]]
@@ -167,10 +180,44 @@ class SwavLoader:
     def __len__(self) -> int:
         return self._steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0, checkpoint: bytes | None = None) -> None:
+        """The next iteration is epoch `epoch` from step `start_step`; `checkpoint` (from `checkpoint()`
+        after `start_step` steps of that epoch) lets it start there without running the earlier steps."""
+        if not 0 <= start_step < self._steps:
+            raise ValueError(f"start_step={start_step} outside [0, {self._steps})")
+        pipeline_state = None
+        if checkpoint is not None:
+            header, _, pipeline_state = bytes(checkpoint).partition(b"\n")
+            try:
+                taken = json.loads(header)
+            except ValueError:
+                raise ValueError("not a SwavLoader checkpoint (no header)") from None
+            wanted = self._header(int(epoch), int(start_step))
+            if taken != wanted:
+                diff = {k: (taken.get(k), v) for k, v in wanted.items() if taken.get(k) != v}
+                raise ValueError(f"checkpoint does not match this loader and position (taken, wanted): {diff}")
+        self.epoch, self._start_step, self._resume_from = int(epoch), int(start_step), pipeline_state
 
-    def _pipeline(self, epoch: int):
+    def _header(self, epoch: int, step: int) -> dict:
+        """What a checkpoint is valid for: the position, and everything that shapes the pipeline."""
+        shape = repr((self.modalities, self.batch_size, self.device, sorted(self.samples_per_modality.items()),
+                      [(s.name, s.selected) for m in self.modalities for s in self._planners[m].shards],
+                      self._planners[self.modalities[0]].split, self._steps, dataclasses.asdict(self.config),
+                      self.stats["modalities"]))
+        return {"epoch": epoch, "step": step, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "pipeline": hashlib.blake2b(shape.encode(), digest_size=8).hexdigest()}
+
+    def checkpoint(self) -> bytes:
+        """The running iteration's position after its last yielded step (see the module docstring):
+        a one-line JSON header saying what it is valid for, then DALI's pipeline checkpoint."""
+        if self._pipe is None:
+            raise RuntimeError("checkpoint() needs an iteration in progress")
+        epoch, step = self._position
+        if step >= self._steps:
+            raise RuntimeError(f"epoch {epoch} is over: nothing to resume (start the next epoch)")
+        return json.dumps(self._header(epoch, step)).encode() + b"\n" + self._pipe.checkpoint()
+
+    def _pipeline(self, epoch: int, checkpoint: bytes | None = None):
         if self._cache is None:
             self._cache = Path(tempfile.mkdtemp(prefix="medswav-index-"))
             for planner in self._planners.values():
@@ -184,21 +231,36 @@ class SwavLoader:
                 read_labels=bool(self.label_names), reader_seed=_derive_seed("reader", self.seed, epoch, self.rank, m),
                 initial_fill=max(1, min(self.initial_fill, files.samples)), with_keys=self.with_keys))
         return build_pipeline(branches, self.per_modality, self.config, self.device, self.device_id,
-                              self.num_threads, _derive_seed("pipe", self.seed, epoch, self.rank), self.prefetch)
+                              self.num_threads, _derive_seed("pipe", self.seed, epoch, self.rank), self.prefetch,
+                              checkpoint=checkpoint)
 
     def __iter__(self):
         import torch
 
-        epoch = self.epoch
-        self.epoch = epoch + 1
-        pipe, names = self._pipeline(epoch)
+        epoch, start, resume_from = self.epoch, self._start_step, self._resume_from
+        self.epoch, self._start_step, self._resume_from = epoch + 1, 0, None
+        try:
+            pipe, names = self._pipeline(epoch, resume_from)
+        except RuntimeError as e:  # DALI refuses the state (e.g. saved by another DALI version): replay
+            if resume_from is None:
+                raise
+            warnings.warn(f"cannot restore the pipeline of epoch {epoch} at step {start} "
+                          f"({str(e).splitlines()[0]}); replaying {start} steps")
+            resume_from = None
+            pipe, names = self._pipeline(epoch)
         where = {name: i for i, name in enumerate(names)}
         groups = range(len(self.config.crop_sizes))
         n_labels = len(self.label_names)
         modality = torch.arange(len(self.modalities)).repeat_interleave(self.per_modality)
+        self._pipe, self._position = pipe, (epoch, start)
         try:
-            for _ in range(self._steps):
+            for i in range(start if resume_from is not None else 0, self._steps):
                 outs = pipe.run()
+                self.batches_run += 1
+                if i < start:
+                    self.batches_replayed += 1
+                    continue
+                self._position = (epoch, i + 1)
                 crops = [self._gather_group(outs, where, g).unsqueeze(2) for g in groups]
                 if n_labels:
                     label = np.concatenate([_labels_from_raw(outs[where[m, "labels"]], n_labels)
@@ -212,6 +274,7 @@ class SwavLoader:
                     step["key"] = [k for m in self.modalities for k in _keys(outs[where[m, "source"]])]
                 yield step
         finally:
+            self._pipe = None
             del pipe
 
     def _gather_group(self, outs, where, g: int):

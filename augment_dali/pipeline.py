@@ -104,8 +104,13 @@ def _branch(b: Branch, cfg: AugmentConfig, device: str) -> dict:
 
 
 def build_pipeline(branches: list[Branch], batch_per_modality: int, cfg: AugmentConfig, device: str = "cpu",
-                   device_id: int | None = None, num_threads: int = 2, seed: int = 0, prefetch: int = 2):
+                   device_id: int | None = None, num_threads: int = 2, seed: int = 0, prefetch: int = 2,
+                   checkpoint: bytes | None = None):
     """One DALI pipeline holding every modality's branch; batch size = samples per modality per step.
+
+    Checkpointing is always enabled: `pipe.checkpoint()` is the position after the last returned step
+    (readers, fn.random.* and the medswav operators all save their state), and `checkpoint=` builds a
+    pipeline that continues from there without running the earlier steps again.
 
     Returns (pipeline, names): output i is `names[i]` = (modality, what) with `what` one of "crops<g>"
     ([B/M, n_g, s_g, s_g]), "labels" (raw `.labels.npy` bytes, empty where a sample has none) and
@@ -117,7 +122,7 @@ def build_pipeline(branches: list[Branch], batch_per_modality: int, cfg: Augment
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     pipe = Pipeline(batch_size=batch_per_modality, num_threads=num_threads,
                     device_id=None if device == "cpu" else (device_id or 0), seed=seed,
-                    prefetch_queue_depth=prefetch)
+                    prefetch_queue_depth=prefetch, enable_checkpointing=True, checkpoint=checkpoint)
     names, outputs = [], []
     with pipe:
         for b in branches:

@@ -257,6 +257,49 @@ def test_same_seed_reproduces_and_epochs_differ(aug_dataset):
     assert [s["key"] for s in loader] == keys_e1
 
 
+def test_mid_epoch_resume_from_checkpoint_runs_only_the_remaining_steps(aug_dataset):
+    def steps_of(loader):
+        return [(s["key"], [c.numpy() for c in s["crops"]], np.nan_to_num(s["label"].numpy(), nan=-1))
+                for s in loader]
+
+    straight = _loader(aug_dataset, seed=5)
+    straight.set_epoch(1)
+    n = len(straight)
+    full, positions = [], {}
+    for k, step in enumerate(straight, start=1):
+        full.append(steps_of([step])[0])
+        if k < n:
+            positions[k] = straight.checkpoint()   # the position after k steps
+    assert n >= 6 and len(full) == n and straight.batches_run == n
+
+    for k in (2, n - 2):
+        resumed = _loader(aug_dataset, seed=5)
+        resumed.set_epoch(1, start_step=k, checkpoint=positions[k])
+        rest = steps_of(resumed)
+        # Only the remaining steps were read and augmented, none of the first k replayed ...
+        assert resumed.batches_run == n - k and resumed.batches_replayed == 0
+        # ... and they are bit for bit those of the uninterrupted epoch (keys, crops, labels).
+        for (keys_a, crops_a, label_a), (keys_b, crops_b, label_b) in zip(full[k:], rest):
+            assert keys_a == keys_b
+            np.testing.assert_array_equal(label_a, label_b)
+            for a, b in zip(crops_a, crops_b):
+                np.testing.assert_array_equal(a, b)
+        assert len(rest) == n - k
+
+    replay = _loader(aug_dataset, seed=5)  # no checkpoint: the same steps, the first k run and dropped
+    replay.set_epoch(1, start_step=3)
+    assert [s[0] for s in steps_of(replay)] == [f[0] for f in full[3:]]
+    assert replay.batches_run == n and replay.batches_replayed == 3
+
+    other = _loader(aug_dataset, seed=6)  # a position is valid only for its own seed, epoch, step
+    with pytest.raises(ValueError, match="seed"):
+        other.set_epoch(1, start_step=2, checkpoint=positions[2])
+    with pytest.raises(ValueError, match="epoch"):
+        _loader(aug_dataset, seed=5).set_epoch(2, start_step=2, checkpoint=positions[2])
+    with pytest.raises(ValueError, match="step"):
+        _loader(aug_dataset, seed=5).set_epoch(1, start_step=3, checkpoint=positions[2])
+
+
 def test_cpu_pipeline_runs_without_cuda(aug_dataset):
     code = (
         "import torch; from augment_dali.config import AugmentConfig; from augment_dali.loader import SwavLoader\n"

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint as ckpt
 from . import determinism
 from .config import Config, load_config, to_dict
-from .data import Prefetcher, build_source
+from .data import Prefetcher, build_source, gather_data_positions
 from .metrics import MetricsLogger
 from .models import SwAVModel
 from .optim import LARS, lr_schedule, param_groups
@@ -146,8 +146,14 @@ def train(cfg: Config) -> dict:
                       f"starting an empty queue on {world}", file=sys.stderr)
         ckpt.set_rng_state(state["rng"])
         step = state["step"]
+        positions = state.get("data_positions")  # per rank, saved mid-epoch: continue there, no replay
+        restored = positions is not None and len(positions) == world and hasattr(source, "restore_position")
+        if restored:
+            source.restore_position(step // steps_per_epoch, step % steps_per_epoch,
+                                    positions[rank].numpy().tobytes())
         if is_main:
-            print(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch})", flush=True)
+            print(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch}"
+                  f"{', data position restored' if restored else ''})", flush=True)
 
     ddp = DDP(model, device_ids=[device.index] if on_gpu else None) if dist.is_initialized() else model
     log = MetricsLogger(out, is_main, cfg.tensorboard, resume_step=step)
@@ -165,6 +171,7 @@ def train(cfg: Config) -> dict:
             raise NonFiniteLoss(f"non-finite parameters after step {step}: not saving over the last good "
                                 f"checkpoint {out / ckpt.CHECKPOINT_NAME}")
         queue_state = _gather_queue(queue, world)   # collective: every process takes part
+        positions = gather_data_positions(source, world) if step % steps_per_epoch else None  # collective
         if is_main:
             ckpt.save_atomic({
                 "version": 1, "arch": cfg.arch, "config": to_dict(cfg), "step": step,
@@ -172,6 +179,7 @@ def train(cfg: Config) -> dict:
                 "world_size": world, "modalities": source.modalities, "num_labels": num_labels,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "queue": queue_state, "rng": ckpt.rng_state(),
+                "data_positions": positions,
             }, out / ckpt.CHECKPOINT_NAME)
         if world > 1:
             dist.barrier()
@@ -270,7 +278,8 @@ def train(cfg: Config) -> dict:
         log.close()
         if hasattr(source, "close"):
             source.close()
-    return {"step": step, "losses": history, "model": model}
+    return {"step": step, "losses": history, "model": model,
+            "batches_replayed": getattr(source, "batches_replayed", 0)}
 
 
 def main(argv: list[str] | None = None) -> dict:
