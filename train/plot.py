@@ -29,8 +29,8 @@ def plot_run(run: Path, out: Path) -> Path:
     k = None
     cfg_path = run / "checkpoint.pt"
     if cfg_path.exists():
-        import torch
-        k = torch.load(cfg_path, map_location="cpu", weights_only=False)["config"]["num_prototypes"]
+        from .checkpoint import load
+        k = load(cfg_path)["config"]["num_prototypes"]
     steps = [r["step"] for r in rows]
     modalities = sorted({key.split("/", 1)[1] for r in rows for key in r if key.startswith("loss_ss/")})
 

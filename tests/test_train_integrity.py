@@ -1,0 +1,100 @@
+"""What the trainer and its tools do with files they did not expect: checkpoints that would run code
+when unpickled, leftovers of a killed save, a metrics log cut mid-line, damaged shards."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.main import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--arch", "resnet18", "--device", "cpu", "--batch-size", "4", "--crop-sizes", "16,8",
+        "--num-crops", "2,2", "--num-prototypes", "8", "--warmup-epochs", "0", "--lr-ref-batch", "0",
+        "--log-every", "1", "--no-tensorboard", "--queue-length", "0", "--epochs", "1",
+        "--freeze-prototypes-steps", "1"]
+
+
+class MakesDirectoryWhenUnpickled:
+    """Stands for any payload: unpickling calls os.mkdir(marker), as it could call anything else."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.fixture()
+def pneumonia_run(tmp_path, medmnist_dir):
+    """Two steps on real chest X-rays: a genuine checkpoint and metrics log to tamper with."""
+    args = TINY + ["--data", str(medmnist_dir / "pneumoniamnist.npz"), "--out", str(tmp_path / "run"),
+                   "--max-steps", "2"]
+    main(args)
+    return tmp_path / "run", args
+
+
+def _cli(module, *args):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_checkpoint_with_code_in_its_pickle_is_refused_everywhere(pneumonia_run, tmp_path):
+    run, args = pneumonia_run
+    marker = tmp_path / "code-ran"
+    genuine = (run / "checkpoint.pt").read_bytes()
+    state = torch.load(run / "checkpoint.pt", weights_only=False)  # our own file: trusted here
+    state["config"]["note"] = MakesDirectoryWhenUnpickled(marker)
+    torch.save(state, run / "checkpoint.pt")
+
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        main(args[:-1] + ["3", "--resume", "auto"])
+    assert not marker.exists()
+
+    export = _cli("train.export", run / "checkpoint.pt", "--out", tmp_path / "backbone.pt")
+    assert export.returncode != 0 and "cannot read checkpoint" in export.stderr, export.stderr
+    assert "Traceback" not in export.stderr and not marker.exists()
+
+    plot = _cli("train.plot", run, "--out", tmp_path / "m.png")
+    assert plot.returncode != 0 and "cannot read checkpoint" in plot.stderr, plot.stderr
+    assert "Traceback" not in plot.stderr and not marker.exists()
+
+    from train.export import export_backbone, load_backbone
+    (run / "checkpoint.pt").write_bytes(genuine)
+    blob = export_backbone(run / "checkpoint.pt", tmp_path / "backbone.pt")
+    blob["modalities"] = [MakesDirectoryWhenUnpickled(marker)]
+    torch.save(blob, tmp_path / "evil-backbone.pt")
+    with pytest.raises(ValueError, match="evil-backbone.pt"):
+        load_backbone(tmp_path / "evil-backbone.pt")
+    assert not marker.exists()
+    assert load_backbone(tmp_path / "backbone.pt").conv1.weight.shape[1] == 1
+
+
+def test_checkpoint_loads_with_weights_only_and_resume_restores_every_rng(pneumonia_run):
+    import random
+
+    import numpy as np
+
+    from train import checkpoint as ckpt
+
+    run, _ = pneumonia_run
+    state = torch.load(run / "checkpoint.pt", weights_only=True)  # plain tensors and values only
+    np.random.seed(1)
+    random.seed(1)
+    torch.manual_seed(1)
+    saved = (np.random.get_state(legacy=False), random.getstate(), torch.get_rng_state())
+    state["rng"] = ckpt.rng_state()
+    ckpt.save_atomic(state, run / "checkpoint.pt")
+    np.random.seed(2)
+    random.seed(2)
+    torch.manual_seed(2)
+    ckpt.set_rng_state(ckpt.load(run / "checkpoint.pt")["rng"])
+    now = np.random.get_state(legacy=False)
+    assert np.array_equal(now["state"]["key"], saved[0]["state"]["key"]) and now["state"]["pos"] == saved[0]["state"]["pos"]
+    assert random.getstate() == saved[1] and torch.equal(torch.get_rng_state(), saved[2])
