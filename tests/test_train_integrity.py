@@ -98,3 +98,30 @@ def test_checkpoint_loads_with_weights_only_and_resume_restores_every_rng(pneumo
     now = np.random.get_state(legacy=False)
     assert np.array_equal(now["state"]["key"], saved[0]["state"]["key"]) and now["state"]["pos"] == saved[0]["state"]["pos"]
     assert random.getstate() == saved[1] and torch.equal(torch.get_rng_state(), saved[2])
+
+
+def test_resume_removes_stale_checkpoint_temporaries_and_tolerates_a_cut_log(pneumonia_run, tmp_path):
+    run, args = pneumonia_run
+    # A save killed before its rename leaves the hidden temporary behind (any process id), and a run
+    # killed while appending leaves half a line at the end of metrics.jsonl.
+    stale = run / ".checkpoint.pt.tmp4242"
+    stale.write_bytes((run / "checkpoint.pt").read_bytes()[:1000])
+    log = run / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2
+    log.write_text("\n".join(lines) + "\n" + lines[-1][:25])
+    main(args[:-1] + ["3", "--resume", "auto"])
+    assert not stale.exists()
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    assert [json.loads(l)["step"] for l in log.read_text().splitlines()] == [1, 2, 3]
+
+    from train.plot import plot_run
+    text = log.read_text()
+    log.write_text(text + text.splitlines()[-1][:25])
+    png = plot_run(run, tmp_path / "m.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A damaged line that is not the last one is still an error, naming the line.
+    lines = text.splitlines()
+    log.write_text("\n".join([lines[0], lines[1][:20], lines[2]]) + "\n")
+    with pytest.raises(SystemExit, match="metrics.jsonl:2"):
+        plot_run(run, tmp_path / "m2.png")

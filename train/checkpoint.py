@@ -40,9 +40,22 @@ def load_plain(path: Path, map_location="cpu", what: str = "checkpoint"):
         raise UnsafeOrDamagedFile(f"cannot read {what} {path}: {reason}") from None
 
 
+def _temporary(path: Path, token: str) -> Path:
+    return path.with_name(f".{path.name}.tmp{token}")
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete what saves of `path` killed before their rename left behind (any process id)."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(_temporary(path, "*").name))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary(path, str(os.getpid()))
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
