@@ -118,6 +118,28 @@ def _unreadable_parquet(root: Path) -> list[str]:
     return problems
 
 
+def check_tar(root: str | os.PathLike, modality: str, name: str) -> str | None:
+    """The quick check before a shard is read: tar and index present, the tar's size and whole-file
+    checksum as its manifest part records them. None when intact, else one line naming the shard."""
+    root = Path(root)
+    where, tar = f"{modality}/{name}", tar_path(root, modality, name)
+    if not tar.exists():
+        return f"shard {where}: tar missing ({tar})"
+    if not idx_path(root, modality, name).exists():
+        return f"shard {where}: index missing ({idx_path(root, modality, name)})"
+    part = root / MANIFEST_DIR / f"modality={modality}" / f"{name}.parquet"
+    try:
+        meta = pq.read_schema(part).metadata or {}
+    except Exception as e:  # pyarrow's error types for a damaged file vary
+        return f"shard {where}: manifest part {part} unreadable ({type(e).__name__}: {e})"
+    size = tar.stat().st_size
+    if TAR_SIZE_META in meta and int(meta[TAR_SIZE_META]) != size:
+        return f"shard {where} ({tar}): {size} bytes, its manifest part says {int(meta[TAR_SIZE_META])}"
+    if TAR_CRC32_META in meta and _file_crc32(tar) != int(meta[TAR_CRC32_META]):
+        return f"shard {where} ({tar}): checksum differs from its manifest part (the file is damaged or was modified)"
+    return None
+
+
 def verify_shard(root: Path, shard: ShardFiles, table=None) -> list[str]:
     where = f"{shard.modality}/{shard.name}"
     if not shard.tar.exists():

@@ -125,3 +125,67 @@ def test_resume_removes_stale_checkpoint_temporaries_and_tolerates_a_cut_log(pne
     log.write_text("\n".join([lines[0], lines[1][:20], lines[2]]) + "\n")
     with pytest.raises(SystemExit, match="metrics.jsonl:2"):
         plot_run(run, tmp_path / "m2.png")
+
+
+@pytest.fixture(scope="module")
+def ingested_ct(tmp_path_factory, dicom_dir):
+    """The 18 real CT slices through `ingest` (several shards), with the band-energy stats training needs."""
+    from _ingest_fixtures import run_ingest
+
+    from augment_dali.config import AugmentConfig
+    from augment_dali.stats import compute_stats, write_stats
+
+    root = tmp_path_factory.mktemp("damaged") / "ds"
+    run_ingest([dicom_dir / "ct_kits_abdomen_18"], root, shard_size="1MB")
+    write_stats(root, compute_stats(root, samples=8, seed=0, config=AugmentConfig(), show_progress=False))
+    return root
+
+
+def _train_on(root, out, *extra):
+    return _cli("train", "--config", REPO / "configs" / "cpu_demo_shards.toml", "--data", root, "--out", out,
+                "--batch-size", "2", "--crop-sizes", "32,16", "--num-crops", "2,1", "--max-steps", "2",
+                "--num-prototypes", "4", "--freeze-prototypes-steps", "0", "--no-tensorboard", *extra)
+
+
+def test_training_stops_on_a_damaged_shard_naming_it(ingested_ct, tmp_path):
+    import shards
+
+    ct = shards.Dataset(ingested_ct).shards("ct")
+    assert len(ct) >= 3
+    damaged = ct[1]
+    original = damaged.tar.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x01  # one bit inside a pixel array: DALI would read it silently
+    damaged.tar.write_bytes(bytes(flipped))
+    try:
+        result = _train_on(ingested_ct, tmp_path / "run")
+        assert result.returncode != 0, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+        assert f"ct/{damaged.name}" in result.stderr and "checksum" in result.stderr, result.stderr
+        assert "step 1/" not in result.stdout  # stopped before the first step, not after reading it
+
+        # The check can be switched off (documented flag): then the same run trains.
+        skipped = _train_on(ingested_ct, tmp_path / "run2", "--no-verify-shards")
+        assert skipped.returncode == 0, skipped.stderr
+        assert json.loads((tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    finally:
+        damaged.tar.write_bytes(original)
+
+
+def test_loader_reports_uncommitted_tars_and_missing_shards(ingested_ct, tmp_path):
+    import shutil
+
+    import shards
+    from augment_dali.loader import DamagedShardError, SwavLoader
+
+    root = tmp_path / "ds"
+    shutil.copytree(ingested_ct, root)
+    ct = shards.Dataset(root).shards("ct")
+    lost_part = root / "manifest" / "modality=ct" / f"{ct[0].name}.parquet"
+    lost_part.unlink()  # its tar stays on disk, no longer listed
+    with pytest.warns(UserWarning, match=f"1 shard tar.*without a manifest part.*ct/{ct[0].name}"):
+        loader = SwavLoader(root, batch_size=2, crop_sizes=(32, 16), num_crops=(2, 1))
+    ct[2].tar.unlink()
+    with pytest.raises(DamagedShardError, match=f"shard ct/{ct[2].name}: tar missing"):
+        next(iter(loader))
+    loader.close()

@@ -29,6 +29,7 @@ class Config:
     modalities: tuple[str, ...] = ()    # subset of the dataset's modalities (empty: all)
     split: str = "train"                # dataset split to train on
     num_workers: int = 2                # data threads
+    verify_shards: bool = True          # shard datasets: check each tar's checksum before this process first reads it
     npz_label_fraction: float = 1.0     # NPZ source: fraction of samples that keep their label
     out: str = "runs/swav"              # run folder: checkpoint.pt, metrics.jsonl, tensorboard/
 
