@@ -13,6 +13,8 @@ shards) -> convert (one Dask task per shard) -> finalize (dataset.json, report).
 
 salt: --salt, else env MEDSWAV_SALT, else `salt` in --config, else the file DATASET.salt next to the
 dataset folder (created with a random salt on the first run; keep it private and keep it: reruns need it).
+A given salt needs 16+ characters, 8+ of them different. DATASET.salt-check, also next to the dataset,
+lets a rerun refuse another salt; nothing inside the dataset can test a guessed salt.
 
 resume: rerun the same command after a crash; only uncommitted shards are redone.
 incremental: rerun with more sources; only slices not yet ingested are added (a new generation).

@@ -294,14 +294,14 @@ def run_arrays(cfg, modality: str) -> tuple[dict, dict]:
 
     from .engine import dask_client, run_phase
     from .finalize import finalize
-    from .salt import fingerprint, read_state, resolve_salt, write_state
+    from .salt import read_state, resolve_salt, write_state
 
     root = cfg.root
     root.mkdir(parents=True, exist_ok=True)
     salt, origin = resolve_salt(root, cfg.salt)
     print(f"salt: from {origin}", file=sys.stderr)
     if not read_state(root):
-        write_state(root, {"salt_fingerprint": fingerprint(salt), "hash_paths": False})
+        write_state(root, {"hash_paths": False})
     label_table, table_names = load_label_table(cfg.labels) if cfg.labels else (None, [])
     items, names, errors = list_items(list(cfg.sources), label_table)
     label_names = table_names or names
@@ -335,5 +335,5 @@ def run_arrays(cfg, modality: str) -> tuple[dict, dict]:
              "already_ingested": len(items) - sum(len(v) for v in plan["shards"].values()),
              "shards_written": len(todo), "shards_skipped": len(plan["shards"]) - len(todo)}
     summary = finalize(root, {"arrays_modality": modality, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-                              "shard_size": cfg.shard_size, "salt_fingerprint": fingerprint(salt)})
+                              "shard_size": cfg.shard_size})
     return summary, stats
