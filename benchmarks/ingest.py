@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
     p.add_argument("--slices", type=int, help="corpus size (default 20000, --quick 1500; jpegls: 4000 / 400)")
     p.add_argument("--syntax", choices=("native", "jpegls"), default="native",
                    help="corpus transfer syntax: native = uncompressed as the sources (decode is cheapest, so "
-                        "our overhead shows most); jpegls = re-encoded JPEG-LS lossless, as many archives store")
+                        "our overhead shows most); jpegls = re-encoded JPEG-LS lossless, as many archives store (default native)")
     p.add_argument("--keep", metavar="DIR", help="work folder to keep (default: a temporary folder, removed)")
     p.add_argument("--repeat", type=int, default=3, metavar="N",
                    help="rounds of all measurements; the figures are medians (default 3)")

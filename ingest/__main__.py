@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--labels", metavar="FILE",
                    help="CSV or Parquet keyed by SOPInstanceUID, SeriesInstanceUID or StudyInstanceUID; "
                         "other columns are numeric labels")
-    d.add_argument("--salt", help="secret salt of all hashes (prefer env MEDSWAV_SALT: argv is visible to other users)")
+    d.add_argument("--salt", help="secret salt of all hashes, 16+ characters (prefer env MEDSWAV_SALT: argv is visible "
+                                  "to other users; default: a random salt generated into DATASET.salt)")
     d.add_argument("--hash-paths", action="store_const", const=True,
                    help="keep only salted hashes of source paths in inventory/ and errors/")
     d.add_argument("--rescan", action="store_const", const=True,
