@@ -28,7 +28,7 @@ import numpy as np
 
 from shards import Dataset
 from shards.layout import SHARDS_DIR
-from shards.verify import check_tar
+from shards.verify import DamagedShardError, check_tar
 
 from .config import AugmentConfig
 from .pipeline import Branch, build_pipeline
@@ -70,10 +70,6 @@ def _keys(tensor_list) -> list[str]:
     """Sample keys from DALI's source_info ("<tar>:<offset>:<key>.npy")."""
     return [bytes(np.asarray(tensor_list[i])).decode().rsplit(":", 1)[-1].split(".", 1)[0]
             for i in range(len(tensor_list))]
-
-
-class DamagedShardError(ValueError):
-    """A shard the loader was about to read is missing or fails its checksum (the message names it)."""
 
 
 class SwavLoader:

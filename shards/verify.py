@@ -118,6 +118,10 @@ def _unreadable_parquet(root: Path) -> list[str]:
     return problems
 
 
+class DamagedShardError(ValueError):
+    """A shard a reader was about to read is missing or fails its checksum (the message names it)."""
+
+
 def check_tar(root: str | os.PathLike, modality: str, name: str) -> str | None:
     """The quick check before a shard is read: tar and index present, the tar's size and whole-file
     checksum as its manifest part records them. None when intact, else one line naming the shard."""

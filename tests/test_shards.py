@@ -349,3 +349,16 @@ def test_verify_reports_missing_and_corrupt_metadata_files(dataset):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert any(l.startswith("PROBLEM: errors/scan-g000.parquet: unreadable Parquet")
                for l in result.stdout.splitlines()), result.stdout
+
+
+def test_reader_refuses_a_damaged_shard_naming_it(dataset):
+    from shards.verify import DamagedShardError
+
+    shard = shards.Dataset(dataset).shards("mr")[0]
+    data = bytearray(shard.tar.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of pixel data: webdataset alone would decode it silently
+    shard.tar.write_bytes(bytes(data))
+    assert sum(1 for _ in shards.reader.iter_samples(dataset, "ct")) == 18  # the intact modality reads
+    with pytest.raises(DamagedShardError, match="shard mr/mr-g000-000000 .*checksum"):
+        list(shards.reader.iter_samples(dataset, "mr"))
+    assert sum(1 for _ in shards.reader.iter_samples(dataset, "mr", verify=False)) == 12
