@@ -154,11 +154,16 @@ def check_salt(root: Path, salt: str) -> None:
     """Refuse a salt other than the dataset's; record the check beside the dataset on first use."""
     path = check_file(root)
     if path.exists():
-        record = json.loads(_read_complete(path) or "{}")
-        if record.get("kdf") != "scrypt":
-            raise ConfigError(f"salt check file {path} is damaged; restore it or remove it to skip the check")
-        expected = _kdf(salt, bytes.fromhex(record["nonce"]), record["n"], record["r"], record["p"])
-        if not hmac.compare_digest(expected, record["check"]):
+        try:
+            record = json.loads(_read_complete(path))
+            if record["kdf"] != "scrypt":
+                raise ValueError(f"unknown kdf {record['kdf']!r}")
+            expected = _kdf(salt, bytes.fromhex(record["nonce"]), record["n"], record["r"], record["p"])
+            same = hmac.compare_digest(expected, str(record["check"]))
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"salt check file {path} is damaged; restore it, or remove it to accept "
+                              f"the given salt unchecked") from None
+        if not same:
             raise _differs(root)
     state = read_state(root)
     legacy = state.get(LEGACY_FINGERPRINT)

@@ -22,7 +22,9 @@ import pyarrow.parquet as pq
 from .checksum import crc32
 from .dataset import Dataset, ShardFiles, summarize
 from .index import read_index
-from .layout import DATASET_JSON, ERRORS_DIR, INVENTORY_DIR, MANIFEST_DIR, SHARDS_DIR, STATS_DIR, TMP_MARK, tar_path, idx_path
+from .keys import KEY_HEX
+from .layout import (DATASET_JSON, ERRORS_DIR, INVENTORY_DIR, MANIFEST_DIR, SHARDS_DIR, STATS_DIR, TMP_MARK, idx_path,
+                     tar_path)
 from .manifest import TAR_CRC32_META, TAR_SIZE_META
 
 
@@ -240,7 +242,10 @@ def verify(root: str | os.PathLike, progress: bool = False) -> VerifyReport:
             shard = ShardFiles(name, modality, tar_path(root, modality, name), idx_path(root, modality, name),
                                table.num_rows)
             report.problems.extend(verify_shard(root, shard, table))
-            keys.add(table.column("key").to_pylist())
+            try:
+                keys.add(table.column("key").to_pylist())
+            except (ValueError, TypeError):  # a key that is not hex: no sample of ours
+                report.problems.append(f"{part.relative_to(root)}: keys that are not {KEY_HEX} hex digits")
             readable.append((f"{modality}/{name}", part))
             report.shards += 1
             report.samples += shard.samples

@@ -102,3 +102,15 @@ def test_two_first_runs_racing_for_the_salt_file_share_the_winners_salt(tmp_path
     monkeypatch.setattr(salt_module.secrets, "token_hex", other_run_wins)
     salt, origin = salt_module.resolve_salt(root, None)
     assert salt == winner and "ds.salt" in origin
+
+
+def test_damaged_check_file_is_a_clear_error(tmp_path):
+    from ingest.config import ConfigError
+    from ingest.salt import check_file, resolve_salt
+
+    root = tmp_path / "ds"
+    assert resolve_salt(root, OTHER_STRONG_SALT)[0] == OTHER_STRONG_SALT  # first use records the check
+    assert resolve_salt(root, OTHER_STRONG_SALT)[0] == OTHER_STRONG_SALT
+    check_file(root).write_text('{"kdf": "scrypt", "nonce": "zz"')
+    with pytest.raises(ConfigError, match="salt check file .* is damaged"):
+        resolve_salt(root, OTHER_STRONG_SALT)
