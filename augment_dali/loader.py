@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from shards import Dataset
+from shards.layout import SHARDS_DIR
+from shards.verify import DamagedShardError, check_tar
 
 from .config import AugmentConfig
 from .pipeline import Branch, build_pipeline
@@ -94,6 +96,13 @@ class SwavLoader:
     derived index files (default: a temporary folder removed by `close()`). `with_keys` adds the
     sample keys to each step (tests, debugging). `pin_memory` (CPU loader only) returns the crops in
     page-locked memory, so that `.to("cuda", non_blocking=True)` is a truly asynchronous copy.
+
+    `verify_shards` (default on): before a shard is first read by this loader, its tar's size and
+    whole-file CRC-32 are checked against its manifest part (shards.verify.check_tar), and a damaged or
+    missing shard raises DamagedShardError naming it. Each rank checks only the shards it reads, each
+    once per loader (cost: one sequential read of the rank's share, spread over the epochs that first
+    touch each shard). Tars on disk without a manifest part are never read; they are reported by a
+    warning when the loader is made.
     """
 
     def __init__(self, dataset_root, batch_size: int, modalities: list[str] | None = None, rank: int = 0,
@@ -101,7 +110,8 @@ class SwavLoader:
                  num_crops=None, num_threads: int = 2, split: str | None = "train",
                  augment: AugmentConfig | None = None, device_id: int | None = None,
                  steps_per_epoch: int | None = None, initial_fill: int = 1024, prefetch: int = 2,
-                 cache_dir: str | None = None, with_keys: bool = False, pin_memory: bool = False):
+                 cache_dir: str | None = None, with_keys: bool = False, pin_memory: bool = False,
+                 verify_shards: bool = True):
         self.root = Path(dataset_root)
         self.dataset = Dataset(self.root)
         available = self.dataset.modalities
@@ -136,6 +146,8 @@ class SwavLoader:
         self.num_threads, self.prefetch, self.initial_fill = num_threads, prefetch, initial_fill
         self.with_keys = with_keys
         self.pin_memory = bool(pin_memory) and device == "cpu"
+        self.verify_shards = verify_shards
+        self._checked: set[str] = set()  # tars whose checksum passed (one entry per shard, not per sample)
         config = augment or AugmentConfig()
         if crop_sizes is not None or num_crops is not None:
             config = dataclasses.replace(config, crop_sizes=tuple(crop_sizes or config.crop_sizes),
@@ -147,6 +159,7 @@ class SwavLoader:
         self._own_cache = cache_dir is None
         self._cache = Path(cache_dir) if cache_dir else None  # a temporary folder, made on first use
         self._planners = {m: EpochPlanner(self.dataset, m, split, self._cache) for m in requested}
+        self._warn_uncommitted()
         counts = {m: p.selected for m, p in self._planners.items()}
         natural = natural_steps(counts, world_size, self.per_modality)
         if natural == 0:
@@ -163,6 +176,27 @@ class SwavLoader:
         self._pipe, self._position = None, (0, 0)  # the running iteration's pipeline, (epoch, next step)
         self.batches_run = 0        # pipeline steps run (read + augmented) over the loader's life
         self.batches_replayed = 0   # of those, steps run only to be dropped (resume without checkpoint)
+
+    def _warn_uncommitted(self) -> None:
+        """Tars without a manifest part (a crashed ingest, or a manifest part lost) are not read: say so."""
+        orphans = []
+        for m in self.modalities:
+            committed = {s.name for s in self.dataset.shards(m)}
+            orphans += [f"{m}/{t.stem}" for t in sorted((self.root / SHARDS_DIR / m).glob("*.tar"))
+                        if t.stem not in committed]
+        if orphans:
+            warnings.warn(f"{self.root}: {len(orphans)} shard tar(s) without a manifest part are not read "
+                          f"(uncommitted, or the manifest part is lost), e.g. {orphans[0]}; "
+                          f"see `python -m shards verify {self.root}`", stacklevel=3)
+
+    def _check_shards(self, modality: str, tars: list[str]) -> None:
+        for tar in tars:
+            if tar in self._checked:
+                continue
+            problem = check_tar(self.root, modality, Path(tar).stem)
+            if problem:
+                raise DamagedShardError(problem)
+            self._checked.add(tar)
 
     def _check_stats(self, stats: dict) -> dict:
         missing = [m for m in self.modalities if m not in stats["modalities"]]
@@ -224,7 +258,12 @@ class SwavLoader:
                 planner.cache_dir = self._cache
         branches = []
         for m in self.modalities:
-            files = self._planners[m].files(self.seed, epoch, self.rank, self.world_size)
+            try:
+                files = self._planners[m].files(self.seed, epoch, self.rank, self.world_size)
+            except FileNotFoundError as e:  # a shard's index file vanished after the loader was made
+                raise DamagedShardError(f"{m}: {e.filename or e}: missing") from None
+            if self.verify_shards:
+                self._check_shards(m, files.tars)
             s = self.stats["modalities"][m]
             branches.append(Branch(
                 modality=m, tars=files.tars, indices=files.indices, energy_mean=s["mean"], energy_std=s["std"],

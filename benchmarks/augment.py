@@ -291,7 +291,7 @@ def main(argv=None) -> int:
                    help="real data folder used to build the default dataset (default: $MEDSWAV_SHARED_DATA or "
                         "../shared/data)")
     p.add_argument("--workers", type=int, default=2, help="DALI threads = DataLoader workers (default 2)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per step, a multiple of the modalities")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per step, a multiple of the modalities (default 8)")
     args = p.parse_args(argv)
     from augment_dali.config import AugmentConfig
     from augment_dali.sampling import sample_refs

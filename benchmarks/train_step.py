@@ -165,22 +165,34 @@ def run(args) -> dict:
     return figures
 
 
-def main(argv=None):
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def build_parser():
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--arch", default=None, help="encoder (default resnet50; resnet18 with --quick)")
-    p.add_argument("--batch-size", type=int, default=32, help="samples per step")
-    p.add_argument("--crop-sizes", type=int, nargs=2, default=[224, 92])
-    p.add_argument("--num-crops", type=int, nargs=2, default=[2, 6])
-    p.add_argument("--num-prototypes", type=int, default=3000)
-    p.add_argument("--queue-length", type=int, default=3840, help="full queue of this length (0: none)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per step (default 32)")
+    p.add_argument("--crop-sizes", type=_ints, default=[224, 92], metavar="A,B",
+                   help="side of the crops of each group, comma-separated (default 224,92)")
+    p.add_argument("--num-crops", type=_ints, default=[2, 6], metavar="A,B",
+                   help="crops per group, comma-separated (default 2,6)")
+    p.add_argument("--num-prototypes", type=int, default=3000, help="prototypes K (default 3000)")
+    p.add_argument("--queue-length", type=int, default=3840, help="full queue of this length (0: none; default 3840)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 3; 2 with --quick)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run (default auto: cuda when visible)")
     p.add_argument("--data", default="", help="data source (.npz or shard dataset); default synthetic crops")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="GPU autocast (CPU runs fp32)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="GPU autocast (default bf16; CPU runs fp32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC weights on the GPU (default on, as in train)")
-    p.add_argument("--num-workers", type=int, default=2, help="DALI threads of a shard dataset source")
+    p.add_argument("--num-workers", type=int, default=2, help="DALI threads of a shard dataset source (default 2)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     args.arch = args.arch or ("resnet18" if args.quick else "resnet50")
     args.steps = args.steps or (2 if args.quick else 3)

@@ -13,6 +13,8 @@ shards) -> convert (one Dask task per shard) -> finalize (dataset.json, report).
 
 salt: --salt, else env MEDSWAV_SALT, else `salt` in --config, else the file DATASET.salt next to the
 dataset folder (created with a random salt on the first run; keep it private and keep it: reruns need it).
+A given salt needs 16+ characters, 8+ of them different. DATASET.salt-check, also next to the dataset,
+lets a rerun refuse another salt; nothing inside the dataset can test a guessed salt.
 
 resume: rerun the same command after a crash; only uncommitted shards are redone (and a committed shard
 whose manifest part was lost is rewritten from the plan, or the run fails naming it).
@@ -69,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--labels", metavar="FILE",
                    help="CSV or Parquet keyed by SOPInstanceUID, SeriesInstanceUID or StudyInstanceUID; "
                         "other columns are numeric labels")
-    d.add_argument("--salt", help="secret salt of all hashes (prefer env MEDSWAV_SALT: argv is visible to other users)")
+    d.add_argument("--salt", help="secret salt of all hashes, 16+ characters (prefer env MEDSWAV_SALT: argv is visible "
+                                  "to other users; default: a random salt generated into DATASET.salt)")
     d.add_argument("--hash-paths", action="store_const", const=True,
                    help="keep only salted hashes of source paths in inventory/ and errors/ "
                         "(paths scrubbed from error details too)")

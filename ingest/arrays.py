@@ -306,14 +306,14 @@ def _run_arrays_locked(cfg, modality: str) -> tuple[dict, dict]:
 
     from .engine import dask_client, run_phase
     from .finalize import finalize
-    from .salt import fingerprint, read_state, resolve_salt, write_state
+    from .salt import read_state, resolve_salt, write_state
     from .scan import scan_error
 
     root = cfg.root
     salt, origin = resolve_salt(root, cfg.salt)
     print(f"salt: from {origin}", file=sys.stderr)
     if not read_state(root):
-        write_state(root, {"salt_fingerprint": fingerprint(salt), "hash_paths": cfg.hash_paths})
+        write_state(root, {"hash_paths": cfg.hash_paths})
     label_table, table_names = load_label_table(cfg.labels) if cfg.labels else (None, [])
     items, names, errors = list_items(list(cfg.sources), label_table)
     errors = [scan_error(e["source"], e["stage"], e["reason"], e["detail"], salt, cfg.hash_paths) for e in errors]
@@ -349,5 +349,5 @@ def _run_arrays_locked(cfg, modality: str) -> tuple[dict, dict]:
              "already_ingested": len(items) - sum(len(v) for v in plan["shards"].values()),
              "shards_written": len(todo), "shards_skipped": len(plan["shards"]) - len(todo)}
     summary = finalize(root, {"arrays_modality": modality, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-                              "shard_size": cfg.shard_size, "salt_fingerprint": fingerprint(salt)})
+                              "shard_size": cfg.shard_size})
     return summary, stats

@@ -30,7 +30,7 @@ from .convert import run_convert_task, shard_done
 from .engine import dask_client, run_phase
 from .finalize import finalize, report
 from .lock import LOCK_FILE, DatasetLock
-from .salt import ENV, STATE_FILE, fingerprint, read_state, resolve_salt, salt_file, write_state
+from .salt import ENV, STATE_FILE, read_state, resolve_salt, salt_file, write_state
 from .scan import INVENTORY_DIR, INVENTORY_SCHEMA, WORK_DIR, path_text, run_scan_task, scan_tasks
 
 INGEST_VERSION = 1
@@ -374,7 +374,7 @@ def _run_locked(client, lock: DatasetLock, root: Path, cfg: IngestConfig, salt: 
     if "hash_paths" in state and state["hash_paths"] != cfg.hash_paths:
         raise ConfigError(f"dataset {root} was built with hash_paths={state['hash_paths']}; keep that setting")
     if not state:
-        write_state(root, {"salt_fingerprint": fingerprint(salt), "label_names": label_names,
+        write_state(root, {"label_names": label_names,
                            "hash_paths": cfg.hash_paths, "created": _now(), "ingest_version": INGEST_VERSION})
     stats = RunStats()
     job_start = time.perf_counter()
@@ -405,7 +405,7 @@ def _run_locked(client, lock: DatasetLock, root: Path, cfg: IngestConfig, salt: 
     summary = finalize(root, {
         "version": INGEST_VERSION, "generations": planning.generations(root), "hash_paths": cfg.hash_paths,
         "val_fraction": cfg.val_fraction, "seed": cfg.seed, "shard_size": cfg.shard_size,
-        "max_side": cfg.max_side, "salt_fingerprint": fingerprint(salt),
+        "max_side": cfg.max_side,
         "modality_map": {**planning.MODALITY_MAP, **{k.upper(): v for k, v in cfg.modality_map.items()}},
     })
     stats.add_time("finalize", time.perf_counter() - finalize_start)

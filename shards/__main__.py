@@ -57,9 +57,16 @@ def main(argv=None) -> int:
     p.add_argument("dataset", help="dataset folder (holds dataset.json)")
     p.add_argument("--top", type=int, default=10, help="most frequent rejection reasons to list (default 10)")
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("verify", help="check every member of every shard against manifest and index; exit 1 on mismatch")
+    p = sub.add_parser(
+        "verify", help="check every member of every shard against manifest and index; exit 1 on mismatch",
+        description="Check every committed shard (whole-tar checksum, tar headers, index, every member's "
+                    "checksum, pixel shapes), that no key appears twice, that every JSON and Parquet file "
+                    "of the dataset reads, and dataset.json against the manifests. Each finding is a "
+                    "PROBLEM line naming the file; uncommitted shards and temporaries are warnings.",
+        epilog="exit status: 0 every check passed (warnings allowed); 1 at least one PROBLEM; "
+               "2 the dataset folder does not exist or cannot be read at all.")
     p.add_argument("dataset", help="dataset folder")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (default: a bar on stderr)")
     p.set_defaults(func=cmd_verify)
     args = parser.parse_args(argv)
     try:

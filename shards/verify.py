@@ -2,7 +2,9 @@
 
 Per shard: the whole tar's checksum and size (catches any flipped byte, padding included), then the tar's
 own headers, the DALI index and every member's offset, size and checksum (says where the damage is).
-Per dataset: `dataset.json` against the manifests; uncommitted shards and stray temporaries as warnings.
+Per dataset: no key in two places (found in bounded memory: keys go to 256 bucket files on disk, and
+each bucket is sorted on its own), every JSON and Parquet file readable, `dataset.json` present and
+matching the manifests; uncommitted shards and stray temporaries as warnings.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +22,9 @@ import pyarrow.parquet as pq
 from .checksum import crc32
 from .dataset import Dataset, ShardFiles, summarize
 from .index import read_index
-from .layout import DATASET_JSON, MANIFEST_DIR, SHARDS_DIR, TMP_MARK
+from .keys import KEY_HEX
+from .layout import (DATASET_JSON, ERRORS_DIR, INVENTORY_DIR, MANIFEST_DIR, SHARDS_DIR, STATS_DIR, TMP_MARK, idx_path,
+                     tar_path)
 from .manifest import TAR_CRC32_META, TAR_SIZE_META
 
 
@@ -43,14 +48,112 @@ def _file_crc32(path: Path) -> int:
     return crc
 
 
-def verify_shard(root: Path, shard: ShardFiles) -> list[str]:
+class KeyBuckets:
+    """Every sample key of the dataset, spread over 256 files by its first byte, to find duplicates.
+
+    Holds 8 bytes per key on disk (the key's first 64 bits) and one bucket in memory at a time, so a
+    billion samples cost 8 GB of temporary disk and about 32 MB of memory. Equal 64-bit prefixes are
+    only candidates: `duplicates` confirms them on the full keys in a second pass over the manifests.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files = [open(folder / f"{b:02x}.u64", "wb") for b in range(256)]
+
+    def add(self, keys: list[str]) -> None:
+        prefixes = np.array([int(k[:16], 16) for k in keys], dtype=np.uint64)
+        buckets = (prefixes >> np.uint64(56)).astype(np.uint8)
+        for b in np.unique(buckets):
+            prefixes[buckets == b].tofile(self.files[b])
+
+    def candidates(self) -> set[str]:
+        """The 16-hex-digit prefixes seen more than once."""
+        out = set()
+        for f in self.files:
+            f.close()
+            values = np.sort(np.fromfile(f.name, dtype=np.uint64))
+            out.update(f"{int(v):016x}" for v in np.unique(values[1:][values[1:] == values[:-1]]))
+            os.unlink(f.name)
+        return out
+
+
+def duplicates(parts: list[tuple[str, Path]], candidates: set[str]) -> list[str]:
+    """One problem line per group of shards that share keys (a copied shard gives one line, not 1000)."""
+    if not candidates:
+        return []
+    places: dict[str, list[str]] = {}
+    for where, part in parts:
+        for key in pq.read_table(part, columns=["key"]).column("key").to_pylist():
+            if key[:16] in candidates:
+                places.setdefault(key, []).append(where)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for key, where in places.items():
+        if len(where) > 1:
+            groups.setdefault(tuple(sorted(where)), []).append(key)
+    return [f"{len(keys)} duplicate key(s) in {', '.join(dict.fromkeys(where))}, e.g. {keys[0]}"
+            for where, keys in sorted(groups.items())]
+
+
+def _unreadable_json(root: Path) -> tuple[list[str], set[str]]:
+    """Problems for JSON files of the dataset that do not parse, and the names of those files."""
+    problems, bad = [], set()
+    for path in sorted([*root.glob("*.json"), *(root / STATS_DIR).glob("*.json"), *(root / "plan").glob("*.json")]):
+        try:
+            json.loads(path.read_bytes())
+        except (ValueError, OSError) as e:
+            rel = str(path.relative_to(root))
+            problems.append(f"{rel}: not valid JSON ({type(e).__name__}: {e})")
+            bad.add(rel)
+    return problems, bad
+
+
+def _unreadable_parquet(root: Path) -> list[str]:
+    """Problems for Parquet files outside manifest/ (read in full there) that cannot be read to the end."""
+    problems = []
+    for folder in (ERRORS_DIR, INVENTORY_DIR, "plan"):
+        for path in sorted((root / folder).glob("*.parquet")):
+            try:
+                for _ in pq.ParquetFile(path).iter_batches(batch_size=1 << 16):
+                    pass
+            except Exception as e:  # pyarrow raises several types for damaged files; all mean the same here
+                problems.append(f"{path.relative_to(root)}: unreadable Parquet ({type(e).__name__}: {e})")
+    return problems
+
+
+class DamagedShardError(ValueError):
+    """A shard a reader was about to read is missing or fails its checksum (the message names it)."""
+
+
+def check_tar(root: str | os.PathLike, modality: str, name: str) -> str | None:
+    """The quick check before a shard is read: tar and index present, the tar's size and whole-file
+    checksum as its manifest part records them. None when intact, else one line naming the shard."""
+    root = Path(root)
+    where, tar = f"{modality}/{name}", tar_path(root, modality, name)
+    if not tar.exists():
+        return f"shard {where}: tar missing ({tar})"
+    if not idx_path(root, modality, name).exists():
+        return f"shard {where}: index missing ({idx_path(root, modality, name)})"
+    part = root / MANIFEST_DIR / f"modality={modality}" / f"{name}.parquet"
+    try:
+        meta = pq.read_schema(part).metadata or {}
+    except Exception as e:  # pyarrow's error types for a damaged file vary
+        return f"shard {where}: manifest part {part} unreadable ({type(e).__name__}: {e})"
+    size = tar.stat().st_size
+    if TAR_SIZE_META in meta and int(meta[TAR_SIZE_META]) != size:
+        return f"shard {where} ({tar}): {size} bytes, its manifest part says {int(meta[TAR_SIZE_META])}"
+    if TAR_CRC32_META in meta and _file_crc32(tar) != int(meta[TAR_CRC32_META]):
+        return f"shard {where} ({tar}): checksum differs from its manifest part (the file is damaged or was modified)"
+    return None
+
+
+def verify_shard(root: Path, shard: ShardFiles, table=None) -> list[str]:
     where = f"{shard.modality}/{shard.name}"
     if not shard.tar.exists():
         return [f"{where}: tar missing ({shard.tar})"]
     if not shard.idx.exists():
         return [f"{where}: index missing ({shard.idx})"]
-    part = root / MANIFEST_DIR / f"modality={shard.modality}" / f"{shard.name}.parquet"
-    table = pq.read_table(part)
+    if table is None:
+        table = pq.read_table(root / MANIFEST_DIR / f"modality={shard.modality}" / f"{shard.name}.parquet")
     meta = table.schema.metadata or {}
     rows = table.to_pylist()
     problems = []
@@ -116,18 +219,39 @@ def verify(root: str | os.PathLike, progress: bool = False) -> VerifyReport:
     root = Path(root)
     ds = Dataset(root)
     report = VerifyReport()
-    all_shards = [s for m in ds.modalities for s in ds.shards(m)]
-    iterator = all_shards
+    parts = []  # (modality/shard, manifest part) of every committed shard
+    for modality in ds.modalities:
+        for part in sorted((root / MANIFEST_DIR / f"modality={modality}").glob("*.parquet")):
+            parts.append((modality, part))
+    iterator = parts
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(all_shards, desc="verify", unit="shard")
-    for shard in iterator:
-        report.problems.extend(verify_shard(root, shard))
-        report.shards += 1
-        report.samples += shard.samples
+        iterator = tqdm(parts, desc="verify", unit="shard")
+    readable, unreadable_manifest = [], False
+    with tempfile.TemporaryDirectory(prefix="medswav-verify-keys-") as tmp:
+        keys = KeyBuckets(Path(tmp))
+        for modality, part in iterator:
+            try:
+                table = pq.read_table(part)
+            except Exception as e:  # truncated, garbage, not Parquet: pyarrow's error types vary
+                report.problems.append(f"{part.relative_to(root)}: unreadable Parquet ({type(e).__name__}: {e})")
+                unreadable_manifest = True
+                continue
+            name = part.stem
+            shard = ShardFiles(name, modality, tar_path(root, modality, name), idx_path(root, modality, name),
+                               table.num_rows)
+            report.problems.extend(verify_shard(root, shard, table))
+            try:
+                keys.add(table.column("key").to_pylist())
+            except (ValueError, TypeError):  # a key that is not hex: no sample of ours
+                report.problems.append(f"{part.relative_to(root)}: keys that are not {KEY_HEX} hex digits")
+            readable.append((f"{modality}/{name}", part))
+            report.shards += 1
+            report.samples += shard.samples
+        report.problems.extend(duplicates(readable, keys.candidates()))
 
-    committed = {(s.modality, s.name) for s in all_shards}
+    committed = {(m, part.stem) for m, part in parts}
     shard_dir = root / SHARDS_DIR
     if shard_dir.is_dir():
         for tar in sorted(shard_dir.glob("*/*.tar")):
@@ -137,7 +261,13 @@ def verify(root: str | os.PathLike, progress: bool = False) -> VerifyReport:
     if strays:
         report.warnings.append(f"{len(strays)} temporary file(s) left by interrupted writers, e.g. {strays[0].relative_to(root)}")
 
-    if (root / DATASET_JSON).exists():
+    json_problems, bad_json = _unreadable_json(root)
+    report.problems.extend(json_problems)
+    parquet_problems = _unreadable_parquet(root)
+    report.problems.extend(parquet_problems)
+    if not (root / DATASET_JSON).exists():
+        report.problems.append(f"{DATASET_JSON} missing: the ingestion was not finalized (rerun `python -m ingest`)")
+    elif DATASET_JSON not in bad_json and not unreadable_manifest and not parquet_problems:
         recorded = ds.info
         actual = summarize(root)
         for name, numbers in actual["modalities"].items():
@@ -148,6 +278,4 @@ def verify(root: str | os.PathLike, progress: bool = False) -> VerifyReport:
         extra = set(recorded.get("modalities", {})) - set(actual["modalities"])
         if extra:
             report.problems.append(f"dataset.json lists modalities without shards: {sorted(extra)}")
-    else:
-        report.warnings.append("dataset.json missing (ingestion not finalized)")
     return report

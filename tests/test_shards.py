@@ -297,3 +297,68 @@ def test_cli_info_and_verify(dataset):
     assert bad.returncode == 1 and "PROBLEM" in bad.stdout
     missing = subprocess.run([sys.executable, "-m", "shards", "info", str(dataset / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and "no dataset folder" in missing.stderr
+
+
+def _verify_cli(root):
+    return subprocess.run([sys.executable, "-m", "shards", "verify", "-q", str(root)], capture_output=True, text=True)
+
+
+def test_verify_reports_duplicate_keys_across_shards(dataset, real_slices):
+    # The same CT slices committed a second time under another shard name: every key twice.
+    with shards.ShardWriter(dataset, "ct", "ct-g001-000000") as w:
+        for modality, uid, pixels in real_slices[:3]:
+            w.write(shards.sample_key(uid, 0, SALT), pixels, shards.SampleMeta(modality="ct", split="train"))
+    shards.write_dataset_json(dataset)
+    result = _verify_cli(dataset)
+    assert result.returncode == 1, result.stdout + result.stderr
+    problems = [l for l in result.stdout.splitlines() if l.startswith("PROBLEM")]
+    assert len(problems) == 1 and "3 duplicate key(s)" in problems[0], result.stdout
+    assert "ct/ct-g000-000000" in problems[0] and "ct/ct-g001-000000" in problems[0]
+    example = problems[0].rsplit("e.g. ", 1)[1]
+    assert example in {shards.sample_key(uid, 0, SALT) for _, uid, _ in real_slices[:3]}
+
+
+def test_verify_reports_missing_and_corrupt_metadata_files(dataset):
+    (dataset / "dataset.json").unlink()
+    result = _verify_cli(dataset)
+    assert result.returncode == 1 and "PROBLEM: dataset.json missing" in result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+    (dataset / "dataset.json").write_text('{"format": "medswav-shards", "samp')  # truncated
+    result = _verify_cli(dataset)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert any(l.startswith("PROBLEM: dataset.json: not valid JSON") for l in result.stdout.splitlines()), result.stdout
+    shards.write_dataset_json(dataset)
+
+    part = dataset / "manifest" / "modality=mr" / "mr-g000-000000.parquet"
+    original = part.read_bytes()
+    part.write_bytes(original[: len(original) // 2])  # truncated: no footer
+    result = _verify_cli(dataset)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert any(l.startswith("PROBLEM: manifest/modality=mr/mr-g000-000000.parquet: unreadable Parquet")
+               for l in result.stdout.splitlines()), result.stdout
+    part.write_bytes(original)
+    assert _verify_cli(dataset).returncode == 0
+
+    errors = dataset / "errors" / "scan-g000.parquet"
+    shards.write_errors(dataset, "scan-g000", [{"source": "x.dcm", "stage": "scan", "reason": "not DICOM"}])
+    data = bytearray(errors.read_bytes())
+    data[4:40] = b"\xff" * 36  # garbage in the first column chunk
+    errors.write_bytes(bytes(data))
+    result = _verify_cli(dataset)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert any(l.startswith("PROBLEM: errors/scan-g000.parquet: unreadable Parquet")
+               for l in result.stdout.splitlines()), result.stdout
+
+
+def test_reader_refuses_a_damaged_shard_naming_it(dataset):
+    from shards.verify import DamagedShardError
+
+    shard = shards.Dataset(dataset).shards("mr")[0]
+    data = bytearray(shard.tar.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of pixel data: webdataset alone would decode it silently
+    shard.tar.write_bytes(bytes(data))
+    assert sum(1 for _ in shards.reader.iter_samples(dataset, "ct")) == 18  # the intact modality reads
+    with pytest.raises(DamagedShardError, match="shard mr/mr-g000-000000 .*checksum"):
+        list(shards.reader.iter_samples(dataset, "mr"))
+    assert sum(1 for _ in shards.reader.iter_samples(dataset, "mr", verify=False)) == 12

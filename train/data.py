@@ -169,10 +169,10 @@ class ShardSource:
 
     def __init__(self, root: str, batch_size: int, crop_sizes, num_crops, modalities=(), split="train",
                  seed: int = 0, rank: int = 0, world_size: int = 1, device: str = "cpu", num_threads: int = 2,
-                 size_range=(600, 1200)):
+                 size_range=(600, 1200), verify_shards: bool = True):
         try:
             from augment_dali.config import AugmentConfig
-            from augment_dali.loader import SwavLoader
+            from augment_dali.loader import DamagedShardError, SwavLoader
         except ImportError as e:
             raise SystemExit(f"error: cannot read shard dataset {root}: augment_dali.loader unavailable ({e})")
         try:
@@ -180,9 +180,12 @@ class ShardSource:
                                      rank=rank, world_size=world_size, device="gpu" if device == "cuda" else "cpu",
                                      seed=seed, crop_sizes=tuple(crop_sizes), num_crops=tuple(num_crops),
                                      num_threads=num_threads, split=split,
-                                     augment=AugmentConfig(size_range=tuple(size_range)))
+                                     augment=AugmentConfig(size_range=tuple(size_range)),
+                                     verify_shards=verify_shards)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {root}: {e}") from None
+        self.damaged = DamagedShardError
+        self.root = root
         self.modalities = list(self.loader.modalities)
         self.steps_per_epoch = len(self.loader)
         names = getattr(self.loader, "label_names", None)
@@ -220,7 +223,11 @@ class ShardSource:
             print(f"warning: saved data position not usable ({e}); replaying {start_step} steps",
                   file=sys.stderr, flush=True)
             self.loader.set_epoch(epoch, start_step)
-        yield from self.loader
+        try:
+            yield from self.loader
+        except self.damaged as e:  # stop before reading it: training on damaged pixels is silently wrong
+            raise SystemExit(f"error: {e}. `python -m shards verify {self.root}` lists every damage; "
+                             f"--no-verify-shards skips this check") from None
 
 
 def gather_data_positions(source, world_size: int) -> list[torch.Tensor] | None:
@@ -255,7 +262,8 @@ def build_source(cfg, rank: int, world_size: int, device: str):
     if not Path(cfg.data).is_dir():
         raise SystemExit(f"error: --data {cfg.data}: not a shard dataset folder nor .npz files")
     return ShardSource(cfg.data, cfg.batch_size, cfg.crop_sizes, cfg.num_crops, cfg.modalities, cfg.split,
-                       cfg.seed, rank, world_size, device, cfg.num_workers, size_range=cfg.rescale_size_range)
+                       cfg.seed, rank, world_size, device, cfg.num_workers, size_range=cfg.rescale_size_range,
+                       verify_shards=cfg.verify_shards)
 
 
 class Prefetcher:

@@ -127,6 +127,9 @@ def train(cfg: Config) -> dict:
 
     # ---- resume
     step = 0
+    if is_main:  # a save killed before its rename left its temporary: no save of this run is under way yet
+        for stale in ckpt.remove_stale_temporaries(out / ckpt.CHECKPOINT_NAME):
+            print(f"removed {stale}, left by an interrupted save", file=sys.stderr)
     resume_path = ckpt.resolve_resume(cfg.resume, out)
     if resume_path is not None:
         state = ckpt.load(resume_path)
