@@ -218,6 +218,17 @@ def test_intensity_equals_gamma_then_linear_bit_for_bit(ct, mr):
     assert seen_gamma == {True, False}  # both kinds were drawn
 
 
+def test_intensity_power_is_accurate_for_any_gamma(ct, mr):
+    """The power is computed without powf (2 ** (g log2 x), vectorised): hold it to 1e-6 of float64
+    over the whole valid range of gamma, not only METHOD's [1.8, 2.6], on real slices plus tiny values."""
+    tiny = np.array([[0.0, 1e-42, 1e-39, 1.2e-38, 1e-30, 1e-12, 1e-6, 0.5, 0.999999, 1.0]], np.float32)
+    imgs = [ct[0], mr[0], tiny]
+    for g in (0.05, 0.3, 0.7, 1.3, 3.0, 8.0):
+        (ys,), = run_pipeline(lambda x: fn.medswav.intensity(x, gamma=g), [imgs])
+        for x, y in zip(imgs, ys):
+            np.testing.assert_allclose(y, R.gamma(x, g), atol=1e-6, rtol=0, err_msg=f"gamma {g}")
+
+
 def test_intensity_normalises_native_and_float_pixels_like_the_numpy_twin(raw_slices):
     """Fixed window (HU) and robust percentile window, on int16 / uint16 / uint8 pixels read directly
     and on the same pixels decoded to float32; then gamma and linear on top in the same pass."""

@@ -1,3 +1,7 @@
+// No code here reads floating-point exception flags; without this GCC keeps the selects of
+// math/intensity.h (clamp, pow01) as branches and the per-pixel loops scalar.
+#pragma GCC optimize("no-trapping-math")
+
 #include "intensity.h"
 
 #include <algorithm>
@@ -92,17 +96,50 @@ void with_input_type(dali::DALIDataType t, Fn &&fn) {
   }
 }
 
-// The fused map over [begin, end) of one sample. gamma == 1 is tested once here, outside the loop, so
-// that branch is a clamp and a multiply-add per element, which the compiler vectorises.
+// The fused map over [begin, end) of one sample: intensity_px with its gamma == 1 test taken once,
+// outside the loops, and the parameters in locals (a reference could alias dst and be reloaded per
+// element). With a power, the window goes through an L1-sized block first: GCC 12 does not vectorise
+// the clamp's selects feeding pow01 in one loop, while each of the two loops vectorises alone.
+template <typename T>
+inline __attribute__((always_inline)) void intensity_range_impl(const T *src, float *dst, int64_t begin,
+                                                                int64_t end, const IntensityParams &params) {
+  const IntensityParams p = params;
+  if (p.gamma == 1.0f) {
+    for (int64_t k = begin; k < end; k++)
+      dst[k] = linear_px(window_px(static_cast<float>(src[k]), p.lo, p.inv_width), p.scale, p.shift);
+    return;
+  }
+  constexpr int64_t kBlock = 512;
+  float windowed[kBlock];
+  for (int64_t b = begin; b < end; b += kBlock) {
+    int64_t m = std::min(kBlock, end - b);
+    for (int64_t j = 0; j < m; j++) windowed[j] = window_px(static_cast<float>(src[b + j]), p.lo, p.inv_width);
+    for (int64_t j = 0; j < m; j++) dst[b + j] = linear_px(pow01(windowed[j], p.gamma), p.scale, p.shift);
+  }
+}
+
+// Baseline x86-64 (SSE2) and, where the CPU has it, AVX2 (3x faster on pow01: 8 lanes, and blends and
+// 32-bit integer ops SSE2 lacks). -std=c++20 keeps a * b + c unfused, so both give the same bits.
+template <typename T>
+void intensity_range_sse(const T *src, float *dst, int64_t begin, int64_t end, const IntensityParams &p) {
+  intensity_range_impl(src, dst, begin, end, p);
+}
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MSW_INTENSITY_AVX2 1
+template <typename T>
+__attribute__((target("avx2"))) void intensity_range_avx2(const T *src, float *dst, int64_t begin, int64_t end,
+                                                          const IntensityParams &p) {
+  intensity_range_impl(src, dst, begin, end, p);
+}
+#endif
+
 template <typename T>
 void intensity_range(const T *src, float *dst, int64_t begin, int64_t end, const IntensityParams &p) {
-  if (p.gamma == 1.0f) {
-    IntensityParams q = p;
-    for (int64_t k = begin; k < end; k++)
-      dst[k] = linear_px(window_px(static_cast<float>(src[k]), q.lo, q.inv_width), q.scale, q.shift);
-  } else {
-    for (int64_t k = begin; k < end; k++) dst[k] = intensity_px(static_cast<float>(src[k]), p);
-  }
+#ifdef MSW_INTENSITY_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return intensity_range_avx2(src, dst, begin, end, p);
+#endif
+  intensity_range_sse(src, dst, begin, end, p);
 }
 
 // Work items of at most this many elements: a big image is split in ranges so that both pool threads
