@@ -50,7 +50,7 @@ samples are processed by one kernel launch.)")
     .AddOptionalArg("robust", "Per sample, 0 or 1 (int32): take the window from the image's percentiles instead.",
                     0, true)
     .AddOptionalArg("percentiles", "(lo, hi) percentiles in [0, 100] of the robust window.",
-                    std::vector<float>{0.f, 99.5f}, true)
+                    std::vector<float>{0.5f, 99.5f}, true)
     .AddOptionalArg("gamma", "Exponent (> 0) applied to the windowed value, per sample.", 1.0f, true)
     .AddOptionalArg("scale", "Multiplicative factor a after the power, per sample.", 1.0f, true)
     .AddOptionalArg("shift", "Additive offset b (units of the [0, 1] range), per sample.", 0.0f, true);
@@ -66,7 +66,7 @@ other values fall back to selection on a copy. CPU only: feeds ``intensity(windo
     .NumInput(1)
     .NumOutput(1)
     .AddOptionalArg("percentiles", "(lo, hi) percentiles in [0, 100], per sample.",
-                    std::vector<float>{0.f, 99.5f}, true);
+                    std::vector<float>{0.5f, 99.5f}, true);
 
 namespace medswav {
 namespace {
