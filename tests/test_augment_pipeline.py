@@ -77,7 +77,7 @@ def test_normalisation_dali_equals_numpy_twin_on_real_slices(dicom_dir):
     ct_hu = [(d.pixel_array.astype(np.int32) + int(d.RescaleIntercept)).astype(np.int16) for d in ct]
     mr = [pydicom.dcmread(p).pixel_array for p in sorted((dicom_dir / "mr_mprage_sagittal_192").glob("*.dcm"))[60:63]]
     constant = [np.full((40, 30), 123, np.uint16)]
-    for method, images in (("hu_window", ct_hu + constant), ("robust_minmax", mr + constant)):
+    for method, images in (("hu_window", ct_hu + constant), ("robust_percentile", mr + constant)):
         for got, img in zip(_dali_normalize(images, method), images):
             want = normalize_numpy(img, method)
             assert got.shape == img.shape and np.isfinite(got).all()
@@ -87,9 +87,9 @@ def test_normalisation_dali_equals_numpy_twin_on_real_slices(dicom_dir):
     hu = np.array([[-2000, -1024, 0, 3071, 4000]], np.int16)
     np.testing.assert_allclose(normalize_numpy(hu, "hu_window")[0], [0, 0, 1024 / 4095, 1, 1], atol=1e-6)
     # MR: a real slice uses the whole range; a constant image maps to zeros, never NaN
-    mr_norm = normalize_numpy(mr[0], "robust_minmax")
+    mr_norm = normalize_numpy(mr[0], "robust_percentile")
     assert mr_norm.min() == 0.0 and mr_norm.max() == 1.0
-    assert not normalize_numpy(constant[0], "robust_minmax").any()
+    assert not normalize_numpy(constant[0], "robust_percentile").any()
 
 
 # --- stats ---------------------------------------------------------------------------------------
@@ -118,14 +118,14 @@ def test_stats_energies_match_the_numpy_reference(aug_dataset):
     from augment_dali.stats import band_energies_batch, energy_pipeline
 
     ds = shards.Dataset(aug_dataset)
-    images = [reference.rescale(normalize_numpy(read_pixels(r), "robust_minmax"), 0.5, 48, 96)
+    images = [reference.rescale(normalize_numpy(read_pixels(r), "robust_percentile"), 0.5, 48, 96)
               for r in sample_refs(ds, "mr", 3, seed=5)]
     got = band_energies_batch(energy_pipeline(SMALL.sigmas, batch_size=4), images)
     want = np.stack([reference.band_energies(i, SMALL.sigmas) for i in images])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
     # the stats path: raw pixels normalised and rescaled by the pipeline's operators, then energies
     raw = [read_pixels(r) for r in sample_refs(ds, "mr", 3, seed=5)]
-    prepared = energy_pipeline(SMALL.sigmas, batch_size=4, prepare=("robust_minmax", SMALL.normalize, (48, 96)))
+    prepared = energy_pipeline(SMALL.sigmas, batch_size=4, prepare=("robust_percentile", SMALL.normalize, (48, 96)))
     np.testing.assert_allclose(band_energies_batch(prepared, raw, [0.5] * 3), want, rtol=2e-3, atol=1e-6)
 
 
