@@ -16,7 +16,7 @@ import os
 import sys
 import tarfile
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -307,7 +307,8 @@ def _check_shard(root: Path, modality: str, name: str, table, out: ShardSummary)
             if ext == "npy":
                 expected = (row["dtype"], (row["rows"], row["cols"]))
                 if content != expected:
-                    problems.append(f"{where}: {key}.npy is {content}, manifest says {row['dtype']}({row['rows']}, {row['cols']})")
+                    found = f"{content[0]}{content[1]}" if isinstance(content, tuple) else f"unreadable ({content})"
+                    problems.append(f"{where}: {key}.npy is {found}, manifest says {row['dtype']}({row['rows']}, {row['cols']})")
             elif content != row["split"]:
                 problems.append(f"{where}: {key}.json split differs from the manifest")
         if row["labels_size"] >= 0:
@@ -322,7 +323,7 @@ DEFAULT_WORKERS = 2
 
 
 @contextmanager
-def _dask_client(workers: int, scheduler: str | None) -> Iterator[Any]:
+def dask_client(workers: int, scheduler: str | None) -> Iterator[Any]:
     """`scheduler` connects to a running cluster (its workers must import `shards`); otherwise an
     embedded LocalCluster of `workers` single-threaded processes. Not ingest's helper: that one warms
     the DICOM decoders and webdataset on every worker, which verify never uses."""
@@ -358,7 +359,7 @@ class VerifyError(ValueError):
 
 
 def _summaries(root: Path, shards: list[tuple[str, str]], workers: int | None, scheduler: str | None,
-               progress: bool) -> Iterator[ShardSummary]:
+               progress: bool, client=None) -> Iterator[ShardSummary]:
     """verify_shard for every (modality, name), in any order as they finish.
 
     One Dask task per shard; at most a few tasks per worker are queued at a time, so the client holds
@@ -369,7 +370,8 @@ def _summaries(root: Path, shards: list[tuple[str, str]], workers: int | None, s
 
     bar = tqdm(total=len(shards), desc="verify", unit="shard", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
-    in_process = not scheduler and (workers == 0 or (workers is None and len(shards) <= IN_PROCESS_MAX_SHARDS))
+    in_process = client is None and not scheduler and (
+        workers == 0 or (workers is None and len(shards) <= IN_PROCESS_MAX_SHARDS))
     with bar:
         if in_process:
             for modality, name in shards:
@@ -378,7 +380,8 @@ def _summaries(root: Path, shards: list[tuple[str, str]], workers: int | None, s
             return
         from distributed import as_completed
 
-        with _dask_client(workers or DEFAULT_WORKERS, scheduler) as client:
+        cluster = nullcontext(client) if client is not None else dask_client(workers or DEFAULT_WORKERS, scheduler)
+        with cluster as client:
             window = 4 * max(1, len(client.scheduler_info().get("workers", {})))
             todo = iter(shards)
 
@@ -405,9 +408,10 @@ def _summaries(root: Path, shards: list[tuple[str, str]], workers: int | None, s
 
 
 def verify(root: str | os.PathLike, progress: bool = False, workers: int | None = None,
-           scheduler: str | None = None) -> VerifyReport:
+           scheduler: str | None = None, client=None) -> VerifyReport:
     """Check the dataset at root. Per-shard checks run as one Dask task per shard on an embedded
-    LocalCluster of `workers` processes (default DEFAULT_WORKERS) or on the cluster at `scheduler`;
+    LocalCluster of `workers` processes (default DEFAULT_WORKERS), on the cluster at `scheduler`, or
+    through `client` (a connected distributed.Client, left open);
     workers=0, or a dataset of at most IN_PROCESS_MAX_SHARDS shards with neither given, checks in this
     process. Cross-shard checks (duplicate keys, dataset.json) run here on what the tasks send back."""
     root = Path(root)
@@ -421,7 +425,7 @@ def verify(root: str | os.PathLike, progress: bool = False, workers: int | None 
     with tempfile.TemporaryDirectory(prefix="medswav-verify-keys-") as tmp:
         keys = KeyBuckets(Path(tmp))
         shard_problems = []  # (shard, its lines): tasks finish in any order, the report lists shards in order
-        for summary in _summaries(root, [(m, part.stem) for m, part in parts], workers, scheduler, progress):
+        for summary in _summaries(root, [(m, part.stem) for m, part in parts], workers, scheduler, progress, client):
             if summary.problems:
                 shard_problems.append((summary.where, summary.problems))
             report.tar_bytes_read += summary.tar_bytes_read
