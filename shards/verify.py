@@ -156,29 +156,98 @@ def check_tar(root: str | os.PathLike, modality: str, name: str) -> str | None:
 
 class TarReader:
     """A tar file read front to back exactly once: the whole-file checksum and byte count are taken
-    from the same reads that parse the headers and members, so nothing is read twice."""
+    from the same reads that parse the headers and members, so nothing is read twice. Reads land in
+    one reused buffer (a fresh 0.5 MB bytes object per slice would cost page faults in Dask workers,
+    whose allocator returns such blocks to the kernel at once)."""
 
     def __init__(self, path: Path):
         self.file = open(path, "rb", buffering=0)
         self.crc = 0
         self.bytes_read = 0
+        self.buffer = bytearray(1 << 20)
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.file.read(size) if size is not None and size >= 0 else self.file.readall()
-        self.crc = crc32(data, self.crc)
-        self.bytes_read += len(data)
-        return data
+    def read(self, size: int) -> memoryview:
+        """The next `size` bytes (fewer only at the end of the file), valid until the next read."""
+        if size > len(self.buffer):
+            self.buffer = bytearray(size)
+        view = memoryview(self.buffer)[:size]
+        got = 0
+        while got < size:
+            n = self.file.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        self.crc = crc32(view[:got], self.crc)
+        self.bytes_read += got
+        return view[:got]
 
     def drain(self) -> None:
         """Read what the tar parser left (end-of-archive blocks, record padding) into the checksum."""
-        while self.read(TAR_READ_SIZE):
+        while len(self.read(len(self.buffer))):
             pass
 
     def close(self) -> None:
         self.file.close()
 
 
-TAR_READ_SIZE = 1 << 22
+TAR_BLOCK = 512
+# headers that make a tar more than plain ustar (FORMAT.md): pax and GNU long names
+EXTENDED_HEADERS = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                    tarfile.GNUTYPE_LONGLINK}
+
+
+def _npy_content(data: memoryview) -> tuple[str, tuple[int, ...]]:
+    """dtype and shape from an .npy member's header, after checking its length matches them."""
+    head = io.BytesIO(bytes(data[:4096]))
+    version = np.lib.format.read_magic(head)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(head)
+    if dtype.hasobject or len(data) - head.tell() != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{len(data) - head.tell()} data bytes for {dtype}{shape}")
+    return dtype.name, tuple(shape)
+
+
+def _members_of(reader: TarReader, where: str) -> tuple[dict[int, tuple[str, int, int, object]], str | None]:
+    """Every file member of the tar in one streaming pass: data offset -> (name, size, checksum, content),
+    content being the .npy array's (dtype, shape) or the .json member's split (None for other members);
+    and a problem line when the headers stop parsing (the members before it are kept)."""
+    members, position = {}, 0
+    try:
+        while True:
+            block = reader.read(TAR_BLOCK)
+            if len(block) < TAR_BLOCK:
+                raise tarfile.ReadError(f"file ends inside a header at byte {position} (no end-of-archive)")
+            if not any(block):
+                break  # end of archive; what follows is zero padding, read into the checksum by drain()
+            info = tarfile.TarInfo.frombuf(bytes(block), "utf-8", "surrogateescape")
+            if info.type in EXTENDED_HEADERS:
+                raise tarfile.ReadError(f"{info.name}: pax/GNU extended header at byte {position}, not plain ustar")
+            position += TAR_BLOCK
+            size = info.size if info.isreg() else 0
+            data = reader.read(size)
+            if len(data) < size:
+                raise tarfile.ReadError(f"member {info.name} truncated")
+            if info.isreg():
+                content = None
+                try:
+                    if info.name.endswith(".labels.npy"):
+                        pass
+                    elif info.name.endswith(".npy"):
+                        content = _npy_content(data)
+                    elif info.name.endswith(".json"):
+                        content = json.loads(bytes(data)).get("split")
+                except (ValueError, SyntaxError, EOFError, AttributeError) as e:
+                    content = e  # reported below only if the checksum matches (else the checksum says it)
+                members[position] = (info.name, size, crc32(data), content)
+            padding = -size % TAR_BLOCK
+            if len(reader.read(padding)) < padding:
+                raise tarfile.ReadError(f"member {info.name}'s padding truncated")
+            position += size + padding
+    except tarfile.TarError as e:
+        return members, f"{where}: tar headers unreadable: {e}"
+    finally:
+        reader.drain()
+    return members, None
 
 
 @dataclass
@@ -192,37 +261,6 @@ class ShardSummary:
     key_prefixes: np.ndarray | None = None  # uint64, first 64 bits of every key, for the duplicate check
     tar_opens: int = 0               # how often the tar was opened, and how many bytes of it were read
     tar_bytes_read: int = 0
-
-
-def _members_of(reader: TarReader, where: str) -> tuple[dict[int, tuple[str, int, int, object]], str | None]:
-    """Every file member of the tar in one streaming pass: data offset -> (name, size, checksum, content),
-    content being the .npy array's (dtype, shape) or the .json member's split (None for other members);
-    and a problem line when the headers stop parsing (the members before it are kept)."""
-    members, problem = {}, None
-    try:
-        with tarfile.open(fileobj=reader, mode="r|", bufsize=TAR_READ_SIZE) as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                data = tf.extractfile(m).read()
-                if len(data) != m.size:
-                    raise tarfile.ReadError(f"member {m.name} truncated")
-                content = None
-                try:
-                    if m.name.endswith(".labels.npy"):
-                        pass
-                    elif m.name.endswith(".npy"):
-                        arr = np.load(io.BytesIO(data), allow_pickle=False)
-                        content = (arr.dtype.name, arr.shape)
-                    elif m.name.endswith(".json"):
-                        content = json.loads(data).get("split")
-                except (ValueError, EOFError, AttributeError, UnicodeDecodeError) as e:
-                    content = e  # reported below only if the checksum matches (else the checksum says it)
-                members[m.offset_data] = (m.name, m.size, crc32(data), content)
-    except (tarfile.TarError, OSError, UnicodeDecodeError) as e:
-        problem = f"{where}: tar headers unreadable: {e}"
-    reader.drain()
-    return members, problem
 
 
 def verify_shard(root: str | os.PathLike, modality: str, name: str) -> ShardSummary:
@@ -343,7 +381,7 @@ def dask_client(workers: int, scheduler: str | None) -> Iterator[Any]:
         except (OSError, TimeoutError) as e:
             raise VerifyError(f"cannot reach a Dask scheduler with workers at {scheduler}: {e}") from None
     else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=40)
         client = Client(cluster)
     try:
