@@ -436,3 +436,17 @@ def test_verify_opens_and_reads_each_tar_once(dataset, monkeypatch):
     tars = {str(s.tar): s.tar.stat().st_size for m in ds.modalities for s in ds.shards(m)}
     assert opens == {t: 1 for t in tars}
     assert bytes_read == tars
+
+
+def test_verify_reports_a_truncated_tar_without_reading_past_it(dataset):
+    shard = shards.Dataset(dataset).shards("mr")[0]
+    npy = next(m for m in read_index(shard.idx)[3] if m.extension == "npy")
+    size = shard.tar.stat().st_size
+    with open(shard.tar, "r+b") as f:
+        f.truncate(npy.offset + 1000)  # cut inside the fourth slice's pixels
+    report = verify(dataset, workers=0)
+    where = "mr/mr-g000-000000"
+    assert f"{where}: tar is {npy.offset + 1000} bytes, manifest says {size}" in report.problems
+    assert any(p.startswith(f"{where}: tar headers unreadable: member {npy.name} truncated") for p in report.problems), report.problems
+    assert not any(p.startswith("ct/") for p in report.problems)
+    assert report.tar_bytes_read == npy.offset + 1000 + shards.Dataset(dataset).shards("ct")[0].tar.stat().st_size
