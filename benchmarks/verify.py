@@ -15,11 +15,13 @@ CPU seconds per shard (summed over the workers' processes, from their own clocks
 busy the machine is, unlike shards/s on a shared machine: workers / cpu_s_per_shard is the rate the same
 workers reach on idle cores.
 
-Projection (from the figures in benchmarks/RESULTS.md): a 1 GB shard holds ~2000 512 x 512 int16 slices,
-so 100 M slices are ~50 k shards and 1 B slices ~500 k shards. At c CPU seconds per 64-slice shard, one
-worker checks a 2000-slice shard in about 31 c s; W workers on idle cores need 500 k x 31 c / W seconds for
-1 B slices (c = 0.1: about 18 core-days, i.e. ~5 h on 100 workers), plus the client's duplicate-key pass
-(8 bytes per key: 8 GB of temporary bucket files and one sort per bucket, minutes).
+Projection (figures of 2026-11-30 in benchmarks/RESULTS.md: 0.046 worker CPU s per 64-slice, 34 MB
+shard, i.e. ~0.7 GB/s per worker core from the page cache). A 1 GB shard holds ~2000 512 x 512 int16
+slices and costs ~1.4 CPU s. 100 M slices = ~50 k shards, 50 TB: ~20 core-hours, 12 min on 100 workers
+if the storage delivers 70 GB/s, else storage-bound (1.4 h at 10 GB/s). 1 B slices = ~500 k shards,
+500 TB: ~200 core-hours, 2 h on 100 workers CPU-wise, 14 h at 10 GB/s: on real clusters the read rate,
+which reading each tar once halves, sets the time. The client's share: 8 bytes per key into the bucket
+files as the tasks return (8 GB for 1 B keys), then one in-memory sort per 1/256 bucket (~30 MB each).
 """
 from __future__ import annotations
 
