@@ -280,7 +280,10 @@ def verify_shard(root: str | os.PathLike, modality: str, name: str) -> ShardSumm
         out.key_prefixes = np.array([int(k[:16], 16) for k in table.column("key").to_pylist()], dtype=np.uint64)
     except (ValueError, TypeError):  # a key that is not hex: no sample of ours
         out.problems.append(f"{out.part}: keys that are not {KEY_HEX} hex digits")
-    out.problems.extend(_check_shard(root, modality, name, table, out))
+    try:
+        out.problems.extend(_check_shard(root, modality, name, table, out))
+    except OSError as e:  # tar or index unreadable (permissions, I/O error): this shard's problem, not the run's
+        out.problems.append(f"{where}: unreadable ({type(e).__name__}: {e})")
     return out
 
 
@@ -396,6 +399,12 @@ class VerifyError(ValueError):
     """verify could not run at all (no cluster): the command's exit status 2."""
 
 
+def _not_checked(modality: str, name: str, error: BaseException) -> ShardSummary:
+    """A task that failed every retry (its worker died each time, say): one problem line for its shard."""
+    return ShardSummary(f"{modality}/{name}", "", problems=[
+        f"{modality}/{name}: not checked, its task failed ({type(error).__name__}: {error})"])
+
+
 def _summaries(root: Path, shards: list[tuple[str, str]], workers: int | None, scheduler: str | None,
                progress: bool, client=None) -> Iterator[ShardSummary]:
     """verify_shard for every (modality, name), in any order as they finish.
@@ -436,8 +445,7 @@ def _summaries(root: Path, shards: list[tuple[str, str]], workers: int | None, s
                 try:
                     yield fut.result()
                 except Exception as e:  # noqa: BLE001 - a task that failed every retry: one problem line
-                    yield ShardSummary(f"{modality}/{name}", "", problems=[
-                        f"{modality}/{name}: not checked, its task failed ({type(e).__name__}: {e})"])
+                    yield _not_checked(modality, name, e)
                 fut.release()
                 bar.update(1)
                 nxt = next(todo, None)

@@ -450,3 +450,14 @@ def test_verify_reports_a_truncated_tar_without_reading_past_it(dataset):
     assert any(p.startswith(f"{where}: tar headers unreadable: member {npy.name} truncated") for p in report.problems), report.problems
     assert not any(p.startswith("ct/") for p in report.problems)
     assert report.tar_bytes_read == npy.offset + 1000 + shards.Dataset(dataset).shards("ct")[0].tar.stat().st_size
+
+
+def test_verify_reports_an_unreadable_tar_as_that_shards_problem(dataset):
+    shard = shards.Dataset(dataset).shards("ct")[0]
+    shard.tar.unlink()
+    shard.tar.mkdir()  # present but unreadable as a file (as root, permissions would not stop the read)
+    result = _verify_cli(dataset)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    problems = [l for l in result.stdout.splitlines() if l.startswith("PROBLEM")]
+    assert problems == [f"PROBLEM: ct/{shard.name}: unreadable (IsADirectoryError: [Errno 21] Is a directory: '{shard.tar}')"]
+    assert "verified 2 shard(s), 30 sample(s)" in result.stdout
