@@ -362,3 +362,102 @@ def test_reader_refuses_a_damaged_shard_naming_it(dataset):
     with pytest.raises(DamagedShardError, match="shard mr/mr-g000-000000 .*checksum"):
         list(shards.reader.iter_samples(dataset, "mr"))
     assert sum(1 for _ in shards.reader.iter_samples(dataset, "mr", verify=False)) == 12
+
+
+def _flip_pixel_byte(shard) -> str:
+    """One bit of the first sample's pixel data; returns that sample's key."""
+    npy = next(m for m in read_index(shard.idx)[0] if m.extension == "npy")
+    data = bytearray(shard.tar.read_bytes())
+    data[npy.offset + npy.size // 2] ^= 0x01
+    shard.tar.write_bytes(bytes(data))
+    return npy.key
+
+
+def test_verify_on_dask_reports_a_flipped_byte_in_each_of_two_shards(dataset):
+    ds = shards.Dataset(dataset)
+    damaged = {f"{s.modality}/{s.name}": _flip_pixel_byte(s) for s in (ds.shards("ct")[0], ds.shards("mr")[0])}
+    report = verify(dataset, workers=2)  # an embedded LocalCluster: one task per shard
+    assert report.shards == 2 and report.samples == 30
+    for where, key in damaged.items():
+        assert f"{where}: tar checksum differs from the manifest (the file was modified)" in report.problems
+        assert f"{where}: {key}.npy checksum mismatch" in report.problems
+    assert len(report.problems) == 4, report.problems
+    # the workers read each tar once: as many bytes as the tars hold, not two or three times that
+    assert report.tar_opens == 1
+    assert report.tar_bytes_read == sum(s.tar.stat().st_size for m in ds.modalities for s in ds.shards(m))
+
+
+def test_verify_opens_and_reads_each_tar_once(dataset, monkeypatch):
+    import builtins
+    import tarfile as tarfile_module
+
+    opens, bytes_read = {}, {}
+    real_open = builtins.open
+
+    class CountingFile:
+        def __init__(self, f, name):
+            self._f, self._name = f, name
+
+        def read(self, *args):
+            data = self._f.read(*args)
+            bytes_read[self._name] = bytes_read.get(self._name, 0) + len(data)
+            return data
+
+        def readall(self):
+            return self.read()
+
+        def readinto(self, buffer):
+            n = self._f.readinto(buffer)
+            bytes_read[self._name] = bytes_read.get(self._name, 0) + (n or 0)
+            return n
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    def counting_open(file, *args, **kwargs):
+        f = real_open(file, *args, **kwargs)
+        if str(file).endswith(".tar"):
+            opens[str(file)] = opens.get(str(file), 0) + 1
+            return CountingFile(f, str(file))
+        return f
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(tarfile_module, "bltn_open", counting_open)
+    ds = shards.Dataset(dataset)
+    report = verify(dataset, workers=0)  # in this process, where the counting open sees every read
+    monkeypatch.undo()
+    assert report.ok, report.problems
+    tars = {str(s.tar): s.tar.stat().st_size for m in ds.modalities for s in ds.shards(m)}
+    assert opens == {t: 1 for t in tars}
+    assert bytes_read == tars
+
+
+def test_verify_reports_a_truncated_tar_without_reading_past_it(dataset):
+    shard = shards.Dataset(dataset).shards("mr")[0]
+    npy = next(m for m in read_index(shard.idx)[3] if m.extension == "npy")
+    size = shard.tar.stat().st_size
+    with open(shard.tar, "r+b") as f:
+        f.truncate(npy.offset + 1000)  # cut inside the fourth slice's pixels
+    report = verify(dataset, workers=0)
+    where = "mr/mr-g000-000000"
+    assert f"{where}: tar is {npy.offset + 1000} bytes, manifest says {size}" in report.problems
+    assert any(p.startswith(f"{where}: tar headers unreadable: member {npy.name} truncated") for p in report.problems), report.problems
+    assert not any(p.startswith("ct/") for p in report.problems)
+    assert report.tar_bytes_read == npy.offset + 1000 + shards.Dataset(dataset).shards("ct")[0].tar.stat().st_size
+
+
+def test_verify_reports_an_unreadable_tar_as_that_shards_problem(dataset):
+    shard = shards.Dataset(dataset).shards("ct")[0]
+    shard.tar.unlink()
+    shard.tar.mkdir()  # present but unreadable as a file (as root, permissions would not stop the read)
+    result = _verify_cli(dataset)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    problems = [l for l in result.stdout.splitlines() if l.startswith("PROBLEM")]
+    assert problems == [f"PROBLEM: ct/{shard.name}: unreadable (IsADirectoryError: [Errno 21] Is a directory: '{shard.tar}')"]
+    assert "verified 2 shard(s), 30 sample(s)" in result.stdout
