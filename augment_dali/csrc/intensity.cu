@@ -45,7 +45,8 @@ void map_pixels(Workspace &ws, MakePx make_px) {
   if (descs.empty()) return;
   cudaStream_t stream = ws.stream();
   Scratchpad scratch(stream);
-  const MapDesc<T, Px> *dev = upload(scratch, stream, descs);
+  ScratchpadAlloc alloc{scratch};
+  const MapDesc<T, Px> *dev = gpu::upload(alloc, stream, descs);
   int blocks_x = static_cast<int>(std::min<int64_t>((longest + 4 * kBlock - 1) / (4 * kBlock), 1024));
   for (size_t first = 0; first < descs.size(); first += kMaxSamplesPerLaunch) {
     int count = static_cast<int>(std::min<size_t>(descs.size() - first, kMaxSamplesPerLaunch));
