@@ -25,9 +25,14 @@ ENV = "MEDSWAV_SALT"
 STATE_FILE = "ingest.json"
 
 
-def salt_file(root: Path) -> Path:
+def beside(root: Path, suffix: str) -> Path:
+    """`<DATASET><suffix>` next to (not inside) the dataset folder: what must not travel with the data."""
     root = Path(root).resolve()
-    return root.with_name(root.name + ".salt")
+    return root.with_name(root.name + suffix)
+
+
+def salt_file(root: Path) -> Path:
+    return beside(root, ".salt")
 
 
 def fingerprint(salt: str) -> str:
