@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from _ingest_fixtures import PY, REPO, SALT, cli, error_rows, manifest_rows, run_ingest
+from _ingest_fixtures import PY, REPO, SALT, cli, error_rows, manifest_rows, readable_error_rows, run_ingest
 
 
 def test_help_documents_every_option():
@@ -96,7 +96,7 @@ def test_declared_size_limit_rejects_before_decoding(tmp_path):
     big, small = get_testdata_file("RG1_UNCI.dcm"), get_testdata_file("CT_small.dcm")
     out = tmp_path / "ds"
     run_ingest([big, small], out, max_pixel_bytes="1MB")
-    errors = {e["source"]: e for e in error_rows(out)}
+    errors = {e["source"]: e for e in readable_error_rows(out)}
     assert errors[big]["stage"] == "plan" and errors[big]["reason"] == "declared size above limit"
     assert "1955x1841" in errors[big]["detail"]
     assert [r["modality"] for r in manifest_rows(out)] == ["ct"]
