@@ -40,6 +40,23 @@ def test_cannot_run_gives_one_line_and_status_2(tmp_path, dicom_dir, args, messa
     assert len(lines) == 1 and message in lines[0], r.stderr
 
 
+def test_deprecated_hash_paths_setting_maps_to_keep_paths(tmp_path, capsys):
+    from ingest.config import ConfigError, build_config
+
+    toml = tmp_path / "ingest.toml"
+    base = 'out = "/data/ds"\nsources = ["/a"]\n'
+    toml.write_text(base + "hash_paths = false\n")
+    assert build_config(toml).keep_paths is True and not build_config(toml).hash_paths
+    assert "deprecated" in capsys.readouterr().err
+    toml.write_text(base + "hash_paths = true\n")
+    assert build_config(toml).hash_paths is True
+    toml.write_text(base)
+    assert build_config(toml).hash_paths is True  # the default: private
+    toml.write_text(base + "hash_paths = true\nkeep_paths = true\n")
+    with pytest.raises(ConfigError, match="disagree"):
+        build_config(toml)
+
+
 def test_config_file_then_command_line(tmp_path):
     from ingest.config import build_config, parse_size
 

@@ -376,6 +376,47 @@ def test_scrubbed_removes_paths_from_exception_texts(tmp_path):
     assert scrubbed(f"network error on {network}", str(network), True) == "network error on <path>"
 
 
+def _assert_no_secret_inside(out: Path, secrets: list[str]) -> None:
+    import pyarrow.parquet as pq
+
+    for p in (p for p in out.rglob("*") if p.is_file()):
+        texts = [p.read_bytes()] + ([repr(pq.read_table(p).to_pylist()).encode()] if p.suffix == ".parquet" else [])
+        for text in texts:
+            for secret in secrets:
+                assert secret.encode() not in text, f"{secret!r} in {p.relative_to(out)}"
+
+
+def test_a_crash_mid_generation_leaves_no_path_inside_and_resumes(tmp_path, dicom_dir, scheduler, monkeypatch):
+    """The pending slice lists (paths convert opens) live beside the dataset: a job that dies between plan
+    and convert leaves none inside; the rerun finishes the generation from them and removes them."""
+    import pyarrow.parquet as pq
+
+    import ingest.job
+    from ingest.job import JobFailed
+    from ingest.paths import work_dir
+
+    patient = tmp_path / "src" / PATIENT_FOLDER
+    patient.mkdir(parents=True)
+    for f in sorted((dicom_dir / "ct_kits_abdomen_18").glob("*.dcm"))[:4]:
+        shutil.copyfile(f, patient / f.name)
+    (patient / "notes_SMITH.txt").write_text("not DICOM")
+    out = tmp_path / "ds"
+
+    def crash(**kwargs):
+        raise RuntimeError("worker lost")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ingest.job, "run_convert_task", crash)
+        with pytest.raises(JobFailed):
+            run_ingest([patient.parent], out, scheduler=scheduler)
+    pending = list(work_dir(out, 0).glob("shards/*.parquet"))
+    assert pending and all(str(patient) in repr(pq.read_table(p).column("path").to_pylist()) for p in pending)
+    _assert_no_secret_inside(out, [PATIENT_FOLDER, "SMITH", str(tmp_path)])
+    summary, stats = run_ingest([patient.parent], out, scheduler=scheduler)
+    assert stats.generations == [0] and summary["samples"] == 4 and not work_dir(out).exists()
+    _assert_no_secret_inside(out, [PATIENT_FOLDER, "SMITH", str(tmp_path)])
+
+
 def test_default_privacy_also_covers_non_dicom_sources(tmp_path, medmnist_dir, scheduler):
     """`--modality` sources (arrays, images) are private by default too: errors hashed, details scrubbed,
     the map beside the dataset resolves them."""
