@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m ingest.paths",
         description="Print the source path behind each salted hash of a dataset (errors/ 'sha:...' sources, "
                     "inventory and manifest source_hash), read from the map DATASET.paths/ beside the dataset.",
-        epilog="exit status: 0 when every hash was found, 1 when some were not (printed as '<hash>\\t?'), "
+        epilog="exit status: 0 when every hash was found, 1 when some were not (printed as '<hash> TAB ?'), "
                "2 when the map is missing.")
     p.add_argument("dataset", metavar="DATASET", help="the dataset folder (its map is DATASET.paths/)")
     p.add_argument("hashes", nargs="+", metavar="HASH", help="sha:<hex> as in errors/, or the bare hex")
