@@ -111,9 +111,16 @@ def resolve(root: str | os.PathLike, hashes: list[str]) -> dict[str, str]:
 
     from .scan import text_path
 
-    wanted = {h.removeprefix("sha:") for h in hashes}
-    table = read_map(root)
-    found = table.filter(pc.is_in(table.column("source_hash"), pa.array(sorted(wanted), pa.string())))
+    import pyarrow.dataset as pads
+
+    wanted = pa.array(sorted({h.removeprefix("sha:") for h in hashes}), pa.string())
+    base = map_dir(root)
+    parts = [str(p) for p in sorted(base.glob("g*/map/*.parquet")) + sorted(base.glob("arrays/*.parquet"))]
+    if not parts:
+        return {}
+    # streamed part by part, keeping only the matches: the map of a billion files never sits in memory
+    found = pads.dataset(parts, schema=PATHS_SCHEMA, format="parquet").to_table(
+        filter=pc.field("source_hash").isin(wanted))
     return {h: text_path(p) for h, p in zip(found.column("source_hash").to_pylist(), found.column("path").to_pylist())}
 
 
