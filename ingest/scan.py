@@ -523,8 +523,6 @@ def part_path(root: Path, generation: int, task_index: int, batch: int = 0) -> P
     return Path(root) / INVENTORY_DIR / f"part-g{generation:03d}-{task_index:05d}-{batch:03d}.parquet"
 
 
-
-
 def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_paths: bool,
                   exclude: frozenset[str] = frozenset()) -> dict:
     """Dask task: walk + read headers, write inventory parts (and, with `hash_paths`, the matching parts
