@@ -249,11 +249,13 @@ def main(argv=None) -> dict:
                 shutil.rmtree(out, ignore_errors=True)
                 for beside in (".salt", ".salt-check"):  # the salt and its check live next to the dataset
                     Path(str(out) + beside).unlink(missing_ok=True)
+                shutil.rmtree(Path(str(out) + ".paths"), ignore_errors=True)  # the path map beside it
                 warm_cache(files)
                 with on_cores(None if args.no_pin else workers):
                     runs[workers] = ingest_once(corpus, out, workers, shard_size)
                 assert runs[workers]["samples"] == slices, runs[workers]
                 shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(Path(str(out) + ".paths"), ignore_errors=True)
             one, two = slices / runs[1]["job_s"], slices / runs[2]["job_s"]
             rounds.append({"decode_limit": slices / decode_s, "naive": slices / naive_s, "storage_bps": storage_bps,
                            "one": one, "two": two, "ratio": one * decode_s / slices, "scaling": two / one,

@@ -85,7 +85,12 @@ def plan_record_path(root: Path, generation: int) -> Path:
 
 
 def spec_path(root: Path, generation: int, name: str) -> Path:
-    return Path(root) / WORK_DIR / f"g{generation:03d}" / "shards" / f"{name}.parquet"
+    """A pending shard's slice list (it names source paths): beside the dataset (ingest.paths.work_dir),
+    so that even a crash leaves no clear path inside; a plan pending since an older version keeps its own."""
+    from .paths import work_dir
+
+    legacy = Path(root) / WORK_DIR / f"g{generation:03d}" / "shards" / f"{name}.parquet"
+    return legacy if legacy.exists() else work_dir(root, generation) / "shards" / f"{name}.parquet"
 
 
 @dataclass
@@ -425,7 +430,7 @@ class LabelTable:
 # ---------------------------------------------------------------- persistence
 
 def write_plan(root: Path, plan: Plan, specs: dict[str, pa.Table], meta: dict) -> None:
-    """Per-shard slice lists under _work (with paths), compact record + meta under plan/ (no paths)."""
+    """Per-shard slice lists beside the dataset (with paths), compact record + meta under plan/ (no paths)."""
     from shards.manifest import write_parquet_atomically
 
     records = []

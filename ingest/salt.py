@@ -44,14 +44,18 @@ LEGACY_FINGERPRINT = "salt_fingerprint"  # the key older versions wrote to inges
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}    # ~16 MB and tens of ms per try: slow to test guesses against
 
 
-def salt_file(root: Path) -> Path:
+def beside(root: Path, suffix: str) -> Path:
+    """`<DATASET><suffix>` next to (not inside) the dataset folder: what must not travel with the data."""
     root = Path(root).resolve()
-    return root.with_name(root.name + ".salt")
+    return root.with_name(root.name + suffix)
+
+
+def salt_file(root: Path) -> Path:
+    return beside(root, ".salt")
 
 
 def check_file(root: Path) -> Path:
-    root = Path(root).resolve()
-    return root.with_name(root.name + ".salt-check")
+    return beside(root, ".salt-check")
 
 
 def require_strong(salt: str, origin: str) -> None:

@@ -4,7 +4,8 @@ The client only expands the top few folder levels until there are enough folders
 busy (`scan_tasks`); each Dask task then walks its own folders recursively and reads the headers of
 what it finds (`run_scan_task`), writing one inventory part. Nobody walks 100 M paths serially.
 
-The inventory keeps per file: the source path (audit trail; with `hash_paths` only its salted hash),
+The inventory keeps per file: the salted hash of the source path (its clear path only with `--keep-paths`:
+by default the scan tasks write hash -> path into the map beside the dataset, `ingest.paths`),
 size, salted hashes of SOP/series/study instance UIDs and of the patient ID, modality code, SOP class,
 geometry (rows, columns, frames, samples), bits, photometric interpretation, transfer syntax, where the
 pixel data element starts and its declared length. It never keeps names, IDs, dates, accession numbers,
@@ -26,10 +27,10 @@ from typing import Iterator
 import pyarrow as pa
 
 INVENTORY_DIR = "inventory"
-WORK_DIR = "_work"  # hidden from pyarrow discovery; removed when a generation completes
+WORK_DIR = "_work"  # hidden from pyarrow discovery; removed when a generation completes; never holds paths
 
 INVENTORY_SCHEMA = pa.schema([
-    ("source", pa.string()),            # path / URL; "" when hash_paths
+    ("source", pa.string()),            # path / URL with --keep-paths; "" by default (hashed)
     ("source_hash", pa.string()),
     ("size", pa.int64()),
     ("sop_hash", pa.string()),
@@ -55,7 +56,6 @@ INVENTORY_SCHEMA = pa.schema([
     ("declared_bytes", pa.int64()),     # rows * cols * frames * samples * bits_allocated / 8
     ("native_layout", pa.string()),     # JSON for convert's fast path (ingest.native); null: pydicom path
 ])
-PATHS_SCHEMA = pa.schema([("source_hash", pa.string()), ("path", pa.string())])
 
 LOSSY_SYNTAXES = {
     "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
@@ -523,16 +523,17 @@ def part_path(root: Path, generation: int, task_index: int, batch: int = 0) -> P
     return Path(root) / INVENTORY_DIR / f"part-g{generation:03d}-{task_index:05d}-{batch:03d}.parquet"
 
 
-def paths_part(root: Path, generation: int, task_index: int, batch: int = 0) -> Path:
-    return Path(root) / WORK_DIR / f"g{generation:03d}" / "paths" / f"part-{task_index:05d}-{batch:03d}.parquet"
-
-
 def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_paths: bool,
                   exclude: frozenset[str] = frozenset()) -> dict:
-    """Dask task: walk + read headers, write inventory parts. Returns counts and error rows."""
+    """Dask task: walk + read headers, write inventory parts (and, with `hash_paths`, the matching parts
+    of the path map beside the dataset: hash -> path of every file read and every source rejected).
+    Returns counts and error rows."""
     from shards.manifest import write_parquet_atomically
 
+    from .paths import generation_map_part, write_map
+
     rows, errors, paths = [], [], []
+    rejected: list[str] = []  # sources of this task's error rows, for the map
     n_files = n_rows = batch = 0
 
     def flush() -> None:
@@ -540,8 +541,7 @@ def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_pa
         write_parquet_atomically(pa.Table.from_pylist(rows, schema=INVENTORY_SCHEMA),
                                  part_path(Path(root), generation, task.index, batch))
         if hash_paths:
-            write_parquet_atomically(pa.Table.from_pylist(paths, schema=PATHS_SCHEMA),
-                                     paths_part(Path(root), generation, task.index, batch))
+            write_map(generation_map_part(root, generation, task.index, batch), paths)
         rows, paths, batch = [], [], batch + 1
 
     walker = Walker(roots=tuple(task.roots), exclude=exclude)
@@ -555,21 +555,26 @@ def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_pa
                 row = read_header(src, salt, hash_paths)
         except Rejected as e:
             errors.append(scan_error(src, "scan", e.reason, e.detail, salt, hash_paths))
+            rejected.append(src)
             continue
         except Exception as e:  # an exotic file must not fail the whole task: record it, go on
             errors.append(scan_error(src, "scan", "header unreadable", f"{type(e).__name__}: {str(e)[:200]}",
                                      salt, hash_paths))
+            rejected.append(src)
             continue
         rows.append(row)
         n_rows += 1
         if hash_paths:
-            paths.append({"source_hash": row["source_hash"], "path": path_text(src)})
+            paths.append({"source_hash": row["source_hash"], "path": path_text(src)})  # = map_row(src, salt)
         if len(rows) >= ROWS_PER_PART:
             flush()
-    if rows or batch == 0:
-        flush()
     for path, reason, detail in [*task.problems, *walker.problems]:
         errors.append(scan_error(path, "scan", reason, detail, salt, hash_paths))
+        rejected.append(path)
+    if hash_paths:  # rejected sources go into the last part, so that every errors/ row can be resolved
+        paths.extend(map_row(src, salt) for src in rejected)
+    if rows or paths or batch == 0:
+        flush()
     return {"files": n_files, "headers": n_rows, "errors": errors}
 
 
@@ -583,6 +588,13 @@ def _shown(src: str, salt: str, hash_paths: bool) -> str:
 
 
 shown_source = _shown
+
+
+def map_row(src: str, salt: str) -> dict:
+    """The path map's row of a source: the hash errors/ shows for it (without 'sha:') -> its path text."""
+    from shards import salted_hash
+
+    return {"source_hash": salted_hash(path_text(src), salt), "path": path_text(src)}
 
 # anything in an error text that looks like an absolute path or a URL (it may name another file or folder)
 _PATH_LIKE = re.compile(r"""(?<![\w.])(?:[A-Za-z][\w+.-]*://|/)[^\s'"]+""")

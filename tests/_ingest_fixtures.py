@@ -61,6 +61,19 @@ def error_rows(root) -> list[dict]:
     return Dataset(root).errors().to_pylist()
 
 
+def readable_error_rows(root) -> list[dict]:
+    """errors/ rows with each hashed source (`sha:...`, the default) replaced by the path that the map
+    beside the dataset holds for it (ingest.paths): a hash the map cannot resolve fails the test."""
+    from ingest.paths import resolve
+
+    rows = error_rows(root)
+    found = resolve(root, [r["source"] for r in rows if r["source"].startswith("sha:")])
+    for r in rows:
+        if r["source"].startswith("sha:"):
+            r["source"] = found[r["source"][len("sha:"):]]
+    return rows
+
+
 def source_by_hash(files: list[str]) -> dict[str, str]:
     from shards import salted_hash
 

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from _ingest_fixtures import (SALT, all_files, error_rows, expected_stored, file_rescale, manifest_rows,
+from _ingest_fixtures import (SALT, all_files, readable_error_rows, expected_stored, file_rescale, manifest_rows,
                               pydicom_sources, reference_frames, run_ingest, source_by_hash)
 
 
@@ -21,7 +21,7 @@ def ingested(tmp_path_factory, dicom_dir):
     summary, stats = run_ingest(sources, out, workers=2, shard_size="8MB")
     files = all_files(sources)
     return {"root": out, "summary": summary, "stats": stats, "files": files, "by_hash": source_by_hash(files),
-            "manifest": manifest_rows(out), "errors": error_rows(out)}
+            "manifest": manifest_rows(out), "errors": readable_error_rows(out)}
 
 
 def _samples(root):

@@ -12,7 +12,7 @@ import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from _ingest_fixtures import PY, REPO, error_rows, manifest_rows, run_ingest, source_by_hash
+from _ingest_fixtures import PY, REPO, manifest_rows, readable_error_rows, run_ingest, source_by_hash
 
 BASES = [
     "CT_small.dcm",                      # explicit VR little endian, int16
@@ -74,7 +74,7 @@ def test_fuzzed_real_files_never_crash_the_job(tmp_path):
     truncated, mutated = _make_fuzz_set(fuzz)
     out = tmp_path / "ds"
     summary, stats = run_ingest([fuzz], out, workers=2, shard_size="256KB", modality_map=MODALITY_MAP)
-    errors = {e["source"]: e for e in error_rows(out)}
+    errors = {e["source"]: e for e in readable_error_rows(out)}
     by_hash = source_by_hash(truncated + mutated)
     ingested = {by_hash[r["source_hash"]] for r in manifest_rows(out)}
     assert stats.files == len(truncated) + len(mutated)

@@ -92,7 +92,7 @@ def legacy(tmp_path_factory, dicom_dir, scheduler):
     non_utf8 = Path(os.fsdecode(os.fsencode(odd_root) + b"/\xff\xfe.dcm"))
     shutil.copyfile(ct / "1-005.dcm", non_utf8)
     out = src.parent / "ds"
-    run_ingest([src, odd_root], out, scheduler=scheduler)
+    run_ingest([src, odd_root], out, scheduler=scheduler, keep_paths=True)  # clear paths: asserted below
     return {"src": src, "out": out, "made": made, "no_uid": no_uid, "copy": str(copy),
             "non_utf8": (non_utf8, ct / "1-005.dcm"),
             "manifest": manifest_rows(out), "errors": error_rows(out)}
@@ -189,7 +189,7 @@ def test_a_file_name_that_is_not_utf8_is_ingested(legacy):
     assert text in inventory.column("source").to_pylist()
 
 
-# ---------------------------------------------------------------- hostile trees and --hash-paths
+# ---------------------------------------------------------------- hostile trees and private paths (the default)
 
 PATIENT_FOLDER = "SMITH^JOHN_123456"
 # every name in the tree below that must not reach the dataset folder in any form
@@ -216,7 +216,7 @@ def hostile(tmp_path_factory, dicom_dir, scheduler):
     """A source tree with a patient-named folder, unreadable folders (simulated: this runs as root),
     links that lead nowhere, to themselves and to an ancestor, a file name that is not UTF-8, a diamond
     of links inside the sources and one outside them (reached through a link, with a cycle back);
-    ingested with hash_paths on a cluster in this process, so the simulation reaches the workers."""
+    ingested with the default settings (paths hashed) on a cluster in this process, so the simulation reaches the workers."""
     ct = dicom_dir / "ct_kits_abdomen_18"
     base = tmp_path_factory.mktemp("hostile")
     src, outside = base / "src", base / "outside_tree"
@@ -257,10 +257,10 @@ def hostile(tmp_path_factory, dicom_dir, scheduler):
     out = base / "ds"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "scandir", scandir)
-        run_ingest([src], out, hash_paths=True, scheduler=scheduler)
+        run_ingest([src], out, scheduler=scheduler)  # the default: private
         first = {"listed": dict(listed), "manifest": manifest_rows(out), "errors": error_rows(out)}
-        # again: nothing new, so a generation without shards, whose scan wrote clear paths under _work
-        _, again = run_ingest([src], out, hash_paths=True, scheduler=scheduler)
+        # again: nothing new, so a generation without shards (its scan wrote its map beside the dataset)
+        _, again = run_ingest([src], out, scheduler=scheduler)
     assert again.new_slices == 0 and again.already_ingested == len(first["manifest"])
     assert manifest_rows(out) == first["manifest"] and error_rows(out) == first["errors"]  # nothing logged twice
     return {"base": base, "src": src, "outside": outside, "patient": patient, "deep": deep, "out": out,
@@ -322,7 +322,7 @@ def test_hostile_tree_problems_are_recorded_with_hashed_sources(hostile):
     assert locked == {"PermissionError: [Errno 13] Permission denied: '<path>'"}
 
 
-def test_hash_paths_leaves_no_path_anywhere_in_the_dataset_folder(hostile):
+def test_default_leaves_no_path_anywhere_in_the_dataset_folder(hostile):
     """Every byte of every file (raw, and Parquet decoded) is free of the tree's names and paths."""
     import pyarrow.parquet as pq
 
@@ -338,6 +338,25 @@ def test_hash_paths_leaves_no_path_anywhere_in_the_dataset_folder(hostile):
         for text in texts:
             for secret in secrets:
                 assert secret.encode() not in text, f"{secret!r} in {p.relative_to(out)}"
+
+
+def test_the_map_beside_the_dataset_resolves_every_error_row(hostile):
+    """What a user does with an error row: `python -m ingest.paths DATASET sha:...` prints its path."""
+    from ingest.paths import main, map_dir, resolve
+
+    out = hostile["out"]
+    assert map_dir(out) == out.with_name("ds.paths") and (map_dir(out).stat().st_mode & 0o777) == 0o700
+    assert all((p.stat().st_mode & 0o777) == 0o600 for p in map_dir(out).rglob("*.parquet"))
+    assert not (map_dir(out) / "work").exists()  # the slice lists of the completed generation are gone
+    hashes = [e["source"] for e in hostile["errors"]]
+    found = resolve(out, hashes)
+    assert len(found) == len(set(hashes))
+    by_reason = {}
+    for e in hostile["errors"]:
+        by_reason.setdefault(e["reason"], set()).add(found[e["source"][4:]])
+    assert by_reason["unreadable folder"] == hostile["locked"]
+    assert str(hostile["patient"] / "dangling_KOWALSKI.dcm") in by_reason["broken link"]
+    assert main([str(out), hashes[0]]) == 0 and main([str(out), "sha:" + "0" * 32]) == 1
 
 
 def test_scrubbed_removes_paths_from_exception_texts(tmp_path):
@@ -357,8 +376,50 @@ def test_scrubbed_removes_paths_from_exception_texts(tmp_path):
     assert scrubbed(f"network error on {network}", str(network), True) == "network error on <path>"
 
 
-def test_hash_paths_also_covers_non_dicom_sources(tmp_path, medmnist_dir, scheduler):
-    """`--modality` sources (arrays, images) honour hash_paths too: errors hashed, details scrubbed."""
+def _assert_no_secret_inside(out: Path, secrets: list[str]) -> None:
+    import pyarrow.parquet as pq
+
+    for p in (p for p in out.rglob("*") if p.is_file()):
+        texts = [p.read_bytes()] + ([repr(pq.read_table(p).to_pylist()).encode()] if p.suffix == ".parquet" else [])
+        for text in texts:
+            for secret in secrets:
+                assert secret.encode() not in text, f"{secret!r} in {p.relative_to(out)}"
+
+
+def test_a_crash_mid_generation_leaves_no_path_inside_and_resumes(tmp_path, dicom_dir, scheduler, monkeypatch):
+    """The pending slice lists (paths convert opens) live beside the dataset: a job that dies between plan
+    and convert leaves none inside; the rerun finishes the generation from them and removes them."""
+    import pyarrow.parquet as pq
+
+    import ingest.job
+    from ingest.job import JobFailed
+    from ingest.paths import work_dir
+
+    patient = tmp_path / "src" / PATIENT_FOLDER
+    patient.mkdir(parents=True)
+    for f in sorted((dicom_dir / "ct_kits_abdomen_18").glob("*.dcm"))[:4]:
+        shutil.copyfile(f, patient / f.name)
+    (patient / "notes_SMITH.txt").write_text("not DICOM")
+    out = tmp_path / "ds"
+
+    def crash(**kwargs):
+        raise RuntimeError("worker lost")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ingest.job, "run_convert_task", crash)
+        with pytest.raises(JobFailed):
+            run_ingest([patient.parent], out, scheduler=scheduler)
+    pending = list(work_dir(out, 0).glob("shards/*.parquet"))
+    assert pending and all(str(patient) in repr(pq.read_table(p).column("path").to_pylist()) for p in pending)
+    _assert_no_secret_inside(out, [PATIENT_FOLDER, "SMITH", str(tmp_path)])
+    summary, stats = run_ingest([patient.parent], out, scheduler=scheduler)
+    assert stats.generations == [0] and summary["samples"] == 4 and not work_dir(out).exists()
+    _assert_no_secret_inside(out, [PATIENT_FOLDER, "SMITH", str(tmp_path)])
+
+
+def test_default_privacy_also_covers_non_dicom_sources(tmp_path, medmnist_dir, scheduler):
+    """`--modality` sources (arrays, images) are private by default too: errors hashed, details scrubbed,
+    the map beside the dataset resolves them."""
     import pyarrow.parquet as pq
 
     from ingest.arrays import run_arrays
@@ -375,11 +436,15 @@ def test_hash_paths_also_covers_non_dicom_sources(tmp_path, medmnist_dir, schedu
     np.save(folder / "good.npy", raw["test_images"][:5])
     out = tmp_path / "ds"
     sources = [str(folder / n) for n in ("mismatched.npz", "notes.txt", "broken.png", "good.npy")]
-    run_arrays(build_config(sources=sources, out=str(out), modality="us", hash_paths=True, scheduler=scheduler,
+    run_arrays(build_config(sources=sources, out=str(out), modality="us", scheduler=scheduler,
                             salt=SALT, shard_size="256KB", progress=False), "us")
     assert read_state(out)["hash_paths"] is True
     errors = error_rows(out)
     assert len(errors) == 3 and all(e["source"].startswith("sha:") for e in errors)
+    from ingest.paths import resolve
+
+    assert set(resolve(out, [e["source"] for e in errors]).values()) == {
+        str(folder / "mismatched.npz"), str(folder / "notes.txt"), f"{folder / 'broken.png'}#"}
     assert any("78 val images but 77 labels" in e["detail"] for e in errors)
     assert any("cannot identify image file '<path>'" in e["detail"] for e in errors)  # PIL's text, scrubbed
     for p in (p for p in out.rglob("*") if p.is_file()):
@@ -387,6 +452,7 @@ def test_hash_paths_also_covers_non_dicom_sources(tmp_path, medmnist_dir, schedu
         for text in texts:
             for secret in (PATIENT_FOLDER, "SMITH", "123456", "notes.txt", "broken.png", str(tmp_path)):
                 assert secret.encode() not in text, f"{secret!r} in {p.relative_to(out)}"
+    assert not (out / "_work").exists()
 
 
 def test_walk_skips_excluded_folders_and_lists_each_file_once(tmp_path, dicom_dir):
