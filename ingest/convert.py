@@ -74,6 +74,12 @@ def decode_frame(ds, frame: int) -> np.ndarray:
         arr = pixel_array(ds, index=frame)
     except Exception as e:
         raise Rejected("pixel decoding failed", f"{type(e).__name__}: {str(e)[:300]}") from None
+    except BaseException as e:
+        # decoders written in Rust (pylibjpeg-rle) panic on some damaged data; pyo3 raises the panic
+        # as PanicException, a BaseException, which would otherwise end the whole convert task
+        if type(e).__name__ != "PanicException":
+            raise
+        raise Rejected("pixel decoding failed", f"decoder panic: {str(e)[:300]}") from None
     if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
         try:
             arr = apply_color_lut(arr, ds)
