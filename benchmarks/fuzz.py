@@ -59,7 +59,7 @@ from ._common import parser, print_table, write_json
 
 SHARED = Path(os.environ.get("MEDSWAV_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SALT = "fuzz-salt"
-FUZZ_MODALITY_MAP = {"OT": "xr", "SC": "xr"}  # secondary captures too, so their decoders are fuzzed
+FUZZ_MODALITY_MAP = {"OT": "xr"}  # secondary captures too, so their decoders are fuzzed
 FUZZ_MAX_PIXEL_BYTES = 64 * 2**20  # the plan's limit in the fuzz runs: decode memory stays small
 
 # pydicom's test files: every codec and colour model, small enough for thousands of files per minute
