@@ -80,6 +80,28 @@ def test_decoder_panic_on_damaged_rle_is_a_rejection(tmp_path):
     assert "panic" in caught.value.detail
 
 
+def manufacturer_as_fd(name: str = "CT_small.dcm") -> bytes:
+    """A real file (fresh UID) whose Manufacturer (0008,0070) says VR FD instead of LO: its 18 bytes of text
+    are not a whole number of doubles, so pydicom raises when convert first reads the value (fuzzer finding)."""
+    raw = _fresh(get_testdata_file(name), "manufacturer-fd")
+    header = b"\x08\x00\x70\x00LO"
+    assert raw.count(header) == 1
+    return raw.replace(header, b"\x08\x00\x70\x00FD")
+
+
+def test_value_that_does_not_fit_its_vr_is_a_rejection(tmp_path):
+    from ingest.convert import convert_frame, load_dataset
+    from ingest.scan import Rejected
+
+    f = tmp_path / "manufacturer-fd.dcm"
+    f.write_bytes(manufacturer_as_fd())
+    with pytest.raises(Rejected) as caught:  # was pydicom's BytesLengthException: "conversion failed"
+        convert_frame(load_dataset(str(f)), 0)
+    assert caught.value.reason == "bad header value"
+    assert caught.value.detail == "BytesLengthException parsing (0008,0070) according to VR 'FD'"
+    assert "GE MEDICAL" not in caught.value.detail  # values never reach error rows: they may be names
+
+
 def _make_fuzz_set(folder):
     rng = np.random.default_rng(1234)
     truncated, mutated, structural = [], [], []
@@ -110,6 +132,7 @@ def _make_fuzz_set(folder):
     (folder / "empty.dcm").write_bytes(b"")
     (folder / "noise.dcm").write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
     (folder / "overlong-rle.dcm").write_bytes(overlong_rle())
+    (folder / "manufacturer-fd.dcm").write_bytes(manufacturer_as_fd())
     truncated += [str(folder / "empty.dcm"), str(folder / "noise.dcm")]
     return truncated, mutated, structural
 
@@ -118,20 +141,21 @@ def test_fuzzed_real_files_never_crash_the_job(tmp_path):
     fuzz = tmp_path / "fuzz"
     fuzz.mkdir()
     truncated, mutated, structural = _make_fuzz_set(fuzz)
-    panic = str(fuzz / "overlong-rle.dcm")
+    panic, bad_vr = str(fuzz / "overlong-rle.dcm"), str(fuzz / "manufacturer-fd.dcm")
     out = tmp_path / "ds"
     summary, stats = run_ingest([fuzz], out, workers=2, shard_size="256KB", modality_map=MODALITY_MAP,
                                 max_pixel_bytes=FUZZ_MAX_PIXEL_BYTES)
     errors = {e["source"]: e for e in error_rows(out)}
-    by_hash = source_by_hash(truncated + mutated + structural + [panic])
+    by_hash = source_by_hash(truncated + mutated + structural + [panic, bad_vr])
     ingested = {by_hash[r["source_hash"]] for r in manifest_rows(out)}
-    assert stats.files == len(truncated) + len(mutated) + len(structural) + 1
+    assert stats.files == len(truncated) + len(mutated) + len(structural) + 2
     for f in truncated:
         assert f in errors and f not in ingested, f
         assert errors[f]["reason"] and errors[f]["detail"]
     for f in mutated:
         assert (f in errors) or (f in ingested), f
     assert errors[panic]["reason"] == "pixel decoding failed" and panic not in ingested
+    assert errors[bad_vr]["reason"] == "bad header value" and bad_vr not in ingested
     outcomes = Counter()
     for f in structural:  # the fuzzer's classifier agrees with the job, file by file
         outcome, reason, detail = classify(f, FUZZ_MAX_PIXEL_BYTES)
