@@ -519,12 +519,15 @@ def _child(conn, bases: list[Base], seed: int, workdir: str, memory: int, max_pi
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
     path = os.path.join(workdir, f"mutant-{os.getpid()}.dcm")
-    # warm up on an intact file so that every import and decoder library is loaded before the limit
-    Path(path).write_bytes(bases[0].data)
-    target(path, max_pixel_bytes)
+    # warm up on an intact file of each syntax, so that every decoder library is loaded before the limit
+    by_syntax = {walk(b.data)[1]: b for b in sorted(bases, key=lambda b: -len(b.data))}  # smallest wins
+    for base in by_syntax.values():
+        Path(path).write_bytes(base.data)
+        classify(path, max_pixel_bytes)
     if memory and hasattr(resource, "RLIMIT_AS"):
         limit = _vm_size() + memory
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    conn.send("ready")  # the per-file clock starts now, not during the warm-up
     while True:
         try:
             index = conn.recv()
@@ -578,6 +581,8 @@ def run(files: int, seed: int = 0, jobs: int = 1, timeout: float = 30.0, memory_
                             daemon=True)
             p.start()
             child.close()
+            if not parent.poll(600) or parent.recv() != "ready":
+                raise RuntimeError("fuzz child did not start (its warm-up on the intact base files failed)")
             return Worker(p, parent)
 
         def finding(kind: str, index: int, reason: str, detail: str) -> None:
