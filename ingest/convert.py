@@ -67,10 +67,37 @@ def load_dataset(src: str):
     return ds
 
 
+# python-gdcm is no dependency of ours, but where it is installed pydicom tries it after the declared
+# decoders fail. On a codestream that disagrees with the header (samples, bits, size) it throws a C++
+# exception that nothing catches and the process aborts (SIGABRT): the Dask worker dies, the task is
+# retried on the next one, and the job fails. Found by benchmarks.fuzz; the declared plugins raise instead.
+ABORTING_PLUGINS = ("gdcm",)
+_aborting_plugins_removed = False
+
+
+def _remove_aborting_plugins() -> None:
+    global _aborting_plugins_removed
+    if _aborting_plugins_removed:
+        return
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import AllTransferSyntaxes
+
+    for uid in AllTransferSyntaxes:
+        try:
+            decoder = get_decoder(uid)
+        except NotImplementedError:
+            continue
+        for label in ABORTING_PLUGINS:
+            if label in decoder.available_plugins:
+                decoder.remove_plugin(label)
+    _aborting_plugins_removed = True
+
+
 def decode_frame(ds, frame: int) -> np.ndarray:
     """Rule 1 of ingest.pixels: pydicom's decoding of one frame (YBR -> RGB), palette applied."""
     from pydicom.pixels import apply_color_lut, pixel_array
 
+    _remove_aborting_plugins()
     try:
         arr = pixel_array(ds, index=frame)
     except Exception as e:

@@ -102,6 +102,28 @@ def test_value_that_does_not_fit_its_vr_is_a_rejection(tmp_path):
     assert "GE MEDICAL" not in caught.value.detail  # values never reach error rows: they may be names
 
 
+def jpeg_with_wrong_bits() -> bytes:
+    """A real 8-bit JPEG (fresh UID) whose header says BitsAllocated 32: the codestream disagrees with the
+    header. pylibjpeg raises; python-gdcm, where installed, aborted the process (fuzzer finding)."""
+    raw = _fresh(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"), "bits-32")
+    element = b"\x28\x00\x00\x01US\x02\x00"  # (0028,0100) US, length 2
+    assert raw.count(element + b"\x08\x00") == 1
+    return raw.replace(element + b"\x08\x00", element + b"\x20\x00")
+
+
+def test_codestream_that_disagrees_with_the_header_is_rejected_not_aborted(tmp_path):
+    pytest.importorskip("gdcm", reason="the abort came from python-gdcm, not installed here")
+    f = tmp_path / "bits-32.dcm"
+    f.write_bytes(jpeg_with_wrong_bits())
+    code = ("import sys; from ingest.convert import decode_frame, load_dataset; from ingest.scan import Rejected\n"
+            "try:\n    decode_frame(load_dataset(sys.argv[1]), 0)\n"
+            "except Rejected as e:\n    print(e.reason)\n")
+    # in a child: before the fix gdcm's uncaught C++ exception aborted it (SIGABRT)
+    done = subprocess.run([PY, "-c", code, str(f)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-500:])
+    assert done.stdout.strip() == "pixel decoding failed"
+
+
 def _make_fuzz_set(folder):
     rng = np.random.default_rng(1234)
     truncated, mutated, structural = [], [], []
@@ -133,6 +155,7 @@ def _make_fuzz_set(folder):
     (folder / "noise.dcm").write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
     (folder / "overlong-rle.dcm").write_bytes(overlong_rle())
     (folder / "manufacturer-fd.dcm").write_bytes(manufacturer_as_fd())
+    (folder / "bits-32.dcm").write_bytes(jpeg_with_wrong_bits())
     truncated += [str(folder / "empty.dcm"), str(folder / "noise.dcm")]
     return truncated, mutated, structural
 
@@ -141,14 +164,14 @@ def test_fuzzed_real_files_never_crash_the_job(tmp_path):
     fuzz = tmp_path / "fuzz"
     fuzz.mkdir()
     truncated, mutated, structural = _make_fuzz_set(fuzz)
-    panic, bad_vr = str(fuzz / "overlong-rle.dcm"), str(fuzz / "manufacturer-fd.dcm")
+    panic, bad_vr, bad_bits = (str(fuzz / n) for n in ("overlong-rle.dcm", "manufacturer-fd.dcm", "bits-32.dcm"))
     out = tmp_path / "ds"
     summary, stats = run_ingest([fuzz], out, workers=2, shard_size="256KB", modality_map=MODALITY_MAP,
                                 max_pixel_bytes=FUZZ_MAX_PIXEL_BYTES)
     errors = {e["source"]: e for e in error_rows(out)}
-    by_hash = source_by_hash(truncated + mutated + structural + [panic, bad_vr])
+    by_hash = source_by_hash(truncated + mutated + structural + [panic, bad_vr, bad_bits])
     ingested = {by_hash[r["source_hash"]] for r in manifest_rows(out)}
-    assert stats.files == len(truncated) + len(mutated) + len(structural) + 2
+    assert stats.files == len(truncated) + len(mutated) + len(structural) + 3
     for f in truncated:
         assert f in errors and f not in ingested, f
         assert errors[f]["reason"] and errors[f]["detail"]
@@ -156,6 +179,7 @@ def test_fuzzed_real_files_never_crash_the_job(tmp_path):
         assert (f in errors) or (f in ingested), f
     assert errors[panic]["reason"] == "pixel decoding failed" and panic not in ingested
     assert errors[bad_vr]["reason"] == "bad header value" and bad_vr not in ingested
+    assert errors[bad_bits]["reason"] == "pixel decoding failed" and bad_bits not in ingested
     outcomes = Counter()
     for f in structural:  # the fuzzer's classifier agrees with the job, file by file
         outcome, reason, detail = classify(f, FUZZ_MAX_PIXEL_BYTES)
