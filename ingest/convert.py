@@ -75,7 +75,9 @@ ABORTING_PLUGINS = ("gdcm",)
 _aborting_plugins_removed = False
 
 
-def _remove_aborting_plugins() -> None:
+def remove_aborting_plugins() -> None:
+    """Remove ABORTING_PLUGINS from pydicom's decoders in this process (idempotent). Where python-gdcm
+    is installed pydicom tries it first for JPEG baseline: without it those decode with pylibjpeg."""
     global _aborting_plugins_removed
     if _aborting_plugins_removed:
         return
@@ -97,7 +99,7 @@ def decode_frame(ds, frame: int) -> np.ndarray:
     """Rule 1 of ingest.pixels: pydicom's decoding of one frame (YBR -> RGB), palette applied."""
     from pydicom.pixels import apply_color_lut, pixel_array
 
-    _remove_aborting_plugins()
+    remove_aborting_plugins()
     try:
         arr = pixel_array(ds, index=frame)
     except Exception as e:

@@ -3,7 +3,9 @@
 Applied in this order (each rule is exact or documented as rounding):
 
 1. Decoding: pydicom 3 and its plugins (`pixel_array(ds, index=frame)`), with pydicom's default
-   colour handling (YBR_* decoded to RGB). Big-endian arrays become native little-endian.
+   colour handling (YBR_* decoded to RGB); python-gdcm is never used (`ingest.convert.ABORTING_PLUGINS`),
+   so lossy JPEG decodes with pylibjpeg whether or not gdcm is installed. Big-endian arrays become
+   native little-endian.
 2. Colour -> one channel:
    - PALETTE COLOR: pydicom's `apply_color_lut` (RGB in the LUT's depth, usually uint16), then luma.
    - RGB (and YBR_* after decoding): ITU-R BT.601 luma  Y = 0.299 R + 0.587 G + 0.114 B in exact

@@ -72,6 +72,10 @@ def reference_frames(path: str) -> tuple[object, list[np.ndarray]]:
     import pydicom
     from pydicom.pixels import apply_color_lut
 
+    from ingest.convert import remove_aborting_plugins
+
+    remove_aborting_plugins()  # the same decoders as ingest (no gdcm: its lossy JPEG differs by +-1)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(path, force=True)
