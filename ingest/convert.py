@@ -67,10 +67,11 @@ def load_dataset(src: str):
     return ds
 
 
-# python-gdcm is no dependency of ours, but where it is installed pydicom tries it after the declared
-# decoders fail. On a codestream that disagrees with the header (samples, bits, size) it throws a C++
-# exception that nothing catches and the process aborts (SIGABRT): the Dask worker dies, the task is
-# retried on the next one, and the job fails. Found by benchmarks.fuzz; the declared plugins raise instead.
+# python-gdcm is no dependency of ours, but where it is installed pydicom uses it as a decoder (first for
+# JPEG baseline and JPEG 2000, as the fallback for the rest). On a codestream that disagrees with the
+# header (samples, bits, size) it throws a C++ exception that nothing catches and the process aborts
+# (SIGABRT): the Dask worker dies, the task is retried on the next one, and the job fails. Found by
+# benchmarks.fuzz; the declared plugins raise instead.
 ABORTING_PLUGINS = ("gdcm",)
 _aborting_plugins_removed = False
 
