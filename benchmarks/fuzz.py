@@ -527,7 +527,12 @@ def _child(conn, bases: list[Base], seed: int, workdir: str, memory: int, max_pi
         limit = _vm_size() + memory
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     conn.send("ready")  # the per-file clock starts now, not during the warm-up
+    parent = os.getppid()
     while True:
+        # siblings forked later hold copies of this pipe's other end, so a killed driver is noticed here
+        while not conn.poll(5):
+            if os.getppid() != parent:
+                return
         try:
             index = conn.recv()
         except EOFError:
