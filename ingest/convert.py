@@ -9,6 +9,7 @@ every slice failed has nothing to commit; an empty marker under `_work` records 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -87,6 +88,12 @@ def decode_frame(ds, frame: int) -> np.ndarray:
         raise
     except Exception as e:
         raise Rejected("pixel decoding failed", f"{type(e).__name__}: {str(e)[:300]}") from None
+    except BaseException as e:
+        # decoders written in Rust (pylibjpeg-rle) panic on some damaged data; pyo3 raises the panic
+        # as PanicException, a BaseException, which would otherwise end the whole convert task
+        if type(e).__name__ != "PanicException":
+            raise
+        raise Rejected("pixel decoding failed", f"decoder panic: {str(e)[:300]}") from None
     if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
         try:
             arr = apply_color_lut(arr, ds)
@@ -97,7 +104,15 @@ def decode_frame(ds, frame: int) -> np.ndarray:
 
 def convert_frame(ds, frame: int, max_side: int | None = None):
     """(stored 2-D array, PixelInfo) of one frame: decode + the documented pixel rules."""
-    return apply_rules(decode_frame(ds, frame), header_meta(ds, frame), max_side)
+    arr = decode_frame(ds, frame)
+    try:
+        meta = header_meta(ds, frame)
+    except Exception as e:  # pydicom converts a value on first access: one that does not fit its VR raises
+        # pydicom's message quotes the raw value (it may be a name): only the element and VR are kept
+        where = re.search(r"\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\) according to VR '\w+'", str(e))
+        detail = type(e).__name__ + (f" parsing {where.group(0)}" if where else "")
+        raise Rejected("bad header value", detail) from None
+    return apply_rules(arr, meta, max_side)
 
 
 def apply_rules(arr: np.ndarray, meta: dict, max_side: int | None):
