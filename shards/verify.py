@@ -139,7 +139,7 @@ def verify(root: str | os.PathLike, progress: bool = False) -> VerifyReport:
 
     if (root / DATASET_JSON).exists():
         recorded = ds.info
-        actual = summarize(root)
+        actual = summarize(root, per_sample=True)  # counts rows: checks the footer summaries too
         for name, numbers in actual["modalities"].items():
             rec = recorded.get("modalities", {}).get(name, {})
             for k in ("samples", "train", "val", "test", "shards"):
