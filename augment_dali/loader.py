@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from shards import Dataset
+from shards.layout import DATASET_JSON
 
 from .config import AugmentConfig
 from .pipeline import Branch, build_pipeline
@@ -133,7 +134,9 @@ class SwavLoader:
                                          num_crops=tuple(num_crops or config.num_crops))
         self.config = config
         self.stats = self._check_stats(load_energy_stats(self.root))
-        self.label_names = self.dataset.label_names()
+        # dataset.json holds them: reading them from a manifest part would list every part first
+        info = self.dataset.info if (self.root / DATASET_JSON).exists() else {}
+        self.label_names = info["label_names"] if "label_names" in info else self.dataset.label_names()
 
         self._own_cache = cache_dir is None
         self._cache = Path(cache_dir) if cache_dir else None  # a temporary folder, made on first use
