@@ -297,3 +297,36 @@ def test_cli_info_and_verify(dataset):
     assert bad.returncode == 1 and "PROBLEM" in bad.stdout
     missing = subprocess.run([sys.executable, "-m", "shards", "info", str(dataset / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and "no dataset folder" in missing.stderr
+
+
+def test_dataset_without_shard_tables_still_reads_and_reindexes(dataset):
+    import pyarrow.parquet as pq
+
+    from _ingest_fixtures import expected_shard_table
+    from augment_dali.plan import modality_shards
+    from shards.layout import table_path
+    from shards.manifest import SUMMARY_META
+
+    expected = {m: expected_shard_table(dataset, m) for m in ("ct", "mr")}
+    # as written before shard tables and footer summaries existed
+    for m in expected:
+        table_path(dataset, m).unlink()
+    for part in (dataset / "manifest").rglob("*.parquet"):
+        table = pq.read_table(part)
+        old_meta = {k: v for k, v in table.schema.metadata.items() if k != SUMMARY_META}
+        pq.write_table(table.replace_schema_metadata(old_meta), part)
+    info = json.loads((dataset / "dataset.json").read_text())
+    info["ingest"] = {"generations": [0]}
+    (dataset / "dataset.json").write_text(json.dumps(info))
+
+    ds = shards.Dataset(dataset)
+    assert {m: ds.shard_table(m).to_pylist() for m in expected} == expected
+    assert [(s.name, s.total, s.selected) for s in modality_shards(ds, "ct", "val")] == [("ct-g000-000000", 18, 4)]
+
+    done = subprocess.run([sys.executable, "-m", "shards", "reindex", str(dataset)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert {m: pq.read_table(table_path(dataset, m)).to_pylist() for m in expected} == expected
+    info = json.loads((dataset / "dataset.json").read_text())
+    assert info["ingest"] == {"generations": [0]} and info["modalities"]["ct"]["val"] == 4
+    assert info["modalities"]["mr"]["bytes"] == expected["mr"][0]["bytes"]
+    assert verify(dataset).ok
