@@ -196,6 +196,32 @@ def shard_summaries(root: str | os.PathLike, modality: str) -> pa.Table:
     return pa.Table.from_pylist(_footer_reads(_shard_summary, parts), schema=SHARD_TABLE_SCHEMA)
 
 
+def shard_table_problems(root: str | os.PathLike) -> list[str]:
+    """Where the shard tables differ from the committed manifest parts (verify): a trainer would read
+    a stale table's shards, so a missing, extra or changed shard is a problem. No table at all is not."""
+    root = Path(root)
+    ds = Dataset(root)
+    tables = {p.stem for p in (root / TABLE_DIR).glob("*.parquet")} if (root / TABLE_DIR).is_dir() else set()
+    if not tables:
+        return []
+    problems = []
+    for modality in sorted(tables | set(ds.modalities)):
+        where = f"{TABLE_DIR}/{modality}.parquet"
+        if modality not in tables:
+            problems.append(f"{where} is missing while other modalities have one (run `python -m shards reindex`)")
+            continue
+        recorded = {r["shard"]: r for r in pq.read_table(table_path(root, modality)).to_pylist()}
+        actual = {r["shard"]: r for r in shard_summaries(root, modality).to_pylist()}
+        for what, names in (("lacks committed shard", sorted(set(actual) - set(recorded))),
+                            ("lists uncommitted shard", sorted(set(recorded) - set(actual))),
+                            ("disagrees with the manifest footer of",
+                             sorted(n for n in set(actual) & set(recorded) if actual[n] != recorded[n]))):
+            if names:
+                problems.append(f"{where} {what}(s) {', '.join(names[:3])}" + (" ..." if len(names) > 3 else "")
+                                + " (run `python -m shards reindex`)")
+    return problems
+
+
 def _modality_counts(table: pa.Table) -> dict:
     """dataset.json's numbers of one modality from its shard table."""
     total = {c: int(pc.sum(table.column(c)).as_py() or 0) for c in ("samples", *SPLITS, "labelled", "bytes")}

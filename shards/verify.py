@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .checksum import crc32
-from .dataset import Dataset, ShardFiles, summarize
+from .dataset import Dataset, ShardFiles, shard_table_problems, summarize
 from .index import read_index
 from .layout import DATASET_JSON, MANIFEST_DIR, SHARDS_DIR, TMP_MARK
 from .manifest import TAR_CRC32_META, TAR_SIZE_META
@@ -150,4 +150,5 @@ def verify(root: str | os.PathLike, progress: bool = False) -> VerifyReport:
             report.problems.append(f"dataset.json lists modalities without shards: {sorted(extra)}")
     else:
         report.warnings.append("dataset.json missing (ingestion not finalized)")
+    report.problems.extend(shard_table_problems(root))
     return report

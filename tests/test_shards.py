@@ -330,3 +330,16 @@ def test_dataset_without_shard_tables_still_reads_and_reindexes(dataset):
     assert info["ingest"] == {"generations": [0]} and info["modalities"]["ct"]["val"] == 4
     assert info["modalities"]["mr"]["bytes"] == expected["mr"][0]["bytes"]
     assert verify(dataset).ok
+
+
+def test_verify_catches_a_stale_shard_table(dataset, real_slices):
+    _, uid, pixels = real_slices[0]
+    with shards.ShardWriter(dataset, "ct", "ct-g001-000000") as w:  # committed after the table was written
+        w.write(shards.sample_key(uid, 1, SALT), pixels, shards.SampleMeta(modality="ct", split="train"))
+    problems = verify(dataset).problems
+    assert any("table/ct.parquet lacks committed shard(s) ct-g001-000000" in p for p in problems)
+    shards.write_dataset_json(dataset)
+    assert verify(dataset).ok
+    (dataset / "manifest" / "modality=ct" / "ct-g001-000000.parquet").unlink()
+    (dataset / "shards" / "ct" / "ct-g001-000000.tar").unlink()
+    assert any("table/ct.parquet lists uncommitted shard(s) ct-g001-000000" in p for p in verify(dataset).problems)
