@@ -34,16 +34,23 @@ import numpy as np
 import pyarrow.compute as pc
 
 from shards import SPLITS, Dataset
-from shards.layout import idx_path, manifest_path, tar_path
+from shards.layout import manifest_path, shard_dir
 
 
 @dataclass(frozen=True)
 class ShardEntry:
     name: str
-    tar: Path
-    idx: Path
+    folder: Path    # shards/<modality>/ (one object shared by all entries: paths are made for a rank's share only)
     total: int      # samples in the shard (all splits)
     selected: int   # samples of the requested split
+
+    @property
+    def tar(self) -> Path:
+        return self.folder / f"{self.name}.tar"
+
+    @property
+    def idx(self) -> Path:
+        return self.folder / f"{self.name}.idx"
 
 
 @dataclass(frozen=True)
@@ -67,8 +74,8 @@ def modality_shards(dataset: Dataset, modality: str, split: str | None) -> list[
     names = table.column("shard").to_pylist()
     totals = table.column("samples").to_pylist()
     selected = totals if split is None else table.column(split).to_pylist()
-    return [ShardEntry(name, tar_path(dataset.root, modality, name), idx_path(dataset.root, modality, name), total, n)
-            for name, total, n in zip(names, totals, selected) if total > 0]
+    folder = shard_dir(dataset.root, modality)
+    return [ShardEntry(name, folder, total, n) for name, total, n in zip(names, totals, selected) if total > 0]
 
 
 def shard_order(n_shards: int, seed: int, epoch: int, modality: str) -> np.ndarray:

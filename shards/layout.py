@@ -13,6 +13,10 @@ TABLE_DIR = "table"
 TMP_MARK = ".tmp-"
 
 
+def shard_dir(root: Path, modality: str) -> Path:
+    return Path(root) / SHARDS_DIR / modality
+
+
 def tar_path(root: Path, modality: str, name: str) -> Path:
     return Path(root) / SHARDS_DIR / modality / f"{name}.tar"
 
