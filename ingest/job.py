@@ -102,8 +102,11 @@ def _previous_error_keys(root: Path, skip_prefixes: tuple[str, ...], sources: se
     seen: set[tuple[str, str]] = set()
     if not files or not sources:
         return seen
+    wanted = pc.field("source").isin(pa.array(sorted(s for s in sources if s is not None), pa.string()))
+    if None in sources:
+        wanted = wanted | pc.field("source").is_null()
     scanner = pads.dataset(files, format="parquet", schema=ERRORS_SCHEMA).scanner(
-        columns=["source", "reason"], filter=pc.field("source").isin(pa.array(sorted(sources), pa.string())))
+        columns=["source", "reason"], filter=wanted)
     for batch in scanner.to_batches():
         seen.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
     return seen

@@ -120,7 +120,7 @@ def _counts_by_stage(table: pa.Table) -> dict[str, dict[str, int]]:
     if table.num_rows:
         grouped = table.group_by(["stage", "reason"]).aggregate([([], "count_all")])
         for stage, reason, n in zip(*(grouped.column(c).to_pylist() for c in ("stage", "reason", "count_all"))):
-            out.setdefault(stage, {})[reason] = out.get(stage, {}).get(reason, 0) + n
+            out.setdefault(stage, {})[reason] = n
     return out
 
 
