@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from shards import Dataset
-from shards.layout import SHARDS_DIR
+from shards.layout import DATASET_JSON, SHARDS_DIR
 from shards.verify import DamagedShardError, check_tar
 
 from .config import AugmentConfig
@@ -154,7 +154,9 @@ class SwavLoader:
                                          num_crops=tuple(num_crops or config.num_crops))
         self.config = config
         self.stats = self._check_stats(load_energy_stats(self.root))
-        self.label_names = self.dataset.label_names()
+        # dataset.json holds them: reading them from a manifest part would list every part first
+        info = self.dataset.info if (self.root / DATASET_JSON).exists() else {}
+        self.label_names = info["label_names"] if "label_names" in info else self.dataset.label_names()
 
         self._own_cache = cache_dir is None
         self._cache = Path(cache_dir) if cache_dir else None  # a temporary folder, made on first use
@@ -181,7 +183,7 @@ class SwavLoader:
         """Tars without a manifest part (a crashed ingest, or a manifest part lost) are not read: say so."""
         orphans = []
         for m in self.modalities:
-            committed = {s.name for s in self.dataset.shards(m)}
+            committed = set(self.dataset.shard_table(m).column("shard").to_pylist())  # one small file
             orphans += [f"{m}/{t.stem}" for t in sorted((self.root / SHARDS_DIR / m).glob("*.tar"))
                         if t.stem not in committed]
         if orphans:

@@ -90,16 +90,25 @@ def _first_per_source(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(~repeat)) if repeat.any() else table
 
 
-def _previous_error_keys(root: Path, skip_prefixes: tuple[str, ...]) -> set[tuple[str, str]]:
+def _previous_error_keys(root: Path, skip_prefixes: tuple[str, ...], sources: set[str]) -> set[tuple[str, str]]:
+    """(source, reason) of the earlier error files' rows whose source is one of `sources` (the inputs this
+    run rejects): read with a filter, so memory follows this run's rejections, not the ledger's size."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    from shards.manifest import ERRORS_SCHEMA
+
     base = root / "errors"
+    files = sorted(p for p in base.glob("*.parquet") if not p.stem.startswith(skip_prefixes)) if base.is_dir() else []
     seen: set[tuple[str, str]] = set()
-    if not base.is_dir():
+    if not files or not sources:
         return seen
-    for p in base.glob("*.parquet"):
-        if p.stem.startswith(skip_prefixes):
-            continue
-        t = pq.read_table(p, columns=["source", "reason"])
-        seen.update(zip(t.column("source").to_pylist(), t.column("reason").to_pylist()))
+    wanted = pc.field("source").isin(pa.array(sorted(s for s in sources if s is not None), pa.string()))
+    if None in sources:
+        wanted = wanted | pc.field("source").is_null()
+    scanner = pads.dataset(files, format="parquet", schema=ERRORS_SCHEMA).scanner(
+        columns=["source", "reason"], filter=wanted)
+    for batch in scanner.to_batches():
+        seen.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
     return seen
 
 
@@ -469,7 +478,8 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
         val_fraction=cfg.val_fraction, seed=cfg.seed, previous=planning.previous_frames(root), labels=labels,
         shown=lambda r: shown_source(r["path"], salt, cfg.hash_paths))
     stats.new_slices, stats.already_ingested = plan.slices, plan.already_ingested
-    seen = _previous_error_keys(root, (f"scan-g{g:03d}", f"plan-g{g:03d}"))
+    rejected = {e["source"] for r in results for e in r["errors"]} | {e["source"] for e in plan.errors}
+    seen = _previous_error_keys(root, (f"scan-g{g:03d}", f"plan-g{g:03d}"), rejected)
     scan_errors = list({(e["source"], e["reason"]): e for r in results for e in r["errors"]
                         if (e["source"], e["reason"]) not in seen}.values())
     plan_errors = [e for e in plan.errors if (e["source"], e["reason"]) not in seen]

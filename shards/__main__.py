@@ -1,11 +1,11 @@
-"""python -m shards {info,verify} DATASET"""
+"""python -m shards {info,verify,reindex} DATASET"""
 from __future__ import annotations
 
 import argparse
 import sys
 from collections import Counter
 
-from .dataset import Dataset
+from .dataset import Dataset, error_counts, write_dataset_json
 from .verify import DEFAULT_WORKERS, IN_PROCESS_MAX_SHARDS, verify
 
 
@@ -30,12 +30,21 @@ def cmd_info(args) -> int:
     print(f"{'total':<9}{info.get('samples', 0):>10}{'':>28}{sum(m['shards'] for m in info.get('modalities', {}).values()):>8}{_human(info.get('bytes', 0)):>11}")
     if info.get("label_names"):
         print(f"labels: {', '.join(info['label_names'])}")
-    errors = ds.errors()
-    print(f"rejected inputs: {errors.num_rows}")
-    if errors.num_rows:
-        counts = Counter(zip(errors.column("stage").to_pylist(), errors.column("reason").to_pylist()))
-        for (stage, reason), n in counts.most_common(args.top):
-            print(f"  {n:>7}  {stage:<8} {reason}")
+    # from dataset.json (a dataset finalized before it carried error_reasons: from the error files' footers)
+    reasons = info["error_reasons"] if "error_reasons" in info else error_counts(ds.root)
+    counts = Counter({(stage, reason): n for stage, r in reasons.items() for reason, n in r.items()})
+    print(f"rejected inputs: {sum(counts.values())}")
+    for (stage, reason), n in counts.most_common(args.top):
+        print(f"  {n:>7}  {stage:<8} {reason}")
+    return 0
+
+
+def cmd_reindex(args) -> int:
+    info = Dataset(args.dataset).info  # keeps the writer's own fields (ingest settings, generations)
+    computed = {"format", "format_version", "codec", "created", "label_names", "samples", "bytes", "modalities",
+                "errors", "error_reasons"}
+    summary = write_dataset_json(args.dataset, **{k: v for k, v in info.items() if k not in computed})
+    print(f"wrote the shard tables of {', '.join(sorted(summary['modalities'])) or 'no modality'} and dataset.json")
     return 0
 
 
@@ -77,6 +86,10 @@ def main(argv=None) -> int:
                    help="address of a running Dask scheduler (tcp://host:8786) instead of a local cluster; "
                         "its workers must see the dataset folder at the same path and import medswav")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("reindex", help="rewrite the shard tables (table/*.parquet) and dataset.json from the shard "
+                                       "footers (datasets written before the tables existed); not while ingest runs")
+    p.add_argument("dataset", help="dataset folder (holds dataset.json)")
+    p.set_defaults(func=cmd_reindex)
     args = parser.parse_args(argv)
     if getattr(args, "workers", None) is not None and args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")

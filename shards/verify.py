@@ -26,10 +26,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .checksum import crc32
-from .dataset import Dataset, ShardFiles, summarize
+from .dataset import Dataset, ShardFiles, shard_table_problems, summarize
 from .index import read_index
 from .keys import KEY_HEX
-from .layout import (DATASET_JSON, ERRORS_DIR, INVENTORY_DIR, MANIFEST_DIR, SHARDS_DIR, STATS_DIR, TMP_MARK, idx_path,
+from .layout import (DATASET_JSON, ERRORS_DIR, INVENTORY_DIR, MANIFEST_DIR, SHARDS_DIR, STATS_DIR, TABLE_DIR, TMP_MARK,
+                     idx_path,
                      tar_path)
 from .manifest import TAR_CRC32_META, TAR_SIZE_META
 
@@ -118,7 +119,7 @@ def _unreadable_json(root: Path) -> tuple[list[str], set[str]]:
 def _unreadable_parquet(root: Path) -> list[str]:
     """Problems for Parquet files outside manifest/ (read in full there) that cannot be read to the end."""
     problems = []
-    for folder in (ERRORS_DIR, INVENTORY_DIR, "plan"):
+    for folder in (ERRORS_DIR, INVENTORY_DIR, "plan", TABLE_DIR):
         for path in sorted((root / folder).glob("*.parquet")):
             try:
                 for _ in pq.ParquetFile(path).iter_batches(batch_size=1 << 16):
@@ -508,7 +509,7 @@ def verify(root: str | os.PathLike, progress: bool = False, workers: int | None 
         report.problems.append(f"{DATASET_JSON} missing: the ingestion was not finalized (rerun `python -m ingest`)")
     elif DATASET_JSON not in bad_json and not unreadable_manifest and not parquet_problems:
         recorded = ds.info
-        actual = summarize(root)
+        actual = summarize(root, per_sample=True)  # counts rows: checks the footer summaries too
         for name, numbers in actual["modalities"].items():
             rec = recorded.get("modalities", {}).get(name, {})
             for k in ("samples", "train", "val", "test", "shards"):
@@ -517,4 +518,6 @@ def verify(root: str | os.PathLike, progress: bool = False, workers: int | None 
         extra = set(recorded.get("modalities", {})) - set(actual["modalities"])
         if extra:
             report.problems.append(f"dataset.json lists modalities without shards: {sorted(extra)}")
+    if not parquet_problems:
+        report.problems.extend(shard_table_problems(root))
     return report

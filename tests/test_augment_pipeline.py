@@ -195,6 +195,30 @@ def test_derived_index_holds_exactly_the_split(aug_dataset, tmp_path):
     assert sorted(seen) == sorted(k for k, m in train.items() if m == "mr")
 
 
+def test_rank_start_up_reads_the_shard_table_and_only_its_own_share(aug_dataset, tmp_path):
+    """Rank 0 of 3 starts and reads its first batch from a copy holding only its own share of every
+    modality's shards (tars, indices, manifest parts) plus the shard tables: identical first batch."""
+    from pathlib import Path
+
+    world, seed = 3, 11
+    share = {m: {Path(t).stem for t in EpochPlanner(shards.Dataset(aug_dataset), m, "train", tmp_path / "idx")
+                 .files(seed, 0, 0, world).tars} for m in COUNTS}
+    copy = tmp_path / "copy"
+    shutil.copytree(aug_dataset, copy)
+    removed = 0
+    for m, own in share.items():
+        for f in [*(copy / "manifest" / f"modality={m}").glob("*.parquet"), *(copy / "shards" / m).glob("*")]:
+            if f.stem not in own:
+                f.unlink()
+                removed += 1
+    assert removed >= 6  # mr keeps 1-2 of its 3 shards, xr 1 of 2, ct 1 of 2 (3 files per shard)
+
+    def first_keys(root):
+        return next(iter(_loader(root, rank=0, world_size=world, seed=seed, steps_per_epoch=1)))["key"]
+
+    assert first_keys(copy) == first_keys(aug_dataset)
+
+
 # --- loader --------------------------------------------------------------------------------------
 
 def test_batches_are_balanced_shaped_in_range_and_labelled(aug_dataset, xr_labels):

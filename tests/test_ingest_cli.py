@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from _ingest_fixtures import PY, REPO, SALT, cli, error_rows, manifest_rows, readable_error_rows, run_ingest
+from _ingest_fixtures import PY, REPO, SALT, all_files, cli, error_rows, manifest_rows, readable_error_rows, run_ingest
 
 
 def test_help_documents_every_option():
@@ -230,3 +230,19 @@ def test_parquet_labels_keyed_by_sop_instance(tmp_path, dicom_dir):
     assert json.loads(by_sop[salted_hash(uids[1], SALT)]["labels"]) == {"finding": 0.0}
     assert not by_sop[salted_hash(uids[2], SALT)]["labelled"]  # known row, unknown value
     assert sum(r["labelled"] for r in by_sop.values()) == 2
+
+
+def test_rescan_records_each_rejection_once_reading_only_those_sources(tmp_path, dicom_dir):
+    from ingest.job import _previous_error_keys
+
+    out = tmp_path / "ds"
+    mr = dicom_dir / "mr_transfer_syntaxes"
+    run_ingest([mr], out)
+    errors = error_rows(out)
+    assert [e["source"] for e in errors] == [str(mr / "LICENSE")]
+    _, again = run_ingest([mr], out, rescan=True)
+    assert again.files == len(all_files([mr])) and error_rows(out) == errors  # rescanned, not recorded twice
+    keys = {(e["source"], e["reason"]) for e in errors}
+    assert _previous_error_keys(out, (), {str(mr / "LICENSE"), "elsewhere"}) == keys
+    assert _previous_error_keys(out, (), {"elsewhere"}) == set()
+    assert _previous_error_keys(out, ("scan-",), {str(mr / "LICENSE")}) == set()

@@ -461,3 +461,47 @@ def test_verify_reports_an_unreadable_tar_as_that_shards_problem(dataset):
     problems = [l for l in result.stdout.splitlines() if l.startswith("PROBLEM")]
     assert problems == [f"PROBLEM: ct/{shard.name}: unreadable (IsADirectoryError: [Errno 21] Is a directory: '{shard.tar}')"]
     assert "verified 2 shard(s), 30 sample(s)" in result.stdout
+def test_dataset_without_shard_tables_still_reads_and_reindexes(dataset):
+    import pyarrow.parquet as pq
+
+    from _ingest_fixtures import expected_shard_table
+    from augment_dali.plan import modality_shards
+    from shards.layout import table_path
+    from shards.manifest import SUMMARY_META
+
+    expected = {m: expected_shard_table(dataset, m) for m in ("ct", "mr")}
+    # as written before shard tables and footer summaries existed
+    for m in expected:
+        table_path(dataset, m).unlink()
+    for part in (dataset / "manifest").rglob("*.parquet"):
+        table = pq.read_table(part)
+        old_meta = {k: v for k, v in table.schema.metadata.items() if k != SUMMARY_META}
+        pq.write_table(table.replace_schema_metadata(old_meta), part)
+    info = json.loads((dataset / "dataset.json").read_text())
+    info["ingest"] = {"generations": [0]}
+    (dataset / "dataset.json").write_text(json.dumps(info))
+
+    ds = shards.Dataset(dataset)
+    assert {m: ds.shard_table(m).to_pylist() for m in expected} == expected
+    assert [(s.name, s.total, s.selected) for s in modality_shards(ds, "ct", "val")] == [("ct-g000-000000", 18, 4)]
+
+    done = subprocess.run([sys.executable, "-m", "shards", "reindex", str(dataset)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert {m: pq.read_table(table_path(dataset, m)).to_pylist() for m in expected} == expected
+    info = json.loads((dataset / "dataset.json").read_text())
+    assert info["ingest"] == {"generations": [0]} and info["modalities"]["ct"]["val"] == 4
+    assert info["modalities"]["mr"]["bytes"] == expected["mr"][0]["bytes"]
+    assert verify(dataset).ok
+
+
+def test_verify_catches_a_stale_shard_table(dataset, real_slices):
+    _, uid, pixels = real_slices[0]
+    with shards.ShardWriter(dataset, "ct", "ct-g001-000000") as w:  # committed after the table was written
+        w.write(shards.sample_key(uid, 1, SALT), pixels, shards.SampleMeta(modality="ct", split="train"))
+    problems = verify(dataset).problems
+    assert any("table/ct.parquet lacks committed shard(s) ct-g001-000000" in p for p in problems)
+    shards.write_dataset_json(dataset)
+    assert verify(dataset).ok
+    (dataset / "manifest" / "modality=ct" / "ct-g001-000000.parquet").unlink()
+    (dataset / "shards" / "ct" / "ct-g001-000000.tar").unlink()
+    assert any("table/ct.parquet lists uncommitted shard(s) ct-g001-000000" in p for p in verify(dataset).problems)
