@@ -461,6 +461,8 @@ def test_verify_reports_an_unreadable_tar_as_that_shards_problem(dataset):
     problems = [l for l in result.stdout.splitlines() if l.startswith("PROBLEM")]
     assert problems == [f"PROBLEM: ct/{shard.name}: unreadable (IsADirectoryError: [Errno 21] Is a directory: '{shard.tar}')"]
     assert "verified 2 shard(s), 30 sample(s)" in result.stdout
+
+
 def test_dataset_without_shard_tables_still_reads_and_reindexes(dataset):
     import pyarrow.parquet as pq
 
