@@ -93,16 +93,16 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", type=Path, required=True, help="benchmark dataset folder (written if absent)")
     p.add_argument("--data", type=Path, default=Path(os.environ.get("MEDSWAV_SHARED_DATA", REPO.parent / "shared" / "data")),
                    help="real data (default $MEDSWAV_SHARED_DATA or ../shared/data)")
-    p.add_argument("--per-modality", type=int, default=640, help="samples per modality in the dataset")
-    p.add_argument("--batch-sizes", default="32,64,128,256")
+    p.add_argument("--per-modality", type=int, default=640, help="samples per modality in the dataset (default 640)")
+    p.add_argument("--batch-sizes", default="32,64,128,256", help="batch sizes to measure, comma-separated (default 32,64,128,256)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="DALI CPU threads (default: the cores, at most 16)")
-    p.add_argument("--cpu-steps", type=int, default=2, help="timed CPU steps per batch size (after the first)")
-    p.add_argument("--gpu-steps", type=int, default=4, help="timed GPU steps per batch size (after the first)")
+    p.add_argument("--cpu-steps", type=int, default=2, help="timed CPU steps per batch size, after the first (default 2)")
+    p.add_argument("--gpu-steps", type=int, default=4, help="timed GPU steps per batch size, after the first (default 4)")
     p.add_argument("--then", choices=["augment", "train_step"], default="augment",
                    help="train_step: run benchmarks.train_step on this dataset (GPU pipeline, ResNet-50, bf16, "
-                        "channels_last) instead")
-    p.add_argument("--json", type=Path, default=os.environ.get("MEDSWAV_STAGE_JSON"))
+                        "channels_last) instead (default augment)")
+    p.add_argument("--json", type=Path, default=os.environ.get("MEDSWAV_STAGE_JSON"), help="write the figures here (default $MEDSWAV_STAGE_JSON)")
     args = p.parse_args(argv)
     root = build_dataset(args.dataset, args.data, args.per_modality)
     if args.then == "train_step":

@@ -75,11 +75,11 @@ def compare(full: Path, resumed: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_train_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for the three runs")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--arch", default=None, help="default resnet50 on a GPU, resnet18 on the CPU")
-    p.add_argument("--crop-sizes", default=None, help="default 224,92 on a GPU, 32,16 on the CPU")
-    p.add_argument("--batch-size", type=int, default=None, help="default 64 on a GPU, 4 on the CPU")
-    p.add_argument("--json", type=Path, default=os.environ.get("MEDSWAV_STAGE_JSON"))
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where to run (default auto: cuda when visible)")
+    p.add_argument("--arch", default=None, help="encoder (default resnet50 on a GPU, resnet18 on the CPU)")
+    p.add_argument("--crop-sizes", default=None, help="crop sides, comma-separated (default 224,92 on a GPU, 32,16 on the CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per step (default 64 on a GPU, 4 on the CPU)")
+    p.add_argument("--json", type=Path, default=os.environ.get("MEDSWAV_STAGE_JSON"), help="write the figures here (default $MEDSWAV_STAGE_JSON)")
     args = p.parse_args(argv)
     import torch
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

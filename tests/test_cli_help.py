@@ -12,6 +12,8 @@ ENTRY_POINTS = [
     "ingest.__main__", "ingest.demo", "shards.__main__", "augment_dali.stats", "augment_dali.preview",
     "augment_dali.build", "train.main", "train.export", "train.plot", "train.downstream.__main__",
     "benchmarks.ingest", "benchmarks.augment", "benchmarks.train_step", "benchmarks.index_memory",
+    "ingest.paths", "augment_dali.harness", "benchmarks.fuzz", "benchmarks.verify", "benchmarks.startup",
+    "benchmarks.gpu_kit", "benchmarks.gpu_check", "benchmarks.gpu_augment", "benchmarks.gpu_train_check",
 ]
 
 
