@@ -8,8 +8,11 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medswav-installed
+# The representation benchmark's peer arms (lightly) run in their own environment: benchmarks/requirements-peer.txt
+PEER_VENV  ?= .venv-peer
+PEER_STAMP := $(PEER_VENV)/.peer-installed
 
-.PHONY: install demo test bench-quick clean
+.PHONY: install demo test bench-quick bench-peer-env bench-representation clean
 
 install: $(STAMP)
 
@@ -35,5 +38,16 @@ test: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick
 
+bench-peer-env: $(PEER_STAMP)
+
+$(PEER_STAMP): benchmarks/requirements-peer.txt
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q -r benchmarks/requirements-peer.txt
+	touch $@
+
+# medswav against lightly's SwAV and SimCLR and random initialisation (docs/EVALUATION.md, section 5)
+bench-representation: $(STAMP) $(PEER_STAMP)
+	MEDSWAV_PEER_PYTHON=$(PEER_VENV)/bin/python $(PY) -m benchmarks.representation --json runs/bench/representation.json
+
 clean:
-	rm -rf $(VENV) demo_output build *.egg-info augment_dali/_lib
+	rm -rf $(VENV) $(PEER_VENV) demo_output build *.egg-info augment_dali/_lib
