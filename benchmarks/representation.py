@@ -3,6 +3,9 @@ random initialisation, on one frozen-feature linear-probe protocol.
 
     python -m benchmarks.representation [--data NPZ[:MODALITY],...] [--budget SECONDS] [--quick] [--json PATH]
 
+Exit codes: 0 all arms measured; 1 an arm failed (the others' figures are still printed and written);
+2 bad arguments or a missing peer environment.
+
 For each MedMNIST-layout data set (default: PneumoniaMNIST and BreastMNIST from ../shared/data/medmnist),
 one arm at a time on the same cores (`--threads`, default 2), each pretraining for the same wall-clock
 budget on the train split's images (labels unused):
@@ -203,6 +206,8 @@ def parse_data(spec: str | None) -> list[tuple[Path, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.split("\n\n")[0])
+    p.epilog = ("exit codes: 0 all arms measured; 1 an arm failed (the others' figures are still written); "
+                "2 bad arguments or no peer environment (make bench-peer-env)")
     p.add_argument("--data", help="comma-separated MedMNIST-layout .npz files, each optionally :MODALITY "
                                   "(default: pneumoniamnist, breastmnist from ../shared/data/medmnist)")
     p.add_argument("--budget", type=float, help="wall-clock seconds of pretraining per arm and data set "
@@ -233,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     work_root = args.work or Path(tempfile.mkdtemp(prefix="medswav-repr-"))
-    figures, rows = {}, []
+    print(f"machine: {machine()}, load average {os.getloadavg()[0]:.1f}; budget {budget:g} s per arm", flush=True)
+    figures, rows, failed = {}, [], []
     for npz, modality in data_sets:
         name = npz.stem
         data = load_npz(npz)
@@ -243,12 +249,18 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             print(f"[{name}] {arm}: pretraining for {budget:g} s ...", flush=True)
-            if arm == "medswav":
-                pre = pretrain_medswav(npz, modality, budget, work, args.threads)
-            elif arm == "random":
-                pre = {"encoder": random_encoder(0), "steps": 0, "seconds": 0.0, "images_per_s": None}
-            else:
-                pre = pretrain_peer(arm.split("_", 1)[1], npz, budget, work, args.threads)
+            try:
+                if arm == "medswav":
+                    pre = pretrain_medswav(npz, modality, budget, work, args.threads)
+                elif arm == "random":
+                    pre = {"encoder": random_encoder(0), "steps": 0, "seconds": 0.0, "images_per_s": None}
+                else:
+                    pre = pretrain_peer(arm.split("_", 1)[1], npz, budget, work, args.threads)
+            except (RuntimeError, SystemExit) as e:  # one arm's failure leaves the others' figures
+                print(f"error: [{name}] {arm}: {e}", file=sys.stderr, flush=True)
+                figures[name][arm] = {"error": str(e)[:2000]}
+                failed.append(f"{name}/{arm}")
+                continue
             encoder = pre.pop("encoder")
             result = {**evaluate_encoder(encoder, data, seeds), **pre, "wall_s": time.perf_counter() - t0}
             figures[name][arm] = result
@@ -262,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
                 "c_grid": list(C_GRID), "medswav_config": str(MEDSWAV_CONFIG.relative_to(REPO)),
                 "data": [str(p) for p, _ in data_sets], "load_average": list(os.getloadavg())}
     write_json(args.json, "representation", {**figures, "machine_detail": machine()}, settings)
+    if failed:
+        print(f"error: arms that failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
