@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default=",".join(ARMS), help=f"subset of {','.join(ARMS)}")
     p.add_argument("--seeds", type=int, help="probe seeds (label subsets) per fraction (default 3; --quick: 1)")
     p.add_argument("--threads", type=int, default=2, help="cores each arm may use (torch threads, DALI threads)")
-    p.add_argument("--work", type=Path, help="folder for datasets, runs and backbones (default: a temporary one)")
+    p.add_argument("--work", type=Path, help="folder for datasets, runs and backbones, kept (default: a temporary one, removed at the end)")
     args = p.parse_args(argv)
     budget = args.budget or (15.0 if args.quick else 240.0)
     seeds = tuple(range(args.seeds or (1 if args.quick else 3)))
@@ -274,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                 "c_grid": list(C_GRID), "medswav_config": str(MEDSWAV_CONFIG.relative_to(REPO)),
                 "data": [str(p) for p, _ in data_sets], "load_average": list(os.getloadavg())}
     write_json(args.json, "representation", {**figures, "machine_detail": machine()}, settings)
+    if args.work is None:  # the temporary folder holds the ingested datasets and runs: hundreds of MB
+        shutil.rmtree(work_root, ignore_errors=True)
     if failed:
         print(f"error: arms that failed: {', '.join(failed)}", file=sys.stderr)
         return 1
