@@ -11,8 +11,11 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medswav-installed
+# The representation benchmark's peer arms (lightly) run in their own environment: benchmarks/requirements-peer.txt
+PEER_VENV  ?= .venv-peer
+PEER_STAMP := $(PEER_VENV)/.peer-installed
 
-.PHONY: install demo test bench-quick gpu-harness gpu-kit gpu-check clean
+.PHONY: install demo test bench-quick bench-peer-env bench-representation gpu-harness gpu-kit gpu-check clean
 
 install: $(STAMP)
 
@@ -51,5 +54,16 @@ gpu-kit: $(STAMP)
 gpu-check:
 	PYTHON=$(PYTHON) bash .gpu/check.sh
 
+bench-peer-env: $(PEER_STAMP)
+
+$(PEER_STAMP): benchmarks/requirements-peer.txt
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q -r benchmarks/requirements-peer.txt
+	touch $@
+
+# medswav against lightly's SwAV and SimCLR and random initialisation (docs/EVALUATION.md, section 5)
+bench-representation: $(STAMP) $(PEER_STAMP)
+	MEDSWAV_PEER_PYTHON=$(PEER_VENV)/bin/python $(PY) -m benchmarks.representation --json runs/bench/representation.json
+
 clean:
-	rm -rf $(VENV) demo_output gpu_harness build *.egg-info augment_dali/_lib
+	rm -rf $(VENV) $(PEER_VENV) demo_output gpu_harness build *.egg-info augment_dali/_lib

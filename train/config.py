@@ -62,6 +62,7 @@ class Config:
     # optimisation
     epochs: int = 100                   # length of the learning-rate schedule
     max_steps: int = 0                  # stop at this global step (0: full schedule); the schedule is unchanged
+    max_seconds: float = 0.0            # wall-clock budget of the loop: stop after the step that reaches it, checkpoint (0: none); the schedule is unchanged
     batch_size: int = 32                # per process
     base_lr: float = 0.6                # peak learning rate (at lr_ref_batch)
     final_lr: float = 0.0006            # end of the cosine
@@ -192,6 +193,8 @@ def validate(cfg: Config) -> None:
         fail(f"sup_loss {cfg.sup_loss!r}: choose bce or ce")
     if cfg.device not in ("auto", "cpu", "cuda"):
         fail(f"device {cfg.device!r}: choose auto, cpu or cuda")
+    if cfg.max_seconds < 0:
+        fail(f"max_seconds {cfg.max_seconds}: must be >= 0 (0: no time budget)")
     if not cfg.synthetic and not cfg.data:
         fail("give --data DATASET (a shard dataset folder or .npz files) or --synthetic")
 

@@ -68,6 +68,15 @@ def _gather_queue(queue: FeatureQueue | None, world: int):
     return state
 
 
+def _budget_spent(elapsed: float, budget: float, world: int, device: torch.device) -> bool:
+    """Whether the wall-clock budget is spent; several processes stop together (at rank 0's clock reading
+    or any other's, whichever runs out first) so that no one waits in a collective the others left."""
+    spent = torch.tensor(float(elapsed >= budget), device=device)
+    if world > 1:
+        dist.all_reduce(spent, op=dist.ReduceOp.MAX)
+    return bool(spent.item())
+
+
 def train(cfg: Config) -> dict:
     if cfg.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
         wants_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -190,8 +199,10 @@ def train(cfg: Config) -> dict:
     # ---- loop
     history = []
     window = {"data": 0.0, "total": 0.0, "n": 0}
+    loop_start = time.perf_counter()
+    out_of_time = False
     try:
-        while step < stop_step:
+        while step < stop_step and not out_of_time:
             epoch = step // steps_per_epoch
             batches = source.epoch_iter(epoch, step % steps_per_epoch)
             if on_gpu and not getattr(source, "prefetches", False):
@@ -273,15 +284,22 @@ def train(cfg: Config) -> dict:
                                 f"{row['images_per_s']:.1f} img/s wait {100 * row['data_wait_fraction']:.0f}% "
                                 f"{entropy}")
                     window = {"data": 0.0, "total": 0.0, "n": 0}
-                if step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_step:
+                if cfg.max_seconds:
+                    out_of_time = _budget_spent(time.perf_counter() - loop_start, cfg.max_seconds, world, device)
+                if (step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_step
+                        or out_of_time):
                     save(step)
+                if out_of_time:
+                    log.console(f"time budget of {cfg.max_seconds:g} s spent: stopped at step {step}/{stop_step}")
+                    break
     except NonFiniteLoss as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         log.close()
         if hasattr(source, "close"):
             source.close()
-    return {"step": step, "losses": history, "model": model,
+    # seconds: the loop's wall-clock time (setup excluded), over the len(losses) steps this call ran
+    return {"step": step, "losses": history, "model": model, "seconds": time.perf_counter() - loop_start,
             "batches_replayed": getattr(source, "batches_replayed", 0)}
 
 
