@@ -213,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "(default: pneumoniamnist, breastmnist from ../shared/data/medmnist)")
     p.add_argument("--budget", type=float, help="wall-clock seconds of pretraining per arm and data set "
                                                 "(default 240; --quick: 15)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"subset of {','.join(ARMS)}")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"arms to run, comma-separated (default all: {','.join(ARMS)})")
     p.add_argument("--seeds", type=int, help="probe seeds (label subsets) per fraction (default 3; --quick: 1)")
-    p.add_argument("--threads", type=int, default=2, help="cores each arm may use (torch threads, DALI threads)")
+    p.add_argument("--threads", type=int, default=2, help="cores each arm may use: torch threads, DALI threads (default 2)")
     p.add_argument("--work", type=Path, help="folder for datasets, runs and backbones, kept (default: a temporary one, removed at the end)")
     args = p.parse_args(argv)
     budget = args.budget or (15.0 if args.quick else 240.0)
