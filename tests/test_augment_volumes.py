@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from _volume_fixtures import load_series
 
-import augment_dali  # noqa: F401  (loads the medswav operators)
+import augment_dali
 from augment_dali import reference as R
 from augment_dali import stats
 from nvidia.dali import fn, pipeline_def
@@ -243,3 +243,45 @@ def test_multicrop_volume_zero_pads_a_thin_ct(ct_volume):
         for crop in crops:
             planes = np.flatnonzero(np.abs(crop).reshape(crop.shape[0], -1).sum(1) > 0)
             assert len(planes) == x.shape[0] and planes[-1] - planes[0] == x.shape[0] - 1
+
+
+# --- GPU == CPU on volumes -----------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not augment_dali.gpu_backend_usable(), reason="needs a CUDA GPU and a plugin built with nvcc")
+
+
+def _run_on(device, graph, vols, params):
+    @pipeline_def(batch_size=len(vols), num_threads=2, device_id=0 if device == "gpu" else None, seed=9)
+    def pipe():
+        x = fn.external_source(source=_constant(vols), batch=True, layout="DHW")
+        p = fn.external_source(source=_constant(params), batch=True)
+        outs = graph(x.gpu() if device == "gpu" else x, p)
+        return tuple(outs) if isinstance(outs, (list, tuple)) else (outs,)
+
+    p = pipe()
+    p.build()
+    return [[np.array(o.as_cpu()[i] if device == "gpu" else o[i]) for i in range(len(vols))] for o in p.run()]
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_volume_operators_equal_cpu(mr_volume, ct_volume):
+    """The CUDA rescale (trilinear, isotropic spacing, 3-D range), energy_bands and the 1 + 4 volume crops
+    give the CPU backend's results: rescale within 1e-5, energy_bands and the crops (copies of its
+    output) within 5e-5."""
+    (mr, mr_sp), (ct, ct_sp) = mr_volume, ct_volume
+    vols = [mr, ct]
+    rng = np.random.default_rng(2)
+    params = [np.concatenate([[0.5], sp, rng.random(15)]).astype(np.float32) for sp in (mr_sp, ct_sp)]
+
+    def graph(x, p):
+        r = fn.medswav.rescale(x, scale=p[0], spacing=fn.stack(p[1], p[2], p[3]), **RANGE_3D)
+        e = fn.medswav.energy_bands(r, ref_energies=fn.stack(*[p[4 + k] * 0.05 for k in range(6)]))
+        big, small = fn.medswav.multicrop(e, positions=fn.stack(*[p[4 + k] for k in range(15)]), **CROPS_3D)
+        return r, e, big, small
+
+    cpu, gpu_ = _run_on("cpu", graph, vols, params), _run_on("gpu", graph, vols, params)
+    for (c_out, g_out), tol in zip(zip(cpu, gpu_), (1e-5, 5e-5, 5e-5, 5e-5)):
+        for c, g in zip(c_out, g_out):
+            assert c.shape == g.shape
+            np.testing.assert_allclose(g, c, atol=tol, rtol=0)
