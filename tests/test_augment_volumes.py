@@ -285,3 +285,34 @@ def test_gpu_volume_operators_equal_cpu(mr_volume, ct_volume):
         for c, g in zip(c_out, g_out):
             assert c.shape == g.shape
             np.testing.assert_allclose(g, c, atol=tol, rtol=0)
+
+
+def test_chain_on_a_multiframe_pydicom_series():
+    """pydicom's emri_small.dcm (a real 10-frame 64 x 64 MR): rescale into a small 3-D range, energy bands
+    (sigmas 1, 2, 4 voxels on every axis) and 1 + 4 crops equal the NumPy reference chain."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    raw = dcmread(get_testdata_file("emri_small.dcm")).pixel_array.astype(np.float64)
+    assert raw.shape == (10, 64, 64)
+    vol = ((raw - raw.min()) / (raw.max() - raw.min())).astype(np.float32)
+    bounds = dict(min_size=48, max_size=80, min_depth=12, max_depth=24)
+    sigmas = (1.0, 2.0, 4.0)
+    pos = np.random.default_rng(8).random(15).astype(np.float32)
+
+    def graph(x, ref, p):
+        r = fn.medswav.rescale(x, scale=0.6, **bounds)
+        e = fn.medswav.energy_bands(r, ref_energies=ref, sigmas=list(sigmas))
+        big, small = fn.medswav.multicrop(e, crop_sizes=[40, 20], crop_depths=[10, 6], num_crops=[1, 4], positions=p)
+        return r, e, big, small
+
+    rescaled = R.rescale(vol, 0.6, **bounds)
+    assert rescaled.shape == (12, 77, 77)  # t = (6, 38.4, 38.4): the depth minimum doubles every side
+    ref = (R.band_energies(rescaled, sigmas) * np.array([1.2, 0.8, 1.1, 0.9])).astype(np.float32)
+    (r, e, big, small), = run_pipeline(graph, [[vol], [ref], [pos]])
+    np.testing.assert_allclose(r[0], rescaled, atol=MAX_ERR["rescale"], rtol=0)
+    want = R.energy_bands(r[0], ref, sigmas)
+    np.testing.assert_allclose(e[0], want, atol=MAX_ERR["energy_bands"], rtol=0)
+    want_big, want_small = R.multicrop(e[0], pos, (40, 20), (1, 4), 0.1, crop_depths=(10, 6))
+    np.testing.assert_array_equal(big[0], want_big)
+    np.testing.assert_array_equal(small[0], want_small)
