@@ -522,7 +522,10 @@ def test_multicrop_zero_pads_images_smaller_than_the_crop(mr):
     (lambda x: fn.medswav.energy_bands(x, ref_energies=[0.1] * 6, sigmas=[0.0, 1.0, 2.0, 4.0, 8.0]),
      "sigmas must be > 0"),
     (lambda x: fn.medswav.gamma(fn.cast(x * 100, dtype=types.INT16)), "input must be float32"),
-    (lambda x: fn.medswav.rescale(fn.stack(x, x)), "expected 2-D samples"),
+    (lambda x: fn.medswav.rescale(fn.stack(fn.stack(x, x), fn.stack(x, x))), r"expected 2-D to 3-D samples .*got 4-D"),
+    (lambda x: fn.medswav.multicrop(fn.stack(x, x), crop_depths=[8, 0]), "crop depths must be > 0"),
+    (lambda x: fn.medswav.rescale(fn.stack(x, x), spacing=[1.0, 0.0, 1.0]), "spacing must be finite and > 0"),
+    (lambda x: fn.medswav.rescale(fn.stack(x, x), min_depth=300, max_depth=200), r"min_depth \(300\) > max_depth"),
 ])
 def test_bad_arguments_raise_errors_naming_the_operator(graph, message):
     x = np.random.default_rng(0).random((40, 30)).astype(np.float32)
