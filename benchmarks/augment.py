@@ -294,7 +294,14 @@ def stage_costs(cfg, workers: int, batch: int = 8, iters: int = 4) -> list[dict]
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--volumes" in argv:  # the 3-D chain against MONAI's 3-D transforms: benchmarks.augment3d
+        from .augment3d import main as main_volumes
+
+        return main_volumes([a for a in argv if a != "--volumes"])
     p = parser(__doc__.split("\n")[0])
+    p.add_argument("--volumes", action="store_true",
+                   help="measure the 3-D chain on real volumes instead (benchmarks.augment3d; default 2-D)")
     p.add_argument("--dataset", help="existing dataset folder (default: build one from ../shared/data)")
     p.add_argument("--data", default=os.environ.get("MEDSWAV_SHARED_DATA", str(REPO.parent / "shared" / "data")),
                    help="real data folder used to build the default dataset (default: $MEDSWAV_SHARED_DATA or "
