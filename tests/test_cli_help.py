@@ -14,7 +14,7 @@ ENTRY_POINTS = [
     "benchmarks.ingest", "benchmarks.augment", "benchmarks.train_step", "benchmarks.index_memory",
     "ingest.paths", "augment_dali.harness", "benchmarks.fuzz", "benchmarks.verify", "benchmarks.startup",
     "benchmarks.gpu_kit", "benchmarks.gpu_check", "benchmarks.gpu_augment", "benchmarks.gpu_train_check",
-    "benchmarks.representation",
+    "benchmarks.representation", "benchmarks.augment3d",
 ]
 
 
