@@ -279,7 +279,8 @@ def convert_shard(entry: tuple[str, list[dict]], root: str, modality: str, label
             meta = SampleMeta(modality=modality, split=spec["split"], source_hash=salted_hash(item.source, salt),
                               sop_hash=salted_hash(item.identity, salt), patient_hash=salted_hash(item.source, salt),
                               photometric="MONOCHROME2", bits_stored=pixels.dtype.itemsize * 8,
-                              bits_allocated=pixels.dtype.itemsize * 8, pixel_representation=int(pixels.dtype.kind == "i"))
+                              bits_allocated=pixels.dtype.itemsize * 8, pixel_representation=int(pixels.dtype.kind == "i"),
+                              units="raw")  # no header says these values are Hounsfield units
             labels = np.asarray(spec["labels"], np.float32) if spec["labels"] is not None and label_names else None
             writer.write(sample_key(item.identity, 0, salt), pixels, meta, labels=labels)
             written += 1

@@ -12,7 +12,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from .layout import DATASET_JSON, ERRORS_DIR, MANIFEST_DIR, errors_path, idx_path, tar_path, temporary
-from .manifest import ERRORS_SCHEMA, LABEL_NAMES_META, MANIFEST_SCHEMA, write_parquet_atomically
+from .manifest import ERRORS_SCHEMA, LABEL_NAMES_META, MANIFEST_SCHEMA, UNITS_META, write_parquet_atomically
 
 FORMAT_NAME = "medswav-shards"
 FORMAT_VERSION = 1
@@ -75,6 +75,15 @@ class Dataset:
             if names:
                 return names
         return []
+
+    def units(self, modality: str) -> set[str]:
+        """The distinct pixel units (SampleMeta.units) of a modality's samples, from the manifest parts'
+        metadata; "" stands for shards written before units were recorded."""
+        found: set[str] = set()
+        for part in sorted((self.root / MANIFEST_DIR / f"modality={modality}").glob("*.parquet")):
+            meta = pq.read_schema(part).metadata or {}
+            found.update(json.loads(meta[UNITS_META]) if UNITS_META in meta else [""])
+        return found
 
     def shards(self, modality: str) -> list[ShardFiles]:
         out = []

@@ -51,6 +51,7 @@ ERRORS_SCHEMA = pa.schema(
 LABEL_NAMES_META = b"medswav.label_names"
 TAR_CRC32_META = b"medswav.tar_crc32"
 TAR_SIZE_META = b"medswav.tar_size"
+UNITS_META = b"medswav.units"  # JSON list: the distinct SampleMeta.units of the shard's samples, sorted
 
 
 def write_parquet_atomically(table: pa.Table, path: Path) -> None:
