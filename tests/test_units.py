@@ -1,0 +1,50 @@
+"""Pixel units recorded at ingest choose the normalisation: the HU window only for Hounsfield units,
+the per-image robust window for everything else, the same in the DALI pipeline, stats, preview and
+downstream inputs."""
+from __future__ import annotations
+
+import numpy as np
+
+import shards
+from augment_dali.config import HU_WINDOW, ROBUST_PERCENTILE, AugmentConfig, NormalizeConfig
+from augment_dali.normalize import modality_units, normalize_dali, normalize_numpy
+from augment_dali.stats import compute_stats
+
+
+def dali_normalize(images, method):
+    """The pipeline's operator on the stored integer pixels (CPU)."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None)
+    def pipe():
+        x = fn.external_source(source=lambda: [np.ascontiguousarray(i) for i in images], batch=True, layout="HW")
+        return normalize_dali(x, method)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    return [np.asarray(out[i]) for i in range(len(images))]
+
+
+def test_medmnist_ingested_as_ct_is_raw_and_gets_the_robust_window(tmp_path, medmnist_dir):
+    from test_ingest_arrays import _ingest
+
+    root = _ingest(tmp_path, [medmnist_dir / "breastmnist.npz"], "ct")
+    metas = [(pixels, meta) for _, pixels, meta, _ in shards.reader.iter_samples(root)]
+    assert len(metas) == 780 and {m["units"] for _, m in metas} == {"raw"}
+    ds = shards.Dataset(root)
+    assert ds.units("ct") == {"raw"}
+    method = NormalizeConfig().method_for("ct", modality_units(ds.units("ct")))
+    assert method == ROBUST_PERCENTILE
+    stats = compute_stats(root, samples=8, seed=0, config=AugmentConfig.small(), show_progress=False)
+    assert stats["modalities"]["ct"]["units"] == "raw" and stats["modalities"]["ct"]["method"] == method
+
+    images = [p for p, _ in metas[:24] if p.max() > p.min()]
+    normalised = dali_normalize(images, method)
+    for got, img in zip(normalised, images):
+        assert img.dtype == np.uint8
+        np.testing.assert_allclose(got, normalize_numpy(img, method), atol=2e-6)
+        # 0..255 images span [0, 1], not the 0.25..0.31 the HU window gave them
+        assert got.min() == 0.0 and got.max() == 1.0
+    hu = normalize_numpy(images[0], HU_WINDOW)
+    assert 0.25 <= hu.min() and hu.max() <= 0.32
