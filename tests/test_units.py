@@ -48,3 +48,19 @@ def test_medmnist_ingested_as_ct_is_raw_and_gets_the_robust_window(tmp_path, med
         assert got.min() == 0.0 and got.max() == 1.0
     hu = normalize_numpy(images[0], HU_WINDOW)
     assert 0.25 <= hu.min() and hu.max() <= 0.32
+
+
+def test_downstream_dataset_inputs_follow_the_recorded_units(tmp_path, dicom_dir, medmnist_dir):
+    from _augment_fixtures import build_dataset
+
+    from train.downstream.data import load_dataset
+
+    root = build_dataset(tmp_path / "ds", dicom_dir, medmnist_dir)
+    assert shards.Dataset(root).units("xr") == {"raw"} and shards.Dataset(root).units("ct") == {"HU"}
+    data = load_dataset(root)  # only the X-rays carry labels
+    stored = [pixels for _, pixels, meta, labels in shards.reader.iter_samples(root)
+              if meta["modality"] == "xr" and meta["split"] == "train"]
+    assert len(data["train"].images) == len(stored) == 50
+    want = dali_normalize(stored, ROBUST_PERCENTILE)
+    for got, w in zip(data["train"].images[:, 0].numpy(), want):
+        np.testing.assert_allclose(got, w, atol=2e-6)
