@@ -64,3 +64,25 @@ def test_downstream_dataset_inputs_follow_the_recorded_units(tmp_path, dicom_dir
     want = dali_normalize(stored, ROBUST_PERCENTILE)
     for got, w in zip(data["train"].images[:, 0].numpy(), want):
         np.testing.assert_allclose(got, w, atol=2e-6)
+
+
+def test_nifti_ct_known_to_be_hu_can_be_ingested_as_hu(tmp_path, dicom_dir):
+    import pydicom
+    import SimpleITK as sitk
+
+    from test_ingest_arrays import _ingest
+
+    slices = [pydicom.dcmread(p) for p in sorted((dicom_dir / "ct_kits_abdomen_18").glob("*.dcm"))[:6]]
+    volume = np.stack([(d.pixel_array.astype(np.int32) * int(d.RescaleSlope) + int(d.RescaleIntercept))
+                       for d in slices]).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(tmp_path / "abdomen.nii.gz"))
+    hu = _ingest(tmp_path / "hu", [tmp_path / "abdomen.nii.gz"], "ct", units="HU")
+    plain = _ingest(tmp_path / "plain", [tmp_path / "abdomen.nii.gz"], "ct")
+    assert shards.Dataset(hu).units("ct") == {"HU"} and shards.Dataset(plain).units("ct") == {"raw"}
+    config = NormalizeConfig()
+    assert config.method_for("ct", "HU") == HU_WINDOW and config.method_for("ct", "raw") == ROBUST_PERCENTILE
+    import subprocess
+    import sys
+    bad = subprocess.run([sys.executable, "-m", "ingest", str(dicom_dir), "--out", str(tmp_path / "x"),
+                          "--units", "HU"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--units" in bad.stderr and "Traceback" not in bad.stderr
