@@ -51,19 +51,39 @@ def test_medmnist_ingested_as_ct_is_raw_and_gets_the_robust_window(tmp_path, med
 
 
 def test_downstream_dataset_inputs_follow_the_recorded_units(tmp_path, dicom_dir, medmnist_dir):
-    from _augment_fixtures import build_dataset
+    """A labelled dataset with HU CT slices and raw 8-bit X-rays: each input is the pipeline operator's
+    normalisation of the stored pixels with the method its units choose."""
+    import pydicom
 
     from train.downstream.data import load_dataset
 
-    root = build_dataset(tmp_path / "ds", dicom_dir, medmnist_dir)
-    assert shards.Dataset(root).units("xr") == {"raw"} and shards.Dataset(root).units("ct") == {"HU"}
-    data = load_dataset(root)  # only the X-rays carry labels
-    stored = [pixels for _, pixels, meta, labels in shards.reader.iter_samples(root)
-              if meta["modality"] == "xr" and meta["split"] == "train"]
-    assert len(data["train"].images) == len(stored) == 50
-    want = dali_normalize(stored, ROBUST_PERCENTILE)
-    for got, w in zip(data["train"].images[:, 0].numpy(), want):
-        np.testing.assert_allclose(got, w, atol=2e-6)
+    root = tmp_path / "ds"
+    ct = [pydicom.dcmread(p) for p in sorted((dicom_dir / "ct_kits_abdomen_18").glob("*.dcm"))[:12]]
+    ct = [(d.pixel_array.astype(np.int32) * int(d.RescaleSlope) + int(d.RescaleIntercept)).astype(np.int16)
+          [242:270, 242:270].copy() for d in ct]  # the centre of the abdomen, the X-rays' 28 x 28
+    z = np.load(medmnist_dir / "pneumoniamnist.npz")
+    xr = list(z["train_images"][:24])
+    for modality, images, units in (("ct", ct, "HU"), ("xr", xr, "raw")):
+        with shards.ShardWriter(root, modality, f"{modality}-0", label_names=("finding",)) as w:
+            for i, img in enumerate(images):
+                meta = shards.SampleMeta(modality=modality, split="val" if i % 3 == 0 else "train", units=units,
+                                         patient_hash=shards.salted_hash(f"{modality}{i}", "s"),
+                                         sop_hash=shards.salted_hash(f"{modality}{i}", "s"))
+                w.write(shards.sample_key(f"{modality}{i}", 0, "s"), img, meta, labels=np.array([i % 2]))
+    shards.write_dataset_json(root)
+    data = load_dataset(root)
+    want = {}
+    for images, method in ((ct, HU_WINDOW), (xr, ROBUST_PERCENTILE)):
+        want.update({img.tobytes(): out for img, out in zip(images, dali_normalize(images, method))})
+    inputs = {"train": [], "val": [], "test": []}
+    for _, pixels, meta, _ in shards.reader.iter_samples(root):
+        split = meta["split"]
+        if split == "val":  # load_dataset halves val by patient hash into val and test
+            split = "test" if int(meta["patient_hash"], 16) % 2 else "val"
+        inputs[split].append(want[pixels.tobytes()])
+    assert sum(len(v) for v in inputs.values()) == 36
+    for split, images in inputs.items():
+        np.testing.assert_allclose(data[split].images[:, 0].numpy(), np.stack(images), atol=2e-6)
 
 
 def test_nifti_ct_known_to_be_hu_can_be_ingested_as_hu(tmp_path, dicom_dir):
