@@ -24,8 +24,20 @@ class NormalizeConfig:
     # per-image window (lo, hi) = these percentiles of the image: a few hot or cold pixels cannot set it
     robust_percentiles: tuple[float, float] = (0.5, 99.5)
 
-    def method_for(self, modality: str) -> str:
+    def method_for(self, modality: str, units: str = "") -> str:
+        """The method for a modality's pixels in `units` (shards.SampleMeta.units): "raw" values have no
+        physical unit, so they always get the per-image robust window (the HU window would squeeze e.g.
+        8-bit images into 0.25..0.31); "HU" gets the modality's configured method; "" (datasets written
+        before units were recorded) keeps the per-modality method as it was."""
+        if units == "raw":
+            return ROBUST_PERCENTILE
         return self.method.get(modality, ROBUST_PERCENTILE)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NormalizeConfig":
+        """Inverse of `to_dict` (e.g. the normalisation stored in an exported backbone)."""
+        return cls(method=dict(d["method"]), hu_window=tuple(d["hu_window"]),
+                   robust_percentiles=tuple(d["robust_percentiles"]))
 
     def to_dict(self) -> dict:
         d = asdict(self)

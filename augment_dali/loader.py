@@ -40,6 +40,7 @@ from shards.layout import DATASET_JSON, SHARDS_DIR
 from shards.verify import DamagedShardError, check_tar
 
 from .config import AugmentConfig
+from .normalize import modality_units, normalisation_record
 from .pipeline import Branch, build_pipeline
 from .plan import EpochPlanner, steps_per_epoch as natural_steps
 from .stats import load_energy_stats
@@ -153,6 +154,7 @@ class SwavLoader:
             config = dataclasses.replace(config, crop_sizes=tuple(crop_sizes or config.crop_sizes),
                                          num_crops=tuple(num_crops or config.num_crops))
         self.config = config
+        self.units = {m: modality_units(self.dataset.units(m)) for m in self.modalities}
         self.stats = self._check_stats(load_energy_stats(self.root))
         # dataset.json holds them: reading them from a manifest part would list every part first
         info = self.dataset.info if (self.root / DATASET_JSON).exists() else {}
@@ -211,7 +213,18 @@ class SwavLoader:
         if list(stats["rescale"]["size_range"]) != list(self.config.size_range):
             warnings.warn(f"stats/energy.json was measured at sizes {stats['rescale']['size_range']}, the pipeline "
                           f"rescales to {list(self.config.size_range)}: band energies depend on image size")
+        for m in self.modalities:
+            method = self.config.normalize.method_for(m, self.units[m])
+            if stats["modalities"][m].get("method", method) != method:
+                raise ValueError(f"stats/energy.json measured {m} after {stats['modalities'][m]['method']} "
+                                 f"normalisation, its {self.units[m] or 'unrecorded'} pixels get {method}: rerun "
+                                 f"`python -m augment_dali.stats {self.root}`")
         return stats
+
+    @property
+    def normalisation(self) -> dict:
+        """Per modality, what the pipeline does to its pixels (augment_dali.normalize.normalisation_record)."""
+        return {m: normalisation_record(m, self.units[m], self.config.normalize) for m in self.modalities}
 
     def __len__(self) -> int:
         return self._steps
@@ -270,7 +283,8 @@ class SwavLoader:
             branches.append(Branch(
                 modality=m, tars=files.tars, indices=files.indices, energy_mean=s["mean"], energy_std=s["std"],
                 read_labels=bool(self.label_names), reader_seed=_derive_seed("reader", self.seed, epoch, self.rank, m),
-                initial_fill=max(1, min(self.initial_fill, files.samples)), with_keys=self.with_keys))
+                initial_fill=max(1, min(self.initial_fill, files.samples)), with_keys=self.with_keys,
+                units=self.units[m]))
         return build_pipeline(branches, self.per_modality, self.config, self.device, self.device_id,
                               self.num_threads, _derive_seed("pipe", self.seed, epoch, self.rank), self.prefetch,
                               checkpoint=checkpoint)

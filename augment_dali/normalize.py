@@ -1,4 +1,12 @@
-"""Intensity normalisation of raw shard pixels to [0, 1], per modality.
+"""Intensity normalisation of raw shard pixels to [0, 1], per modality and pixel units.
+
+Which method applies depends on the modality and on the pixel units recorded at ingest
+(shards.SampleMeta.units, `NormalizeConfig.method_for`): the HU window only for Hounsfield units
+("HU": CT with an exact modality LUT); every "raw" image (MR, XR, US, and non-DICOM sources such as
+8-bit MedMNIST or PNG ingested as ct) gets the per-image robust window. Datasets written before units
+were recorded ("") keep the per-modality choice below. The training pipeline decides per modality of a
+dataset (`modality_units`): a modality whose shards mix HU and raw samples is normalised robustly as a
+whole, which is correct for both (the robust window is invariant to positive affine maps).
 
 Both methods map a window (lo, hi) of each image to [0, 1]: out = clamp((x - lo) / (hi - lo), 0, 1),
 computed as (x - lo) * (1 / max(hi - lo, 1e-6)) in float32. They differ in where the window comes from
@@ -32,6 +40,29 @@ import numpy as np
 from .config import HU_WINDOW, ROBUST_PERCENTILE, NormalizeConfig
 
 _EPS = 1e-6
+
+
+def modality_units(units: set[str]) -> str:
+    """One units value for a set of samples (e.g. `shards.Dataset.units(modality)`): "HU" when all are
+    HU; "raw" when any is raw (robust normalisation is right for HU too, the HU window is not right for
+    raw); "" when some are unrecorded and none is raw (legacy behaviour)."""
+    if "raw" in units:
+        return "raw"
+    if units == {"HU"}:
+        return "HU"
+    return ""
+
+
+def normalisation_record(modality: str, units: str, config: NormalizeConfig = NormalizeConfig()) -> dict:
+    """What the pipeline does to one modality's pixels, as plain values (stored with checkpoints and
+    exported backbones; `normalize_record` applies it)."""
+    return {"modality": modality, "units": units, "method": config.method_for(modality, units),
+            "config": config.to_dict()}
+
+
+def normalize_record(x: np.ndarray, record: dict) -> np.ndarray:
+    """`normalize_numpy` with the method and parameters of a `normalisation_record`."""
+    return normalize_numpy(x, record["method"], NormalizeConfig.from_dict(record["config"]))
 
 
 def _check(method: str) -> None:

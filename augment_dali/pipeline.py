@@ -4,7 +4,8 @@ Per branch (modality m, B/M samples per step), in METHOD.md section 4 order:
 
     fn.readers.webdataset (tar + .idx, ext "npy" [+ "labels.npy"])
     -> fn.decoders.numpy (stored dtype) -> [.gpu()]  (int16/uint16 cross to the GPU at half the bytes)
-    -> normalise to [0, 1]      fn.medswav.intensity with the modality's window (augment_dali.normalize),
+    -> normalise to [0, 1]      fn.medswav.intensity with the window of the modality and its pixel units
+                                (HU window for HU, robust window for raw; augment_dali.normalize),
                                 reading the stored integer dtype directly (float32 out)
     -> fn.medswav.rescale       s ~ U[scale_range], sides clamped into size_range
     -> fn.medswav.energy_bands  ref_i ~ U[mean_i - std_i, mean_i + std_i] from stats/energy.json
@@ -50,13 +51,15 @@ class Branch:
     reader_seed: int
     initial_fill: int          # shuffle buffer of the reader
     with_keys: bool = False    # also output each sample's "tar:offset:member" (tests, previews)
+    units: str = ""            # pixel units of the branch's samples (augment_dali.normalize.modality_units)
 
 
 def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig,
-            cpu_image=None) -> tuple[list, dict]:
+            cpu_image=None, units: str = "") -> tuple[list, dict]:
     """The augmentation graph for one modality, from a decoded "HW" image node (CPU or GPU; float32,
     int16, uint16 or uint8). A GPU image needs the same image on the CPU as `cpu_image` when the
-    modality's normalisation is robust_percentile (its window is computed there).
+    modality's normalisation is robust_percentile (its window is computed there). `units` (HU, raw, or
+    "" when unrecorded) chooses the normalisation with the modality (NormalizeConfig.method_for).
 
     Returns (crop groups, drawn parameters); the parameters (CPU nodes: scale, ref_energies, use_gamma,
     gamma, scale_a, shift_b, positions) are for previews and tests.
@@ -64,7 +67,7 @@ def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig,
     import augment_dali  # noqa: F401  (loads the medswav operator plugin)
     from nvidia.dali import fn, math, types
 
-    image = normalize_dali(image, cfg.normalize.method_for(modality), cfg.normalize, window_source=cpu_image)
+    image = normalize_dali(image, cfg.normalize.method_for(modality, units), cfg.normalize, window_source=cpu_image)
 
     scale = fn.random.uniform(range=list(cfg.scale_range))
     image = fn.medswav.rescale(image, scale=scale, min_size=cfg.size_range[0], max_size=cfg.size_range[1])
@@ -104,7 +107,7 @@ def _branch(b: Branch, cfg: AugmentConfig, device: str) -> dict:
     # needs them), and a GPU pipeline moves half the bytes of float32
     cpu_image = fn.reshape(fn.decoders.numpy(outs[0]), layout="HW")
     image = cpu_image.gpu() if device == "gpu" else cpu_image
-    crops, _ = augment(image, b.modality, b.energy_mean, b.energy_std, cfg, cpu_image=cpu_image)
+    crops, _ = augment(image, b.modality, b.energy_mean, b.energy_std, cfg, cpu_image=cpu_image, units=b.units)
     named = {f"crops{g}": c for g, c in enumerate(crops)}
     if b.read_labels:
         named["labels"] = outs[1]

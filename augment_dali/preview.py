@@ -18,12 +18,13 @@ import numpy as np
 from shards import Dataset
 
 from .config import AugmentConfig
-from .normalize import normalize_numpy
+from .normalize import modality_units, normalize_numpy
 from .sampling import read_pixels, sample_refs
 from .stats import load_energy_stats
 
 
-def augment_images(images: list[np.ndarray], modality: str, stats: dict, cfg: AugmentConfig, seed: int = 0):
+def augment_images(images: list[np.ndarray], modality: str, stats: dict, cfg: AugmentConfig, seed: int = 0,
+                   units: str = ""):
     """Run the pipeline's augmentation graph on raw pixel arrays of one modality.
 
     Returns (crop groups as arrays [n, n_g, s_g, s_g], drawn parameters as dict of arrays).
@@ -36,7 +37,7 @@ def augment_images(images: list[np.ndarray], modality: str, stats: dict, cfg: Au
     def pipe():
         raw = fn.external_source(source=lambda: [np.asarray(i, np.float32) for i in images], batch=True,
                                  layout="HW")
-        crops, params = augment(raw, modality, stats["mean"], stats["std"], cfg)
+        crops, params = augment(raw, modality, stats["mean"], stats["std"], cfg, units=units)
         return (*crops, *params.values())
 
     p = pipe()
@@ -93,8 +94,9 @@ def preview(root, out, per_modality: int = 3, seed: int = 0, cfg: AugmentConfig 
             raise ValueError(f"stats/energy.json has no entry for {m}: rerun `python -m augment_dali.stats {root}`")
         refs = sample_refs(dataset, m, per_modality, seed)
         images = [read_pixels(r) for r in refs]
-        crops, params = augment_images(images, m, stats["modalities"][m], cfg, seed * 1000 + k)
-        method = cfg.normalize.method_for(m)
+        units = modality_units(dataset.units(m))
+        crops, params = augment_images(images, m, stats["modalities"][m], cfg, seed * 1000 + k, units)
+        method = cfg.normalize.method_for(m, units)
         for i, img in enumerate(images):
             intensity = (f"gamma {params['gamma'][i]:.2f}" if params["use_gamma"][i] > 0.5
                          else f"linear {params['scale_a'][i]:.2f}x{params['shift_b'][i]:+.2f}")

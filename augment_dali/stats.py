@@ -13,8 +13,11 @@ Writes DATASET/stats/energy.json:
     {"version": 1, "seed": 0, "sigmas": [1, 2, 4, 8, 16], "bands": ["detail_s1", ..., "residual"],
      "rescale": {"scale_range": [0.1, 0.7], "size_range": [600, 1200]},
      "normalisation": {...NormalizeConfig...},
-     "modalities": {"ct": {"R": 1000, "mean": [6 floats], "std": [6 floats], "method": "hu_window",
-                           "lut_not_applied": 0}, ...}}
+     "modalities": {"ct": {"R": 1000, "mean": [6 floats], "std": [6 floats], "units": "HU",
+                           "method": "hu_window", "lut_not_applied": 0}, ...}}
+The normalisation follows the pixel units recorded at ingest (augment_dali.normalize.modality_units):
+ct ingested from 8-bit images has units "raw" and is measured after the robust window, like the
+training pipeline normalises it.
 The pipeline draws each band's reference energy per sample from U[mean - std, mean + std].
 """
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 from shards import Dataset
 
 from .config import HU_WINDOW, AugmentConfig, NormalizeConfig
-from .normalize import normalize_dali
+from .normalize import modality_units, normalize_dali
 from .sampling import modality_seed, read_meta, read_pixels, sample_refs
 
 STATS_VERSION = 1
@@ -165,7 +168,8 @@ def band_energies_batch(pipe, images: list[np.ndarray], scales: list[float] | No
 
 def measure_modality(dataset: Dataset, modality: str, samples: int, seed: int, config: AugmentConfig,
                      progress=None, batch_size: int = 16) -> dict:
-    method = config.normalize.method_for(modality)
+    units = modality_units(dataset.units(modality))
+    method = config.normalize.method_for(modality, units)
     refs = sample_refs(dataset, modality, samples, seed)
     rng = np.random.default_rng(modality_seed(seed + 1, modality))
     pipe = energy_pipeline(config.sigmas, batch_size, prepare=(method, config.normalize, config.size_range))
@@ -184,7 +188,7 @@ def measure_modality(dataset: Dataset, modality: str, samples: int, seed: int, c
             batch = []
     del pipe
     e = np.concatenate(energies) if energies else np.zeros((0, config.num_bands))
-    return {**energy_summary(e), "method": method, "lut_not_applied": lut_not_applied}
+    return {**energy_summary(e), "units": units, "method": method, "lut_not_applied": lut_not_applied}
 
 
 def compute_stats(root: str | os.PathLike, samples: int = 1000, seed: int = 0,

@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     n = p.add_argument_group("non-DICOM sources (MedMNIST .npz/.npy arrays, PNG/TIFF folders, NIfTI volumes)")
     n.add_argument("--modality", choices=("ct", "mr", "xr", "us"),
                    help="treat the sources as non-DICOM images of this modality (see ingest/arrays.py)")
+    n.add_argument("--units", choices=("raw", "HU"),
+                   help="what their pixel values mean (default raw: no physical unit, normalised per image); "
+                        "HU only for CT volumes known to hold Hounsfield units (they then get the HU window)")
     s = p.add_argument_group("shards and pixels")
     s.add_argument("--shard-size", metavar="SIZE", help="target shard size, e.g. 1GB (default), 256MB, 64MiB")
     s.add_argument("--max-pixel-bytes", metavar="SIZE",
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             max_pixel_bytes=parse_size(args.max_pixel_bytes) if args.max_pixel_bytes else None,
             max_side=args.max_side, frames_per_unit=args.frames_per_unit, val_fraction=args.val_fraction,
             seed=args.seed, labels=args.labels, salt=salt, keep_paths=args.keep_paths, rescan=args.rescan,
-            modality=args.modality, direct_io=args.direct_io, lock_timeout=args.lock_timeout,
+            modality=args.modality, units=args.units, direct_io=args.direct_io, lock_timeout=args.lock_timeout,
         )
         from .finalize import report
         from .job import JobFailed, run

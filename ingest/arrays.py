@@ -259,7 +259,7 @@ def _plan(items: list[Item], job: ArraysJob, salt: str, plan_id: str) -> dict:
 
 
 def convert_shard(entry: tuple[str, list[dict]], root: str, modality: str, label_names: list[str], salt: str,
-                  direct_io: bool = True, hash_paths: bool = False) -> int:
+                  direct_io: bool = True, hash_paths: bool = False, units: str = "raw") -> int:
     """One Dask task: write one shard of non-DICOM images; unreadable images go to errors/."""
     from shards import SampleMeta, ShardWriter, salted_hash, sample_key, write_errors
 
@@ -280,7 +280,8 @@ def convert_shard(entry: tuple[str, list[dict]], root: str, modality: str, label
             meta = SampleMeta(modality=modality, split=spec["split"], source_hash=salted_hash(item.source, salt),
                               sop_hash=salted_hash(item.identity, salt), patient_hash=salted_hash(item.source, salt),
                               photometric="MONOCHROME2", bits_stored=pixels.dtype.itemsize * 8,
-                              bits_allocated=pixels.dtype.itemsize * 8, pixel_representation=int(pixels.dtype.kind == "i"))
+                              bits_allocated=pixels.dtype.itemsize * 8, pixel_representation=int(pixels.dtype.kind == "i"),
+                              units=units)  # "raw" unless the user vouches for Hounsfield units
             labels = np.asarray(spec["labels"], np.float32) if spec["labels"] is not None and label_names else None
             writer.write(sample_key(item.identity, 0, salt), pixels, meta, labels=labels)
             written += 1
@@ -356,7 +357,7 @@ def _run_arrays_locked(cfg, modality: str) -> tuple[dict, dict]:
         _, failures = run_phase(client, "convert", convert_shard, todo, key_of=lambda e: f"arrays-{e[0]}",
                                 progress=cfg.progress, root=str(root), modality=modality,
                                 label_names=label_names, salt=salt, direct_io=cfg.direct_io,
-                                hash_paths=cfg.hash_paths)
+                                hash_paths=cfg.hash_paths, units=cfg.units or "raw")
     if failures:
         from .job import JobFailed
 

@@ -70,6 +70,7 @@ class IngestConfig:
     labels: str | None = None                          # CSV / Parquet keyed by SOP/Series/Study UID
     # modality handling
     modality: str | None = None                        # non-DICOM sources (arrays, PNG/TIFF, NIfTI): their partition
+    units: str | None = None                           # their pixel units (SampleMeta.units); None = "raw"
     modality_map: dict[str, str] = field(default_factory=dict)  # overrides of plan.MODALITY_MAP
     # behaviour
     rescan: bool = False                               # rescan sources even when resuming the same job
@@ -98,6 +99,9 @@ class IngestConfig:
         from .plan import PARTITIONS
         if self.modality is not None and self.modality not in PARTITIONS:
             raise ConfigError(f"--modality must be one of {PARTITIONS}, got {self.modality!r}")
+        if self.units is not None and (self.modality is None or self.units not in ("raw", "HU")):
+            raise ConfigError(f"--units (raw or HU, got {self.units!r}) applies only with --modality (non-DICOM "
+                              "sources); DICOM units come from the header")
         bad = {k: v for k, v in self.modality_map.items() if v not in PARTITIONS and v != "reject"}
         if bad:
             raise ConfigError(f"modality_map values must be one of {PARTITIONS} or 'reject': {bad}")

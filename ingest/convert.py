@@ -138,6 +138,16 @@ def all_frames(path: str, max_side: int | None = None) -> list[np.ndarray]:
     return [convert_frame(ds, f, max_side)[0] for f in range(frames)]
 
 
+def pixel_units(modality: str, rescale_type: str, rescale_applied: bool) -> str:
+    """"HU" for CT whose modality LUT was applied exactly and whose output is Hounsfield units (Rescale
+    Type HU, or absent: the CT default); "raw" for everything else (other modalities, other rescale
+    types, LUTs kept unapplied), whose values the HU window would misread."""
+    from shards import UNITS_HU, UNITS_RAW
+
+    hounsfield = modality == "ct" and rescale_applied and rescale_type.strip().upper() in ("", "HU")
+    return UNITS_HU if hounsfield else UNITS_RAW
+
+
 def _meta(meta: dict, spec: dict, modality: str, info) -> "SampleMeta":
     from shards import SampleMeta
 
@@ -154,6 +164,7 @@ def _meta(meta: dict, spec: dict, modality: str, info) -> "SampleMeta":
         pixel_representation=meta["pixel_representation"], transfer_syntax=meta["transfer_syntax"],
         body_part=meta["body_part"], manufacturer=meta["manufacturer"],
         window_center=meta["window_center"], window_width=meta["window_width"],
+        units=pixel_units(modality, meta.get("rescale_type", ""), info.rescale_applied),
     )
 
 

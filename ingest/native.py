@@ -88,6 +88,8 @@ def header_meta(ds, frame: int) -> dict:
         "signed": int(ds.get("PixelRepresentation") or 0) == 1,
         "slope": slope, "intercept": intercept,
         "modality_lut_sequence": "ModalityLUTSequence" in ds,
+        "rescale_type": str(_functional(ds, frame, "PixelValueTransformationSequence", "RescaleType")
+                            or ds.get("RescaleType") or ""),
         "pixel_spacing": spacing, "slice_thickness": _first(thickness),
         "window_center": _first(center), "window_width": _first(width),
         "bits_stored": int(ds.get("BitsStored") or 0), "bits_allocated": int(ds.get("BitsAllocated") or 0),

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from .layout import (DATASET_JSON, ERRORS_DIR, MANIFEST_DIR, TABLE_DIR, errors_path, idx_path, table_path, tar_path,
                      temporary)
 from .manifest import (ERROR_COUNTS_META, ERRORS_SCHEMA, LABEL_NAMES_META, MANIFEST_SCHEMA, SHARD_TABLE_SCHEMA,
-                       SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, write_parquet_atomically)
+                       SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, UNITS_META, write_parquet_atomically)
 from .sample import SPLITS
 
 FOOTER_READ_THREADS = 16  # footer reads are small and latency-bound (network filesystems): overlap them
@@ -82,6 +82,15 @@ class Dataset:
             if names:
                 return names
         return []
+
+    def units(self, modality: str) -> set[str]:
+        """The distinct pixel units (SampleMeta.units) of a modality's samples, from the manifest parts'
+        metadata; "" stands for shards written before units were recorded."""
+        found: set[str] = set()
+        for part in sorted((self.root / MANIFEST_DIR / f"modality={modality}").glob("*.parquet")):
+            meta = pq.read_schema(part).metadata or {}
+            found.update(json.loads(meta[UNITS_META]) if UNITS_META in meta else [""])
+        return found
 
     def shards(self, modality: str) -> list[ShardFiles]:
         out = []

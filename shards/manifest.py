@@ -70,6 +70,7 @@ SHARD_TABLE_SCHEMA = pa.schema(
         ("tar_crc32", pa.int64()),
     ]
 )
+UNITS_META = b"medswav.units"  # JSON list: the distinct SampleMeta.units of the shard's samples, sorted
 
 
 def write_parquet_atomically(table: pa.Table, path: Path) -> None:

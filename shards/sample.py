@@ -5,6 +5,10 @@ import json
 from dataclasses import dataclass, fields
 
 MODALITIES = ("ct", "mr", "xr", "us")
+# What the stored pixel values mean (SampleMeta.units); "" = not recorded (datasets written before units).
+UNITS_HU = "HU"    # Hounsfield units: CT whose modality LUT was applied exactly (or `--units HU` arrays)
+UNITS_RAW = "raw"  # anything else: stored values without a physical unit (MR, XR, US, 8-bit images, ...)
+UNITS = (UNITS_HU, UNITS_RAW)
 SPLITS = ("train", "val", "test")  # "test" only where a source brings its own split (e.g. MedMNIST)
 
 
@@ -43,8 +47,11 @@ class SampleMeta:
     window_center: float | None = None
     window_width: float | None = None
     labels: dict[str, float] | None = None
+    units: str = ""
 
     def validate(self) -> None:
+        if self.units and self.units not in UNITS:
+            raise ValueError(f"unknown units {self.units!r}; expected one of {UNITS}")
         if self.modality not in MODALITIES:
             raise ValueError(f"unknown modality {self.modality!r}; expected one of {MODALITIES}")
         if self.split not in SPLITS:

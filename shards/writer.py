@@ -19,7 +19,7 @@ import pyarrow as pa
 from .checksum import crc32
 from .index import Member, write_index
 from .layout import idx_path, manifest_path, tar_path, temporary
-from .manifest import (LABEL_NAMES_META, MANIFEST_SCHEMA, SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META,
+from .manifest import (LABEL_NAMES_META, MANIFEST_SCHEMA, SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, UNITS_META,
                        write_parquet_atomically)
 from .sample import SPLITS, SampleMeta
 from .shardfile import ShardFile
@@ -64,6 +64,7 @@ class ShardWriter:
         self._rows: list[dict] = []
         self._samples: list[list[Member]] = []
         self._keys: set[str] = set()
+        self._units: set[str] = set()
         from webdataset import TarWriter  # imported here: webdataset is slow to import
 
         self._file = ShardFile(self._tmp_tar, direct=direct_io)  # O_DIRECT where the filesystem allows
@@ -126,6 +127,7 @@ class ShardWriter:
         members.append(npy_member)
         self._samples.append(members)
         self._keys.add(key)
+        self._units.add(meta.units)
         self._rows.append(
             {
                 "key": key,
@@ -173,6 +175,7 @@ class ShardWriter:
                 TAR_CRC32_META: str(self._file.crc).encode(),
                 TAR_SIZE_META: str(self._file.size).encode(),
                 SUMMARY_META: json.dumps(self._summary(), sort_keys=True).encode(),
+                UNITS_META: json.dumps(sorted(self._units)).encode(),
             }
             table = table.replace_schema_metadata(meta)
             write_parquet_atomically(table, manifest_path(self.root, self.modality, self.name))

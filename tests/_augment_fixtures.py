@@ -1,6 +1,7 @@
 """A small real dataset for the augment_dali tests, written with shards.ShardWriter.
 
-ct: the 18 real abdominal CT slices (modality LUT applied -> int16 HU), 2 shards.
+ct: the 18 real abdominal CT slices (modality LUT applied -> int16 HU, units "HU"), 2 shards.
+(mr, xr and us have units "raw", as ingest records them.)
 mr: 48 slices of the real MPRAGE series (uint16), 3 shards.
 xr: 60 PneumoniaMNIST chest X-rays (uint8, 28 x 28) with the pneumonia label, 2 shards.
 us: 40 BreastMNIST ultrasound images (uint8, 28 x 28), unlabelled, 1 shard.
@@ -26,21 +27,22 @@ def _ct(dicom_dir: Path):
         ds = pydicom.dcmread(path)
         slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
         hu = (ds.pixel_array.astype(np.int32) * int(slope) + int(intercept)).astype(np.int16)
-        yield ds.SOPInstanceUID, hu, dict(rescale_slope=slope, rescale_intercept=intercept, rescale_applied=True), None
+        yield ds.SOPInstanceUID, hu, dict(rescale_slope=slope, rescale_intercept=intercept, rescale_applied=True,
+                                          units="HU"), None
 
 
 def _mr(dicom_dir: Path):
     paths = sorted((dicom_dir / "mr_mprage_sagittal_192").glob("*.dcm"))
     for path in paths[2:194:4]:
         ds = pydicom.dcmread(path)
-        yield ds.SOPInstanceUID, ds.pixel_array, {}, None
+        yield ds.SOPInstanceUID, ds.pixel_array, {"units": "raw"}, None
 
 
 def _medmnist(medmnist_dir: Path, name: str, count: int, labelled: bool):
     z = np.load(medmnist_dir / f"{name}.npz")
     for i in range(count):
         labels = np.array([z["train_labels"][i, 0]], np.float32) if labelled else None
-        yield f"{name}.train.{i}", z["train_images"][i], {}, labels
+        yield f"{name}.train.{i}", z["train_images"][i], {"units": "raw"}, labels
 
 
 def build_dataset(root: Path, dicom_dir: Path, medmnist_dir: Path) -> Path:

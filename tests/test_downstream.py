@@ -24,11 +24,28 @@ def _subset(split, n, seed):
 
 
 def test_npz_loading_matches_the_archive(pneumonia, medmnist_dir):
+    from augment_dali.normalize import normalize_numpy
+
     raw = np.load(medmnist_dir / "pneumoniamnist.npz")
     assert pneumonia.task == "binary" and pneumonia.n_outputs == 1
     for split in ("train", "val", "test"):
         assert np.array_equal(pneumonia[split].labels, raw[f"{split}_labels"].ravel())
-        assert torch.equal(pneumonia[split].images[:, 0], torch.from_numpy(raw[f"{split}_images"]).float() / 255)
+        images = raw[f"{split}_images"]
+        assert pneumonia[split].images.shape == (len(images), 1, 28, 28)
+        for i in range(0, len(images), 97):  # 8-bit "raw" pixels: the robust window, as in pretraining
+            want = normalize_numpy(images[i], "robust_percentile")
+            assert torch.equal(pneumonia[split].images[i, 0], torch.from_numpy(want))
+
+
+def test_npz_inputs_equal_the_pretraining_pipeline_normalisation(pneumonia, medmnist_dir):
+    """The downstream input of an image is what the DALI operator makes of the same stored pixels."""
+    from test_units import dali_normalize
+
+    raw = np.load(medmnist_dir / "pneumoniamnist.npz")["train_images"][:32]
+    got = dali_normalize(list(raw), "robust_percentile")
+    for i, img in enumerate(got):
+        np.testing.assert_allclose(pneumonia["train"].images[i, 0].numpy(), img, atol=2e-6)
+    assert min(float(g.min()) for g in got) == 0.0 and max(float(g.max()) for g in got) == 1.0
 
 
 def test_finetuning_a_small_real_subset_beats_chance(pneumonia):

@@ -323,3 +323,27 @@ def test_finalize_reads_only_footers_and_equals_per_sample_counts(ingested, tmp_
     assert f"rejected inputs: {len(errors)}\n" in out
     (stage, reason), n = Counter((e["stage"], e["reason"]) for e in errors).most_common(1)[0]
     assert f"  {n:>7}  {stage:<8} {reason}" in out
+
+
+def test_pixel_units_are_hounsfield_only_for_exactly_rescaled_ct(ingested):
+    import shards
+    from augment_dali.config import HU_WINDOW, ROBUST_PERCENTILE, NormalizeConfig
+    from augment_dali.normalize import modality_units
+
+    samples = _samples(ingested["root"])
+    kits = [row for row in ingested["manifest"] if "ct_kits_abdomen_18" in ingested["by_hash"][row["source_hash"]]]
+    assert len(kits) == 18
+    for row in kits:  # real CT: slope 1, integer intercept, applied exactly -> HU and the HU window
+        meta = samples[row["key"]][1]
+        assert meta["modality"] == "ct" and meta["rescale_applied"] and meta["units"] == "HU"
+    by_modality = defaultdict(set)
+    for _, meta in samples.values():
+        by_modality[meta["modality"]].add(meta["units"])
+        if meta["units"] == "HU":
+            assert meta["modality"] == "ct" and meta["rescale_applied"]
+    assert by_modality["mr"] == {"raw"} and "HU" in by_modality["ct"]
+    ds = shards.Dataset(ingested["root"])
+    assert {m: ds.units(m) for m in ds.modalities} == dict(by_modality)  # per-shard record = the samples'
+    config = NormalizeConfig()
+    assert config.method_for("mr", modality_units(ds.units("mr"))) == ROBUST_PERCENTILE
+    assert config.method_for("ct", "HU") == HU_WINDOW

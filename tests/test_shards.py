@@ -352,11 +352,16 @@ def test_verify_reports_missing_and_corrupt_metadata_files(dataset):
 
 
 def test_reader_refuses_a_damaged_shard_naming_it(dataset):
+    import pyarrow.compute as pc
+
     from shards.verify import DamagedShardError
 
     shard = shards.Dataset(dataset).shards("mr")[0]
     data = bytearray(shard.tar.read_bytes())
-    data[len(data) // 2] ^= 0x01  # one bit of pixel data: webdataset alone would decode it silently
+    row = shards.Dataset(dataset).manifest("mr").filter(pc.equal(pc.field("shard"), shard.name)).to_pylist()[0]
+    # one bit of pixel data (past the .npy header: the member's last byte): webdataset alone would decode
+    # it silently
+    data[row["npy_offset"] + row["npy_size"] - 1] ^= 0x01
     shard.tar.write_bytes(bytes(data))
     assert sum(1 for _ in shards.reader.iter_samples(dataset, "ct")) == 18  # the intact modality reads
     with pytest.raises(DamagedShardError, match="shard mr/mr-g000-000000 .*checksum"):

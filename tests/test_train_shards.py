@@ -9,8 +9,9 @@ import torch
 
 from _augment_fixtures import build_dataset
 
-from augment_dali.config import AugmentConfig
+from augment_dali.config import AugmentConfig, NormalizeConfig
 from augment_dali.stats import compute_stats, write_stats
+from train.export import backbone_normalisation, export_backbone
 from train.main import main
 
 
@@ -46,6 +47,14 @@ def test_four_modalities_from_shards_train_and_resume_exactly(tmp_path, shard_da
     state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     assert state["modalities"] == ["ct", "mr", "us", "xr"] and state["num_labels"] == 1
     assert len([k for k in state["model"] if k.startswith("prototypes.")]) == 4
+    # the normalisation each modality got travels with the checkpoint into the exported backbone
+    export_backbone(tmp_path / "a" / "checkpoint.pt", tmp_path / "backbone.pt")
+    norm = backbone_normalisation(tmp_path / "backbone.pt")
+    assert norm == state["normalisation"]
+    assert {m: (r["units"], r["method"]) for m, r in norm.items()} == {
+        "ct": ("HU", "hu_window"), "mr": ("raw", "robust_percentile"), "us": ("raw", "robust_percentile"),
+        "xr": ("raw", "robust_percentile")}
+    assert NormalizeConfig.from_dict(norm["ct"]["config"]) == AugmentConfig().normalize
 
     # Same batches after the restart: the loader's pipeline continues from the saved position, without
     # reading or augmenting the first two steps again.

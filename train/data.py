@@ -187,6 +187,7 @@ class ShardSource:
         self.damaged = DamagedShardError
         self.root = root
         self.modalities = list(self.loader.modalities)
+        self.normalisation = self.loader.normalisation  # per modality: units, method, NormalizeConfig
         self.steps_per_epoch = len(self.loader)
         names = getattr(self.loader, "label_names", None)
         if names is None:

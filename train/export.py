@@ -2,9 +2,12 @@
 
     python -m train.export runs/swav/checkpoint.pt --out backbone.pt
 
-The file holds {"arch", "num_features", "state_dict", "step", "modalities"}; load it with
-``load_backbone(path)`` (builds the encoder named in the file) or ``load_backbone(path, arch=...)``
-(refuses another architecture with an error naming both).
+The file holds {"arch", "num_features", "state_dict", "step", "modalities", "normalisation"}; load it
+with ``load_backbone(path)`` (builds the encoder named in the file) or ``load_backbone(path, arch=...)``
+(refuses another architecture with an error naming both). "normalisation" maps each pretraining modality
+to how its pixels were scaled to [0, 1] (augment_dali.normalize.normalisation_record: units, method and
+the NormalizeConfig); `backbone_normalisation(path)` reads it so that downstream inputs are scaled the
+same way (None for backbones of runs without a shard dataset, or exported before it was recorded).
 """
 from __future__ import annotations
 
@@ -27,18 +30,29 @@ def export_backbone(checkpoint: Path, out: Path) -> dict:
     encoder = build_encoder(state["arch"])
     encoder.load_state_dict(weights)  # proves the export loads before writing it
     blob = {"arch": state["arch"], "num_features": encoder.num_features, "state_dict": weights,
-            "step": state.get("step"), "modalities": state.get("modalities")}
+            "step": state.get("step"), "modalities": state.get("modalities"),
+            "normalisation": state.get("normalisation")}
     save_atomic(blob, Path(out))
     return blob
 
 
-def load_backbone(path: str | Path, arch: str | None = None, map_location="cpu") -> torch.nn.Module:
-    """Only tensors and plain values are unpickled (weights_only): a file that holds more is refused."""
+def _read(path: str | Path, map_location="cpu") -> dict:
     from .checkpoint import load_plain
 
     blob = load_plain(Path(path), map_location, what="backbone export")
     if not isinstance(blob, dict) or "arch" not in blob or "state_dict" not in blob:
         raise ValueError(f"{path} is not a medswav backbone export (run python -m train.export)")
+    return blob
+
+
+def backbone_normalisation(path: str | Path) -> dict | None:
+    """The pretraining normalisation stored in a backbone export: {modality: normalisation record}."""
+    return _read(path).get("normalisation")
+
+
+def load_backbone(path: str | Path, arch: str | None = None, map_location="cpu") -> torch.nn.Module:
+    """Only tensors and plain values are unpickled (weights_only): a file that holds more is refused."""
+    blob = _read(path, map_location)
     if arch is not None and arch != blob["arch"]:
         raise ValueError(f"{path} holds {blob['arch']} weights; they cannot be loaded into {arch}")
     encoder = build_encoder(blob["arch"])

@@ -192,6 +192,7 @@ def train(cfg: Config) -> dict:
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "queue": queue_state, "rng": ckpt.rng_state(),
                 "data_positions": positions,
+                "normalisation": getattr(source, "normalisation", None),  # exported for downstream inputs
             }, out / ckpt.CHECKPOINT_NAME)
         if world > 1:
             dist.barrier()

@@ -7,6 +7,8 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from train.export import backbone_normalisation
+
 from .data import load
 from .protocols import ProtocolConfig, convergence_protocol, label_efficiency, robustness_protocol
 from .report import write_report
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = ProtocolConfig(**{f.name: getattr(args, f.name) for f in fields(ProtocolConfig)})
     try:
-        data = load(args.data)
+        data = load(args.data, backbone_normalisation(args.pretrained))
         start = time.time()
         results = {}
         if args.protocol in ("label-efficiency", "all"):

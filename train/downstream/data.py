@@ -1,8 +1,12 @@
 """Labelled images for downstream tasks: MedMNIST-layout NumPy archives or medswav datasets.
 
-Images become float32 tensors [N, 1, H, W] in [0, 1] (integer pixels divided by their dtype's maximum,
-or min-max scaled per image for signed/wide types); labels keep their shape: [N] int for binary and
-multi-class tasks, [N, L] float (NaN unknown) for multi-label ones.
+Images become float32 tensors [N, 1, H, W] in [0, 1], scaled exactly as the pretraining pipeline scales
+them (`augment_dali.normalize.normalize_numpy`, the NumPy twin of the DALI operator): with the
+normalisation stored in the exported backbone (`train.export.backbone_normalisation`) when given, else
+the default NormalizeConfig. MedMNIST archives carry no units: their pixels are "raw" and get the
+per-image robust window, as 8-bit images ingested with `python -m ingest --modality M` do in pretraining.
+Samples of a medswav dataset get the method of their modality and the dataset's recorded units. Labels
+keep their shape: [N] int for binary and multi-class tasks, [N, L] float (NaN unknown) for multi-label ones.
 """
 from __future__ import annotations
 
@@ -32,14 +36,25 @@ class LabelledData:
         return self.splits[split]
 
 
-def to_unit_range(pixels: np.ndarray) -> np.ndarray:
+def _normalize_config(normalisation: dict | None):
+    """The NormalizeConfig of pretraining: from a backbone's normalisation records (all modalities share
+    one config), else the default."""
+    from augment_dali.config import NormalizeConfig
+
+    if normalisation:
+        return NormalizeConfig.from_dict(next(iter(normalisation.values()))["config"])
+    return NormalizeConfig()
+
+
+def to_unit_range(pixels: np.ndarray, method: str, config) -> np.ndarray:
+    """[..., H, W] pixels -> float32 in [0, 1], each image as the pretraining pipeline normalises it."""
+    from augment_dali.normalize import normalize_numpy
+
     x = np.asarray(pixels)
-    if x.dtype == np.uint8:
-        return x.astype(np.float32) / 255.0
-    x = x.astype(np.float32)
-    lo = x.min(axis=(-2, -1), keepdims=True)
-    hi = x.max(axis=(-2, -1), keepdims=True)
-    return (x - lo) / np.maximum(hi - lo, 1e-6)
+    out = np.empty(x.shape, np.float32)
+    for i in np.ndindex(x.shape[:-2]):
+        out[i] = normalize_numpy(x[i], method, config)
+    return out
 
 
 def infer_task(labels: np.ndarray) -> tuple[str, int]:
@@ -52,8 +67,11 @@ def infer_task(labels: np.ndarray) -> tuple[str, int]:
     return "multiclass", int(classes.max()) + 1
 
 
-def load_npz(path: str | Path) -> LabelledData:
+def load_npz(path: str | Path, normalisation: dict | None = None) -> LabelledData:
     """MedMNIST layout: `{split}_images` [N, H, W] (uint8) and `{split}_labels` [N, 1] or [N, L]."""
+    from augment_dali.config import ROBUST_PERCENTILE
+
+    config = _normalize_config(normalisation)
     archive = np.load(path)
     splits = {}
     for split in SPLITS:
@@ -66,7 +84,7 @@ def load_npz(path: str | Path) -> LabelledData:
         if images.ndim == 4:  # RGB MedMNIST sets: luminance
             images = images @ np.array([0.299, 0.587, 0.114])
         labels = labels.reshape(len(labels), -1)
-        splits[split] = Split(torch.from_numpy(to_unit_range(images))[:, None], labels)
+        splits[split] = Split(torch.from_numpy(to_unit_range(images, ROBUST_PERCENTILE, config))[:, None], labels)
     task, n_outputs = infer_task(np.concatenate([s.labels for s in splits.values()]))
     if task != "multilabel":
         for s in splits.values():
@@ -74,13 +92,17 @@ def load_npz(path: str | Path) -> LabelledData:
     return LabelledData(splits, task, n_outputs, str(path))
 
 
-def load_dataset(path: str | Path, size: int | None = None) -> LabelledData:
+def load_dataset(path: str | Path, size: int | None = None, normalisation: dict | None = None) -> LabelledData:
     """A medswav dataset with label names: `train` split for training; its `val` split is divided by
     patient hash into validation and test halves (deterministic)."""
     import shards
     import torch.nn.functional as F
 
+    from augment_dali.normalize import modality_units
+
+    config = _normalize_config(normalisation)
     ds = shards.Dataset(path)
+    methods = {m: config.method_for(m, modality_units(ds.units(m))) for m in ds.modalities}
     names = ds.info.get("label_names") or []
     if not names:
         raise ValueError(f"{path} has no labels: ingest it with --labels")
@@ -91,7 +113,7 @@ def load_dataset(path: str | Path, size: int | None = None) -> LabelledData:
         split = meta["split"]
         if split == "val":
             split = "test" if int(meta.get("patient_hash") or "0", 16) % 2 else "val"
-        x = torch.from_numpy(to_unit_range(pixels))[None, None]
+        x = torch.from_numpy(to_unit_range(pixels, methods[meta["modality"]], config))[None, None]
         if size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         buckets[split][0].append(x[0])
@@ -108,10 +130,11 @@ def load_dataset(path: str | Path, size: int | None = None) -> LabelledData:
     return LabelledData(splits, task, n_outputs, str(path))
 
 
-def load(path: str | Path) -> LabelledData:
+def load(path: str | Path, normalisation: dict | None = None) -> LabelledData:
+    """`normalisation`: the pretraining pipeline's, from `train.export.backbone_normalisation`."""
     p = Path(path)
     if p.suffix == ".npz":
-        return load_npz(p)
+        return load_npz(p, normalisation)
     if p.is_dir():
-        return load_dataset(p)
+        return load_dataset(p, normalisation=normalisation)
     raise ValueError(f"{path}: expected a MedMNIST-layout .npz file or a medswav dataset folder")
