@@ -3,7 +3,7 @@
 Per branch (modality m, B/M samples per step), in METHOD.md section 4 order:
 
     fn.readers.webdataset (tar + .idx, ext "npy" [+ "labels.npy"])
-    -> fn.decoders.numpy (stored dtype) -> [.gpu()]  (int16/uint16 cross to the GPU at half the bytes)
+    -> fn.decoders.numpy (float32) -> [.gpu()]
     -> normalise to [0, 1]      fn.medswav.intensity with the window of the modality and its pixel units
                                 (HU window for HU, robust window for raw; augment_dali.normalize),
                                 reading the stored integer dtype directly (float32 out)
@@ -103,9 +103,10 @@ def _branch(b: Branch, cfg: AugmentConfig, device: str) -> dict:
         random_shuffle=True, initial_fill=b.initial_fill, seed=b.reader_seed, shard_id=0, num_shards=1,
         name=f"reader_{b.modality}")
     outs = outs if isinstance(outs, list) else [outs]
-    # stored dtype: intensity and robust_window read integers directly (the robust window's histogram
-    # needs them), and a GPU pipeline moves half the bytes of float32
-    cpu_image = fn.reshape(fn.decoders.numpy(outs[0]), layout="HW")
+    # float32 on decode: DALI's numpy decoder needs one dtype across a reader's samples, and one modality
+    # may mix int16 and uint16 (or uint8) shards, as the demo's pydicom files do; robust_window's
+    # histogram still takes whole-number float32 pixels exactly
+    cpu_image = fn.reshape(fn.decoders.numpy(outs[0], dtype=types.FLOAT), layout="HW")
     image = cpu_image.gpu() if device == "gpu" else cpu_image
     crops, _ = augment(image, b.modality, b.energy_mean, b.energy_std, cfg, cpu_image=cpu_image, units=b.units)
     named = {f"crops{g}": c for g, c in enumerate(crops)}
