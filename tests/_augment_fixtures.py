@@ -33,9 +33,13 @@ def _ct(dicom_dir: Path):
 
 def _mr(dicom_dir: Path):
     paths = sorted((dicom_dir / "mr_mprage_sagittal_192").glob("*.dcm"))
-    for path in paths[2:194:4]:
+    for i, path in enumerate(paths[2:194:4]):
         ds = pydicom.dcmread(path)
-        yield ds.SOPInstanceUID, ds.pixel_array, {"units": "raw"}, None
+        pixels = ds.pixel_array
+        if i % 3 == 1:  # some slices stored as int16 (same values): real exports mix int16 and uint16 MR
+            assert pixels.max() < 2**15
+            pixels = pixels.astype(np.int16)
+        yield ds.SOPInstanceUID, pixels, {"units": "raw"}, None
 
 
 def _medmnist(medmnist_dir: Path, name: str, count: int, labelled: bool):
