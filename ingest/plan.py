@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,7 @@ class Plan:
     already_ingested: int = 0
     slices: int = 0
     rejected: int = 0  # plan_generation: rejections written to errors/ by the bucket tasks (not gathered)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # plan_generation: per phase
 
 
 def split_of(group_hash: str, val_fraction: float) -> str:
@@ -817,8 +819,12 @@ def plan_generation(client, root: Path, generation: int, *, rows: int, modality_
     buckets = buckets_for(rows, workers)
     tag = f"g{generation:03d}-{token}"
 
+    seconds: dict[str, float] = {}
+
     def phase(desc, fn, items, key_of, **kwargs):
+        start = time.perf_counter()
         results, failures = run_phase(client, desc, fn, items, key_of=key_of, progress=progress, **kwargs)
+        seconds[desc.split()[-1]] = time.perf_counter() - start
         if failures:
             first = failures[0][1]
             raise PlanFailed(f"{len(failures)} {desc} task(s) failed: {type(first).__name__}: {first}")
@@ -848,4 +854,5 @@ def plan_generation(client, root: Path, generation: int, *, rows: int, modality_
         plan.shards.update(infos)
     plan.shards = dict(sorted(plan.shards.items()))
     plan.slices = sum(info["slices"] for info in plan.shards.values())
+    plan.phase_seconds = seconds
     return plan
