@@ -15,11 +15,18 @@ Rules, in order:
 3. Partition by modality code (MODALITY_MAP, extendable with `modality_map` in the config).
 4. Patient-level split: a patient is in "val" when its salted patient hash, read as a fraction of
    2**60, is below `val_fraction` (no patient ID: study, then series, then SOP hash stand in).
-5. Shuffle across patients and series within each (modality, split): planning units (a single-frame
-   file, or a run of up to `frames_per_unit` frames of a multi-frame file) are sorted by hash and then
-   permuted with a seeded generator; the order inside each shard is permuted again.
-6. Cut into shards of about `shard_size` estimated bytes; each shard holds one split only and is
-   named `<modality>-g<generation>-<index>` (index counts train shards first, then val shards).
+5. Shuffle across patients and series within each (modality, split): each planning unit (a
+   single-frame file, or a run of up to `frames_per_unit` frames of a multi-frame file) gets a seeded
+   sort key computed from its own SOP hash and first frame (`unit_order`).
+6. Cut into shards: a (modality, split) of B estimated bytes gets n = ceil(B / shard_size) shards, n
+   equal ranges of the sort key (`shard_of`), so a unit's shard depends on nothing but its own key and
+   no global sort is needed; the order inside each shard is permuted with a seeded generator. Each
+   shard holds one split only and is named `<modality>-g<generation>-<index>` (index counts train
+   shards first, then val shards; an empty key range leaves its index unused).
+
+Rules 1-5 need only the rows of one SOP-hash bucket (`plan_rows`), rule 6 only one key range of
+every bucket's output (`cut_shards`): `plan_generation` runs them as Dask tasks, `make_plan` in one
+process, with the same result.
 """
 from __future__ import annotations
 
@@ -805,7 +812,7 @@ def clear_generation_plan(root: Path, generation: int) -> None:
 def plan_generation(client, root: Path, generation: int, *, rows: int, modality_map: dict[str, str],
                     max_pixel_bytes: int, max_side: int | None, shard_size: int, frames_per_unit: int,
                     val_fraction: float, seed: int, salt: str, hash_paths: bool, labels_path: str | None,
-                    progress: bool = False, token: str = "") -> Plan:
+                    progress: bool = False, token: str = "", buckets: int | None = None) -> Plan:
     """Plan generation `generation` from its inventory parts as Dask tasks (phases A-C above): spec files
     under _work/gNNN/shards, plan records under plan/gNNN/, errors under errors/. Returns the summary
     (per shard info; counts); raises PlanFailed when a task failed. The caller writes plan/gNNN.json."""
@@ -816,7 +823,7 @@ def plan_generation(client, root: Path, generation: int, *, rows: int, modality_
     clear_generation_plan(root, generation)
     parts = [str(p) for p in sorted((root / INVENTORY_DIR).glob(f"part-g{generation:03d}-*.parquet"))]
     workers = max(1, len(client.scheduler_info().get("workers", {})))
-    buckets = buckets_for(rows, workers)
+    buckets = buckets or buckets_for(rows, workers)  # any count gives the same plan; it sets task sizes
     tag = f"g{generation:03d}-{token}"
 
     seconds: dict[str, float] = {}
