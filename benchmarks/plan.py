@@ -10,8 +10,9 @@ MR (256 x 256) of about 150 slices, XR (1-2 images of 2500 x 2000) and US (1-6 m
 lossy); every row carries a native_layout JSON of the real size (~650 characters, per-file keys).
 Then, for 1 and for 2 workers, a fresh client process starts an embedded LocalCluster, runs the
 planning of generation 0 and the finalize step, and reports its wall time, its own peak RSS (client
-and scheduler; ru_maxrss, which includes everything it gathered from the workers) and each worker's
-peak RSS (ru_maxrss read in the worker at the end). The planned slice count is checked against the
+and scheduler, VmHWM: everything it gathered from the workers included) and each worker's peak RSS
+(VmHWM read in the worker at the end), and the CPU seconds the workers spent (on a loaded machine the
+wall-time scaling says little; the CPU time says what the work costs). The planned slice count is checked against the
 generator's own count of unique (SOP, frame) pairs.
 
 Finalize here writes dataset.json over a dataset without shards (no convert ran): its figure is the
@@ -149,18 +150,32 @@ def synthesize(root: Path, rows: int, part_rows: int, seed: int = 0) -> tuple[in
 
 
 _CLIENT = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 import dask
 from distributed import Client, LocalCluster
 from ingest import plan as planning
 from ingest.finalize import finalize
 
+def cpu():
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+def peak_kb():
+    # VmHWM: the peak RSS of this process image (ru_maxrss would carry over the forking parent's peak
+    # across exec, on Linux)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
 root, workers, rows = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 dask.config.set({"distributed.scheduler.work-stealing": False, "distributed.worker.profile.enabled": False})
 with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                   silence_logs=40) as cluster, Client(cluster) as client:
     client.run(lambda: __import__("ingest.plan"))
+    started_kb = peak_kb()
+    cpu0 = sum(client.run(cpu).values())
     start = time.perf_counter()
     plan = planning.plan_generation(client, root, 0, rows=rows, modality_map={}, max_pixel_bytes=2 * 2**30,
                                     max_side=None, shard_size=1_000_000_000, frames_per_unit=16,
@@ -169,14 +184,16 @@ with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashb
     planning.write_plan_meta(root, 0, {"generation": 0, "status": "pending", "shards": plan.shards,
                                         "slices": plan.slices})
     plan_s = time.perf_counter() - start
+    worker_cpu = sum(client.run(cpu).values()) - cpu0
+    planned_kb = peak_kb()
     start = time.perf_counter()
     finalize(root, {"generations": [0]})
     finalize_s = time.perf_counter() - start
-    worker_kb = client.run(lambda: __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss)
+    worker_kb = client.run(peak_kb)
 print(json.dumps({"plan_s": plan_s, "finalize_s": finalize_s, "slices": plan.slices, "shards": len(plan.shards),
                   "already": plan.already_ingested, "rejected": plan.rejected, "phases": plan.phase_seconds,
-                  "client_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "worker_kb": max(worker_kb.values())}))
+                  "client_kb": peak_kb(), "client_started_kb": started_kb, "client_planned_kb": planned_kb,
+                  "worker_cpu_s": worker_cpu, "worker_kb": max(worker_kb.values())}))
 """
 
 
@@ -220,8 +237,10 @@ def main(argv=None) -> int:
             if r["slices"] != unique:
                 raise RuntimeError(f"planned {r['slices']:,} slices, the inventory holds {unique:,}")
             results[workers] = r
-            print(f"{workers} worker(s): plan phases (s) {json.dumps({k: round(v, 2) for k, v in r['phases'].items()})}",
-                  flush=True)
+            print(f"{workers} worker(s): plan phases (s) {json.dumps({k: round(v, 2) for k, v in r['phases'].items()})}; "
+                  f"workers' CPU {r['worker_cpu_s']:.1f} s; client peak RSS after cluster start "
+                  f"{r['client_started_kb'] / 1024:.0f} MB, after plan {r['client_planned_kb'] / 1024:.0f} MB, "
+                  f"after finalize {r['client_kb'] / 1024:.0f} MB", flush=True)
         table = [{"workers": w, "plan s": r["plan_s"], "finalize s": r["finalize_s"], "shards": r["shards"],
                   "slices": r["slices"], "client peak MB": r["client_kb"] / 1024, "worker peak MB": r["worker_kb"] / 1024}
                  for w, r in results.items()]
@@ -233,6 +252,9 @@ def main(argv=None) -> int:
             "plan_seconds_1w": round(results[1]["plan_s"], 2), "plan_seconds_2w": round(results[2]["plan_s"], 2),
             "scaling_1_to_2": round(results[1]["plan_s"] / results[2]["plan_s"], 3),
             "finalize_seconds_1w": round(results[1]["finalize_s"], 3),
+            "client_peak_rss_after_plan_mb": round(max(r["client_planned_kb"] for r in results.values()) / 1024, 1),
+            "worker_cpu_seconds_1w": round(results[1]["worker_cpu_s"], 1),
+            "worker_cpu_seconds_2w": round(results[2]["worker_cpu_s"], 1),
         }
         print(json.dumps(figures))
         write_json(args.json, "plan", figures, {"rows": rows, "part_rows": args.part_rows, "quick": args.quick,

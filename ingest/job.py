@@ -79,19 +79,6 @@ def _read_inventory(root: Path, g: int, hash_paths: bool) -> pa.Table:
     return table.join(paths, keys="source_hash", join_type="left outer")  # adds "path"
 
 
-def _previous_error_keys(root: Path, skip_prefixes: tuple[str, ...]) -> set[tuple[str, str]]:
-    base = root / "errors"
-    seen: set[tuple[str, str]] = set()
-    if not base.is_dir():
-        return seen
-    for p in base.glob("*.parquet"):
-        if p.stem.startswith(skip_prefixes):
-            continue
-        t = pq.read_table(p, columns=["source", "reason"])
-        seen.update(zip(t.column("source").to_pylist(), t.column("reason").to_pylist()))
-    return seen
-
-
 def _convert_shards(client, root: Path, g: int, todo: list[tuple[str, str]], meta: dict, cfg: IngestConfig,
                     salt: str, label_names: list[str], stats: RunStats) -> dict[str, int]:
     """Run the convert tasks of `todo` ((name, modality), in start order); returns {name: samples} of the
@@ -439,9 +426,10 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
     except planning.PlanFailed as e:
         raise JobFailed(f"{e}; rerun the same command") from None
     stats.new_slices, stats.already_ingested = plan.slices, plan.already_ingested
-    seen = _previous_error_keys(root, (f"scan-g{g:03d}", f"plan-g{g:03d}"))
-    scan_errors = list({(e["source"], e["reason"]): e for r in results for e in r["errors"]
-                        if (e["source"], e["reason"]) not in seen}.values())
+    # reported by an earlier generation: looked up for this run's scan errors only (the error files of
+    # earlier generations are not read into the client)
+    scan_errors = planning.not_yet_reported(root, g, list({(e["source"], e["reason"]): e for r in results
+                                                           for e in r["errors"]}.values()))
     write_errors(root, f"scan-g{g:03d}", scan_errors)
     _log(f"plan g{g:03d}: {stats.files:,} files, {plan.slices:,} new slices in {len(plan.shards):,} shard(s), "
          f"{stats.already_ingested:,} already ingested, {len(scan_errors) + plan.rejected:,} rejected")

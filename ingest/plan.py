@@ -707,7 +707,7 @@ def _labels_for(path: str | None, salt: str) -> "LabelTable | None":
     return _LABELS[key]
 
 
-def _not_yet_reported(root: Path, generation: int, errors: list[dict]) -> list[dict]:
+def not_yet_reported(root: Path, generation: int, errors: list[dict]) -> list[dict]:
     """The errors not already recorded by an earlier generation (same source and reason): a rerun over
     the same sources does not report the same rejected file again."""
     import pyarrow.compute as pc
@@ -748,7 +748,7 @@ def plan_bucket(bucket: int, *, root: str, generation: int, buckets: int, modali
         previous=previous_frames(root_, bucket_range(bucket, buckets)), labels=_labels_for(labels_path, salt),
         shown=lambda r: shown_source(r["path"], salt, hash_paths))
     del table
-    errors = _not_yet_reported(root_, generation, plan.errors)
+    errors = not_yet_reported(root_, generation, plan.errors)
     write_errors(root_, f"plan-g{generation:03d}-b{bucket:06d}", errors)
     sort = pc.sort_indices(planned, sort_keys=[("group", "ascending"), ("order", "ascending")])
     planned = planned.take(sort)
