@@ -650,13 +650,14 @@ def first_per_source(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(~repeat)) if repeat.any() else table
 
 
-def _write_sorted(table: pa.Table, path: Path, by: np.ndarray) -> None:
+def _write_sorted(table: pa.Table, path: Path, by: np.ndarray, stats: list[str]) -> None:
     """Write `table` (already sorted by `by`) with row groups that never span two values of `by` (and
-    at most ROW_GROUP_ROWS rows), atomically."""
+    at most ROW_GROUP_ROWS rows), atomically. Only the `stats` columns carry row-group statistics (what
+    readers filter on): every reader parses the footer, and min/max of paths and layouts would bloat it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     starts = np.flatnonzero(np.r_[True, by[1:] != by[:-1]]) if len(by) else np.zeros(0, np.int64)
-    with pq.ParquetWriter(tmp, table.schema) as writer:
+    with pq.ParquetWriter(tmp, table.schema, write_statistics=stats) as writer:
         for a, b in zip(starts.tolist(), np.r_[starts[1:], len(by)].tolist()):
             writer.write_table(table.slice(a, b - a), row_group_size=ROW_GROUP_ROWS)
         if not len(by):
@@ -688,7 +689,7 @@ def bucket_part(part: str, *, root: str, generation: int, buckets: int, hash_pat
     bucket = bucket_of(sop_key32(table.column("sop_hash")), buckets).astype(np.int32)
     order = np.argsort(bucket, kind="stable")
     table = table.take(pa.array(order)).append_column("bucket", pa.array(bucket[order], pa.int32()))
-    _write_sorted(table, _work(root_, generation, "buckets") / Path(part).name, bucket[order])
+    _write_sorted(table, _work(root_, generation, "buckets") / Path(part).name, bucket[order], ["bucket"])
     return table.num_rows
 
 
@@ -753,7 +754,7 @@ def plan_bucket(bucket: int, *, root: str, generation: int, buckets: int, modali
     sort = pc.sort_indices(planned, sort_keys=[("group", "ascending"), ("order", "ascending")])
     planned = planned.take(sort)
     _write_sorted(planned, _work(root_, generation, "planned") / f"bucket-{bucket:06d}.parquet",
-                  _np(planned, "group"))
+                  _np(planned, "group"), ["group", "order"])
     return {"groups": {g: list(v) for g, v in group_totals(planned).items()}, "already": plan.already_ingested,
             "rejected": len(errors)}
 
@@ -789,7 +790,7 @@ def write_shard_range(item: tuple[int, int, int, int, int], *, root: str, genera
         first_name = shard_name(PARTITIONS[group // 2], generation, index_offset + first)
         # row groups of ROW_GROUP_ROWS sorted keys: a later bucket task reads only the groups of its key range
         _write_sorted(record, record_parts_dir(root_, generation) / f"part-{first_name}.parquet",
-                      np.zeros(record.num_rows, np.int8))
+                      np.zeros(record.num_rows, np.int8), ["shard", "sop_key"])
     return infos
 
 
