@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .scan import WORK_DIR, error_row
+from .scan import INVENTORY_SCHEMA, WORK_DIR, error_row
 
 PARTITIONS = ("ct", "mr", "xr", "us")
 # Projection radiography of any kind goes to "xr": computed/digital radiography, radiofluoroscopy,
@@ -83,11 +83,12 @@ PLANNED_SCHEMA = pa.schema([*SPEC_SCHEMA, ("group", pa.int8()), ("order", pa.int
 # slice's place in its shard's write order. (Generations planned before the cluster planner have one
 # plan/gNNN.parquet in write order, without these two columns; every reader takes both.)
 RECORD_PART_SCHEMA = pa.schema([*RECORD_SCHEMA, ("position", pa.int32()), ("sop_key", pa.int64())])
+BUCKETED_SCHEMA = pa.schema([*INVENTORY_SCHEMA, ("path", pa.string())])  # inventory rows + where to read them
 PLAN_DIR = "plan"
 ORDER_SHIFT = 30                   # shard_of works on order >> 30 (< 2**33), so order * n stays in int64
 MAX_SHARDS_PER_GROUP = (1 << 30) - 1
 BUCKET_ROWS = 100_000              # inventory rows per planning bucket (~0.5 GB of worker memory each)
-ROW_GROUP_ROWS = 16_384            # row groups of bucketed and planned files: what a filtered read skips by
+ROW_GROUP_ROWS = 16_384            # row groups / record batches of the planning work files
 
 
 def shard_name(modality: str, generation: int, index: int) -> str:
@@ -665,11 +666,54 @@ def _write_sorted(table: pa.Table, path: Path, by: np.ndarray, stats: list[str])
     tmp.replace(path)
 
 
+def _write_slots(table: pa.Table, path: Path, slot: np.ndarray, slots: int) -> None:
+    """Write `table` (sorted by `slot`, each in 0..slots-1) as an Arrow IPC stream plus an index
+    `<path>.idx.npy` of slots + 1 byte offsets: the rows of slot k lie in [index[k], index[k + 1]).
+    A reader of one slot (or a run of slots) reads two index entries and that byte range only, so
+    its cost does not grow with the number of slots, unlike a Parquet footer that lists them all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, tmp_index = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.idx.tmp.npy")
+    bounds = np.searchsorted(slot, np.arange(slots + 1)).tolist()
+    offsets = np.empty(slots + 1, np.int64)
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+        for k in range(slots):
+            offsets[k] = sink.tell()
+            if bounds[k + 1] > bounds[k]:
+                writer.write_table(table.slice(bounds[k], bounds[k + 1] - bounds[k]), max_chunksize=ROW_GROUP_ROWS)
+        offsets[slots] = sink.tell()
+    np.save(tmp_index, offsets)
+    tmp_index.replace(_slot_index(path))
+    tmp.replace(path)
+
+
+def _slot_index(path: Path) -> Path:
+    return path.with_name(path.name + ".idx.npy")
+
+
+def _read_slots(path: Path, first: int, last: int, schema: pa.Schema) -> pa.Table:
+    """The rows of slots first..last of a `_write_slots` file."""
+    index = np.load(_slot_index(path), mmap_mode="r")
+    a, b = int(index[first]), int(index[last + 1])
+    if a == b:
+        return schema.empty_table()
+    with pa.memory_map(str(path)) as source:
+        source.seek(a)
+        reader = pa.BufferReader(source.read_buffer(b - a))
+    batches = []
+    while True:
+        try:
+            message = pa.ipc.read_message(reader)
+        except EOFError:
+            break
+        if message.type == "record batch":  # the first slot written also holds the schema message
+            batches.append(pa.ipc.read_record_batch(message, schema))
+    return pa.Table.from_batches(batches, schema)
+
+
 def bucket_part(part: str, *, root: str, generation: int, buckets: int, hash_paths: bool) -> int:
     """Phase A for one inventory part; returns its row count."""
     import pyarrow.compute as pc
-
-    from .scan import INVENTORY_SCHEMA
 
     root_ = Path(root)
     table = pq.read_table(part)
@@ -688,8 +732,9 @@ def bucket_part(part: str, *, root: str, generation: int, buckets: int, hash_pat
         table = table.append_column("path", table.column("source"))
     bucket = bucket_of(sop_key32(table.column("sop_hash")), buckets).astype(np.int32)
     order = np.argsort(bucket, kind="stable")
-    table = table.take(pa.array(order)).append_column("bucket", pa.array(bucket[order], pa.int32()))
-    _write_sorted(table, _work(root_, generation, "buckets") / Path(part).name, bucket[order], ["bucket"])
+    table = table.take(pa.array(order))
+    table = table.select(BUCKETED_SCHEMA.names).cast(BUCKETED_SCHEMA)
+    _write_slots(table, _work(root_, generation, "buckets") / f"{Path(part).stem}.arrows", bucket[order], buckets)
     return table.num_rows
 
 
@@ -725,24 +770,25 @@ def not_yet_reported(root: Path, generation: int, errors: list[dict]) -> list[di
     return [e for e in errors if (e["source"], e["reason"]) not in seen]
 
 
-def plan_bucket(bucket: int, *, root: str, generation: int, buckets: int, modality_map: dict[str, str],
+def plan_bucket(bucket: int, *, root: str, generation: int, buckets: int, slabs_log2: int,
+                modality_map: dict[str, str],
                 max_pixel_bytes: int, max_side: int | None, frames_per_unit: int, val_fraction: float, seed: int,
                 salt: str, hash_paths: bool, labels_path: str | None) -> dict:
     """Phase B for one bucket; returns {"groups": {group: [slices, est_bytes]}, "already": n, "rejected": n}."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
     from shards import write_errors
 
     from .scan import shown_source
 
     root_ = Path(root)
-    parts = sorted(_work(root_, generation, "buckets").glob("*.parquet"))
-    table = pads.dataset(parts, format="parquet").to_table(filter=pc.field("bucket") == bucket) if parts else None
-    if table is None or not table.num_rows:
+    parts = sorted(_work(root_, generation, "buckets").glob("*.arrows"))
+    pieces = [_read_slots(p, bucket, bucket, BUCKETED_SCHEMA) for p in parts]
+    table = pa.concat_tables(pieces) if pieces else BUCKETED_SCHEMA.empty_table()
+    if not table.num_rows:
         write_errors(root_, f"plan-g{generation:03d}-b{bucket:06d}", [])
         return {"groups": {}, "already": 0, "rejected": 0}
-    table = first_per_source(table.drop_columns(["bucket"]))
+    table = first_per_source(table)
     plan, planned = plan_rows(
         table, generation=generation, modality_map=modality_map, max_pixel_bytes=max_pixel_bytes, max_side=max_side,
         frames_per_unit=frames_per_unit, val_fraction=val_fraction, seed=seed,
@@ -753,26 +799,27 @@ def plan_bucket(bucket: int, *, root: str, generation: int, buckets: int, modali
     write_errors(root_, f"plan-g{generation:03d}-b{bucket:06d}", errors)
     sort = pc.sort_indices(planned, sort_keys=[("group", "ascending"), ("order", "ascending")])
     planned = planned.take(sort)
-    _write_sorted(planned, _work(root_, generation, "planned") / f"bucket-{bucket:06d}.parquet",
-                  _np(planned, "group"), ["group", "order"])
+    _write_slots(planned, _work(root_, generation, "planned") / f"bucket-{bucket:06d}.arrows",
+                 _np(planned, "group").astype(np.int64) * (1 << slabs_log2) + (_np(planned, "order") >> (63 - slabs_log2)),
+                 2 * len(PARTITIONS) << slabs_log2)
     return {"groups": {g: list(v) for g, v in group_totals(planned).items()}, "already": plan.already_ingested,
             "rejected": len(errors)}
 
 
-def write_shard_range(item: tuple[int, int, int, int, int], *, root: str, generation: int, seed: int) -> dict:
+def write_shard_range(item: tuple[int, int, int, int, int], *, root: str, generation: int, seed: int,
+                      slabs_log2: int) -> dict:
     """Phase C for shards first..last of one group (of n, names counted from index_offset): their spec
     files and one plan-record part. Returns {shard name: info}."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
     from shards.manifest import write_parquet_atomically
 
     group, first, last, n, index_offset = item
     root_ = Path(root)
     lo, hi = order_range(first, last, n)
-    files = sorted(_work(root_, generation, "planned").glob("bucket-*.parquet"))
-    where = (pc.field("group") == group) & (pc.field("order") >= lo) & (pc.field("order") <= hi)
-    planned = pads.dataset(files, schema=PLANNED_SCHEMA).to_table(filter=where)
+    files = sorted(_work(root_, generation, "planned").glob("bucket-*.arrows"))
+    base = group << slabs_log2  # the slabs (equal key ranges) that hold keys lo..hi; cut_shards keeps lo..hi
+    pieces = [_read_slots(f, base + (lo >> (63 - slabs_log2)), base + (hi >> (63 - slabs_log2)), PLANNED_SCHEMA)
+              for f in files]
+    planned = pa.concat_tables(pieces) if pieces else PLANNED_SCHEMA.empty_table()
     infos, records = {}, []
     for name, spec, info in cut_shards(planned, group, first, last, n, index_offset, seed, generation):
         write_parquet_atomically(spec, spec_path(root_, generation, name))
@@ -825,6 +872,9 @@ def plan_generation(client, root: Path, generation: int, *, rows: int, modality_
     parts = [str(p) for p in sorted((root / INVENTORY_DIR).glob(f"part-g{generation:03d}-*.parquet"))]
     workers = max(1, len(client.scheduler_info().get("workers", {})))
     buckets = buckets or buckets_for(rows, workers)  # any count gives the same plan; it sets task sizes
+    # key ranges ("slabs") per group in the planned files: about one per shard-range task, so that a
+    # task reads little beyond its own range
+    slabs_log2 = min(16, max(4, (buckets - 1).bit_length()))
     tag = f"g{generation:03d}-{token}"
 
     seconds: dict[str, float] = {}
@@ -841,7 +891,8 @@ def plan_generation(client, root: Path, generation: int, *, rows: int, modality_
     phase("plan: bucket", bucket_part, parts, lambda p: f"plan-bucket-{Path(p).stem}-{tag}", root=str(root),
           generation=generation, buckets=buckets, hash_paths=hash_paths)
     counted = phase("plan: dedup", plan_bucket, list(range(buckets)), lambda b: f"plan-dedup-{b}-{tag}",
-                    root=str(root), generation=generation, buckets=buckets, modality_map=modality_map,
+                    root=str(root), generation=generation, buckets=buckets, slabs_log2=slabs_log2,
+                    modality_map=modality_map,
                     max_pixel_bytes=max_pixel_bytes, max_side=max_side, frames_per_unit=frames_per_unit,
                     val_fraction=val_fraction, seed=seed, salt=salt, hash_paths=hash_paths, labels_path=labels_path)
     plan = Plan(generation)
@@ -858,7 +909,7 @@ def plan_generation(client, root: Path, generation: int, *, rows: int, modality_
         offset = shards.get(group - 1, 0) if group % 2 else 0  # val shards are numbered after train shards
         ranges += [(group, first, min(n, first + per_task) - 1, n, offset) for first in range(0, n, per_task)]
     for infos in phase("plan: shards", write_shard_range, ranges, lambda it: f"plan-shards-{it[0]}-{it[1]}-{tag}",
-                       root=str(root), generation=generation, seed=seed):
+                       root=str(root), generation=generation, seed=seed, slabs_log2=slabs_log2):
         plan.shards.update(infos)
     plan.shards = dict(sorted(plan.shards.items()))
     plan.slices = sum(info["slices"] for info in plan.shards.values())
