@@ -2,14 +2,20 @@
 #   make demo   - install into .venv, then run the main job: ingest real DICOM (pydicom + pydicom-data),
 #                 reference energies, augmentation preview, a short CPU training run, backbone export
 #   make test   - install into .venv, then run the test suite
+#   make gpu-kit   - (here, with network) the GPU kit: stripped DALI wheel, dependency wheels, test data,
+#                    in parts of <= 60 MiB under build/gpu-kit/ (docs/GPU.md; staging: gpu_kit plan)
+#   make gpu-check - (on the GPU machine, no venv needed) every GPU stage, results in $OUT or build/gpu-check
 # Override PYTHON, VENV or TORCH on the command line, e.g. `make demo TORCH="torch==2.13.0+cu130"`.
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medswav-installed
+# The representation benchmark's peer arms (lightly) run in their own environment: benchmarks/requirements-peer.txt
+PEER_VENV  ?= .venv-peer
+PEER_STAMP := $(PEER_VENV)/.peer-installed
 
-.PHONY: install demo test bench-quick gpu-harness clean
+.PHONY: install demo test bench-quick bench-peer-env bench-representation gpu-harness gpu-kit gpu-check clean
 
 install: $(STAMP)
 
@@ -39,5 +45,25 @@ bench-quick: $(STAMP)
 gpu-harness: $(STAMP)
 	$(PY) -m augment_dali.harness --out gpu_harness --sanitizer
 
+gpu-kit: $(STAMP)
+	$(PY) -m benchmarks.gpu_kit build
+	$(PY) -m benchmarks.gpu_kit plan
+
+# The system python of the GPU machine (torch there); the kit installs the rest under the staging folder.
+# Without make: bash .gpu/check.sh (the same command).
+gpu-check:
+	PYTHON=$(PYTHON) bash .gpu/check.sh
+
+bench-peer-env: $(PEER_STAMP)
+
+$(PEER_STAMP): benchmarks/requirements-peer.txt
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q -r benchmarks/requirements-peer.txt
+	touch $@
+
+# medswav against lightly's SwAV and SimCLR and random initialisation (docs/EVALUATION.md, section 5)
+bench-representation: $(STAMP) $(PEER_STAMP)
+	MEDSWAV_PEER_PYTHON=$(PEER_VENV)/bin/python $(PY) -m benchmarks.representation --json runs/bench/representation.json
+
 clean:
-	rm -rf $(VENV) demo_output gpu_harness build *.egg-info augment_dali/_lib
+	rm -rf $(VENV) $(PEER_VENV) demo_output gpu_harness build *.egg-info augment_dali/_lib

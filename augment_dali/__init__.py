@@ -12,7 +12,7 @@ from pathlib import Path
 LIB_DIR = Path(__file__).resolve().parent / "_lib"
 LIB_NAME = "libmedswav_dali.so"
 BUILD_COMMAND = "python -m augment_dali.build"
-OPERATORS = ("gamma", "linear", "energy_bands", "band_energies", "rescale", "multicrop")
+OPERATORS = ("gamma", "linear", "intensity", "robust_window", "energy_bands", "band_energies", "rescale", "multicrop")
 
 _loaded: set[str] = set()
 

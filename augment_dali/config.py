@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 # Normalisation methods (see augment_dali.normalize for the exact formulas).
 HU_WINDOW = "hu_window"
-ROBUST_MINMAX = "robust_minmax"
+ROBUST_PERCENTILE = "robust_percentile"
 
 
 @dataclass(frozen=True)
@@ -19,16 +19,18 @@ class NormalizeConfig:
     """How raw integer pixels of each modality become floats in [0, 1]."""
 
     method: dict[str, str] = field(default_factory=lambda: {
-        "ct": HU_WINDOW, "mr": ROBUST_MINMAX, "xr": ROBUST_MINMAX, "us": ROBUST_MINMAX})
+        "ct": HU_WINDOW, "mr": ROBUST_PERCENTILE, "xr": ROBUST_PERCENTILE, "us": ROBUST_PERCENTILE})
     hu_window: tuple[float, float] = (-1024.0, 3071.0)  # full 12-bit CT range in Hounsfield units
-    robust_k: float = 4.0  # upper bound = min(max, mean + k * std): drops hot-pixel outliers
+    # per-image window (lo, hi) = these percentiles of the image: a few hot or cold pixels cannot set it
+    robust_percentiles: tuple[float, float] = (0.5, 99.5)
 
     def method_for(self, modality: str) -> str:
-        return self.method.get(modality, ROBUST_MINMAX)
+        return self.method.get(modality, ROBUST_PERCENTILE)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["hu_window"] = list(self.hu_window)
+        d["robust_percentiles"] = list(self.robust_percentiles)
         return d
 
 

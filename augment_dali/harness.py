@@ -113,6 +113,12 @@ def _ptrs(arrays) -> ctypes.Array:
     return (ctypes.c_void_p * max(1, len(arrays)))(*[a.ctypes.data for a in arrays])
 
 
+def _dhw(shape) -> tuple[int, int, int]:
+    """(depth, height, width) of an image (depth 1) or volume shape."""
+    shape = tuple(int(v) for v in shape)
+    return shape if len(shape) == 3 else (1,) + shape
+
+
 def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
@@ -129,7 +135,7 @@ class Harness:
             "msw_energy_bands": (I, [I, I, I, P, P, I, P, P, P, I64]),
             "msw_rescale_size": (None, [P, F, I, I, P]),
             "msw_rescale": (I, [I, I, P, P, P, P]),
-            "msw_multicrop": (I, [I, I, P, P, I, P, P, F, P, P]),
+            "msw_multicrop": (I, [I, I, P, P, I, P, P, P, F, P, P]),
             "msw_pointwise": (I, [I, I, I, P, P, P, P, P]),
         }
         for name, (restype, argtypes) in signatures.items():
@@ -171,25 +177,38 @@ class Harness:
         return int(out[0]), int(out[1])
 
     def rescale(self, images, out_shapes, gpu=False) -> list[np.ndarray]:
+        """2-D images (out_shapes (h, w)) or 3-D volumes (out_shapes (d, h, w)), not mixed."""
         images = [_f32(x) for x in images]
-        in_hw = np.ascontiguousarray([x.shape for x in images], np.int32).reshape(-1, 2)
-        out_hw = np.ascontiguousarray(out_shapes, np.int32).reshape(-1, 2)
-        outs = [np.empty(tuple(s), np.float32) for s in out_hw]
-        rc = self.lib.msw_rescale(int(gpu), len(images), in_hw.ctypes.data_as(ctypes.c_void_p), _ptrs(images),
-                                  out_hw.ctypes.data_as(ctypes.c_void_p), _ptrs(outs))
+        out_shapes = [tuple(int(v) for v in s) for s in out_shapes]
+        in_dhw = np.ascontiguousarray([_dhw(x.shape) for x in images], np.int32).reshape(-1, 3)
+        out_dhw = np.ascontiguousarray([_dhw(s) for s in out_shapes], np.int32).reshape(-1, 3)
+        outs = [np.empty(s, np.float32) for s in out_shapes]
+        rc = self.lib.msw_rescale(int(gpu), len(images), in_dhw.ctypes.data_as(ctypes.c_void_p), _ptrs(images),
+                                  out_dhw.ctypes.data_as(ctypes.c_void_p), _ptrs(outs))
         self._check(rc, "rescale")
         return outs
 
-    def multicrop(self, images, crop_sizes, num_crops, border, positions, gpu=False) -> list[list[np.ndarray]]:
-        """positions: [n, 2 * sum(num_crops)]; returns out[i][g] = [num_crops[g], s_g, s_g]."""
+    def multicrop(self, images, crop_sizes, num_crops, border, positions, gpu=False,
+                  crop_depths=None) -> list[list[np.ndarray]]:
+        """positions: [n, ndim * sum(num_crops)] ((u_y, u_x) or (u_z, u_y, u_x) per crop); returns
+        out[i][g] = [num_crops[g], s_g, s_g] for images, [num_crops[g], d_g, s_g, s_g] for volumes
+        (crop_depths default: crop_sizes)."""
         images = [_f32(x) for x in images]
-        in_hw = np.ascontiguousarray([x.shape for x in images], np.int32).reshape(-1, 2)
+        volumes = bool(images) and images[0].ndim == 3
+        in_dhw = np.ascontiguousarray([_dhw(x.shape) for x in images], np.int32).reshape(-1, 3)
         sizes, counts = np.asarray(crop_sizes, np.int32), np.asarray(num_crops, np.int32)
-        pos = np.ascontiguousarray(positions, np.float64)
-        outs = [[np.empty((c, s, s), np.float32) for s, c in zip(sizes, counts)] for _ in images]
+        depths = np.asarray(crop_depths if crop_depths is not None else crop_sizes, np.int32) if volumes \
+            else np.ones(len(sizes), np.int32)
+        pos = np.asarray(positions, np.float64).reshape(len(images), -1, 3 if volumes else 2)
+        if not volumes:  # images are volumes of one plane: u_z = 0
+            pos = np.concatenate([np.zeros(pos.shape[:2] + (1,)), pos], axis=2)
+        pos = np.ascontiguousarray(pos)
+        outs = [[np.empty((c, d, s, s) if volumes else (c, s, s), np.float32) for d, s, c in zip(depths, sizes, counts)]
+                for _ in images]
         flat = [o for per in outs for o in per]
-        rc = self.lib.msw_multicrop(int(gpu), len(images), in_hw.ctypes.data_as(ctypes.c_void_p), _ptrs(images),
-                                    len(sizes), sizes.ctypes.data_as(ctypes.c_void_p),
+        rc = self.lib.msw_multicrop(int(gpu), len(images), in_dhw.ctypes.data_as(ctypes.c_void_p), _ptrs(images),
+                                    len(sizes), depths.ctypes.data_as(ctypes.c_void_p),
+                                    sizes.ctypes.data_as(ctypes.c_void_p),
                                     counts.ctypes.data_as(ctypes.c_void_p), ctypes.c_float(border),
                                     pos.ctypes.data_as(ctypes.c_void_p), _ptrs(flat))
         self._check(rc, "multicrop")
@@ -278,6 +297,15 @@ def cpu_self_checks(h: Harness) -> list[dict]:
     want = [R.multicrop(img, p, (96, 160), (2, 6), 0.1) for img, p in zip((ct, mr), pos)]
     checks.append(_result("cpu/multicrop_vs_reference", "cpu",
                           _diffs([c for per in crops for c in per], [c for per in want for c in per]), 0.0))
+    vol = np.stack([np.roll(ct, 3 * k, axis=1) * (1 - k / 40) for k in range(12)])  # [12, 128, 128]
+    v_targets = [(30, 64, 70), (5, 200, 131)]
+    v_res = h.rescale([vol, vol], v_targets)
+    checks.append(_result("cpu/rescale_3d_vs_reference", "cpu",
+                          _diffs(v_res, [R.trilinear_resize(vol, t) for t in v_targets]), 1e-4))
+    v_pos = rng.uniform(0, 1, (1, 3 * 5))
+    v_crops = h.multicrop([vol], (96, 40), (1, 4), 0.1, v_pos, crop_depths=(16, 8))
+    v_want = R.multicrop(vol, v_pos[0], (96, 40), (1, 4), 0.1, crop_depths=(16, 8))
+    checks.append(_result("cpu/multicrop_3d_vs_reference", "cpu", _diffs(v_crops[0], v_want), 0.0))
     g = h.pointwise("gamma", [ct, mr], [2.2, 1.8])
     checks.append(_result("cpu/gamma_vs_reference", "cpu", _diffs(g, [R.gamma(ct, 2.2), R.gamma(mr, 1.8)]), 1e-6))
     li = h.pointwise("linear", [ct, mr], [0.9, 1.1], [0.2, -0.1])
@@ -345,6 +373,23 @@ def gpu_checks(h: Harness, quick: bool) -> list[dict]:
     pos = rng.uniform(0, 1, (len(c_in), 2 * 8))
     checks.append(_compare(h, "gpu/multicrop", 0.0, lambda g: [
         c for per in h.multicrop(c_in, (224, 92), (2, 6), 0.1, pos, gpu=g) for c in per], "224 x2, 92 x6 per image"))
+    # 3-D: trilinear rescale into and out of METHOD's volume range, and the 1 + 4 volume crops
+    # (224 x 224 x 192 + 4 x 112 x 112 x 96, 10 % border) of a largest-range volume
+    v_big = (200, 250, 250) if not quick else (100, 125, 125)
+    vol = im["volume"]
+    (v_max,) = h.rescale([vol], [v_big])
+    v_in = [vol, vol, v_max, vol[:1, :1, :1].copy(), np.zeros((0, 4, 4), np.float32), vol[:, :1, :].copy()]
+    v_out = [(96, 250, 250) if not quick else (48, 125, 125), (5, 37, 53), (96, 112, 112), (3, 2, 2), (0, 0, 0),
+             (7, 1, 131)]
+    checks.append(_compare(h, "gpu/rescale_3d", 1e-5, lambda g: h.rescale(v_in, v_out, gpu=g),
+                           "outputs " + ", ".join("x".join(map(str, t)) for t in v_out)))
+    sizes3, depths3 = ((224, 112), (192, 96)) if not quick else ((112, 56), (96, 48))
+    v_crop_in = [v_max, vol, vol[:1, :1, :1].copy()]
+    v_pos = rng.uniform(0, 1, (len(v_crop_in), 3 * 5))
+    checks.append(_compare(h, "gpu/multicrop_3d", 0.0, lambda g: [
+        c for per in h.multicrop(v_crop_in, sizes3, (1, 4), 0.1, v_pos, gpu=g, crop_depths=depths3) for c in per],
+        f"{'x'.join(map(str, v_big))} volume (+ padded small ones): 1 of {sizes3[0]}x{sizes3[0]}x{depths3[0]}, "
+        f"4 of {sizes3[1]}x{sizes3[1]}x{depths3[1]}"))
     many = 66_000  # > 65,535 crops of one group: the launch must split along gridDim.z
     pos_many = rng.uniform(0, 1, (1, 2 * (many + 3)))
     checks.append(_compare(h, "gpu/multicrop_over_65535_crops", 0.0, lambda g: [

@@ -14,11 +14,20 @@ samples; larger modalities are read from a part of their data that moves every e
 is redrawn from (seed, epoch, modality)). Epoch e is a function of (seed, e, rank, world_size) only:
 `set_epoch(e)` on a fresh loader reproduces it. Without `set_epoch`, each new iteration moves on to the
 next epoch.
+
+Mid-epoch resume without replay: during an iteration, `loader.checkpoint()` is the position after the
+last step it yielded (a DALI pipeline checkpoint: reader positions and every random generator, a few
+tens of KB whatever the data size). `set_epoch(e, start_step=s, checkpoint=c)` on a fresh loader (same
+dataset, seed, rank, world size and augmentation) then yields steps s..len-1 of epoch e exactly as an
+uninterrupted run would; the earlier steps are neither augmented nor decoded (DALI's readers skip
+through the index and read only the few samples still in their shuffle buffer). Without `checkpoint`,
+or if DALI refuses it (warning), the first s steps are run and dropped (`batches_replayed` counts them).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import shutil
 import tempfile
 import warnings
@@ -27,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from shards import Dataset
+from shards.layout import DATASET_JSON, SHARDS_DIR
+from shards.verify import DamagedShardError, check_tar
 
 from .config import AugmentConfig
 from .pipeline import Branch, build_pipeline
@@ -85,6 +96,13 @@ class SwavLoader:
     derived index files (default: a temporary folder removed by `close()`). `with_keys` adds the
     sample keys to each step (tests, debugging). `pin_memory` (CPU loader only) returns the crops in
     page-locked memory, so that `.to("cuda", non_blocking=True)` is a truly asynchronous copy.
+
+    `verify_shards` (default on): before a shard is first read by this loader, its tar's size and
+    whole-file CRC-32 are checked against its manifest part (shards.verify.check_tar), and a damaged or
+    missing shard raises DamagedShardError naming it. Each rank checks only the shards it reads, each
+    once per loader (cost: one sequential read of the rank's share, spread over the epochs that first
+    touch each shard). Tars on disk without a manifest part are never read; they are reported by a
+    warning when the loader is made.
     """
 
     def __init__(self, dataset_root, batch_size: int, modalities: list[str] | None = None, rank: int = 0,
@@ -92,7 +110,8 @@ class SwavLoader:
                  num_crops=None, num_threads: int = 2, split: str | None = "train",
                  augment: AugmentConfig | None = None, device_id: int | None = None,
                  steps_per_epoch: int | None = None, initial_fill: int = 1024, prefetch: int = 2,
-                 cache_dir: str | None = None, with_keys: bool = False, pin_memory: bool = False):
+                 cache_dir: str | None = None, with_keys: bool = False, pin_memory: bool = False,
+                 verify_shards: bool = True):
         self.root = Path(dataset_root)
         self.dataset = Dataset(self.root)
         available = self.dataset.modalities
@@ -127,17 +146,22 @@ class SwavLoader:
         self.num_threads, self.prefetch, self.initial_fill = num_threads, prefetch, initial_fill
         self.with_keys = with_keys
         self.pin_memory = bool(pin_memory) and device == "cpu"
+        self.verify_shards = verify_shards
+        self._checked: set[str] = set()  # tars whose checksum passed (one entry per shard, not per sample)
         config = augment or AugmentConfig()
         if crop_sizes is not None or num_crops is not None:
             config = dataclasses.replace(config, crop_sizes=tuple(crop_sizes or config.crop_sizes),
                                          num_crops=tuple(num_crops or config.num_crops))
         self.config = config
         self.stats = self._check_stats(load_energy_stats(self.root))
-        self.label_names = self.dataset.label_names()
+        # dataset.json holds them: reading them from a manifest part would list every part first
+        info = self.dataset.info if (self.root / DATASET_JSON).exists() else {}
+        self.label_names = info["label_names"] if "label_names" in info else self.dataset.label_names()
 
         self._own_cache = cache_dir is None
         self._cache = Path(cache_dir) if cache_dir else None  # a temporary folder, made on first use
         self._planners = {m: EpochPlanner(self.dataset, m, split, self._cache) for m in requested}
+        self._warn_uncommitted()
         counts = {m: p.selected for m, p in self._planners.items()}
         natural = natural_steps(counts, world_size, self.per_modality)
         if natural == 0:
@@ -150,6 +174,31 @@ class SwavLoader:
         self._steps = steps_per_epoch or natural
         self.samples_per_modality = counts
         self.epoch = 0
+        self._start_step, self._resume_from = 0, None
+        self._pipe, self._position = None, (0, 0)  # the running iteration's pipeline, (epoch, next step)
+        self.batches_run = 0        # pipeline steps run (read + augmented) over the loader's life
+        self.batches_replayed = 0   # of those, steps run only to be dropped (resume without checkpoint)
+
+    def _warn_uncommitted(self) -> None:
+        """Tars without a manifest part (a crashed ingest, or a manifest part lost) are not read: say so."""
+        orphans = []
+        for m in self.modalities:
+            committed = set(self.dataset.shard_table(m).column("shard").to_pylist())  # one small file
+            orphans += [f"{m}/{t.stem}" for t in sorted((self.root / SHARDS_DIR / m).glob("*.tar"))
+                        if t.stem not in committed]
+        if orphans:
+            warnings.warn(f"{self.root}: {len(orphans)} shard tar(s) without a manifest part are not read "
+                          f"(uncommitted, or the manifest part is lost), e.g. {orphans[0]}; "
+                          f"see `python -m shards verify {self.root}`", stacklevel=3)
+
+    def _check_shards(self, modality: str, tars: list[str]) -> None:
+        for tar in tars:
+            if tar in self._checked:
+                continue
+            problem = check_tar(self.root, modality, Path(tar).stem)
+            if problem:
+                raise DamagedShardError(problem)
+            self._checked.add(tar)
 
     def _check_stats(self, stats: dict) -> dict:
         missing = [m for m in self.modalities if m not in stats["modalities"]]
@@ -167,38 +216,92 @@ class SwavLoader:
     def __len__(self) -> int:
         return self._steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0, checkpoint: bytes | None = None) -> None:
+        """The next iteration is epoch `epoch` from step `start_step`; `checkpoint` (from `checkpoint()`
+        after `start_step` steps of that epoch) lets it start there without running the earlier steps."""
+        if not 0 <= start_step < self._steps:
+            raise ValueError(f"start_step={start_step} outside [0, {self._steps})")
+        pipeline_state = None
+        if checkpoint is not None:
+            header, _, pipeline_state = bytes(checkpoint).partition(b"\n")
+            try:
+                taken = json.loads(header)
+            except ValueError:
+                raise ValueError("not a SwavLoader checkpoint (no header)") from None
+            wanted = self._header(int(epoch), int(start_step))
+            if taken != wanted:
+                diff = {k: (taken.get(k), v) for k, v in wanted.items() if taken.get(k) != v}
+                raise ValueError(f"checkpoint does not match this loader and position (taken, wanted): {diff}")
+        self.epoch, self._start_step, self._resume_from = int(epoch), int(start_step), pipeline_state
 
-    def _pipeline(self, epoch: int):
+    def _header(self, epoch: int, step: int) -> dict:
+        """What a checkpoint is valid for: the position, and everything that shapes the pipeline."""
+        shape = repr((self.modalities, self.batch_size, self.device, sorted(self.samples_per_modality.items()),
+                      [(s.name, s.selected) for m in self.modalities for s in self._planners[m].shards],
+                      self._planners[self.modalities[0]].split, self._steps, dataclasses.asdict(self.config),
+                      self.stats["modalities"]))
+        return {"epoch": epoch, "step": step, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "pipeline": hashlib.blake2b(shape.encode(), digest_size=8).hexdigest()}
+
+    def checkpoint(self) -> bytes:
+        """The running iteration's position after its last yielded step (see the module docstring):
+        a one-line JSON header saying what it is valid for, then DALI's pipeline checkpoint."""
+        if self._pipe is None:
+            raise RuntimeError("checkpoint() needs an iteration in progress")
+        epoch, step = self._position
+        if step >= self._steps:
+            raise RuntimeError(f"epoch {epoch} is over: nothing to resume (start the next epoch)")
+        return json.dumps(self._header(epoch, step)).encode() + b"\n" + self._pipe.checkpoint()
+
+    def _pipeline(self, epoch: int, checkpoint: bytes | None = None):
         if self._cache is None:
             self._cache = Path(tempfile.mkdtemp(prefix="medswav-index-"))
             for planner in self._planners.values():
                 planner.cache_dir = self._cache
         branches = []
         for m in self.modalities:
-            files = self._planners[m].files(self.seed, epoch, self.rank, self.world_size)
+            try:
+                files = self._planners[m].files(self.seed, epoch, self.rank, self.world_size)
+            except FileNotFoundError as e:  # a shard's index file vanished after the loader was made
+                raise DamagedShardError(f"{m}: {e.filename or e}: missing") from None
+            if self.verify_shards:
+                self._check_shards(m, files.tars)
             s = self.stats["modalities"][m]
             branches.append(Branch(
                 modality=m, tars=files.tars, indices=files.indices, energy_mean=s["mean"], energy_std=s["std"],
                 read_labels=bool(self.label_names), reader_seed=_derive_seed("reader", self.seed, epoch, self.rank, m),
                 initial_fill=max(1, min(self.initial_fill, files.samples)), with_keys=self.with_keys))
         return build_pipeline(branches, self.per_modality, self.config, self.device, self.device_id,
-                              self.num_threads, _derive_seed("pipe", self.seed, epoch, self.rank), self.prefetch)
+                              self.num_threads, _derive_seed("pipe", self.seed, epoch, self.rank), self.prefetch,
+                              checkpoint=checkpoint)
 
     def __iter__(self):
         import torch
 
-        epoch = self.epoch
-        self.epoch = epoch + 1
-        pipe, names = self._pipeline(epoch)
+        epoch, start, resume_from = self.epoch, self._start_step, self._resume_from
+        self.epoch, self._start_step, self._resume_from = epoch + 1, 0, None
+        try:
+            pipe, names = self._pipeline(epoch, resume_from)
+        except RuntimeError as e:  # DALI refuses the state (e.g. saved by another DALI version): replay
+            if resume_from is None:
+                raise
+            warnings.warn(f"cannot restore the pipeline of epoch {epoch} at step {start} "
+                          f"({str(e).splitlines()[0]}); replaying {start} steps")
+            resume_from = None
+            pipe, names = self._pipeline(epoch)
         where = {name: i for i, name in enumerate(names)}
         groups = range(len(self.config.crop_sizes))
         n_labels = len(self.label_names)
         modality = torch.arange(len(self.modalities)).repeat_interleave(self.per_modality)
+        self._pipe, self._position = pipe, (epoch, start)
         try:
-            for _ in range(self._steps):
+            for i in range(start if resume_from is not None else 0, self._steps):
                 outs = pipe.run()
+                self.batches_run += 1
+                if i < start:
+                    self.batches_replayed += 1
+                    continue
+                self._position = (epoch, i + 1)
                 crops = [self._gather_group(outs, where, g).unsqueeze(2) for g in groups]
                 if n_labels:
                     label = np.concatenate([_labels_from_raw(outs[where[m, "labels"]], n_labels)
@@ -212,6 +315,7 @@ class SwavLoader:
                     step["key"] = [k for m in self.modalities for k in _keys(outs[where[m, "source"]])]
                 yield step
         finally:
+            self._pipe = None
             del pipe
 
     def _gather_group(self, outs, where, g: int):

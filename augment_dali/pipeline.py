@@ -3,22 +3,29 @@
 Per branch (modality m, B/M samples per step), in METHOD.md section 4 order:
 
     fn.readers.webdataset (tar + .idx, ext "npy" [+ "labels.npy"])
-    -> fn.decoders.numpy (stored dtype) -> [.gpu()] -> cast to float32 -> normalise to [0, 1]
-       (augment_dali.normalize; int16/uint16 pixels cross to the GPU at half the bytes of float32)
+    -> fn.decoders.numpy (stored dtype) -> [.gpu()]  (int16/uint16 cross to the GPU at half the bytes)
+    -> normalise to [0, 1]      fn.medswav.intensity with the modality's window (augment_dali.normalize),
+                                reading the stored integer dtype directly (float32 out)
     -> fn.medswav.rescale       s ~ U[scale_range], sides clamped into size_range
     -> fn.medswav.energy_bands  ref_i ~ U[mean_i - std_i, mean_i + std_i] from stats/energy.json
     -> intensity: ONE of gamma (probability p_gamma, gamma ~ U[1.8, 2.6]) or linear
-       (a ~ U[0.9, 1.1], b ~ U[-0.2, 0.2]); both operators always run, the one not chosen with its
-       identity parameters (gamma 1 still clamps to [0, 1], so linear always acts on [0, 1] intensities)
+       (a ~ U[0.9, 1.1], b ~ U[-0.2, 0.2]), one fn.medswav.intensity pass with window (0, 1):
+       scale * clamp(x, 0, 1) ** gamma + shift with (gamma, 1, 0) or (1, a, b), i.e. linear always acts
+       on [0, 1] intensities
     -> fn.medswav.multicrop     crop positions drawn here with fn.random.uniform (border 10 %)
 
 Why one intensity transform, not both: METHOD lists gamma and linear as "two kinds" of intensity
 augmentation; stacking them would widen the range beyond what the paper describes. Output values lie in
 [-0.2, 1.3] (the linear transform may leave [0, 1], by design).
 
+Why normalisation and the intensity augmentation are two passes although `intensity` could do both in
+one: METHOD puts rescale and energy_bands between them, and energy_bands rescales every band to a
+reference energy, which would undo a contrast change (a) made before it.
+
 All random parameters come from fn.random.* seeded by the pipeline seed, so a pipeline is reproducible
 from (seed, epoch, rank) alone. The graph runs on the CPU (device_id=None) or on the GPU (everything
-after decoding); readers, decoders and random parameter draws are CPU operators in both cases.
+after decoding; robust normalisation windows are computed from the decoded image on the CPU, see
+augment_dali.normalize); readers, decoders and random parameter draws are CPU operators in both cases.
 """
 from __future__ import annotations
 
@@ -45,8 +52,11 @@ class Branch:
     with_keys: bool = False    # also output each sample's "tar:offset:member" (tests, previews)
 
 
-def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig) -> tuple[list, dict]:
-    """The augmentation graph for one modality, from a decoded float32 "HW" image node (CPU or GPU).
+def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig,
+            cpu_image=None) -> tuple[list, dict]:
+    """The augmentation graph for one modality, from a decoded "HW" image node (CPU or GPU; float32,
+    int16, uint16 or uint8). A GPU image needs the same image on the CPU as `cpu_image` when the
+    modality's normalisation is robust_percentile (its window is computed there).
 
     Returns (crop groups, drawn parameters); the parameters (CPU nodes: scale, ref_energies, use_gamma,
     gamma, scale_a, shift_b, positions) are for previews and tests.
@@ -54,7 +64,7 @@ def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig) -
     import augment_dali  # noqa: F401  (loads the medswav operator plugin)
     from nvidia.dali import fn, math, types
 
-    image = normalize_dali(image, cfg.normalize.method_for(modality), cfg.normalize)
+    image = normalize_dali(image, cfg.normalize.method_for(modality), cfg.normalize, window_source=cpu_image)
 
     scale = fn.random.uniform(range=list(cfg.scale_range))
     image = fn.medswav.rescale(image, scale=scale, min_size=cfg.size_range[0], max_size=cfg.size_range[1])
@@ -69,8 +79,8 @@ def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig) -
     gamma = fn.random.uniform(range=list(cfg.gamma_range))
     a = fn.random.uniform(range=list(cfg.linear_scale_range))
     b = fn.random.uniform(range=list(cfg.linear_shift_range))
-    image = fn.medswav.gamma(image, gamma=use_gamma * gamma + (1.0 - use_gamma))
-    image = fn.medswav.linear(image, scale=use_gamma + (1.0 - use_gamma) * a, shift=(1.0 - use_gamma) * b)
+    image = fn.medswav.intensity(image, gamma=use_gamma * gamma + (1.0 - use_gamma),
+                                 scale=use_gamma + (1.0 - use_gamma) * a, shift=(1.0 - use_gamma) * b)
 
     positions = fn.random.uniform(range=[0.0, 1.0], shape=[2 * sum(cfg.num_crops)])
     crops = fn.medswav.multicrop(image, crop_sizes=list(cfg.crop_sizes), num_crops=list(cfg.num_crops),
@@ -90,11 +100,11 @@ def _branch(b: Branch, cfg: AugmentConfig, device: str) -> dict:
         random_shuffle=True, initial_fill=b.initial_fill, seed=b.reader_seed, shard_id=0, num_shards=1,
         name=f"reader_{b.modality}")
     outs = outs if isinstance(outs, list) else [outs]
-    image = fn.reshape(fn.decoders.numpy(outs[0]), layout="HW")
-    if device == "gpu":
-        image = image.gpu()
-    image = fn.cast(image, dtype=types.FLOAT)  # on the GPU for GPU pipelines
-    crops, _ = augment(image, b.modality, b.energy_mean, b.energy_std, cfg)
+    # stored dtype: intensity and robust_window read integers directly (the robust window's histogram
+    # needs them), and a GPU pipeline moves half the bytes of float32
+    cpu_image = fn.reshape(fn.decoders.numpy(outs[0]), layout="HW")
+    image = cpu_image.gpu() if device == "gpu" else cpu_image
+    crops, _ = augment(image, b.modality, b.energy_mean, b.energy_std, cfg, cpu_image=cpu_image)
     named = {f"crops{g}": c for g, c in enumerate(crops)}
     if b.read_labels:
         named["labels"] = outs[1]
@@ -104,8 +114,13 @@ def _branch(b: Branch, cfg: AugmentConfig, device: str) -> dict:
 
 
 def build_pipeline(branches: list[Branch], batch_per_modality: int, cfg: AugmentConfig, device: str = "cpu",
-                   device_id: int | None = None, num_threads: int = 2, seed: int = 0, prefetch: int = 2):
+                   device_id: int | None = None, num_threads: int = 2, seed: int = 0, prefetch: int = 2,
+                   checkpoint: bytes | None = None):
     """One DALI pipeline holding every modality's branch; batch size = samples per modality per step.
+
+    Checkpointing is always enabled: `pipe.checkpoint()` is the position after the last returned step
+    (readers, fn.random.* and the medswav operators all save their state), and `checkpoint=` builds a
+    pipeline that continues from there without running the earlier steps again.
 
     Returns (pipeline, names): output i is `names[i]` = (modality, what) with `what` one of "crops<g>"
     ([B/M, n_g, s_g, s_g]), "labels" (raw `.labels.npy` bytes, empty where a sample has none) and
@@ -117,7 +132,7 @@ def build_pipeline(branches: list[Branch], batch_per_modality: int, cfg: Augment
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     pipe = Pipeline(batch_size=batch_per_modality, num_threads=num_threads,
                     device_id=None if device == "cpu" else (device_id or 0), seed=seed,
-                    prefetch_queue_depth=prefetch)
+                    prefetch_queue_depth=prefetch, enable_checkpointing=True, checkpoint=checkpoint)
     names, outputs = [], []
     with pipe:
         for b in branches:

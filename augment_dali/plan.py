@@ -12,6 +12,8 @@ itself and hands each reader only what that rank reads:
    reads its range starting at a random point (drawn from seed, epoch, modality, rank) and wrapping
    around, so the part of a large modality read in a short epoch is placed at random even when the
    modality has few, large shards.
+   The shards' sizes and split counts come from the modality's shard table (one small file written
+   when the dataset was finalized), so start-up opens one file per modality, not one per shard.
 3. A shard lying wholly inside the range whose samples all belong to the split is read through its own
    `.idx`; otherwise a small derived `.idx` listing only the wanted lines (same tar, same offsets) is
    written to the loader's cache folder.
@@ -30,18 +32,25 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
-from shards import Dataset
+from shards import SPLITS, Dataset
+from shards.layout import manifest_path, shard_dir
 
 
 @dataclass(frozen=True)
 class ShardEntry:
     name: str
-    tar: Path
-    idx: Path
+    folder: Path    # shards/<modality>/ (one object shared by all entries: paths are made for a rank's share only)
     total: int      # samples in the shard (all splits)
     selected: int   # samples of the requested split
+
+    @property
+    def tar(self) -> Path:
+        return self.folder / f"{self.name}.tar"
+
+    @property
+    def idx(self) -> Path:
+        return self.folder / f"{self.name}.idx"
 
 
 @dataclass(frozen=True)
@@ -54,21 +63,19 @@ class ReaderFiles:
 
 
 def modality_shards(dataset: Dataset, modality: str, split: str | None) -> list[ShardEntry]:
-    """Committed shards of one modality with their sample counts for `split` (None: all splits)."""
-    files = [s for s in dataset.shards(modality) if s.samples > 0]
-    counts = {s.name: s.samples for s in files}
-    if split is not None and files:
-        counts = dict.fromkeys(counts, 0)
-        # Streamed in record batches: bounded memory however many samples the modality has.
-        base = dataset.root / "manifest" / f"modality={modality}"
-        scanner = pads.dataset(base, format="parquet").scanner(
-            columns=["shard"], filter=pc.field("split") == split, batch_size=1 << 20)
-        for batch in scanner.to_batches():
-            if batch.num_rows:
-                vc = pc.value_counts(batch.column(0))
-                for name, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
-                    counts[name] = counts.get(name, 0) + n
-    return [ShardEntry(s.name, s.tar, s.idx, s.samples, counts.get(s.name, 0)) for s in files]
+    """Committed shards of one modality with their sample counts for `split` (None: all splits).
+
+    From the modality's shard table (one small file, shards/FORMAT.md): start-up reads no manifest part
+    and no index; a rank opens only the files of its own share, when it builds its readers.
+    """
+    table = dataset.shard_table(modality)
+    if split is not None and split not in table.schema.names:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    names = table.column("shard").to_pylist()
+    totals = table.column("samples").to_pylist()
+    selected = totals if split is None else table.column(split).to_pylist()
+    folder = shard_dir(dataset.root, modality)
+    return [ShardEntry(name, folder, total, n) for name, total, n in zip(names, totals, selected) if total > 0]
 
 
 def shard_order(n_shards: int, seed: int, epoch: int, modality: str) -> np.ndarray:
@@ -96,7 +103,7 @@ def _index_lines(path: Path) -> list[str]:
 def _split_positions(dataset: Dataset, modality: str, shard: str, split: str) -> np.ndarray:
     import pyarrow.parquet as pq
 
-    part = dataset.root / "manifest" / f"modality={modality}" / f"{shard}.parquet"
+    part = manifest_path(dataset.root, modality, shard)
     table = pq.read_table(part, columns=["index", "split"])
     mask = pc.equal(table.column("split"), split)
     return np.sort(table.column("index").filter(mask).to_numpy())

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("dataset", help="dataset folder (needs stats/energy.json: python -m augment_dali.stats)")
     p.add_argument("--out", default="preview.png", help="output PNG (default preview.png)")
     p.add_argument("--per-modality", type=int, default=3, help="slices per modality (default 3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which slices and which augmentations are drawn (default 0)")
     p.add_argument("--modalities", help="comma-separated subset (default: all present)")
     p.add_argument("--small", action="store_true", help="the small preset (sides 48..96, crops 32/16)")
     args = p.parse_args(argv)

@@ -2,7 +2,7 @@
 
 They are the specification the operators are tested against (same math, float64 where the operators
 use float32) and the baseline of ``benchmarks.augment``. Every function takes one single-channel image
-(2-D float array, intensities in [0, 1]) and the per-sample parameters; nothing here draws random
+(2-D float array) or volume (3-D, "DHW"), intensities in [0, 1], and the per-sample parameters; nothing here draws random
 numbers except where a caller passes positions explicitly.
 """
 from __future__ import annotations
@@ -159,34 +159,46 @@ def energy_bands(x: np.ndarray, ref_energies, sigmas=DEFAULT_SIGMAS) -> np.ndarr
 
 # --- rescale -------------------------------------------------------------------------------------
 
-def rescale_size(shape, scale: float, min_size: int = 600, max_size: int = 1200) -> tuple[int, ...]:
+def rescale_size(shape, scale: float, min_size: int = 600, max_size: int = 1200, min_depth: int | None = None,
+                 max_depth: int | None = None, spacing=None) -> tuple[int, ...]:
     """Output shape of ``rescale`` (see docs/AUGMENT_OPERATORS.md, "Rescale rule").
 
-    t = scale * shape; the aspect-preserving factor k closest to 1 with min_size <= k * t <= max_size
-    on every side is applied (k = clip(1, min_size / min(t), max_size / max(t))); when the aspect ratio
-    is too extreme for the range (min_size / min(t) > max_size / max(t)), k = min_size / min(t). Each
-    side is then round(k * t) clamped to [min_size, max_size] and at least 1. A bound <= 0 is absent.
+    t_d = scale * shape_d (times spacing_d / min(spacing) when spacing is given); the aspect-preserving
+    factor k closest to 1 with min_d <= k * t_d <= max_d on every axis is applied
+    (k = clip(1, max_d(min_d / t_d), min_d(max_d / t_d))); when the aspect ratio is too extreme for the
+    ranges, k = max_d(min_d / t_d). Each side is then round(k * t_d) clamped to [min_d, max_d] and at
+    least 1. H and W use min_size / max_size, the depth of a 3-D shape min_depth / max_depth (None: the
+    same as H and W). A bound <= 0 is absent.
     """
     t = [scale * float(n) for n in shape]
-    lo = min_size / min(t) if min_size > 0 else 0.0
-    hi = max_size / max(t) if max_size > 0 else math.inf
+    if spacing is not None:
+        finest = min(float(v) for v in spacing)
+        t = [v * float(sp) / finest for v, sp in zip(t, spacing)]
+    mins, maxs = [min_size] * len(t), [max_size] * len(t)
+    if len(t) == 3:
+        mins[0] = min_size if min_depth is None else min_depth
+        maxs[0] = max_size if max_depth is None else max_depth
+    lo = max([m / v for m, v in zip(mins, t) if m > 0], default=0.0)
+    hi = min([m / v for m, v in zip(maxs, t) if m > 0], default=math.inf)
     k = min(max(1.0, lo), hi) if lo <= hi else lo
     out = []
-    for v in t:
+    for v, mn, mx in zip(t, mins, maxs):
         s = int(math.floor(v * k + 0.5))
-        if min_size > 0:
-            s = max(s, min_size)
-        if max_size > 0:
-            s = min(s, max_size)
+        if mn > 0:
+            s = max(s, mn)
+        if mx > 0:
+            s = min(s, mx)
         out.append(max(s, 1))
     return tuple(out)
 
 
-def rescale(x: np.ndarray, scale: float, min_size: int = 600, max_size: int = 1200) -> np.ndarray:
-    """Bilinear resampling to ``rescale_size`` (pixel centres aligned, clamp-to-edge, no antialias)."""
+def rescale(x: np.ndarray, scale: float, min_size: int = 600, max_size: int = 1200, min_depth: int | None = None,
+            max_depth: int | None = None, spacing=None) -> np.ndarray:
+    """Bilinear (2-D) or trilinear (3-D) resampling to ``rescale_size`` (voxel centres aligned,
+    clamp-to-edge, no antialias)."""
     x = np.asarray(x, np.float64)
-    out_shape = rescale_size(x.shape, scale, min_size, max_size)
-    return bilinear_resize(x, out_shape)
+    out_shape = rescale_size(x.shape, scale, min_size, max_size, min_depth, max_depth, spacing)
+    return bilinear_resize(x, out_shape) if x.ndim == 2 else trilinear_resize(x, out_shape)
 
 
 def bilinear_resize(x: np.ndarray, out_shape) -> np.ndarray:
@@ -203,6 +215,26 @@ def bilinear_resize(x: np.ndarray, out_shape) -> np.ndarray:
     top = x[y0c][:, x0c] * (1 - fx) + x[y0c][:, x1c] * fx
     bottom = x[y1c][:, x0c] * (1 - fx) + x[y1c][:, x1c] * fx
     return np.ascontiguousarray(top * (1 - fy) + bottom * fy)
+
+
+def _linear_axis(n_in: int, n_out: int):
+    """Lower/upper source indices and weight of the upper one for each output index along an axis."""
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    i0 = np.floor(src).astype(np.int64)
+    return np.clip(i0, 0, n_in - 1), np.clip(i0 + 1, 0, n_in - 1), src - i0
+
+
+def trilinear_resize(x: np.ndarray, out_shape) -> np.ndarray:
+    """Separable linear interpolation along z, y and x (the operator's trilinear_at in float64)."""
+    out = np.asarray(x, np.float64)
+    for axis, n_out in enumerate(out_shape):
+        a, b, f = _linear_axis(out.shape[axis], n_out)
+        shape = [1] * out.ndim
+        shape[axis] = n_out
+        f = f.reshape(shape)
+        lo, hi = np.take(out, a, axis=axis), np.take(out, b, axis=axis)
+        out = lo + f * (hi - lo)
+    return np.ascontiguousarray(out)
 
 
 # --- multicrop -----------------------------------------------------------------------------------
@@ -233,20 +265,37 @@ def crop(x: np.ndarray, y0: int, x0: int, size: int) -> np.ndarray:
     return out
 
 
+def crop3d(x: np.ndarray, origin, box) -> np.ndarray:
+    """box = (d, h, w) window of a volume at origin (z0, y0, x0), zero outside the volume."""
+    out = np.zeros(tuple(box), np.float64)
+    src, dst = [], []
+    for o, c, n in zip(origin, box, x.shape):
+        lo, hi = max(0, o), min(n, o + c)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - o, hi - o))
+    out[tuple(dst)] = x[tuple(src)]
+    return out
+
+
 def multicrop(x: np.ndarray, positions, crop_sizes=(224, 92), num_crops=(2, 6),
-              border: float = 0.1) -> list[np.ndarray]:
-    """One array [num_crops[g], s_g, s_g] per group; positions = (u_y, u_x) pairs in [0, 1], crop by
-    crop in group order (2 * sum(num_crops) values)."""
-    pos = np.asarray(positions, np.float64).reshape(-1, 2)
+              border: float = 0.1, crop_depths=None) -> list[np.ndarray]:
+    """One array per group: [num_crops[g], s_g, s_g] for an image, [num_crops[g], d_g, s_g, s_g] for a
+    volume (d_g = crop_depths[g], default s_g). positions: (u_y, u_x) or (u_z, u_y, u_x) per crop in
+    [0, 1], crop by crop in group order (ndim * sum(num_crops) values)."""
+    nd = x.ndim
+    pos = np.asarray(positions, np.float64).reshape(-1, nd)
     if len(pos) != sum(num_crops):
-        raise ValueError(f"need {2 * sum(num_crops)} position values, got {pos.size}")
-    h, w = x.shape
+        raise ValueError(f"need {nd * sum(num_crops)} position values, got {pos.size}")
+    depths = crop_sizes if crop_depths is None else crop_depths
     out, j = [], 0
-    for size, count in zip(crop_sizes, num_crops):
+    for size, depth, count in zip(crop_sizes, depths, num_crops):
+        box = (depth, size, size) if nd == 3 else (size, size)
         group = []
         for _ in range(count):
-            uy, ux = pos[j]
+            origin = [crop_origin(n, c, border, u) for n, c, u in zip(x.shape, box, pos[j])]
             j += 1
-            group.append(crop(x, crop_origin(h, size, border, uy), crop_origin(w, size, border, ux), size))
-        out.append(np.stack(group) if group else np.zeros((0, size, size)))
+            group.append(crop3d(x, origin, box) if nd == 3 else crop(x, origin[0], origin[1], size))
+        out.append(np.stack(group) if group else np.zeros((0,) + box))
     return out

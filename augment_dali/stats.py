@@ -92,12 +92,75 @@ def energy_pipeline(sigmas, batch_size: int = 16, num_threads: int = 2, prepare:
     return p
 
 
+# METHOD.md section 5, 3-D: volume sides after rescaling, (D, H, W) from ... to ...
+VOLUME_SIZE_RANGE = ((96, 112, 112), (200, 250, 250))
+
+
+def volume_energy_pipeline(sigmas, batch_size: int = 4, num_threads: int = 2,
+                           size_range=VOLUME_SIZE_RANGE):
+    """DALI graph for volumes: float32 "DHW" volumes in [0, 1] fed as "images", per-sample factors as
+    "scales" and voxel spacings (3 floats) as "spacings" -> rescale into the 3-D size range (isotropic
+    voxels, see fn.medswav.rescale) -> the [len(sigmas) + 1] band energies of each volume, measured with
+    the 3-D cascade that fn.medswav.energy_bands applies to volumes (sigmas in voxels along every axis)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    import augment_dali  # noqa: F401  (the medswav operators)
+
+    (d_lo, lo, _), (d_hi, hi, _) = size_range
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
+    def pipe():
+        cur = fn.external_source(name="images", layout="DHW", dtype=types.FLOAT)
+        scales = fn.external_source(name="scales", dtype=types.FLOAT)
+        spacings = fn.external_source(name="spacings", dtype=types.FLOAT)
+        cur = fn.medswav.rescale(cur, scale=scales, spacing=spacings, min_size=lo, max_size=hi,
+                                 min_depth=d_lo, max_depth=d_hi)
+        return fn.medswav.band_energies(cur, sigmas=[float(s) for s in sigmas])
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def measure_volumes(volumes: list[np.ndarray], spacings: list, samples: int, seed: int = 0,
+                    scale_range=(0.1, 0.7), sigmas=(1.0, 2.0, 4.0, 8.0, 16.0),
+                    size_range=VOLUME_SIZE_RANGE, batch_size: int = 4) -> dict:
+    """Reference band energies of one modality's volumes (float32 "DHW" in [0, 1], with their (z, y, x)
+    spacings): `samples` draws, each a volume picked uniformly (seeded) and rescaled by s ~ U[scale_range]
+    as in training. Returns the summary measure_modality writes for slices (R, mean, std, min, max)."""
+    rng = np.random.default_rng(seed)
+    pipe = volume_energy_pipeline(sigmas, batch_size, size_range=size_range)
+    picks = rng.integers(0, len(volumes), size=samples)
+    scales = rng.uniform(*scale_range, size=samples)
+    energies = []
+    for start in range(0, samples, batch_size):
+        idx = range(start, min(start + batch_size, samples))
+        pipe.feed_input("images", [np.ascontiguousarray(volumes[picks[i]], np.float32) for i in idx])
+        pipe.feed_input("spacings", [np.asarray(spacings[picks[i]], np.float32) for i in idx])
+        energies.append(band_energies_batch(pipe, [], [float(scales[i]) for i in idx]))
+    del pipe
+    return energy_summary(np.concatenate(energies) if energies else np.zeros((0, len(sigmas) + 1)))
+
+
+def energy_summary(e: np.ndarray) -> dict:
+    """R, mean, std, min and max per band of an [R, bands] array of measured energies."""
+    return {
+        "R": len(e),
+        "mean": e.mean(axis=0).tolist() if len(e) else [],
+        "std": e.std(axis=0).tolist() if len(e) else [],
+        "min": e.min(axis=0).tolist() if len(e) else [],
+        "max": e.max(axis=0).tolist() if len(e) else [],
+    }
+
+
 def band_energies_batch(pipe, images: list[np.ndarray], scales: list[float] | None = None) -> np.ndarray:
-    pipe.feed_input("images", [np.ascontiguousarray(i, dtype=np.float32) for i in images])
+    """Energies of one batch; images == [] when the caller fed "images" itself (volumes)."""
+    if images:
+        pipe.feed_input("images", [np.ascontiguousarray(i, dtype=np.float32) for i in images])
     if scales is not None:
         pipe.feed_input("scales", [np.float32(s) for s in scales])
     (out,) = pipe.run()
-    return np.stack([np.asarray(out[i], dtype=np.float64) for i in range(len(images))])
+    return np.stack([np.asarray(out[i], dtype=np.float64) for i in range(len(out))])
 
 
 def measure_modality(dataset: Dataset, modality: str, samples: int, seed: int, config: AugmentConfig,
@@ -121,15 +184,7 @@ def measure_modality(dataset: Dataset, modality: str, samples: int, seed: int, c
             batch = []
     del pipe
     e = np.concatenate(energies) if energies else np.zeros((0, config.num_bands))
-    return {
-        "R": len(e),
-        "mean": e.mean(axis=0).tolist() if len(e) else [],
-        "std": e.std(axis=0).tolist() if len(e) else [],
-        "min": e.min(axis=0).tolist() if len(e) else [],
-        "max": e.max(axis=0).tolist() if len(e) else [],
-        "method": method,
-        "lut_not_applied": lut_not_applied,
-    }
+    return {**energy_summary(e), "method": method, "lut_not_applied": lut_not_applied}
 
 
 def compute_stats(root: str | os.PathLike, samples: int = 1000, seed: int = 0,

@@ -12,7 +12,12 @@ from pathlib import Path
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    """The benchmark's parser; its usage line names the command as run: `python -m benchmarks.<name>`."""
+    import sys
+
+    spec = sys._getframe(1).f_globals.get("__spec__")  # the calling benchmark's module, also under -m
+    module = spec.name if spec is not None else sys._getframe(1).f_globals["__name__"]
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     p.add_argument("--quick", action="store_true", help="small sizes: finishes in about a minute on 2 cores")
     p.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     return p

@@ -188,7 +188,7 @@ def ingest_once(corpus: Path, out: Path, workers: int, shard_size: str) -> dict:
     from ingest.config import build_config
     from ingest.job import run
 
-    cfg = build_config(sources=[str(corpus)], out=str(out), workers=workers, salt="benchmark-salt",
+    cfg = build_config(sources=[str(corpus)], out=str(out), workers=workers, salt="medswav-benchmark-salt",
                        shard_size=shard_size, dashboard_address=":0", progress=False)
     start = time.perf_counter()
     summary, stats = run(cfg)
@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
     p.add_argument("--slices", type=int, help="corpus size (default 20000, --quick 1500; jpegls: 4000 / 400)")
     p.add_argument("--syntax", choices=("native", "jpegls"), default="native",
                    help="corpus transfer syntax: native = uncompressed as the sources (decode is cheapest, so "
-                        "our overhead shows most); jpegls = re-encoded JPEG-LS lossless, as many archives store")
+                        "our overhead shows most); jpegls = re-encoded JPEG-LS lossless, as many archives store (default native)")
     p.add_argument("--keep", metavar="DIR", help="work folder to keep (default: a temporary folder, removed)")
     p.add_argument("--repeat", type=int, default=3, metavar="N",
                    help="rounds of all measurements; the figures are medians (default 3)")
@@ -247,12 +247,15 @@ def main(argv=None) -> dict:
             for workers in (1, 2):
                 out = out_root / f"ds-{workers}"
                 shutil.rmtree(out, ignore_errors=True)
-                shutil.rmtree(Path(str(out) + ".salt"), ignore_errors=True)
+                for beside in (".salt", ".salt-check"):  # the salt and its check live next to the dataset
+                    Path(str(out) + beside).unlink(missing_ok=True)
+                shutil.rmtree(Path(str(out) + ".paths"), ignore_errors=True)  # the path map beside it
                 warm_cache(files)
                 with on_cores(None if args.no_pin else workers):
                     runs[workers] = ingest_once(corpus, out, workers, shard_size)
                 assert runs[workers]["samples"] == slices, runs[workers]
                 shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(Path(str(out) + ".paths"), ignore_errors=True)
             one, two = slices / runs[1]["job_s"], slices / runs[2]["job_s"]
             rounds.append({"decode_limit": slices / decode_s, "naive": slices / naive_s, "storage_bps": storage_bps,
                            "one": one, "two": two, "ratio": one * decode_s / slices, "scaling": two / one,

@@ -198,6 +198,9 @@ print(json.dumps({"plan_s": plan_s, "finalize_s": finalize_s, "slices": plan.sli
 
 
 def _reset(root: Path) -> None:
+    from ingest.paths import work_dir
+
+    shutil.rmtree(work_dir(root), ignore_errors=True)  # planning work files live beside the dataset
     for name in ("_work", "plan", "errors", "dataset.json"):
         path = root / name
         if path.is_dir():

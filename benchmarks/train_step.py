@@ -2,6 +2,11 @@
 encoder on the same crops (the baseline), in one run.
 
     python -m benchmarks.train_step [--quick] [--json PATH] [--arch resnet50] [--batch-size 32]
+        [--data DATASET] [--device cuda] [--precision bf16] [--channels-last] [--num-workers N]
+
+On a GPU the default is the production layout: bf16 autocast and channels_last weights (as
+`python -m train`); with --data DATASET (a shard dataset) the batches come from the DALI pipeline on
+the GPU, and data_wait_fraction is the share of the step spent waiting for them.
 
 Phases of a SwAV step: data wait, forward (backbone + projector + prototype scores), Sinkhorn + loss
 (queue scoring, Sinkhorn, swapped cross-entropies), backward, optimiser (LARS + prototype
@@ -11,6 +16,7 @@ swav_overhead_fraction at K = 3000 and for data_wait_fraction.
 """
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -33,10 +39,12 @@ def _sync(device):
 
 def run(args) -> dict:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    amp = device.type == "cuda"
+    amp = device.type == "cuda" and args.precision == "bf16"
+    channels_last = device.type == "cuda" and args.channels_last
     cfg = Config(synthetic=not args.data, data=args.data or "", batch_size=args.batch_size,
                  crop_sizes=tuple(args.crop_sizes), num_crops=tuple(args.num_crops),
-                 synthetic_steps=2 * (args.steps + args.warmup) + 1)
+                 synthetic_steps=2 * (args.steps + args.warmup) + 1, num_workers=args.num_workers)
+    torch.backends.cudnn.benchmark = device.type == "cuda"   # fixed crop sizes, as in train
     source = build_source(cfg, 0, 1, device.type)
 
     def cycle():  # as many steps as asked for, whatever an epoch's length
@@ -47,25 +55,31 @@ def run(args) -> dict:
 
     batches = cycle()
     torch.manual_seed(0)
-    model = SwAVModel(args.arch, 1, args.num_prototypes).to(device)
+    model = SwAVModel(args.arch, len(source.modalities), args.num_prototypes).to(device)
+    if channels_last:  # single-channel inputs are NHWC already; the weights carry the format onwards
+        model = model.to(memory_format=torch.channels_last)
     opt = LARS(param_groups(model), lr=0.1)
     b = args.batch_size
     queue = None
     if args.queue_length:
-        queue = FeatureQueue(1, 2, args.queue_length - args.queue_length % b, 128, device)
+        sub = b // len(source.modalities)
+        queue = FeatureQueue(len(source.modalities), 2, args.queue_length - args.queue_length % sub, 128, device)
         queue.features.copy_(F.normalize(torch.randn_like(queue.features), dim=-1))
         queue.filled.fill_(queue.length)  # full: the heaviest case (after the queue's start epoch)
-    protos = [model.prototypes[0].weight]
+    protos = [p.weight for p in model.prototypes]
 
     def proto_cost() -> float:
         """Forward + backward of the prototype layer alone, same shapes (it runs inside forward)."""
-        z = torch.randn(sum(args.num_crops) * b, 128, device=device, requires_grad=True)
+        sub = b // len(protos)
+        z = torch.randn(sum(args.num_crops) * sub, 128, device=device, requires_grad=True)
         _sync(device)
         t = time.perf_counter()
-        s = z @ model.prototypes[0].weight.float().t()
-        s.sum().backward()
+        for w in protos:
+            s = z @ w.float().t()
+            s.sum().backward()
         _sync(device)
-        model.prototypes[0].weight.grad = None
+        for w in protos:
+            w.grad = None
         return time.perf_counter() - t
 
     phases = ("data", "forward", "sinkhorn_loss", "backward", "optimizer", "normalize_prototypes")
@@ -98,6 +112,8 @@ def run(args) -> dict:
     # Baseline: the same encoder, same crops, a linear classifier and cross-entropy, SGD step.
     torch.manual_seed(0)
     encoder = SwAVModel(args.arch, 1, 1).backbone.to(device)
+    if channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
     head = torch.nn.Linear(encoder.num_features, 1000).to(device)
     base_opt = torch.optim.SGD(list(encoder.parameters()) + list(head.parameters()), lr=0.1, momentum=0.9)
     sup = {k: 0.0 for k in ("data", "forward", "loss", "backward", "optimizer")}
@@ -143,22 +159,40 @@ def run(args) -> dict:
         "phases_s": {**{k: v / n for k, v in swav.items()}, "prototype_scoring_in_fwd_bwd": proto_scoring / n},
         "supervised_phases_s": {k: v / n for k, v in sup.items()},
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "precision": "bf16" if amp else "fp32", "channels_last": channels_last,
+        "data": "DALI GPU pipeline" if args.data and device.type == "cuda" else (args.data or "synthetic"),
     }
     return figures
 
 
-def main(argv=None):
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def build_parser():
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--arch", default=None, help="encoder (default resnet50; resnet18 with --quick)")
-    p.add_argument("--batch-size", type=int, default=32, help="samples per step")
-    p.add_argument("--crop-sizes", type=int, nargs=2, default=[224, 92])
-    p.add_argument("--num-crops", type=int, nargs=2, default=[2, 6])
-    p.add_argument("--num-prototypes", type=int, default=3000)
-    p.add_argument("--queue-length", type=int, default=3840, help="full queue of this length (0: none)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per step (default 32)")
+    p.add_argument("--crop-sizes", type=_ints, default=[224, 92], metavar="A,B",
+                   help="side of the crops of each group, comma-separated (default 224,92)")
+    p.add_argument("--num-crops", type=_ints, default=[2, 6], metavar="A,B",
+                   help="crops per group, comma-separated (default 2,6)")
+    p.add_argument("--num-prototypes", type=int, default=3000, help="prototypes K (default 3000)")
+    p.add_argument("--queue-length", type=int, default=3840, help="full queue of this length (0: none; default 3840)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 3; 2 with --quick)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run (default auto: cuda when visible)")
     p.add_argument("--data", default="", help="data source (.npz or shard dataset); default synthetic crops")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="GPU autocast (default bf16; CPU runs fp32)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC weights on the GPU (default on, as in train)")
+    p.add_argument("--num-workers", type=int, default=2, help="DALI threads of a shard dataset source (default 2)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     args.arch = args.arch or ("resnet18" if args.quick else "resnet50")
     args.steps = args.steps or (2 if args.quick else 3)

@@ -13,6 +13,13 @@ shards) -> convert (one Dask task per shard) -> finalize (dataset.json, report).
 
 salt: --salt, else env MEDSWAV_SALT, else `salt` in --config, else the file DATASET.salt next to the
 dataset folder (created with a random salt on the first run; keep it private and keep it: reruns need it).
+A given salt needs 16+ characters, 8+ of them different. DATASET.salt-check, also next to the dataset,
+lets a rerun refuse another salt; nothing inside the dataset can test a guessed salt.
+
+privacy: inside DATASET a source path appears only as its salted hash (errors/ show `sha:<hash>`, error
+details are scrubbed of paths); the readable map lives in DATASET.paths/ next to the dataset folder (mode
+0700), with the salt file: `python -m ingest.paths DATASET sha:<hash>` prints the file behind an error row.
+--keep-paths keeps clear paths inside instead (private use); a dataset keeps the choice it was built with.
 
 resume: rerun the same command after a crash; only uncommitted shards are redone (and a committed shard
 whose manifest part was lost is rewritten from the plan, or the run fails naming it).
@@ -69,9 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--labels", metavar="FILE",
                    help="CSV or Parquet keyed by SOPInstanceUID, SeriesInstanceUID or StudyInstanceUID; "
                         "other columns are numeric labels")
-    d.add_argument("--salt", help="secret salt of all hashes (prefer env MEDSWAV_SALT: argv is visible to other users)")
-    d.add_argument("--hash-paths", action="store_const", const=True,
-                   help="keep only salted hashes of source paths in inventory/ and errors/")
+    d.add_argument("--salt", help="secret salt of all hashes, 16+ characters (prefer env MEDSWAV_SALT: argv is visible "
+                                  "to other users; default: a random salt generated into DATASET.salt)")
+    d.add_argument("--keep-paths", action="store_const", const=True,
+                   help="keep clear source paths inside the dataset (inventory/, errors/ and their details), "
+                        "for private use; by default they appear there only as salted hashes and the readable "
+                        "map is DATASET.paths/ beside the dataset (python -m ingest.paths DATASET HASH)")
+    d.add_argument("--hash-paths", action="store_true", help="deprecated: hashing paths is the default (no effect)")
     d.add_argument("--rescan", action="store_const", const=True,
                    help="rescan the sources even when resuming with unchanged sources")
     d.add_argument("--lock-timeout", type=float, metavar="SECONDS",
@@ -84,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from .salt import ENV
 
+    if args.hash_paths:
+        print("ingest: note: --hash-paths is deprecated and has no effect: hashing paths is the default",
+              file=sys.stderr)
+
     # salt precedence: --salt > MEDSWAV_SALT > config file > DATASET.salt (the env must beat the config file)
     salt = args.salt or os.environ.get(ENV) or None
     try:
@@ -94,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=parse_size(args.shard_size) if args.shard_size else None,
             max_pixel_bytes=parse_size(args.max_pixel_bytes) if args.max_pixel_bytes else None,
             max_side=args.max_side, frames_per_unit=args.frames_per_unit, val_fraction=args.val_fraction,
-            seed=args.seed, labels=args.labels, salt=salt, hash_paths=args.hash_paths, rescan=args.rescan,
+            seed=args.seed, labels=args.labels, salt=salt, keep_paths=args.keep_paths, rescan=args.rescan,
             modality=args.modality, direct_io=args.direct_io, lock_timeout=args.lock_timeout,
         )
         from .finalize import report

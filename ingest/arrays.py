@@ -13,7 +13,8 @@ them to `val`. Each shard holds one split, images shuffled across sources within
 plus numeric label columns). Pixels are stored exactly as read in their integer dtype (RGB becomes
 BT.601 luma as for DICOM); floating-point images are accepted only when every value is an integer.
 
-Resume: the plan (shard assignment) is written to `_work/arrays-<id>.json` before any shard, `<id>`
+Resume: the plan (shard assignment) is written to `DATASET.paths/work/arrays-<id>.json` (beside the
+dataset: it names source paths; ingest.paths) before any shard, `<id>`
 being a hash of the listed images and settings; rerunning the same command finds it and writes only the
 shards not yet committed. Running again with more sources plans only images not yet in the dataset.
 """
@@ -32,7 +33,6 @@ ARRAY_SUFFIXES = (".npz", ".npy")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MEDMNIST_SPLITS = ("train", "val", "test")
-WORK_DIR = "_work"
 
 
 def is_array_source(path: str) -> bool:
@@ -259,20 +259,23 @@ def _plan(items: list[Item], job: ArraysJob, salt: str, plan_id: str) -> dict:
 
 
 def convert_shard(entry: tuple[str, list[dict]], root: str, modality: str, label_names: list[str], salt: str,
-                  direct_io: bool = True) -> int:
+                  direct_io: bool = True, hash_paths: bool = False) -> int:
     """One Dask task: write one shard of non-DICOM images; unreadable images go to errors/."""
     from shards import SampleMeta, ShardWriter, salted_hash, sample_key, write_errors
 
+    from .scan import scan_error
+
     name, specs = entry
-    errors, written = [], 0
+    errors, written, failed = [], 0, []
     with ShardWriter(root, modality, name, label_names=label_names, direct_io=direct_io) as writer:
         for spec in specs:
             item = Item(spec["source"], spec["locator"], spec["split"], None, 0)
             try:
                 pixels = load_item(item)
             except (SourceError, OSError, ValueError, IndexError, RuntimeError) as e:
-                errors.append({"source": item.identity, "stage": "convert", "reason": "unreadable image",
-                               "detail": f"{type(e).__name__}: {str(e)[:200]}"})
+                errors.append(scan_error(item.identity, "convert", "unreadable image",
+                                         f"{type(e).__name__}: {str(e)[:200]}", salt, hash_paths))
+                failed.append(item.identity)
                 continue
             meta = SampleMeta(modality=modality, split=spec["split"], source_hash=salted_hash(item.source, salt),
                               sop_hash=salted_hash(item.identity, salt), patient_hash=salted_hash(item.source, salt),
@@ -282,7 +285,17 @@ def convert_shard(entry: tuple[str, list[dict]], root: str, modality: str, label
             writer.write(sample_key(item.identity, 0, salt), pixels, meta, labels=labels)
             written += 1
         write_errors(root, f"convert-{name}", errors)
+        _write_error_map(root, f"convert-{name}", failed, salt, hash_paths)
     return written
+
+
+def _write_error_map(root, name: str, sources: list[str], salt: str, hash_paths: bool) -> None:
+    """The readable map (ingest.paths) of the sources behind one errors/ file, when those are hashed."""
+    from .paths import arrays_map_part, write_map
+    from .scan import map_row
+
+    if hash_paths and sources:
+        write_map(arrays_map_part(root, name), [map_row(src, salt) for src in sources])
 
 
 def run_arrays(cfg, modality: str) -> tuple[dict, dict]:
@@ -304,21 +317,29 @@ def _run_arrays_locked(cfg, modality: str) -> tuple[dict, dict]:
 
     from .engine import dask_client, run_phase
     from .finalize import finalize
-    from .salt import fingerprint, read_state, resolve_salt, write_state
+    from .job import check_path_privacy
+    from .paths import make_map_dir, remove_empty, work_dir
+    from .salt import read_state, resolve_salt, write_state
+    from .scan import scan_error
 
     root = cfg.root
     salt, origin = resolve_salt(root, cfg.salt)
     print(f"salt: from {origin}", file=sys.stderr)
+    check_path_privacy(root, read_state(root), cfg.hash_paths)
+    make_map_dir(root)
     if not read_state(root):
-        write_state(root, {"salt_fingerprint": fingerprint(salt), "hash_paths": False})
+        write_state(root, {"hash_paths": cfg.hash_paths})
     label_table, table_names = load_label_table(cfg.labels) if cfg.labels else (None, [])
     items, names, errors = list_items(list(cfg.sources), label_table)
+    rejected = [e["source"] for e in errors]
+    errors = [scan_error(e["source"], e["stage"], e["reason"], e["detail"], salt, cfg.hash_paths) for e in errors]
     label_names = table_names or names
     write_errors(root, "scan-arrays", errors)
+    _write_error_map(root, "scan-arrays", rejected, salt, cfg.hash_paths)
     existing = set(Dataset(root).manifest(columns=["key"]).column("key").to_pylist()) if Dataset(root).modalities else set()
     job = ArraysJob(modality, cfg.val_fraction, cfg.seed, cfg.shard_size)
     digest = hashlib.blake2b(json.dumps([job.__dict__, [i.identity for i in items]]).encode(), digest_size=8).hexdigest()
-    plan_path = root / WORK_DIR / f"arrays-{digest}.json"
+    plan_path = work_dir(root) / f"arrays-{digest}.json"
     if plan_path.exists():
         plan = json.loads(plan_path.read_text())
     else:
@@ -334,15 +355,17 @@ def _run_arrays_locked(cfg, modality: str) -> tuple[dict, dict]:
     with dask_client(cfg) as client:
         _, failures = run_phase(client, "convert", convert_shard, todo, key_of=lambda e: f"arrays-{e[0]}",
                                 progress=cfg.progress, root=str(root), modality=modality,
-                                label_names=label_names, salt=salt, direct_io=cfg.direct_io)
+                                label_names=label_names, salt=salt, direct_io=cfg.direct_io,
+                                hash_paths=cfg.hash_paths)
     if failures:
         from .job import JobFailed
 
         raise JobFailed(f"{len(failures)} shard task(s) failed: {failures[0][1]}; rerun the same command")
     plan_path.unlink()
+    remove_empty(root)
     stats = {"files": len(set(i.source for i in items)), "new_slices": sum(len(v) for v in plan["shards"].values()),
              "already_ingested": len(items) - sum(len(v) for v in plan["shards"].values()),
              "shards_written": len(todo), "shards_skipped": len(plan["shards"]) - len(todo)}
     summary = finalize(root, {"arrays_modality": modality, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-                              "shard_size": cfg.shard_size, "salt_fingerprint": fingerprint(salt)})
+                              "shard_size": cfg.shard_size})
     return summary, stats

@@ -62,7 +62,7 @@ class IngestConfig:
     direct_io: bool = True                             # write shards with O_DIRECT where the filesystem allows
     # identity and privacy
     salt: str | None = None                            # else env MEDSWAV_SALT, else DATASET.salt file
-    hash_paths: bool = False                           # keep only salted hashes of source paths
+    keep_paths: bool = False                           # clear source paths inside the dataset (private use)
     # split and order
     seed: int = 0                                      # shuffle seed
     val_fraction: float = 0.05                         # share of patients in the "val" split
@@ -107,6 +107,11 @@ class IngestConfig:
     def root(self) -> Path:
         return Path(self.out)
 
+    @property
+    def hash_paths(self) -> bool:
+        """Source paths appear inside the dataset only as salted hashes (the default; ingest.paths)."""
+        return not self.keep_paths
+
 
 _SIZE_FIELDS = {"shard_size", "max_pixel_bytes"}
 
@@ -128,6 +133,15 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     data = data.get("ingest", data)
+    if "hash_paths" in data:  # the setting before hashing became the default: false meant keep_paths
+        hashed = data.pop("hash_paths")
+        if not isinstance(hashed, bool):
+            raise ConfigError(f"hash_paths in {path} must be true or false (it is deprecated: use keep_paths)")
+        if "keep_paths" in data and data["keep_paths"] == hashed:
+            raise ConfigError(f"{path} sets both hash_paths and keep_paths, and they disagree")
+        data.setdefault("keep_paths", not hashed)
+        print(f"ingest: note: hash_paths in {path} is deprecated (hashing is the default); use "
+              f"keep_paths = {str(not hashed).lower()}", file=sys.stderr)
     names = {f.name for f in dataclasses.fields(IngestConfig)}
     unknown = sorted(set(data) - names)
     if unknown:

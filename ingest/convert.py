@@ -9,6 +9,7 @@ every slice failed has nothing to commit; an empty marker under `_work` records 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -20,7 +21,7 @@ from .decoders import release_decoded
 from .native import Changed, header_meta, read_frame
 from .pixels import to_stored
 from .plan import spec_path
-from .scan import WORK_DIR, Rejected, _open, error_row, shown_source
+from .scan import WORK_DIR, Rejected, _open, inferred_syntax, scan_error, set_syntax, shown_source, sop_uid, text_path
 
 _CACHE_FILES = 4  # open datasets kept per task: frames of one multi-frame file are spread over a shard
 
@@ -61,9 +62,16 @@ def load_dataset(src: str):
         raise Rejected("unreadable", f"{type(e).__name__}: {e}") from None
     except Exception as e:
         raise Rejected("damaged file", f"{type(e).__name__}: {str(e)[:200]}") from None
-    if "SOPInstanceUID" not in ds:
-        # pydicom returns an empty dataset when the file ends inside an element (often the pixel data)
+    if "SOPInstanceUID" not in ds and not any(tag in ds for tag in (0x7FE00008, 0x7FE00009, 0x7FE00010)):
+        # pydicom returns an empty dataset when the file ends inside an element (often the pixel data);
+        # a file without SOPInstanceUID but with pixel data was read to its end (keyed by content)
         raise Rejected("damaged file", "the file cannot be parsed to its end (truncated or corrupted data)")
+    if not getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None):
+        # no File Meta Information: decode with the syntax scan inferred from the same encoding
+        pixels = ds.get_item(0x7FE00010) if 0x7FE00010 in ds else None
+        encapsulated = pixels is not None and (getattr(pixels, "length", None) == 0xFFFFFFFF
+                                               or getattr(pixels, "is_undefined_length", False))
+        set_syntax(ds, inferred_syntax(ds, encapsulated))
     return ds
 
 
@@ -80,6 +88,12 @@ def decode_frame(ds, frame: int) -> np.ndarray:
         raise
     except Exception as e:
         raise Rejected("pixel decoding failed", f"{type(e).__name__}: {str(e)[:300]}") from None
+    except BaseException as e:
+        # decoders written in Rust (pylibjpeg-rle) panic on some damaged data; pyo3 raises the panic
+        # as PanicException, a BaseException, which would otherwise end the whole convert task
+        if type(e).__name__ != "PanicException":
+            raise
+        raise Rejected("pixel decoding failed", f"decoder panic: {str(e)[:300]}") from None
     if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
         try:
             arr = apply_color_lut(arr, ds)
@@ -90,7 +104,15 @@ def decode_frame(ds, frame: int) -> np.ndarray:
 
 def convert_frame(ds, frame: int, max_side: int | None = None):
     """(stored 2-D array, PixelInfo) of one frame: decode + the documented pixel rules."""
-    return apply_rules(decode_frame(ds, frame), header_meta(ds, frame), max_side)
+    arr = decode_frame(ds, frame)
+    try:
+        meta = header_meta(ds, frame)
+    except Exception as e:  # pydicom converts a value on first access: one that does not fit its VR raises
+        # pydicom's message quotes the raw value (it may be a name): only the element and VR are kept
+        where = re.search(r"\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\) according to VR '\w+'", str(e))
+        detail = type(e).__name__ + (f" parsing {where.group(0)}" if where else "")
+        raise Rejected("bad header value", detail) from None
+    return apply_rules(arr, meta, max_side)
 
 
 def apply_rules(arr: np.ndarray, meta: dict, max_side: int | None):
@@ -179,32 +201,40 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
         # a fallback copy is already in errors/ as a duplicate (plan), or under its own frames
         if log and src not in logged:
             logged[src] = len(errors)
-            errors.append(error_row(shown_source(src, salt, hash_paths), "convert", *failed[src]))
+            errors.append(scan_error(src, "convert", *failed[src], salt, hash_paths))
 
     def frame_from(src: str, spec: dict, fallback: bool):
         """(key, pixels, meta dict, PixelInfo, frames) of the spec's frame read from copy `src`."""
+        local = text_path(src)  # src is path text (ingest.scan.path_text)
         layout = spec.get("native_layout") if not fallback else None
         if layout is not None and src not in slow:
             layout = json.loads(layout)
             try:
-                pixels, info = fast_frame(layout, src, spec["frame"], max_side)
+                pixels, info = fast_frame(layout, local, spec["frame"], max_side)
             except (Changed, OSError):
                 slow.add(src)  # replaced since the scan (or unreadable): pydicom path decides
             else:
                 return layout["keys"][spec["frame"]], pixels, layout["meta"], info, spec["frames"]
-        ds = cache.get(src)
-        if ds is None:
-            ds = load_dataset(src)
-            uid = str(ds.get("SOPInstanceUID", "") or "")
+        cached = cache.get(src)
+        if cached is None:
+            ds = load_dataset(local)
+            if str(ds.get("SOPInstanceUID", "") or "").strip():
+                uid = sop_uid(ds, None)
+            else:  # keyed by its content (ingest.scan.sop_uid): hashed again, as scan did
+                try:
+                    with _open(local) as fp:
+                        uid = sop_uid(ds, fp)
+                except OSError as e:
+                    raise Rejected("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
             if salted_hash(uid, salt) != spec["sop_hash"]:
                 raise Rejected("changed since scan", "the file's SOPInstanceUID differs from the inventory")
-            cache[src] = ds
+            cache[src] = cached = (ds, uid)
             if len(cache) > _CACHE_FILES:
                 cache.popitem(last=False)
+        ds, uid = cached
         pixels, info = convert_frame(ds, spec["frame"], max_side)
         frames = max(1, int(ds.get("NumberOfFrames") or 1)) if fallback else spec["frames"]
-        return (sample_key(str(ds.SOPInstanceUID), spec["frame"], salt), pixels,
-                header_meta(ds, spec["frame"]), info, frames)
+        return sample_key(uid, spec["frame"], salt), pixels, header_meta(ds, spec["frame"]), info, frames
 
     try:
         with warnings.catch_warnings():

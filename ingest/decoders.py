@@ -61,19 +61,35 @@ def decode(ds, frame: int) -> np.ndarray:
     """One frame as pydicom returns it (YBR -> RGB), by the first decoder that reads it."""
     from pydicom.pixels import pixel_array
 
+    from .isolated_decode import gdcm_in_child
+
     check_codestream(ds, frame)
     failures = []
     for plugin in plugin_order(ds):
         try:
+            if plugin == "gdcm":  # GDCM aborts its process on some damaged codestreams: in a child
+                return gdcm_in_child(ds, frame, "plugin")
             return pixel_array(ds, index=frame, decoding_plugin=plugin)
         except Exception as e:
             failures.append(_short(e) if plugin else f"pydicom: {_short(e)}")
     if str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")) == JPEG_EXTENDED_12BIT and _gdcm_available():
         try:
-            return gdcm_whole_file(ds)[frame]
+            return _whole_file_in_child(ds)[frame]
         except Exception as e:
             failures.append(f"gdcm reader: {_short(e)}")
     raise DecodeFailed("; ".join(failures))
+
+
+def _whole_file_in_child(ds) -> np.ndarray:
+    """gdcm_whole_file run in a child process (ingest.isolated_decode), cached per dataset."""
+    global _whole_file
+    if _whole_file is not None and _whole_file[0] is ds:
+        return _whole_file[1]
+    from .isolated_decode import gdcm_in_child
+
+    arr = gdcm_in_child(ds, 0, "whole")
+    _whole_file = (ds, arr)
+    return arr
 
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # F7: JPEG-LS

@@ -2,7 +2,8 @@
 
 They cover CT, MR, CR (MONOCHROME1), ultrasound in RGB / YBR / palette colour, multi-frame objects,
 every common transfer syntax, and deliberately broken files, so the summary shows both the shards and
-the rejections. The dataset lands in DIR/dataset (salt in DIR/dataset.salt).
+the rejections. The dataset lands in DIR/dataset (salt in DIR/dataset.salt, the readable map of the
+rejected files' hashed paths in DIR/dataset.paths: `python -m ingest.paths DIR/dataset sha:...`).
 """
 from __future__ import annotations
 

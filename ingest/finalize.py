@@ -1,26 +1,15 @@
 """Phase 4, finalize: dataset.json, the error summary and the printed report."""
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 
-def error_summary(root: Path) -> dict[str, dict[str, int]]:
-    """{stage: {reason: count}} over every error file of the dataset."""
-    from shards import Dataset
-
-    table = Dataset(root).errors()
-    out: dict[str, Counter] = {}
-    if table.num_rows:
-        for stage, reason in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()):
-            out.setdefault(stage, Counter())[reason] += 1
-    return {s: dict(c.most_common()) for s, c in sorted(out.items())}
-
-
 def finalize(root: Path, extra: dict) -> dict:
+    """Shard tables and dataset.json from the per-shard summaries in the manifest and error footers:
+    O(shards + error files) small reads, nothing per sample (shards/FORMAT.md)."""
     from shards import write_dataset_json
 
-    return write_dataset_json(root, ingest=extra, error_reasons=error_summary(root))
+    return write_dataset_json(root, ingest=extra)
 
 
 def _size(n: float) -> str:

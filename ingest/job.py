@@ -29,8 +29,9 @@ from .convert import run_convert_task, shard_done
 from .engine import dask_client, run_phase
 from .finalize import finalize, report
 from .lock import LOCK_FILE, DatasetLock
-from .salt import ENV, STATE_FILE, fingerprint, read_state, resolve_salt, salt_file, write_state
-from .scan import INVENTORY_DIR, INVENTORY_SCHEMA, WORK_DIR, run_scan_task, scan_tasks
+from .paths import generation_map_dir, make_map_dir, read_map, remove_empty, work_dir
+from .salt import ENV, STATE_FILE, read_state, resolve_salt, salt_file, write_state
+from .scan import INVENTORY_DIR, INVENTORY_SCHEMA, WORK_DIR, path_text, run_scan_task, scan_tasks
 
 INGEST_VERSION = 1
 SCAN_TASKS_PER_WORKER = 16  # small enough that the last task to finish leaves little idle time
@@ -66,17 +67,15 @@ def _log(msg: str) -> None:
 def _read_inventory(root: Path, g: int, hash_paths: bool) -> pa.Table:
     """The whole inventory of generation g on this process: only for rewriting lost shards (rare; the
     planning itself runs as Dask tasks, see plan.plan_generation)."""
-    first_per_source = planning.first_per_source
     parts = sorted((root / INVENTORY_DIR).glob(f"part-g{g:03d}-*.parquet"))
     table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else INVENTORY_SCHEMA.empty_table()
-    table = first_per_source(table)  # overlapping sources (/a and /a/b) list some files twice
+    table = planning.first_per_source(table)  # overlapping sources (/a and /a/b) list some files twice
     if not hash_paths:
         return table.append_column("path", table.column("source"))
-    pparts = sorted((root / WORK_DIR / f"g{g:03d}" / "paths").glob("part-*.parquet"))
-    if not pparts:
+    paths = read_map(root, g)  # written by the same scan tasks, beside the dataset (ingest.paths)
+    if not paths.num_rows:
         return table.append_column("path", pa.array([""] * table.num_rows, pa.string()))
-    paths = first_per_source(pa.concat_tables([pq.read_table(p) for p in pparts]))
-    return table.join(paths, keys="source_hash", join_type="left outer")  # adds "path"
+    return table.join(planning.first_per_source(paths), keys="source_hash", join_type="left outer")  # adds "path"
 
 
 def _convert_shards(client, root: Path, g: int, todo: list[tuple[str, str]], meta: dict, cfg: IngestConfig,
@@ -112,7 +111,9 @@ def _write_plan_meta(root: Path, g: int, meta: dict) -> None:
 
 
 def _clear_work(root: Path, g: int) -> None:
-    shutil.rmtree(root / WORK_DIR / f"g{g:03d}", ignore_errors=True)  # clear source paths of the plan
+    shutil.rmtree(root / WORK_DIR / f"g{g:03d}", ignore_errors=True)  # empty-shard markers (and older plans' lists)
+    shutil.rmtree(work_dir(root, g), ignore_errors=True)  # the plan's slice lists, with paths, beside the dataset
+    remove_empty(root)
     try:
         (root / WORK_DIR).rmdir()
     except OSError:
@@ -189,6 +190,7 @@ def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], inventor
         records = records.append_column("_order", pa.array(np.arange(records.num_rows), pa.int64()))
         records = records.join(index, keys="source_hash", join_type="left outer").sort_by("_order")
         shutil.rmtree(root / WORK_DIR / f"g{g:03d}", ignore_errors=True)
+        shutil.rmtree(work_dir(root, g), ignore_errors=True)
         todo = []
         for name, modality in shards:
             joined = records.filter(pc.equal(records.column("shard"), name))
@@ -229,7 +231,8 @@ def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], inventor
 def _sources_hash(cfg: IngestConfig, salt: str) -> str:
     from shards import salted_hash
 
-    return salted_hash("\n".join(cfg.sources), salt)  # paths themselves stay out of the dataset
+    # paths themselves stay out of the dataset; path text: a source name need not be UTF-8
+    return salted_hash("\n".join(path_text(s) for s in cfg.sources), salt)
 
 
 def _convert_item(item, **kwargs):
@@ -337,16 +340,27 @@ def run(cfg: IngestConfig) -> tuple[dict, RunStats]:
         return _run_locked(client, lock, root, cfg, salt, labels, exclude)
 
 
+def check_path_privacy(root: Path, state: dict, hash_paths: bool) -> None:
+    """A dataset keeps the path privacy it was built with: one half hashed and one half clear would be
+    neither private nor fully readable."""
+    if state.get("hash_paths", hash_paths) == hash_paths:
+        return
+    if hash_paths:
+        raise ConfigError(f"dataset {root} was built with clear source paths inside (--keep-paths, or before "
+                          f"hashing became the default): pass --keep-paths to extend or resume it")
+    raise ConfigError(f"dataset {root} keeps source paths only as salted hashes: run without --keep-paths")
+
+
 def _run_locked(client, lock: DatasetLock, root: Path, cfg: IngestConfig, salt: str, labels,
                 exclude: frozenset[str]) -> tuple[dict, RunStats]:
     state = read_state(root)
     label_names = state.get("label_names", labels.names if labels else [])
     if labels and label_names != labels.names:
         raise ConfigError(f"labels file columns {labels.names} differ from the dataset's label names {label_names}")
-    if "hash_paths" in state and state["hash_paths"] != cfg.hash_paths:
-        raise ConfigError(f"dataset {root} was built with hash_paths={state['hash_paths']}; keep that setting")
+    check_path_privacy(root, state, cfg.hash_paths)
+    make_map_dir(root)  # beside the dataset: the plan's slice lists always, the path map unless --keep-paths
     if not state:
-        write_state(root, {"salt_fingerprint": fingerprint(salt), "label_names": label_names,
+        write_state(root, {"label_names": label_names,
                            "hash_paths": cfg.hash_paths, "created": _now(), "ingest_version": INGEST_VERSION})
     stats = RunStats()
     job_start = time.perf_counter()
@@ -377,7 +391,7 @@ def _run_locked(client, lock: DatasetLock, root: Path, cfg: IngestConfig, salt: 
     summary = finalize(root, {
         "version": INGEST_VERSION, "generations": planning.generations(root), "hash_paths": cfg.hash_paths,
         "val_fraction": cfg.val_fraction, "seed": cfg.seed, "shard_size": cfg.shard_size,
-        "max_side": cfg.max_side, "salt_fingerprint": fingerprint(salt),
+        "max_side": cfg.max_side,
         "modality_map": {**planning.MODALITY_MAP, **{k.upper(): v for k, v in cfg.modality_map.items()}},
     })
     stats.add_time("finalize", time.perf_counter() - finalize_start)
@@ -396,6 +410,8 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
     for stale in (root / INVENTORY_DIR).glob(f"part-g{g:03d}-*.parquet"):
         stale.unlink()  # from an interrupted scan of this same generation
     shutil.rmtree(root / WORK_DIR / f"g{g:03d}", ignore_errors=True)
+    shutil.rmtree(generation_map_dir(root, g), ignore_errors=True)  # the map of that interrupted scan
+    shutil.rmtree(work_dir(root, g), ignore_errors=True)
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     try:
         tasks = scan_tasks(list(cfg.sources), target_tasks=SCAN_TASKS_PER_WORKER * n_workers,
@@ -435,7 +451,7 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
          f"{stats.already_ingested:,} already ingested, {len(scan_errors) + plan.rejected:,} rejected")
     if not plan.shards:
         planning.clear_generation_plan(root, g)  # records of nothing; this generation number is reused
-        _clear_work(root, g)  # the scan's path lists (--hash-paths) must not outlive the run
+        _clear_work(root, g)  # the planning work files beside the dataset (they hold paths)
         stats.add_time("plan", time.perf_counter() - start)
         return unrecoverable
     lock.check()

@@ -99,8 +99,9 @@ def header_meta(ds, frame: int) -> dict:
 
 
 def native_layout(ds, *, src: str, ts: str, value_start: int, value_length: int, file_size: int,
-                  mtime_ns: int, salt: str) -> str | None:
-    """The JSON layout of a qualifying file (module docstring), or None for the pydicom path."""
+                  mtime_ns: int, salt: str, uid: str | None = None) -> str | None:
+    """The JSON layout of a qualifying file (module docstring), or None for the pydicom path.
+    `uid` keys the samples (default: the file's SOPInstanceUID; see `ingest.scan.sop_uid`)."""
     from shards import sample_key
 
     if "://" in src and not src.startswith("file://") or ts not in NATIVE_LAYOUT_SYNTAXES:
@@ -119,7 +120,7 @@ def native_layout(ds, *, src: str, ts: str, value_start: int, value_length: int,
         rep = int(ds.get("PixelRepresentation") or 0)
         photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
         planar = int(ds.PlanarConfiguration) if spp == 3 and "PlanarConfiguration" in ds else 0
-        uid = str(ds.SOPInstanceUID)
+        uid = str(ds.SOPInstanceUID) if uid is None else uid
         meta = header_meta(ds, 0)
     except (AttributeError, KeyError, TypeError, ValueError):
         return None

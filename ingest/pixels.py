@@ -3,7 +3,8 @@
 Applied in this order (each rule is exact or documented as rounding):
 
 1. Decoding: pydicom 3 and its plugins (`pixel_array(ds, index=frame)`) in the order of
-   ingest.decoders (GDCM last), with pydicom's default colour handling (YBR_* decoded to RGB).
+   ingest.decoders (GDCM last, in a child process: it aborts its process on some damaged codestreams),
+   with pydicom's default colour handling (YBR_* decoded to RGB).
    Big-endian arrays become native little-endian.
 2. Colour -> one channel:
    - PALETTE COLOR: pydicom's `apply_color_lut` (RGB in the LUT's depth, usually uint16), then luma.

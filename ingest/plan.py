@@ -104,7 +104,12 @@ def plan_record_path(root: Path, generation: int) -> Path:
 
 
 def spec_path(root: Path, generation: int, name: str) -> Path:
-    return Path(root) / WORK_DIR / f"g{generation:03d}" / "shards" / f"{name}.parquet"
+    """A pending shard's slice list (it names source paths): beside the dataset (ingest.paths.work_dir),
+    so that even a crash leaves no clear path inside; a plan pending since an older version keeps its own."""
+    from .paths import work_dir
+
+    legacy = Path(root) / WORK_DIR / f"g{generation:03d}" / "shards" / f"{name}.parquet"
+    return legacy if legacy.exists() else work_dir(root, generation) / "shards" / f"{name}.parquet"
 
 
 @dataclass
@@ -620,11 +625,12 @@ def previous_frames(root: Path, key_range: tuple[int, int] | None = None) -> pa.
 # ---------------------------------------------------------------- planning on a cluster
 #
 # A. one task per inventory part: attach the source path, add the bucket of each row (a range of the
-#    SOP hash), write the part again sorted by bucket (a row group per bucket) under _work/gNNN/buckets.
+#    SOP hash), write the part again sorted by bucket (a row group per bucket) under DATASET.paths/work/gNNN/buckets
+#    (ingest.paths.work_dir: the rows carry source paths).
 # B. one task per bucket: read the bucket's rows of every part (row-group statistics skip the rest),
 #    keep one row per source file, plan them (`plan_rows`: every copy of a SOP instance is in the same
 #    bucket, so dedup is exact), write the errors (errors/plan-gNNN-bBBBBB.parquet) and the planned
-#    slices sorted by (group, order) under _work/gNNN/planned. Returns counts per group only.
+#    slices sorted by (group, order) under DATASET.paths/work/gNNN/planned. Returns counts per group only.
 # The client sums the counts (O(buckets x groups) numbers) into the number of shards per group.
 # C. one task per range of shards of a group: read that key range of every bucket's planned slices, cut
 #    it into shards (`cut_shards`), write their spec files and one plan-record part. Returns per shard
@@ -635,7 +641,10 @@ class PlanFailed(RuntimeError):
 
 
 def _work(root: Path, generation: int, what: str) -> Path:
-    return Path(root) / WORK_DIR / f"g{generation:03d}" / what
+    """Planning work files (bucketed rows carry source paths): beside the dataset, never inside it."""
+    from .paths import work_dir
+
+    return work_dir(root, generation) / what
 
 
 def first_per_source(table: pa.Table) -> pa.Table:
@@ -715,15 +724,17 @@ def bucket_part(part: str, *, root: str, generation: int, buckets: int, hash_pat
     """Phase A for one inventory part; returns its row count."""
     import pyarrow.compute as pc
 
+    from .paths import PATHS_SCHEMA, generation_map_dir
+
     root_ = Path(root)
     table = pq.read_table(part)
     if "native_layout" not in table.column_names:
         table = table.append_column("native_layout", pa.nulls(table.num_rows, pa.string()))
     table = table.select(INVENTORY_SCHEMA.names)
-    if hash_paths:  # the scan task wrote its paths next to its part: part-gNNN-TTTTT-BBB <-> paths/part-TTTTT-BBB
-        paths_file = _work(root_, generation, "paths") / ("part-" + Path(part).name.split("-", 2)[2])
+    if hash_paths:  # the scan task wrote its path map beside the dataset: part-gNNN-TTTTT-BBB <-> map/part-TTTTT-BBB
+        paths_file = generation_map_dir(root_, generation) / "map" / ("part-" + Path(part).name.split("-", 2)[2])
         if paths_file.exists():
-            paths = first_per_source(pq.read_table(paths_file))
+            paths = first_per_source(pq.read_table(paths_file, schema=PATHS_SCHEMA))
             table = table.join(paths, keys="source_hash", join_type="left outer")
             table = table.set_column(table.column_names.index("path"), "path", pc.fill_null(table.column("path"), ""))
         else:
@@ -753,20 +764,37 @@ def _labels_for(path: str | None, salt: str) -> "LabelTable | None":
     return _LABELS[key]
 
 
-def not_yet_reported(root: Path, generation: int, errors: list[dict]) -> list[dict]:
-    """The errors not already recorded by an earlier generation (same source and reason): a rerun over
-    the same sources does not report the same rejected file again."""
+def previous_error_keys(root: Path, skip_prefixes: tuple[str, ...], sources: set[str | None]) -> set[tuple[str, str]]:
+    """(source, reason) of the earlier error files' rows whose source is one of `sources` (the inputs this
+    run rejects): read with a filter, so memory follows this run's rejections, not the ledger's size."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
+    from shards.manifest import ERRORS_SCHEMA
+
     base = Path(root) / "errors"
-    mine = (f"scan-g{generation:03d}", f"plan-g{generation:03d}")
-    files = [p for p in base.glob("*.parquet") if not p.stem.startswith(mine)] if base.is_dir() else []
-    if not errors or not files:
+    files = sorted(p for p in base.glob("*.parquet") if not p.stem.startswith(skip_prefixes)) if base.is_dir() else []
+    seen: set[tuple[str, str]] = set()
+    if not files or not sources:
+        return seen
+    wanted = pc.field("source").isin(pa.array(sorted(s for s in sources if s is not None), pa.string()))
+    if None in sources:
+        wanted = wanted | pc.field("source").is_null()
+    scanner = pads.dataset(files, format="parquet", schema=ERRORS_SCHEMA).scanner(
+        columns=["source", "reason"], filter=wanted)
+    for batch in scanner.to_batches():
+        seen.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
+    return seen
+
+
+def not_yet_reported(root: Path, generation: int, errors: list[dict]) -> list[dict]:
+    """The errors not already recorded by an earlier generation (same source and reason): a rerun over
+    the same sources does not report the same rejected file again. Only the error files' rows of these
+    errors' sources are read (a pyarrow filter), never the whole ledger."""
+    if not errors:
         return errors
-    sources = sorted({e["source"] for e in errors})
-    seen_table = pads.dataset(files).to_table(columns=["source", "reason"], filter=pc.field("source").isin(sources))
-    seen = set(zip(seen_table.column("source").to_pylist(), seen_table.column("reason").to_pylist()))
+    mine = (f"scan-g{generation:03d}", f"plan-g{generation:03d}")
+    seen = previous_error_keys(root, mine, {e["source"] for e in errors})
     return [e for e in errors if (e["source"], e["reason"]) not in seen]
 
 
@@ -862,7 +890,7 @@ def plan_generation(client, root: Path, generation: int, *, rows: int, modality_
                     val_fraction: float, seed: int, salt: str, hash_paths: bool, labels_path: str | None,
                     progress: bool = False, token: str = "", buckets: int | None = None) -> Plan:
     """Plan generation `generation` from its inventory parts as Dask tasks (phases A-C above): spec files
-    under _work/gNNN/shards, plan records under plan/gNNN/, errors under errors/. Returns the summary
+    under DATASET.paths/work/gNNN/shards, plan records under plan/gNNN/, errors under errors/. Returns the summary
     (per shard info; counts); raises PlanFailed when a task failed. The caller writes plan/gNNN.json."""
     from .engine import run_phase
     from .scan import INVENTORY_DIR

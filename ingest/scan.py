@@ -4,7 +4,8 @@ The client only expands the top few folder levels until there are enough folders
 busy (`scan_tasks`); each Dask task then walks its own folders recursively and reads the headers of
 what it finds (`run_scan_task`), writing one inventory part. Nobody walks 100 M paths serially.
 
-The inventory keeps per file: the source path (audit trail; with `hash_paths` only its salted hash),
+The inventory keeps per file: the salted hash of the source path (its clear path only with `--keep-paths`:
+by default the scan tasks write hash -> path into the map beside the dataset, `ingest.paths`),
 size, salted hashes of SOP/series/study instance UIDs and of the patient ID, modality code, SOP class,
 geometry (rows, columns, frames, samples), bits, photometric interpretation, transfer syntax, where the
 pixel data element starts and its declared length. It never keeps names, IDs, dates, accession numbers,
@@ -12,8 +13,11 @@ institution/physician names or free text.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import os
+import re
+import stat
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -23,10 +27,10 @@ from typing import Iterator
 import pyarrow as pa
 
 INVENTORY_DIR = "inventory"
-WORK_DIR = "_work"  # hidden from pyarrow discovery; removed when a generation completes
+WORK_DIR = "_work"  # hidden from pyarrow discovery; removed when a generation completes; never holds paths
 
 INVENTORY_SCHEMA = pa.schema([
-    ("source", pa.string()),            # path / URL; "" when hash_paths
+    ("source", pa.string()),            # path / URL with --keep-paths; "" by default (hashed)
     ("source_hash", pa.string()),
     ("size", pa.int64()),
     ("sop_hash", pa.string()),
@@ -52,7 +56,6 @@ INVENTORY_SCHEMA = pa.schema([
     ("declared_bytes", pa.int64()),     # rows * cols * frames * samples * bits_allocated / 8
     ("native_layout", pa.string()),     # JSON for convert's fast path (ingest.native); null: pydicom path
 ])
-PATHS_SCHEMA = pa.schema([("source_hash", pa.string()), ("path", pa.string())])
 
 LOSSY_SYNTAXES = {
     "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
@@ -60,6 +63,9 @@ LOSSY_SYNTAXES = {
     "1.2.840.10008.1.2.4.101", "1.2.840.10008.1.2.4.102", "1.2.840.10008.1.2.4.103",
 }
 DEFLATED = "1.2.840.10008.1.2.1.99"
+# (implicit VR, little endian) -> the native transfer syntax with that encoding (no implicit big endian)
+SYNTAX_OF_ENCODING = {(True, True): "1.2.840.10008.1.2", (False, True): "1.2.840.10008.1.2.1",
+                      (False, False): "1.2.840.10008.1.2.2"}
 _PIXEL_TAGS = {0x7FE00010: False, 0x7FE00008: True, 0x7FE00009: True}  # tag -> float pixel data
 
 
@@ -72,7 +78,38 @@ class Rejected(Exception):
 
 
 def error_row(source: str, stage: str, reason: str, detail: str) -> dict:
-    return {"source": source, "stage": stage, "reason": reason, "detail": detail[:500]}
+    return {"source": source, "stage": stage, "reason": reason, "detail": readable(detail)[:500]}
+
+
+def readable(text: str) -> str:
+    """`text` as Parquet's UTF-8 columns take it: file-name bytes that are not UTF-8 (held by Python
+    as surrogate escapes) written as escapes instead of failing the write."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# ---------------------------------------------------------------- paths as text
+# File names are bytes; Python holds the ones that are not UTF-8 as surrogate escapes ('\udcff'), which
+# Parquet's string columns refuse. Paths therefore travel through the inventory, the plan and errors/
+# as *path text*: the path itself when it is valid UTF-8, else each undecodable byte written as NUL and
+# two hex digits. NUL never occurs in a file name or URL, so the form is lossless and unambiguous.
+
+_ESCAPED_BYTE = re.compile("\x00([0-9a-f]{2})")
+
+
+def path_text(path: str) -> str:
+    """The stored form of a path (see above); the identity on valid UTF-8 and on path text."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "".join(f"\x00{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in path)
+
+
+def text_path(text: str) -> str:
+    """The path `path_text` stored, as the str that os functions open (surrogate escapes)."""
+    if "\x00" not in text:
+        return text
+    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m[1], 16)), text)
 
 
 # ---------------------------------------------------------------- listing
@@ -85,38 +122,122 @@ def _local(src: str) -> str:
     return src[len("file://"):] if src.startswith("file://") else src
 
 
-def _list_dir(src: str, exclude: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
-    """(files, subfolders) directly inside `src`, sorted; hidden entries and the folders in `exclude`
-    (normalised paths: the dataset being written, when it lies inside a source) skipped."""
-    files, dirs = [], []
-    if _is_url(src):
-        import fsspec
+SYMLINK_LOOP = "symlink loop"
 
-        fs, path = fsspec.core.url_to_fs(src)
-        proto = src.split("://", 1)[0]
-        for entry in fs.ls(path, detail=True):
-            name = entry["name"].rstrip("/")
-            if name.rsplit("/", 1)[-1].startswith("."):
-                continue
-            (dirs if entry["type"] == "directory" else files).append(f"{proto}://{name}")
-    else:
+
+@dataclass
+class Walker:
+    """Lists and walks source folders, each real folder once, whatever the symbolic links.
+
+    A link to a folder inside a source folder is not followed: that folder is walked under its own path
+    anyway (no file twice, no exponential walk through "diamonds" of links), and a link to a folder
+    that contains it is recorded as a "symlink loop". A link leading outside the sources is followed;
+    below it every folder is identified by (device, inode), so that a folder reached again through
+    other links is walked only once per scan task and a cycle is recorded as a loop. Links that cannot
+    be resolved are recorded ("broken link", or "symlink loop" for ELOOP); so are unreadable folders.
+    `problems` holds (path, reason, detail) of all of these. Folders in `exclude` (normalised paths:
+    the dataset being written, when it lies inside a source) are skipped."""
+
+    roots: tuple[str, ...] = ()                       # real paths of the local source folders
+    exclude: frozenset[str] = frozenset()
+    problems: list[tuple[str, str, str]] = field(default_factory=list)
+    visited: set[tuple[int, int]] = field(default_factory=set)  # folders entered below followed links
+
+    @classmethod
+    def for_sources(cls, sources: list[str], exclude: frozenset[str] = frozenset()) -> "Walker":
+        local = [_local(s) for s in sources if not _is_url(s)]
+        return cls(roots=tuple(sorted({os.path.realpath(s) for s in local if os.path.isdir(s)})), exclude=exclude)
+
+    def problem(self, path: str, reason: str, detail: str | BaseException) -> None:
+        if isinstance(detail, BaseException):
+            detail = f"{type(detail).__name__}: {detail}"
+        self.problems.append((path, reason, detail))
+
+    def listing(self, src: str) -> tuple[list[str], list[str], list[str]]:
+        """(files, folders, links to folders) directly inside `src`, sorted; hidden entries skipped;
+        OSError when `src` itself cannot be listed."""
+        files, dirs, links = [], [], []
+        if _is_url(src):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(src)
+            proto = src.split("://", 1)[0]
+            for entry in fs.ls(path, detail=True):
+                name = entry["name"].rstrip("/")
+                if name.rsplit("/", 1)[-1].startswith("."):
+                    continue
+                (dirs if entry["type"] == "directory" else files).append(f"{proto}://{name}")
+            return sorted(files), sorted(dirs), links
         with os.scandir(_local(src)) as it:
             for e in it:
-                if e.name.startswith("."):
+                if e.name.startswith(".") or self.exclude and os.path.normpath(e.path) in self.exclude:
                     continue
-                if e.is_dir(follow_symlinks=True):
-                    if not (exclude and os.path.normpath(e.path) in exclude):
+                try:
+                    if e.is_symlink():
+                        mode = os.stat(e.path).st_mode  # follows the link: raises when it leads nowhere
+                        if stat.S_ISDIR(mode):
+                            links.append(e.path)
+                        elif stat.S_ISREG(mode):
+                            files.append(e.path)
+                    elif e.is_dir(follow_symlinks=False):
                         dirs.append(e.path)
-                elif e.is_file(follow_symlinks=True):
-                    files.append(e.path)
-    return sorted(files), sorted(dirs)
+                    elif e.is_file(follow_symlinks=False):
+                        files.append(e.path)
+                except OSError as err:
+                    if err.errno == errno.ELOOP:
+                        self.problem(e.path, SYMLINK_LOOP, "the link cannot be resolved: too many levels of links")
+                    elif e.is_symlink():
+                        self.problem(e.path, "broken link", f"the link leads nowhere: {err.strerror}")
+                    else:
+                        self.problem(e.path, "unreadable", err)
+        return sorted(files), sorted(dirs), sorted(links)
+
+    def follow(self, link: str, parent: str) -> bool:
+        """Whether to walk the folder `link` (a symbolic link inside folder `parent`) leads to."""
+        target, here = os.path.realpath(link), os.path.realpath(parent)
+        if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+            self.problem(link, SYMLINK_LOOP, "the link leads to a folder that contains it; not followed")
+            return False
+        for root in self.roots:
+            if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+                inside = target[len(root):].split(os.sep)
+                if not any(part.startswith(".") for part in inside):
+                    return False  # walked under its own path (hidden folders are not: follow those)
+        return True
+
+    def walk(self, folder: str, linked: bool = False, ancestors: frozenset = frozenset()) -> Iterator[str]:
+        """Every file below `folder`; `linked`: the folder was reached through a followed link."""
+        if linked:
+            try:
+                st = os.stat(_local(folder))
+            except OSError as e:
+                self.problem(folder, "unreadable folder", e)
+                return
+            key = (st.st_dev, st.st_ino)
+            if key in ancestors:
+                self.problem(folder, SYMLINK_LOOP,
+                             "the links lead back to a folder that contains this one; not followed")
+                return
+            if key in self.visited:
+                return  # reached before through another link: walked once
+            self.visited.add(key)
+            ancestors = ancestors | {key}
+        try:
+            files, dirs, links = self.listing(folder)
+        except OSError as e:
+            self.problem(folder, "unreadable folder", e)
+            return
+        yield from files
+        linked_dirs = set(links)
+        for d in sorted(dirs + links):
+            if d not in linked_dirs:
+                yield from self.walk(d, linked, ancestors)
+            elif self.follow(d, folder):
+                yield from self.walk(d, True, ancestors)
 
 
 def _walk(src: str) -> Iterator[str]:
-    files, dirs = _list_dir(src)
-    yield from files
-    for d in dirs:
-        yield from _walk(d)
+    yield from Walker.for_sources([src]).walk(src)
 
 
 @dataclass
@@ -124,6 +245,9 @@ class ScanTask:
     index: int
     walk: list[str] = field(default_factory=list)    # folders to walk recursively
     files: list[str] = field(default_factory=list)   # files found by the client
+    links: list[str] = field(default_factory=list)   # links to folders outside the sources, to walk
+    roots: tuple[str, ...] = ()                       # real paths of the source folders (Walker)
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # found by the client
 
     @property
     def name(self) -> str:
@@ -153,16 +277,16 @@ FOLDERS_PER_TASK = 4
 
 def scan_tasks(sources: list[str], target_tasks: int, files_per_task: int, max_depth: int = 4,
                exclude: frozenset[str] = frozenset()) -> list[ScanTask]:
-    """Split the sources into scan tasks by expanding only the top folder levels on the client.
-    A folder the client cannot list is handed to a task as it is: its walk records it as an
-    "unreadable folder" error row, like any unreadable folder deeper down."""
+    """Split the sources into scan tasks by expanding only the top folder levels on the client;
+    `exclude`: folders never listed (Walker)."""
     loose: list[str] = []
     frontier: list[str] = []
-    unlisted: list[str] = []
     for src in sources:
         if not _exists(src):
             raise FileNotFoundError(f"source not found: {src}")
         (frontier if _is_dir(src) else loose).append(src)
+    walker = Walker.for_sources(sources, exclude)
+    links: list[str] = []  # links to folders outside the sources: walked by the tasks, not expanded here
     depth = 0
     # several folders per task, dealt out round-robin: exports are skewed (a 1000-slice CT series next
     # to 2-slice X-ray studies) and neighbouring folders tend to be alike, so each task gets a fair mix
@@ -170,27 +294,80 @@ def scan_tasks(sources: list[str], target_tasks: int, files_per_task: int, max_d
         nxt: list[str] = []
         for d in frontier:
             try:
-                files, dirs = _list_dir(d, exclude)
-            except OSError:
-                unlisted.append(d)
+                files, dirs, found = walker.listing(d)
+            except OSError as e:
+                walker.problem(d, "unreadable folder", e)
                 continue
             loose.extend(files)
             nxt.extend(dirs)
+            links.extend(link for link in found if walker.follow(link, d))
         frontier, depth = nxt, depth + 1
     tasks: list[ScanTask] = []
     loose = sorted(set(loose))
     # loose files in chunks small enough to spread over the workers, large enough to amortise a task
     per = min(files_per_task, max(64, -(-len(loose) // max(1, target_tasks))))
     for i in range(0, len(loose), per):
-        tasks.append(ScanTask(len(tasks), files=loose[i:i + per]))
-    frontier = sorted(set(frontier) | set(unlisted))
-    n_walks = min(len(frontier), max(1, target_tasks))
+        tasks.append(ScanTask(len(tasks), files=loose[i:i + per], roots=walker.roots))
+    frontier, links = sorted(set(frontier)), sorted(set(links))
+    n_walks = min(len(frontier) + len(links), max(1, target_tasks))
     for j in range(n_walks):
-        tasks.append(ScanTask(len(tasks), walk=frontier[j::n_walks]))
+        tasks.append(ScanTask(len(tasks), walk=frontier[j::n_walks], links=links[j::n_walks], roots=walker.roots))
+    if walker.problems:  # the client's findings are recorded by a task, which knows how to show paths
+        if not tasks:
+            tasks.append(ScanTask(0, roots=walker.roots))
+        tasks[0].problems = walker.problems
     return tasks
 
 
 # ---------------------------------------------------------------- headers
+
+def inferred_syntax(ds, pixels_encapsulated: bool) -> str:
+    """The transfer syntax of a file whose File Meta Information has none (ACR-NEMA style exports
+    without preamble and group 0002): the encoding pydicom read the elements with (implicit VR little
+    endian unless the first element carries a valid VR; big endian when its group reads byte-swapped).
+    Encapsulated (compressed) Pixel Data says nothing about its codec: rejected."""
+    if pixels_encapsulated:
+        raise Rejected("unknown transfer syntax", "no Transfer Syntax UID in the file and encapsulated "
+                       "(compressed) Pixel Data: the codec cannot be inferred")
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    implicit = True if implicit is None else bool(implicit)
+    little = True if little is None else bool(little)
+    ts = SYNTAX_OF_ENCODING.get((implicit, little))
+    if ts is None:
+        raise Rejected("unknown transfer syntax", "no Transfer Syntax UID in the file and an impossible encoding")
+    return ts
+
+
+CONTENT_UID_PREFIX = "content-blake2b:"
+
+
+def content_uid(fp) -> str:
+    """Stand-in SOPInstanceUID of a file that has none: BLAKE2b-256 of every byte of the file.
+    Identical copies get the same one (so they deduplicate), and it is the same in every run; like a
+    real UID it only ever leaves the process as a salted hash (`sop_hash`) or inside sample keys."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=32)
+    fp.seek(0)
+    while chunk := fp.read(1 << 20):
+        digest.update(chunk)
+    return CONTENT_UID_PREFIX + digest.hexdigest()
+
+
+def sop_uid(ds, fp) -> str:
+    """The SOPInstanceUID that keys a file's samples: its own, else its content's (`content_uid`)."""
+    uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+    return uid or content_uid(fp)
+
+
+def set_syntax(ds, ts: str) -> None:
+    """Record an inferred transfer syntax where pydicom's decoders and `header_meta` look for it."""
+    from pydicom.dataset import FileMetaDataset
+
+    if getattr(ds, "file_meta", None) is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+
 
 def _open(src: str):
     if _is_url(src):
@@ -283,6 +460,9 @@ def read_header(src: str, salt: str, hash_paths: bool, fast: bool = True) -> dic
                 has_pixels, float_pixels, length, end = _pixel_element(fp, ds, offset, size)
         except (OSError, struct.error):
             has_pixels, float_pixels, length, end = False, False, -1, -1
+        if not ts:  # no File Meta Information (or none with a syntax): ds is pydicom's, read with force
+            ts = inferred_syntax(ds, pixels_encapsulated=has_pixels and length < 0)
+            set_syntax(ds, ts)
         try:
             rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
             frames = max(1, _int(ds, "NumberOfFrames", 1))
@@ -301,20 +481,22 @@ def read_header(src: str, salt: str, hash_paths: bool, fast: bool = True) -> dic
             from .decoders import check_fragment_count  # encapsulated: frames vs fragments present
 
             check_fragment_count(fp, offset, frames)
+        # a file without SOPInstanceUID is keyed by its content; one without pixels is rejected anyway
+        uid = sop_uid(ds, fp) if has_pixels else texts["SOPInstanceUID"]
         layout = None
         if has_pixels and not float_pixels and length >= 0:
             try:
                 mtime_ns = os.stat(_local(src)).st_mtime_ns if not _is_url(src) else -1
                 layout = native_layout(ds, src=src, ts=ts, value_start=end - length, value_length=length,
-                                       file_size=size, mtime_ns=mtime_ns, salt=salt)
+                                       file_size=size, mtime_ns=mtime_ns, salt=salt, uid=uid)
             except Exception:  # pydicom raises many types on odd values: convert's pydicom path decides
                 layout = None
-    source_hash = salted_hash(src, salt)
+    source_hash = salted_hash(path_text(src), salt)
     return {
-        "source": "" if hash_paths else src,
+        "source": "" if hash_paths else path_text(src),
         "source_hash": source_hash,
         "size": size,
-        "sop_hash": salted_hash(texts["SOPInstanceUID"], salt),
+        "sop_hash": salted_hash(uid, salt),
         "series_hash": salted_hash(texts["SeriesInstanceUID"], salt),
         "study_hash": salted_hash(texts["StudyInstanceUID"], salt),
         "patient_hash": salted_hash(texts["PatientID"], salt),
@@ -341,28 +523,17 @@ def part_path(root: Path, generation: int, task_index: int, batch: int = 0) -> P
     return Path(root) / INVENTORY_DIR / f"part-g{generation:03d}-{task_index:05d}-{batch:03d}.parquet"
 
 
-def paths_part(root: Path, generation: int, task_index: int, batch: int = 0) -> Path:
-    return Path(root) / WORK_DIR / f"g{generation:03d}" / "paths" / f"part-{task_index:05d}-{batch:03d}.parquet"
-
-
-def _walk_logged(src: str, errors: list[dict], exclude: frozenset[str] = frozenset()) -> Iterator[str]:
-    """Like _walk, but an unreadable subfolder becomes an error row instead of ending the walk."""
-    try:
-        files, dirs = _list_dir(src, exclude)
-    except OSError as e:
-        errors.append(error_row(src, "scan", "unreadable folder", f"{type(e).__name__}: {e}"))
-        return
-    yield from files
-    for d in dirs:
-        yield from _walk_logged(d, errors, exclude)
-
-
 def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_paths: bool,
                   exclude: frozenset[str] = frozenset()) -> dict:
-    """Dask task: walk + read headers, write inventory parts. Returns counts and error rows."""
+    """Dask task: walk + read headers, write inventory parts (and, with `hash_paths`, the matching parts
+    of the path map beside the dataset: hash -> path of every file read and every source rejected).
+    Returns counts and error rows."""
     from shards.manifest import write_parquet_atomically
 
+    from .paths import generation_map_part, write_map
+
     rows, errors, paths = [], [], []
+    rejected: list[str] = []  # sources of this task's error rows, for the map
     n_files = n_rows = batch = 0
 
     def flush() -> None:
@@ -370,11 +541,12 @@ def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_pa
         write_parquet_atomically(pa.Table.from_pylist(rows, schema=INVENTORY_SCHEMA),
                                  part_path(Path(root), generation, task.index, batch))
         if hash_paths:
-            write_parquet_atomically(pa.Table.from_pylist(paths, schema=PATHS_SCHEMA),
-                                     paths_part(Path(root), generation, task.index, batch))
+            write_map(generation_map_part(root, generation, task.index, batch), paths)
         rows, paths, batch = [], [], batch + 1
 
-    walked = itertools.chain.from_iterable(_walk_logged(d, errors, exclude) for d in task.walk)
+    walker = Walker(roots=tuple(task.roots), exclude=exclude)
+    walked = itertools.chain(itertools.chain.from_iterable(walker.walk(d) for d in task.walk),
+                             itertools.chain.from_iterable(walker.walk(d, linked=True) for d in task.links))
     for src in itertools.chain(task.files, walked):
         n_files += 1
         try:
@@ -382,30 +554,74 @@ def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_pa
                 warnings.simplefilter("ignore")  # pydicom warns about every odd value; rejections say why
                 row = read_header(src, salt, hash_paths)
         except Rejected as e:
-            errors.append(error_row(_shown(src, salt, hash_paths), "scan", e.reason, e.detail))
+            errors.append(scan_error(src, "scan", e.reason, e.detail, salt, hash_paths))
+            rejected.append(src)
             continue
         except Exception as e:  # an exotic file must not fail the whole task: record it, go on
-            errors.append(error_row(_shown(src, salt, hash_paths), "scan", "header unreadable",
-                                    f"{type(e).__name__}: {str(e)[:200]}"))
+            errors.append(scan_error(src, "scan", "header unreadable", f"{type(e).__name__}: {str(e)[:200]}",
+                                     salt, hash_paths))
+            rejected.append(src)
             continue
         rows.append(row)
         n_rows += 1
         if hash_paths:
-            paths.append({"source_hash": row["source_hash"], "path": src})
+            paths.append({"source_hash": row["source_hash"], "path": path_text(src)})  # = map_row(src, salt)
         if len(rows) >= ROWS_PER_PART:
             flush()
-    if rows or batch == 0:
+    for path, reason, detail in [*task.problems, *walker.problems]:
+        errors.append(scan_error(path, "scan", reason, detail, salt, hash_paths))
+        rejected.append(path)
+    if hash_paths:  # rejected sources go into the last part, so that every errors/ row can be resolved
+        paths.extend(map_row(src, salt) for src in rejected)
+    if rows or paths or batch == 0:
         flush()
     return {"files": n_files, "headers": n_rows, "errors": errors}
 
 
 def _shown(src: str, salt: str, hash_paths: bool) -> str:
-    """How a source appears in errors/: the path, or its salted hash with `hash_paths`."""
+    """How a source appears in errors/: its path text, or the salted hash of that with `hash_paths`."""
     if not hash_paths:
-        return src
+        return path_text(src)
     from shards import salted_hash
 
-    return "sha:" + salted_hash(src, salt)
+    return "sha:" + salted_hash(path_text(src), salt)
 
 
 shown_source = _shown
+
+
+def map_row(src: str, salt: str) -> dict:
+    """The path map's row of a source: the hash errors/ shows for it (without 'sha:') -> its path text."""
+    from shards import salted_hash
+
+    return {"source_hash": salted_hash(path_text(src), salt), "path": path_text(src)}
+
+# anything in an error text that looks like an absolute path or a URL (it may name another file or folder)
+_PATH_LIKE = re.compile(r"""(?<![\w.])(?:[A-Za-z][\w+.-]*://|/)[^\s'"]+""")
+
+
+def scrubbed(detail: str, src: str, hash_paths: bool) -> str:
+    """An error detail fit for errors/: with `hash_paths`, the source's path and every folder above it
+    (as written, as path text and as Python quotes it in exception texts), then anything else that
+    looks like a path, replaced by <path>. Exception texts (OSError above all) carry paths."""
+    if not hash_paths:
+        return detail
+    forms: set[str] = set()
+    path = text_path(src)
+    while path not in ("", os.sep, "file:"):
+        forms.update((path, path_text(path), repr(path)[1:-1], os.path.basename(path)))
+        parent = os.path.dirname(path.rstrip(os.sep))
+        if parent == path:
+            break
+        path = parent
+    forms = {f for f in forms if len(f) > 2}
+    if forms:  # whole names only ("work" stays in "network"), the longest form first
+        alternatives = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
+        detail = re.sub(rf"(?<!\w)(?:{alternatives})(?!\w)", "<path>", detail)
+    # a path replaced piecewise (a folder above the source, then the rest) still reads as one path
+    return re.sub("(?:<path>)+", "<path>", _PATH_LIKE.sub("<path>", detail))
+
+
+def scan_error(src: str, stage: str, reason: str, detail: str, salt: str, hash_paths: bool) -> dict:
+    """The errors/ row of a rejected source (a path or path text), paths hashed and scrubbed with `hash_paths`."""
+    return error_row(_shown(src, salt, hash_paths), stage, reason, scrubbed(detail, src, hash_paths))

@@ -1,12 +1,12 @@
-"""python -m shards {info,verify} DATASET"""
+"""python -m shards {info,verify,reindex} DATASET"""
 from __future__ import annotations
 
 import argparse
 import sys
 from collections import Counter
 
-from .dataset import Dataset
-from .verify import verify
+from .dataset import Dataset, error_counts, write_dataset_json
+from .verify import DEFAULT_WORKERS, IN_PROCESS_MAX_SHARDS, verify
 
 
 def _human(n: float) -> str:
@@ -30,17 +30,26 @@ def cmd_info(args) -> int:
     print(f"{'total':<9}{info.get('samples', 0):>10}{'':>28}{sum(m['shards'] for m in info.get('modalities', {}).values()):>8}{_human(info.get('bytes', 0)):>11}")
     if info.get("label_names"):
         print(f"labels: {', '.join(info['label_names'])}")
-    errors = ds.errors()
-    print(f"rejected inputs: {errors.num_rows}")
-    if errors.num_rows:
-        counts = Counter(zip(errors.column("stage").to_pylist(), errors.column("reason").to_pylist()))
-        for (stage, reason), n in counts.most_common(args.top):
-            print(f"  {n:>7}  {stage:<8} {reason}")
+    # from dataset.json (a dataset finalized before it carried error_reasons: from the error files' footers)
+    reasons = info["error_reasons"] if "error_reasons" in info else error_counts(ds.root)
+    counts = Counter({(stage, reason): n for stage, r in reasons.items() for reason, n in r.items()})
+    print(f"rejected inputs: {sum(counts.values())}")
+    for (stage, reason), n in counts.most_common(args.top):
+        print(f"  {n:>7}  {stage:<8} {reason}")
+    return 0
+
+
+def cmd_reindex(args) -> int:
+    info = Dataset(args.dataset).info  # keeps the writer's own fields (ingest settings, generations)
+    computed = {"format", "format_version", "codec", "created", "label_names", "samples", "bytes", "modalities",
+                "errors", "error_reasons"}
+    summary = write_dataset_json(args.dataset, **{k: v for k, v in info.items() if k not in computed})
+    print(f"wrote the shard tables of {', '.join(sorted(summary['modalities'])) or 'no modality'} and dataset.json")
     return 0
 
 
 def cmd_verify(args) -> int:
-    report = verify(args.dataset, progress=not args.quiet)
+    report = verify(args.dataset, progress=not args.quiet, workers=args.workers, scheduler=args.scheduler)
     for w in report.warnings:
         print(f"warning: {w}")
     for p in report.problems:
@@ -57,11 +66,33 @@ def main(argv=None) -> int:
     p.add_argument("dataset", help="dataset folder (holds dataset.json)")
     p.add_argument("--top", type=int, default=10, help="most frequent rejection reasons to list (default 10)")
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("verify", help="check every member of every shard against manifest and index; exit 1 on mismatch")
+    p = sub.add_parser(
+        "verify", help="check every member of every shard against manifest and index; exit 1 on mismatch",
+        description="Check every committed shard (whole-tar checksum, tar headers, index, every member's "
+                    "checksum, pixel shapes), that no key appears twice, that every JSON and Parquet file "
+                    "of the dataset reads, and dataset.json against the manifests. Each finding is a "
+                    "PROBLEM line naming the file; uncommitted shards and temporaries are warnings. "
+                    "Shards are checked by one Dask task each, every tar read once.",
+        epilog="exit status: 0 every check passed (warnings allowed); 1 at least one PROBLEM; "
+               "2 the dataset folder does not exist or cannot be read at all, or the Dask scheduler "
+               "cannot be reached.")
     p.add_argument("dataset", help="dataset folder")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (default: a bar on stderr)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help=f"embedded Dask LocalCluster of N single-threaded worker processes (default "
+                        f"{DEFAULT_WORKERS}); 0 checks in this process. Without --workers and --scheduler, "
+                        f"a dataset of at most {IN_PROCESS_MAX_SHARDS} shards is checked in this process")
+    p.add_argument("--scheduler", metavar="ADDR", default=None,
+                   help="address of a running Dask scheduler (tcp://host:8786) instead of a local cluster; "
+                        "its workers must see the dataset folder at the same path and import medswav")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("reindex", help="rewrite the shard tables (table/*.parquet) and dataset.json from the shard "
+                                       "footers (datasets written before the tables existed); not while ingest runs")
+    p.add_argument("dataset", help="dataset folder (holds dataset.json)")
+    p.set_defaults(func=cmd_reindex)
     args = parser.parse_args(argv)
+    if getattr(args, "workers", None) is not None and args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:

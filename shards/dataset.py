@@ -4,15 +4,22 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from .layout import DATASET_JSON, ERRORS_DIR, MANIFEST_DIR, errors_path, idx_path, tar_path, temporary
-from .manifest import ERRORS_SCHEMA, LABEL_NAMES_META, MANIFEST_SCHEMA, write_parquet_atomically
+from .layout import (DATASET_JSON, ERRORS_DIR, MANIFEST_DIR, TABLE_DIR, errors_path, idx_path, table_path, tar_path,
+                     temporary)
+from .manifest import (ERROR_COUNTS_META, ERRORS_SCHEMA, LABEL_NAMES_META, MANIFEST_SCHEMA, SHARD_TABLE_SCHEMA,
+                       SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, write_parquet_atomically)
+from .sample import SPLITS
+
+FOOTER_READ_THREADS = 16  # footer reads are small and latency-bound (network filesystems): overlap them
 
 FORMAT_NAME = "medswav-shards"
 FORMAT_VERSION = 1
@@ -88,6 +95,18 @@ class Dataset:
             )
         return out
 
+    def shard_table(self, modality: str) -> pa.Table:
+        """One row per committed shard of `modality` (SHARD_TABLE_SCHEMA), sorted by shard name.
+
+        Read from `table/<modality>.parquet` (one small file, written by `write_dataset_json`); a dataset
+        written before the table existed is summarised from its manifest footers instead (one footer read
+        per shard; `python -m shards reindex DATASET` writes the table).
+        """
+        path = table_path(self.root, modality)
+        if path.exists():
+            return pq.read_table(path, schema=SHARD_TABLE_SCHEMA)
+        return shard_summaries(self.root, modality)
+
     def errors(self) -> pa.Table:
         base = self.root / ERRORS_DIR
         if not base.is_dir() or not any(base.glob("*.parquet")):
@@ -95,50 +114,171 @@ class Dataset:
         return pads.dataset(base, format="parquet", schema=ERRORS_SCHEMA).to_table()
 
 
+def _counts_by_stage(table: pa.Table) -> dict[str, dict[str, int]]:
+    """{stage: {reason: rows}} of an error table, counted by pyarrow (no Python object per row)."""
+    out: dict[str, dict[str, int]] = {}
+    if table.num_rows:
+        grouped = table.group_by(["stage", "reason"]).aggregate([([], "count_all")])
+        for stage, reason, n in zip(*(grouped.column(c).to_pylist() for c in ("stage", "reason", "count_all"))):
+            out.setdefault(stage, {})[reason] = n
+    return out
+
+
 def write_errors(root: str | os.PathLike, task_name: str, rows: list[dict]) -> None:
-    """Record the inputs one task rejected. A retried task replaces its own file (or removes it)."""
+    """Record the inputs one task rejected. A retried task replaces its own file (or removes it).
+
+    The file's footer carries its counts by stage and reason, so summaries never read the rows.
+    """
     path = errors_path(Path(root), task_name)
     if not rows:
         path.unlink(missing_ok=True)
         return
     clean = [{f: (None if r.get(f) is None else str(r.get(f))) for f in ERRORS_SCHEMA.names} for r in rows]
-    write_parquet_atomically(pa.Table.from_pylist(clean, schema=ERRORS_SCHEMA), path)
+    table = pa.Table.from_pylist(clean, schema=ERRORS_SCHEMA)
+    counts = json.dumps(_counts_by_stage(table), sort_keys=True).encode()
+    write_parquet_atomically(table.replace_schema_metadata({ERROR_COUNTS_META: counts}), path)
 
 
-def summarize(root: str | os.PathLike) -> dict:
-    """Counts per modality and split, recomputed from the committed manifests and tars on disk."""
+def _footer_reads(function, items: list) -> list:
+    if len(items) < 2 * FOOTER_READ_THREADS:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(FOOTER_READ_THREADS) as pool:
+        return list(pool.map(function, items))
+
+
+def _error_file_counts(path: Path) -> dict[str, dict[str, int]]:
+    meta = pq.read_metadata(path).metadata or {}
+    if ERROR_COUNTS_META in meta:
+        return json.loads(meta[ERROR_COUNTS_META])
+    # written before the footer counts existed: count this one file's rows
+    return _counts_by_stage(pq.read_table(path, columns=["stage", "reason"]))
+
+
+def error_counts(root: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """{stage: {reason: count}} over every error file of the dataset, from the files' footers."""
+    base = Path(root) / ERRORS_DIR
+    total: dict[str, dict[str, int]] = {}
+    if not base.is_dir():
+        return total
+    for counts in _footer_reads(_error_file_counts, sorted(base.glob("*.parquet"))):
+        for stage, reasons in counts.items():
+            for reason, n in reasons.items():
+                total.setdefault(stage, {})[reason] = total.get(stage, {}).get(reason, 0) + int(n)
+    return {stage: dict(sorted(r.items(), key=lambda kv: (-kv[1], kv[0]))) for stage, r in sorted(total.items())}
+
+
+def _shard_summary(part: Path) -> dict:
+    """One shard table row from the manifest part's footer (no rows read, except for old parts)."""
+    meta = pq.read_metadata(part)
+    kv = meta.metadata or {}
+    row = {"shard": part.stem, "samples": meta.num_rows}
+    if SUMMARY_META in kv:
+        summary = json.loads(kv[SUMMARY_META])
+        row.update({k: int(summary.get(k, 0)) for k in (*SPLITS, "labelled")})
+    else:  # a part written before shards carried their summary: count its own rows
+        table = pq.read_table(part, columns=["split", "labelled"])
+        splits = pc.value_counts(table.column("split"))
+        by_split = dict(zip(splits.field("values").to_pylist(), splits.field("counts").to_pylist()))
+        row.update({s: int(by_split.get(s, 0)) for s in SPLITS})
+        row["labelled"] = int(pc.sum(table.column("labelled").cast(pa.int64())).as_py() or 0)
+    if TAR_SIZE_META in kv:
+        row["bytes"] = int(kv[TAR_SIZE_META])
+    else:
+        tar = tar_path(part.parents[2], part.parent.name.split("=", 1)[1], part.stem)
+        row["bytes"] = tar.stat().st_size if tar.exists() else 0
+    row["tar_crc32"] = int(kv[TAR_CRC32_META]) if TAR_CRC32_META in kv else -1
+    return row
+
+
+def shard_summaries(root: str | os.PathLike, modality: str) -> pa.Table:
+    """The shard table of `modality` recomputed from the committed manifest parts' footers."""
+    parts = sorted((Path(root) / MANIFEST_DIR / f"modality={modality}").glob("*.parquet"))
+    return pa.Table.from_pylist(_footer_reads(_shard_summary, parts), schema=SHARD_TABLE_SCHEMA)
+
+
+def shard_table_problems(root: str | os.PathLike) -> list[str]:
+    """Where the shard tables differ from the committed manifest parts (verify): a trainer would read
+    a stale table's shards, so a missing, extra or changed shard is a problem. No table at all is not."""
+    root = Path(root)
     ds = Dataset(root)
-    modalities = {}
-    total_samples = total_bytes = 0
-    for modality in ds.modalities:
-        table = ds.manifest(modality, columns=["split", "labelled"])
-        splits = table.column("split").to_pylist()
-        shard_files = ds.shards(modality)
-        nbytes = sum(s.tar.stat().st_size for s in shard_files if s.tar.exists())
-        modalities[modality] = {
-            "samples": len(splits),
-            "train": splits.count("train"),
-            "val": splits.count("val"),
-            "test": splits.count("test"),
-            "labelled": int(sum(table.column("labelled").to_pylist())),
-            "shards": len(shard_files),
-            "bytes": nbytes,
-        }
-        total_samples += len(splits)
-        total_bytes += nbytes
-    return {"samples": total_samples, "bytes": total_bytes, "modalities": modalities, "errors": ds.errors().num_rows}
+    tables = {p.stem for p in (root / TABLE_DIR).glob("*.parquet")} if (root / TABLE_DIR).is_dir() else set()
+    if not tables:
+        return []
+    problems = []
+    for modality in sorted(tables | set(ds.modalities)):
+        where = f"{TABLE_DIR}/{modality}.parquet"
+        if modality not in tables:
+            problems.append(f"{where} is missing while other modalities have one (run `python -m shards reindex`)")
+            continue
+        recorded = {r["shard"]: r for r in pq.read_table(table_path(root, modality)).to_pylist()}
+        actual = {r["shard"]: r for r in shard_summaries(root, modality).to_pylist()}
+        for what, names in (("lacks committed shard", sorted(set(actual) - set(recorded))),
+                            ("lists uncommitted shard", sorted(set(recorded) - set(actual))),
+                            ("disagrees with the manifest footer of",
+                             sorted(n for n in set(actual) & set(recorded) if actual[n] != recorded[n]))):
+            if names:
+                problems.append(f"{where} {what}(s) {', '.join(names[:3])}" + (" ..." if len(names) > 3 else "")
+                                + " (run `python -m shards reindex`)")
+    return problems
+
+
+def _modality_counts(table: pa.Table) -> dict:
+    """dataset.json's numbers of one modality from its shard table."""
+    total = {c: int(pc.sum(table.column(c)).as_py() or 0) for c in ("samples", *SPLITS, "labelled", "bytes")}
+    return {**total, "shards": table.num_rows}
+
+
+def _per_sample_counts(ds: Dataset, modality: str) -> dict:
+    """The same numbers counted over every manifest row (verify's independent check of the footers)."""
+    table = ds.manifest(modality, columns=["split", "labelled"])
+    splits = pc.value_counts(table.column("split"))
+    by_split = dict(zip(splits.field("values").to_pylist(), splits.field("counts").to_pylist()))
+    shard_files = ds.shards(modality)
+    return {"samples": table.num_rows, **{s: int(by_split.get(s, 0)) for s in SPLITS},
+            "labelled": int(pc.sum(table.column("labelled").cast(pa.int64())).as_py() or 0),
+            "shards": len(shard_files), "bytes": sum(s.tar.stat().st_size for s in shard_files if s.tar.exists())}
+
+
+def _summary(ds: Dataset, tables: dict[str, pa.Table] | None) -> dict:
+    if tables is None:
+        modalities = {m: _per_sample_counts(ds, m) for m in ds.modalities}
+    else:
+        modalities = {m: _modality_counts(t) for m, t in tables.items()}
+    reasons = error_counts(ds.root)
+    return {"samples": sum(c["samples"] for c in modalities.values()),
+            "bytes": sum(c["bytes"] for c in modalities.values()), "modalities": modalities,
+            "errors": sum(sum(r.values()) for r in reasons.values()), "error_reasons": reasons}
+
+
+def summarize(root: str | os.PathLike, per_sample: bool = False) -> dict:
+    """Counts per modality and split, and rejected inputs by stage and reason, recomputed from disk.
+
+    By default from the per-shard summaries in the manifest and error footers (O(shards) small reads);
+    `per_sample=True` counts every manifest row and stats every tar instead (verify's cross-check).
+    """
+    ds = Dataset(root)
+    return _summary(ds, None if per_sample else {m: shard_summaries(root, m) for m in ds.modalities})
 
 
 def write_dataset_json(root: str | os.PathLike, **extra) -> dict:
-    """Write `dataset.json` from the manifests plus `extra` fields of the caller (atomic)."""
+    """Write the shard tables (`table/<modality>.parquet`) and then `dataset.json` from the per-shard
+    summaries in the manifest footers, plus `extra` fields of the caller (each file atomic)."""
     root = Path(root)
+    ds = Dataset(root)
+    tables = {m: shard_summaries(root, m) for m in ds.modalities}
+    for modality, table in tables.items():
+        write_parquet_atomically(table, table_path(root, modality))
+    if (root / TABLE_DIR).is_dir():
+        for stale in (root / TABLE_DIR).glob("*.parquet"):
+            if stale.stem not in tables:  # a modality whose shards are all gone
+                stale.unlink()
     summary = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "codec": CODEC,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "label_names": Dataset(root).label_names(),
-        **summarize(root),
+        "label_names": ds.label_names(),
+        **_summary(ds, tables),
         **extra,
     }
     path = root / DATASET_JSON

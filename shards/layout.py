@@ -9,7 +9,12 @@ MANIFEST_DIR = "manifest"
 ERRORS_DIR = "errors"
 SHARDS_DIR = "shards"
 STATS_DIR = "stats"
+TABLE_DIR = "table"
 TMP_MARK = ".tmp-"
+
+
+def shard_dir(root: Path, modality: str) -> Path:
+    return Path(root) / SHARDS_DIR / modality
 
 
 def tar_path(root: Path, modality: str, name: str) -> Path:
@@ -22,6 +27,10 @@ def idx_path(root: Path, modality: str, name: str) -> Path:
 
 def manifest_path(root: Path, modality: str, name: str) -> Path:
     return Path(root) / MANIFEST_DIR / f"modality={modality}" / f"{name}.parquet"
+
+
+def table_path(root: Path, modality: str) -> Path:
+    return Path(root) / TABLE_DIR / f"{modality}.parquet"
 
 
 def errors_path(root: Path, task_name: str) -> Path:

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .layout import temporary
+from .sample import SPLITS
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -51,6 +52,24 @@ ERRORS_SCHEMA = pa.schema(
 LABEL_NAMES_META = b"medswav.label_names"
 TAR_CRC32_META = b"medswav.tar_crc32"
 TAR_SIZE_META = b"medswav.tar_size"
+# The shard's summary (JSON {"samples", "train", "val", "test", "labelled"}): finalize and `shards info`
+# read it from the Parquet footer instead of reading every row.
+SUMMARY_META = b"medswav.summary"
+# In each error file: JSON {stage: {reason: count}} of its rows, read from the footer by finalize.
+ERROR_COUNTS_META = b"medswav.error_counts"
+
+# The per-modality shard table (`table/<modality>.parquet`, written by `write_dataset_json`): one row per
+# committed shard, so a training rank learns every shard's size and split counts from one small file.
+SHARD_TABLE_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("samples", pa.int64()),
+        *((split, pa.int64()) for split in SPLITS),
+        ("labelled", pa.int64()),
+        ("bytes", pa.int64()),
+        ("tar_crc32", pa.int64()),
+    ]
+)
 
 
 def write_parquet_atomically(table: pa.Table, path: Path) -> None:

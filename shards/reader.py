@@ -26,18 +26,30 @@ def shard_urls(root: str | os.PathLike, modality: str | None = None) -> list[str
 
 
 def iter_samples(
-    root: str | os.PathLike, modality: str | None = None, split: str | None = None
+    root: str | os.PathLike, modality: str | None = None, split: str | None = None, verify: bool = True
 ) -> Iterator[tuple[str, np.ndarray, dict, np.ndarray | None]]:
-    """Yield `(key, pixels, meta, labels)` for every sample, shard by shard, in stored order."""
+    """Yield `(key, pixels, meta, labels)` for every sample, shard by shard, in stored order.
+
+    With `verify` (default), each shard's size and whole-tar CRC-32 are checked against its manifest part
+    before it is read: a damaged or missing shard raises `shards.verify.DamagedShardError` naming it
+    (webdataset alone would decode flipped pixels silently).
+    """
     import webdataset as wds
 
-    urls = shard_urls(root, modality)
-    if not urls:
-        return
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        key, pixels, meta, labels = _decode(sample)
-        if split is None or meta.get("split") == split:
-            yield key, pixels, meta, labels
+    from .verify import DamagedShardError, check_tar
+
+    ds = Dataset(root)
+    for m in [modality] if modality else ds.modalities:
+        for shard in ds.shards(m):
+            if not shard.samples:
+                continue
+            problem = check_tar(ds.root, m, shard.name) if verify else None
+            if problem:
+                raise DamagedShardError(problem)
+            for sample in wds.WebDataset([str(shard.tar)], shardshuffle=False, empty_check=False):
+                key, pixels, meta, labels = _decode(sample)
+                if split is None or meta.get("split") == split:
+                    yield key, pixels, meta, labels
 
 
 def torch_dataset(root: str | os.PathLike, modality: str | None = None, shuffle_buffer: int = 0, seed: int = 0):

@@ -19,8 +19,9 @@ import pyarrow as pa
 from .checksum import crc32
 from .index import Member, write_index
 from .layout import idx_path, manifest_path, tar_path, temporary
-from .manifest import LABEL_NAMES_META, MANIFEST_SCHEMA, TAR_CRC32_META, TAR_SIZE_META, write_parquet_atomically
-from .sample import SampleMeta
+from .manifest import (LABEL_NAMES_META, MANIFEST_SCHEMA, SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META,
+                       write_parquet_atomically)
+from .sample import SPLITS, SampleMeta
 from .shardfile import ShardFile
 
 # A fixed integer mtime keeps tars reproducible and avoids PAX headers (a float mtime adds ~1 KB/member).
@@ -171,12 +172,18 @@ class ShardWriter:
                 LABEL_NAMES_META: json.dumps(list(self.label_names)).encode(),
                 TAR_CRC32_META: str(self._file.crc).encode(),
                 TAR_SIZE_META: str(self._file.size).encode(),
+                SUMMARY_META: json.dumps(self._summary(), sort_keys=True).encode(),
             }
             table = table.replace_schema_metadata(meta)
             write_parquet_atomically(table, manifest_path(self.root, self.modality, self.name))
         finally:
             self._tmp_tar.unlink(missing_ok=True)
         return len(self._rows)
+
+    def _summary(self) -> dict:
+        splits = [r["split"] for r in self._rows]
+        return {"samples": len(self._rows), **{s: splits.count(s) for s in SPLITS},
+                "labelled": sum(1 for r in self._rows if r["labelled"])}
 
     def abort(self) -> None:
         if not self._closed:

@@ -61,6 +61,19 @@ def error_rows(root) -> list[dict]:
     return Dataset(root).errors().to_pylist()
 
 
+def readable_error_rows(root) -> list[dict]:
+    """errors/ rows with each hashed source (`sha:...`, the default) replaced by the path that the map
+    beside the dataset holds for it (ingest.paths): a hash the map cannot resolve fails the test."""
+    from ingest.paths import resolve
+
+    rows = error_rows(root)
+    found = resolve(root, [r["source"] for r in rows if r["source"].startswith("sha:")])
+    for r in rows:
+        if r["source"].startswith("sha:"):
+            r["source"] = found[r["source"][len("sha:"):]]
+    return rows
+
+
 def source_by_hash(files: list[str]) -> dict[str, str]:
     from shards import salted_hash
 
@@ -115,3 +128,23 @@ def file_rescale(ds) -> tuple[float, float]:
     except (AttributeError, IndexError, KeyError):
         pass
     return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+
+
+def expected_shard_table(root, modality) -> list[dict]:
+    """The shard table of `modality` counted sample by sample from the manifest rows and the tar files."""
+    import zlib
+    from collections import Counter
+
+    from shards import Dataset
+    from shards.layout import tar_path
+
+    rows = Dataset(root).manifest(modality, columns=["shard", "split", "labelled"]).to_pylist()
+    out = []
+    for shard in sorted({r["shard"] for r in rows}):
+        mine = [r for r in rows if r["shard"] == shard]
+        splits = Counter(r["split"] for r in mine)
+        data = tar_path(root, modality, shard).read_bytes()
+        out.append({"shard": shard, "samples": len(mine), "train": splits["train"], "val": splits["val"],
+                    "test": splits["test"], "labelled": sum(r["labelled"] for r in mine), "bytes": len(data),
+                    "tar_crc32": zlib.crc32(data)})
+    return out

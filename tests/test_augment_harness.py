@@ -43,7 +43,7 @@ def cpu_harness():
 def _dali_cpu(graph, images, params):
     @pipeline_def(batch_size=len(images), num_threads=2, device_id=None, seed=0)
     def pipe():
-        x = fn.external_source(source=lambda: images, layout="HW")
+        x = fn.external_source(source=lambda: images, layout="HW" if images[0].ndim == 2 else "DHW")
         p = fn.external_source(source=lambda: params)
         out = graph(x, p)
         return tuple(out) if isinstance(out, (list, tuple)) else out
@@ -81,6 +81,29 @@ def test_harness_cpu_path_is_the_dali_cpu_backend(cpu_harness, images):
     got = cpu_harness.multicrop(images, (96, 32), (2, 6), 0.1, np.asarray(pos, np.float64))
     for g in range(2):
         for i in range(len(images)):
+            np.testing.assert_array_equal(got[i][g], want[g][i])
+
+
+def test_harness_cpu_path_is_the_dali_cpu_backend_on_volumes(cpu_harness, dicom_dir):
+    """3-D rescale (trilinear) and 1 + 4 volume crops: the harness's CPU side equals the DALI CPU operators
+    bit for bit on a real MR volume (every 4th voxel of the MPRAGE series) and a one-voxel volume."""
+    from _volume_fixtures import load_series
+
+    vol, _ = load_series(dicom_dir / "mr_mprage_sagittal_192")
+    vols = [np.ascontiguousarray(vol[::4, ::4, ::4]), np.ascontiguousarray(vol[:1, :1, :1])]
+    scales = [np.float32([s]) for s in (0.6, 0.3)]
+    want = _dali_cpu(lambda x, p: fn.medswav.rescale(x, scale=p[0], min_size=40, max_size=90, min_depth=30,
+                                                      max_depth=60), vols, scales)[0]
+    assert want[0].shape == (30, 40, 40) and want[1].shape == (40, 40, 40)  # the depth range holds
+    for g, w in zip(cpu_harness.rescale(vols, [w.shape for w in want]), want):
+        np.testing.assert_array_equal(g, w)
+    rng = np.random.default_rng(4)
+    pos = [rng.uniform(0, 1, 15).astype(np.float32) for _ in vols]
+    want = _dali_cpu(lambda x, p: fn.medswav.multicrop(x, crop_sizes=[48, 24], crop_depths=[40, 20], num_crops=[1, 4],
+                                                        border=0.1, positions=p), vols, pos)
+    got = cpu_harness.multicrop(vols, (48, 24), (1, 4), 0.1, np.asarray(pos, np.float64), crop_depths=(40, 20))
+    for g in range(2):
+        for i in range(len(vols)):
             np.testing.assert_array_equal(got[i][g], want[g][i])
 
 
@@ -140,4 +163,5 @@ def test_harness_gpu_kernels_equal_cpu_backend(tmp_path):
     failed = [c for c in report["checks"] if c["status"] != "pass"]
     assert rc == H.EXIT_OK and not failed, failed
     names = {c["name"] for c in report["checks"]}
-    assert {"gpu/multicrop_over_65535_crops", "gpu/energy_bands_bit_reproducible", "gpu/energy_bands_3d"} <= names
+    assert {"gpu/multicrop_over_65535_crops", "gpu/energy_bands_bit_reproducible", "gpu/energy_bands_3d",
+            "gpu/rescale_3d", "gpu/multicrop_3d"} <= names

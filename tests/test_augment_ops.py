@@ -154,6 +154,114 @@ def test_many_draws_stay_in_method_ranges(mr):
         assert v.max() - v.min() > 0.8 * (hi - lo)  # the whole range is used, not one value
 
 
+# --- intensity (fused window + gamma + linear) and robust_window ---------------------------------
+
+@pytest.fixture(scope="module")
+def raw_slices(dicom_dir, medmnist_dir):
+    """Real pixels as stored in shards: CT in HU (int16), MR (uint16), chest X-rays (uint8)."""
+    ct = []
+    for f in sorted((dicom_dir / "ct_kits_abdomen_18").glob("*.dcm"))[4:6]:
+        ds = pydicom.dcmread(f)
+        ct.append((ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)).astype(np.int16))
+    mr = [pydicom.dcmread(f).pixel_array for f in sorted((dicom_dir / "mr_mprage_sagittal_192").glob("*.dcm"))[70:72]]
+    xr = list(np.load(medmnist_dir / "pneumoniamnist.npz")["train_images"][:2])
+    assert ct[0].dtype == np.int16 and mr[0].dtype == np.uint16 and xr[0].dtype == np.uint8
+    return {"ct": ct, "mr": mr, "xr": xr}
+
+
+def _np_percentiles(x, pct):
+    v = np.asarray(x, np.float64).ravel()
+    return np.percentile(v[~np.isnan(v)], pct)
+
+
+@pytest.mark.parametrize("pct", [(0.5, 99.5), (0.0, 100.0), (2.0, 98.0), (50.0, 50.0)])
+def test_robust_window_equals_numpy_percentiles_on_real_slices(raw_slices, pct):
+    """Histogram path (integer values, native dtypes and decoded to float32) and selection fallback
+    (non-integer values): both exact, i.e. numpy.percentile rounded once to float32."""
+    for name, imgs in raw_slices.items():
+        fractional = [(i.astype(np.float32) / 7.0 + 0.1).astype(np.float32) for i in imgs]
+        for batch in (imgs, [i.astype(np.float32) for i in imgs], fractional):
+            (wins,), = run_pipeline(lambda x: fn.medswav.robust_window(x, percentiles=list(pct)), [batch])
+            for x, w in zip(batch, wins):
+                assert w.dtype == np.float32 and w.shape == (2,)
+                np.testing.assert_array_equal(w, _np_percentiles(x, pct).astype(np.float32), err_msg=name)
+    # the default window is the 0.5 and 99.5 percentiles: above the minimum and below the maximum on MR
+    lo, hi = _np_percentiles(raw_slices["mr"][0], (0.5, 99.5))
+    assert raw_slices["mr"][0].min() <= lo < hi < raw_slices["mr"][0].max()
+
+
+def test_robust_window_ignores_nan_and_handles_wide_values():
+    x = np.array([[np.nan, 1.0, 2.0, 3.0], [4.0, np.nan, 1e6, -70000.0]], np.float32)
+    (w,), = run_pipeline(lambda x: fn.medswav.robust_window(x, percentiles=[10.0, 90.0]), [[x]])[0]
+    np.testing.assert_array_equal(w, _np_percentiles(x, (10.0, 90.0)).astype(np.float32))
+
+
+def test_intensity_equals_gamma_then_linear_bit_for_bit(ct, mr):
+    """The pipeline's intensity step: one pass with window (0, 1) gives exactly linear(gamma(x))."""
+    imgs = ct + mr + [np.array([[-0.5, 0.0, 0.25, 1.0, 1.5, np.nan]], np.float32)]
+
+    def graph(x):
+        use_gamma = fn.cast(fn.random.coin_flip(probability=0.5), dtype=types.FLOAT)
+        g, a, b = (fn.random.uniform(range=r) for r in ([1.8, 2.6], [0.9, 1.1], [-0.2, 0.2]))
+        g_, a_, b_ = use_gamma * g + (1.0 - use_gamma), use_gamma + (1.0 - use_gamma) * a, (1.0 - use_gamma) * b
+        return (g_, a_, b_, fn.medswav.intensity(x, gamma=g_, scale=a_, shift=b_),
+                fn.medswav.linear(fn.medswav.gamma(x, gamma=g_), scale=a_, shift=b_))
+
+    seen_gamma = set()
+    for gs, scales, shifts, fused, chained in run_pipeline(graph, [imgs], iterations=3):
+        for x, g, a, b, y, z in zip(imgs, gs, scales, shifts, fused, chained):
+            assert y.dtype == np.float32 and y.shape == x.shape
+            np.testing.assert_array_equal(y, z)
+            want = R.linear(R.gamma(x, float(g)), float(a), float(b))
+            np.testing.assert_allclose(y, want, atol=MAX_ERR["gamma"], rtol=0)
+            seen_gamma.add(float(g) != 1.0)
+    assert seen_gamma == {True, False}  # both kinds were drawn
+
+
+def test_intensity_power_is_accurate_for_any_gamma(ct, mr):
+    """The power is computed without powf (2 ** (g log2 x), vectorised): hold it to 1e-6 of float64
+    over the whole valid range of gamma, not only METHOD's [1.8, 2.6], on real slices plus tiny values."""
+    tiny = np.array([[0.0, 1e-42, 1e-39, 1.2e-38, 1e-30, 1e-12, 1e-6, 0.5, 0.999999, 1.0]], np.float32)
+    imgs = [ct[0], mr[0], tiny]
+    for g in (0.05, 0.3, 0.7, 1.3, 3.0, 8.0):
+        (ys,), = run_pipeline(lambda x: fn.medswav.intensity(x, gamma=g), [imgs])
+        for x, y in zip(imgs, ys):
+            np.testing.assert_allclose(y, R.gamma(x, g), atol=1e-6, rtol=0, err_msg=f"gamma {g}")
+
+
+def test_intensity_normalises_native_and_float_pixels_like_the_numpy_twin(raw_slices):
+    """Fixed window (HU) and robust percentile window, on int16 / uint16 / uint8 pixels read directly
+    and on the same pixels decoded to float32; then gamma and linear on top in the same pass."""
+    from augment_dali.config import NormalizeConfig
+    from augment_dali.normalize import normalize_numpy, window_numpy
+
+    cfg = NormalizeConfig()
+    cases = [("ct", "hu_window"), ("ct", "robust_percentile"), ("mr", "robust_percentile"),
+             ("xr", "robust_percentile")]
+    for name, method in cases:
+        for batch in (raw_slices[name], [i.astype(np.float32) for i in raw_slices[name]]):
+            def graph(x):
+                args = (dict(window=list(cfg.hu_window)) if method == "hu_window"
+                        else dict(robust=True, percentiles=list(cfg.robust_percentiles)))
+                return fn.medswav.intensity(x, **args), fn.medswav.intensity(x, gamma=2.2, scale=0.9, shift=0.1, **args)
+
+            norm, augmented = run_pipeline(graph, [batch])[0]
+            for x, y, z in zip(batch, norm, augmented):
+                want = normalize_numpy(x, method, cfg)
+                np.testing.assert_allclose(y, want, atol=2e-6, rtol=0, err_msg=f"{name} {method}")
+                np.testing.assert_allclose(z, 0.9 * want.astype(np.float64) ** 2.2 + 0.1, atol=2e-6, rtol=0)
+                lo, hi = window_numpy(x, method, cfg)
+                assert (y[x <= lo] == 0).all() and (y[x > hi] == 1).all() and (y[x >= hi] > 1 - 1e-6).all()
+                inside = (x > lo) & (x < hi)
+                assert inside.mean() > 0.3 and 0 < y[inside].min() and y[inside].max() < 1
+
+
+def test_intensity_maps_a_constant_image_to_the_shift():
+    x = np.full((20, 30), 77, np.uint16)
+    (y,), = run_pipeline(lambda x: fn.medswav.intensity(x, robust=True, scale=2.0, shift=0.25), [[x]])[0]
+    assert np.isfinite(y).all() and (y == 0.25).all()
+
+
 # --- rescale -----------------------------------------------------------------------------------
 
 def test_rescale_size_rule_examples():
@@ -402,6 +510,11 @@ def test_multicrop_zero_pads_images_smaller_than_the_crop(mr):
 
 @pytest.mark.parametrize("graph, message", [
     (lambda x: fn.medswav.gamma(x, gamma=-1.0), "gamma must be finite and > 0"),
+    (lambda x: fn.medswav.intensity(x, gamma=0.0), "intensity: gamma must be finite and > 0"),
+    (lambda x: fn.medswav.intensity(x, window=[1.0, 0.0]), r"window must be finite with lo <= hi"),
+    (lambda x: fn.medswav.intensity(x, robust=True, percentiles=[60.0, 40.0]), "percentiles must satisfy"),
+    (lambda x: fn.medswav.robust_window(x, percentiles=[0.0, 101.0]), "percentiles must satisfy"),
+    (lambda x: fn.medswav.intensity(fn.cast(x, dtype=types.INT32)), "input must be float32, int16, uint16 or uint8"),
     (lambda x: fn.medswav.rescale(x, scale=0.5, min_size=800, max_size=600), r"min_size \(800\) > max_size"),
     (lambda x: fn.medswav.rescale(x, scale=0.0), "scale must be finite and > 0"),
     (lambda x: fn.medswav.multicrop(x, border=0.6), r"border must be in \[0, 0.5\)"),
@@ -409,7 +522,10 @@ def test_multicrop_zero_pads_images_smaller_than_the_crop(mr):
     (lambda x: fn.medswav.energy_bands(x, ref_energies=[0.1] * 6, sigmas=[0.0, 1.0, 2.0, 4.0, 8.0]),
      "sigmas must be > 0"),
     (lambda x: fn.medswav.gamma(fn.cast(x * 100, dtype=types.INT16)), "input must be float32"),
-    (lambda x: fn.medswav.rescale(fn.stack(x, x)), "expected 2-D samples"),
+    (lambda x: fn.medswav.rescale(fn.stack(fn.stack(x, x), fn.stack(x, x))), r"expected 2-D to 3-D samples .*got 4-D"),
+    (lambda x: fn.medswav.multicrop(fn.stack(x, x), crop_depths=[8, 0]), "crop depths must be > 0"),
+    (lambda x: fn.medswav.rescale(fn.stack(x, x), spacing=[1.0, 0.0, 1.0]), "spacing must be finite and > 0"),
+    (lambda x: fn.medswav.rescale(fn.stack(x, x), min_depth=300, max_depth=200), r"min_depth \(300\) > max_depth"),
 ])
 def test_bad_arguments_raise_errors_naming_the_operator(graph, message):
     x = np.random.default_rng(0).random((40, 30)).astype(np.float32)
@@ -484,6 +600,8 @@ def _vec(p, n):
 GPU_CASES = {
     "gamma": (lambda x, p: fn.medswav.gamma(x, gamma=p[0] * 3), 1e-5),
     "linear": (lambda x, p: fn.medswav.linear(x, scale=p[1], shift=p[2] - 0.5), 1e-5),
+    "intensity": (lambda x, p: fn.medswav.intensity(x, window=fn.stack(p[4] * 0.2, p[5]), gamma=p[0] * 3,
+                                                    scale=p[1], shift=p[2] - 0.5), 1e-5),
     "rescale": (lambda x, p: fn.medswav.rescale(x, scale=p[3]), 1e-5),
     "energy_bands": (lambda x, p: fn.medswav.energy_bands(x, ref_energies=_vec(p, 6) * 0.05), 5e-5),
     "band_energies": (lambda x, p: fn.medswav.band_energies(x, sigmas=[1.0, 3.0, 9.0]), 1e-6),
@@ -525,3 +643,23 @@ def test_gpu_energy_bands_bit_reproducible(ct, mr):
     e2 = run_pipeline(GPU_CASES["band_energies"][0], [imgs, params], device="gpu")[0]
     for x, y in zip(e1[0], e2[0]):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_intensity_with_cpu_robust_window_equals_cpu_robust_intensity(raw_slices):
+    """The GPU pipeline's normalisation: window from robust_window on the CPU, applied on the GPU in
+    one launch for the batch, against the CPU operator's own robust window; native uint16 and float32."""
+    for batch in (raw_slices["mr"], [i.astype(np.float32) for i in raw_slices["ct"]]):
+        cpu = run_pipeline(lambda x: fn.medswav.intensity(x, robust=True, gamma=1.7), [batch])[0][0]
+
+        @pipeline_def(batch_size=len(batch), num_threads=2, device_id=0)
+        def pipe():
+            x = fn.external_source(source=_constant(batch), batch=True, layout="HW")
+            return fn.medswav.intensity(x.gpu(), window=fn.medswav.robust_window(x), gamma=1.7)
+
+        p = pipe()
+        p.build()
+        (out,) = p.run()
+        for i, c in enumerate(cpu):
+            np.testing.assert_allclose(np.array(out.as_cpu()[i]), c, atol=1e-5, rtol=0)

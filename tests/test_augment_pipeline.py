@@ -77,7 +77,7 @@ def test_normalisation_dali_equals_numpy_twin_on_real_slices(dicom_dir):
     ct_hu = [(d.pixel_array.astype(np.int32) + int(d.RescaleIntercept)).astype(np.int16) for d in ct]
     mr = [pydicom.dcmread(p).pixel_array for p in sorted((dicom_dir / "mr_mprage_sagittal_192").glob("*.dcm"))[60:63]]
     constant = [np.full((40, 30), 123, np.uint16)]
-    for method, images in (("hu_window", ct_hu + constant), ("robust_minmax", mr + constant)):
+    for method, images in (("hu_window", ct_hu + constant), ("robust_percentile", mr + constant)):
         for got, img in zip(_dali_normalize(images, method), images):
             want = normalize_numpy(img, method)
             assert got.shape == img.shape and np.isfinite(got).all()
@@ -87,9 +87,9 @@ def test_normalisation_dali_equals_numpy_twin_on_real_slices(dicom_dir):
     hu = np.array([[-2000, -1024, 0, 3071, 4000]], np.int16)
     np.testing.assert_allclose(normalize_numpy(hu, "hu_window")[0], [0, 0, 1024 / 4095, 1, 1], atol=1e-6)
     # MR: a real slice uses the whole range; a constant image maps to zeros, never NaN
-    mr_norm = normalize_numpy(mr[0], "robust_minmax")
+    mr_norm = normalize_numpy(mr[0], "robust_percentile")
     assert mr_norm.min() == 0.0 and mr_norm.max() == 1.0
-    assert not normalize_numpy(constant[0], "robust_minmax").any()
+    assert not normalize_numpy(constant[0], "robust_percentile").any()
 
 
 # --- stats ---------------------------------------------------------------------------------------
@@ -118,14 +118,14 @@ def test_stats_energies_match_the_numpy_reference(aug_dataset):
     from augment_dali.stats import band_energies_batch, energy_pipeline
 
     ds = shards.Dataset(aug_dataset)
-    images = [reference.rescale(normalize_numpy(read_pixels(r), "robust_minmax"), 0.5, 48, 96)
+    images = [reference.rescale(normalize_numpy(read_pixels(r), "robust_percentile"), 0.5, 48, 96)
               for r in sample_refs(ds, "mr", 3, seed=5)]
     got = band_energies_batch(energy_pipeline(SMALL.sigmas, batch_size=4), images)
     want = np.stack([reference.band_energies(i, SMALL.sigmas) for i in images])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
     # the stats path: raw pixels normalised and rescaled by the pipeline's operators, then energies
     raw = [read_pixels(r) for r in sample_refs(ds, "mr", 3, seed=5)]
-    prepared = energy_pipeline(SMALL.sigmas, batch_size=4, prepare=("robust_minmax", SMALL.normalize, (48, 96)))
+    prepared = energy_pipeline(SMALL.sigmas, batch_size=4, prepare=("robust_percentile", SMALL.normalize, (48, 96)))
     np.testing.assert_allclose(band_energies_batch(prepared, raw, [0.5] * 3), want, rtol=2e-3, atol=1e-6)
 
 
@@ -195,6 +195,30 @@ def test_derived_index_holds_exactly_the_split(aug_dataset, tmp_path):
     assert sorted(seen) == sorted(k for k, m in train.items() if m == "mr")
 
 
+def test_rank_start_up_reads_the_shard_table_and_only_its_own_share(aug_dataset, tmp_path):
+    """Rank 0 of 3 starts and reads its first batch from a copy holding only its own share of every
+    modality's shards (tars, indices, manifest parts) plus the shard tables: identical first batch."""
+    from pathlib import Path
+
+    world, seed = 3, 11
+    share = {m: {Path(t).stem for t in EpochPlanner(shards.Dataset(aug_dataset), m, "train", tmp_path / "idx")
+                 .files(seed, 0, 0, world).tars} for m in COUNTS}
+    copy = tmp_path / "copy"
+    shutil.copytree(aug_dataset, copy)
+    removed = 0
+    for m, own in share.items():
+        for f in [*(copy / "manifest" / f"modality={m}").glob("*.parquet"), *(copy / "shards" / m).glob("*")]:
+            if f.stem not in own:
+                f.unlink()
+                removed += 1
+    assert removed >= 6  # mr keeps 1-2 of its 3 shards, xr 1 of 2, ct 1 of 2 (3 files per shard)
+
+    def first_keys(root):
+        return next(iter(_loader(root, rank=0, world_size=world, seed=seed, steps_per_epoch=1)))["key"]
+
+    assert first_keys(copy) == first_keys(aug_dataset)
+
+
 # --- loader --------------------------------------------------------------------------------------
 
 def test_batches_are_balanced_shaped_in_range_and_labelled(aug_dataset, xr_labels):
@@ -255,6 +279,49 @@ def test_same_seed_reproduces_and_epochs_differ(aug_dataset):
     loader = _loader(aug_dataset, seed=3, steps_per_epoch=2)
     list(loader)
     assert [s["key"] for s in loader] == keys_e1
+
+
+def test_mid_epoch_resume_from_checkpoint_runs_only_the_remaining_steps(aug_dataset):
+    def steps_of(loader):
+        return [(s["key"], [c.numpy() for c in s["crops"]], np.nan_to_num(s["label"].numpy(), nan=-1))
+                for s in loader]
+
+    straight = _loader(aug_dataset, seed=5)
+    straight.set_epoch(1)
+    n = len(straight)
+    full, positions = [], {}
+    for k, step in enumerate(straight, start=1):
+        full.append(steps_of([step])[0])
+        if k < n:
+            positions[k] = straight.checkpoint()   # the position after k steps
+    assert n >= 6 and len(full) == n and straight.batches_run == n
+
+    for k in (2, n - 2):
+        resumed = _loader(aug_dataset, seed=5)
+        resumed.set_epoch(1, start_step=k, checkpoint=positions[k])
+        rest = steps_of(resumed)
+        # Only the remaining steps were read and augmented, none of the first k replayed ...
+        assert resumed.batches_run == n - k and resumed.batches_replayed == 0
+        # ... and they are bit for bit those of the uninterrupted epoch (keys, crops, labels).
+        for (keys_a, crops_a, label_a), (keys_b, crops_b, label_b) in zip(full[k:], rest):
+            assert keys_a == keys_b
+            np.testing.assert_array_equal(label_a, label_b)
+            for a, b in zip(crops_a, crops_b):
+                np.testing.assert_array_equal(a, b)
+        assert len(rest) == n - k
+
+    replay = _loader(aug_dataset, seed=5)  # no checkpoint: the same steps, the first k run and dropped
+    replay.set_epoch(1, start_step=3)
+    assert [s[0] for s in steps_of(replay)] == [f[0] for f in full[3:]]
+    assert replay.batches_run == n and replay.batches_replayed == 3
+
+    other = _loader(aug_dataset, seed=6)  # a position is valid only for its own seed, epoch, step
+    with pytest.raises(ValueError, match="seed"):
+        other.set_epoch(1, start_step=2, checkpoint=positions[2])
+    with pytest.raises(ValueError, match="epoch"):
+        _loader(aug_dataset, seed=5).set_epoch(2, start_step=2, checkpoint=positions[2])
+    with pytest.raises(ValueError, match="step"):
+        _loader(aug_dataset, seed=5).set_epoch(1, start_step=3, checkpoint=positions[2])
 
 
 def test_cpu_pipeline_runs_without_cuda(aug_dataset):

@@ -3,19 +3,20 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from _ingest_fixtures import SALT, cli, error_rows, manifest_rows, run_ingest
+from _ingest_fixtures import PY, REPO, SALT, all_files, cli, error_rows, manifest_rows, readable_error_rows, run_ingest
 
 
 def test_help_documents_every_option():
     r = cli("--help")
     assert r.returncode == 0
     for opt in ("--out", "--workers", "--scheduler", "--labels", "--shard-size", "--config", "--salt",
-                "--hash-paths", "--max-side", "--max-pixel-bytes", "--val-fraction", "--seed", "MEDSWAV_SALT",
+                "--keep-paths", "DATASET.paths", "ingest.paths", "--max-side", "--max-pixel-bytes", "--val-fraction", "--seed", "MEDSWAV_SALT",
                 "resume", "incremental", "exit status"):
         assert opt in r.stdout, opt
 
@@ -37,6 +38,23 @@ def test_cannot_run_gives_one_line_and_status_2(tmp_path, dicom_dir, args, messa
     assert r.returncode == 2, r.stderr
     lines = [l for l in r.stderr.splitlines() if l.startswith("ingest:")]
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_deprecated_hash_paths_setting_maps_to_keep_paths(tmp_path, capsys):
+    from ingest.config import ConfigError, build_config
+
+    toml = tmp_path / "ingest.toml"
+    base = 'out = "/data/ds"\nsources = ["/a"]\n'
+    toml.write_text(base + "hash_paths = false\n")
+    assert build_config(toml).keep_paths is True and not build_config(toml).hash_paths
+    assert "deprecated" in capsys.readouterr().err
+    toml.write_text(base + "hash_paths = true\n")
+    assert build_config(toml).hash_paths is True
+    toml.write_text(base)
+    assert build_config(toml).hash_paths is True  # the default: private
+    toml.write_text(base + "hash_paths = true\nkeep_paths = true\n")
+    with pytest.raises(ConfigError, match="disagree"):
+        build_config(toml)
 
 
 def test_config_file_then_command_line(tmp_path):
@@ -67,7 +85,7 @@ def test_salt_file_is_created_outside_the_dataset_and_reused(tmp_path, dicom_dir
     again = cli(src, "--out", tmp_path / "ds", "--workers", "1", "--no-progress", "--dashboard-address", ":0",
                 env_extra=env)
     assert again.returncode == 0 and {r["key"] for r in manifest_rows(tmp_path / "ds")} == keys
-    other = cli(src, "--out", tmp_path / "ds", "--workers", "1", "--salt", "another", env_extra=env)
+    other = cli(src, "--out", tmp_path / "ds", "--workers", "1", "--salt", "a-different-but-strong-salt-0123", env_extra=env)
     assert other.returncode == 2 and "salt differs" in other.stderr
 
 
@@ -95,18 +113,20 @@ def test_declared_size_limit_rejects_before_decoding(tmp_path):
     big, small = get_testdata_file("RG1_UNCI.dcm"), get_testdata_file("CT_small.dcm")
     out = tmp_path / "ds"
     run_ingest([big, small], out, max_pixel_bytes="1MB")
-    errors = {e["source"]: e for e in error_rows(out)}
+    errors = {e["source"]: e for e in readable_error_rows(out)}
     assert errors[big]["stage"] == "plan" and errors[big]["reason"] == "declared size above limit"
     assert "1955x1841" in errors[big]["detail"]
     assert [r["modality"] for r in manifest_rows(out)] == ["ct"]
 
 
-def test_hash_paths_keeps_no_source_path(tmp_path, dicom_dir):
+def test_default_keeps_no_source_path_inside_and_the_map_beside_resolves_errors(tmp_path, dicom_dir):
     import pyarrow.dataset as pads
+
+    from ingest.paths import map_dir
 
     src = dicom_dir / "mr_transfer_syntaxes"
     out = tmp_path / "ds"
-    run_ingest([src], out, hash_paths=True)
+    run_ingest([src], out)
     assert len(manifest_rows(out)) == 9
     inv = pads.dataset(out / "inventory", format="parquet").to_table()
     assert set(inv.column("source").to_pylist()) == {""}
@@ -117,6 +137,41 @@ def test_hash_paths_keeps_no_source_path(tmp_path, dicom_dir):
         p.read_text(errors="replace") for p in out.rglob("*.json"))
     assert str(src) not in everything and "LICENSE" not in everything
     assert not (out / "_work").exists()
+    # the documented command finds the file behind an error row, from the map beside the dataset
+    assert map_dir(out) == tmp_path / "ds.paths" and (map_dir(out).stat().st_mode & 0o777) == 0o700
+    hashes = sorted({e["source"] for e in errors})
+    import subprocess
+
+    res = subprocess.run([PY, "-m", "ingest.paths", str(out), *hashes, "sha:" + "0" * 32], cwd=REPO,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = dict(line.split("\t") for line in res.stdout.splitlines())
+    assert res.returncode == 1 and lines.pop("sha:" + "0" * 32) == "?"  # unknown hash: exit 1
+    assert set(lines) == set(hashes) and {Path(p).name for p in lines.values()} >= {"LICENSE"}
+    assert all(Path(p).is_file() and str(p).startswith(str(src)) for p in lines.values())
+
+
+def test_keep_paths_keeps_clear_paths_inside_and_a_dataset_keeps_its_choice(tmp_path, dicom_dir):
+    import pyarrow.dataset as pads
+
+    from ingest.config import ConfigError
+    from ingest.paths import map_dir
+
+    src = dicom_dir / "mr_transfer_syntaxes"
+    out = tmp_path / "ds"
+    run_ingest([src], out, keep_paths=True)
+    inv = pads.dataset(out / "inventory", format="parquet").to_table()
+    assert all(s.startswith(str(src)) for s in inv.column("source").to_pylist())
+    assert any(e["source"] == str(src / "LICENSE") for e in error_rows(out))
+    assert not map_dir(out).exists()  # only pending work lived beside it
+    # a dataset built with clear paths (also: before hashing became the default) is not mixed with hashes
+    with pytest.raises(ConfigError, match="pass --keep-paths"):
+        run_ingest([src], out)
+    _, again = run_ingest([src], out, keep_paths=True)
+    assert again.new_slices == 0 and len(manifest_rows(out)) == 9
+    hashed = tmp_path / "hashed"
+    run_ingest([src], hashed)
+    with pytest.raises(ConfigError, match="without --keep-paths"):
+        run_ingest([src], hashed, keep_paths=True)
 
 
 def test_max_side_reduces_by_integer_block_mean(tmp_path, dicom_dir):
@@ -175,3 +230,23 @@ def test_parquet_labels_keyed_by_sop_instance(tmp_path, dicom_dir):
     assert json.loads(by_sop[salted_hash(uids[1], SALT)]["labels"]) == {"finding": 0.0}
     assert not by_sop[salted_hash(uids[2], SALT)]["labelled"]  # known row, unknown value
     assert sum(r["labelled"] for r in by_sop.values()) == 2
+
+
+def test_rescan_records_each_rejection_once_reading_only_those_sources(tmp_path, dicom_dir):
+    from ingest.plan import not_yet_reported, previous_error_keys
+
+    out = tmp_path / "ds"
+    mr = dicom_dir / "mr_transfer_syntaxes"
+    run_ingest([mr], out)
+    errors = error_rows(out)
+    assert [e["source"] for e in readable_error_rows(out)] == [str(mr / "LICENSE")]
+    license_ = errors[0]["source"]  # private by default: the salted hash (sha:...) of the path
+    _, again = run_ingest([mr], out, rescan=True)
+    assert again.files == len(all_files([mr])) and error_rows(out) == errors  # rescanned, not recorded twice
+    keys = {(e["source"], e["reason"]) for e in errors}
+    assert previous_error_keys(out, (), {license_, "elsewhere"}) == keys
+    assert previous_error_keys(out, (), {"elsewhere"}) == set()
+    assert previous_error_keys(out, ("scan-",), {license_}) == set()
+    # what a later generation (g1) keeps of its rejections: only those not reported before
+    other = {"source": "elsewhere", "reason": errors[0]["reason"]}
+    assert not_yet_reported(out, 1, [dict(errors[0]), other]) == [other]

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from _ingest_fixtures import (SALT, all_files, error_rows, expected_stored, file_rescale, manifest_rows,
+from _ingest_fixtures import (SALT, all_files, readable_error_rows, expected_stored, file_rescale, manifest_rows,
                               pydicom_sources, reference_frames, run_ingest, source_by_hash)
 
 
@@ -21,7 +21,7 @@ def ingested(tmp_path_factory, dicom_dir):
     summary, stats = run_ingest(sources, out, workers=2, shard_size="8MB")
     files = all_files(sources)
     return {"root": out, "summary": summary, "stats": stats, "files": files, "by_hash": source_by_hash(files),
-            "manifest": manifest_rows(out), "errors": error_rows(out)}
+            "manifest": manifest_rows(out), "errors": readable_error_rows(out)}
 
 
 def _samples(root):
@@ -277,3 +277,49 @@ def test_rescale_and_inversion_are_exact_in_every_integer_dtype():
             got = invert_monochrome1(x, bits, info.min < 0)
             assert got.dtype == dt and [int(v) for v in got] == want
     assert exact > 1000 and refused > 500
+
+
+def test_finalize_reads_only_footers_and_equals_per_sample_counts(ingested, tmp_path, monkeypatch, capsys):
+    import json
+    import shutil
+
+    import pyarrow.dataset as pads
+
+    import shards.__main__ as shards_cli
+    from _ingest_fixtures import expected_shard_table
+    from ingest.finalize import finalize
+    from shards.layout import table_path
+
+    src, rows, errors = ingested["root"], ingested["manifest"], ingested["errors"]
+    expected = {m: expected_shard_table(src, m) for m in sorted({r["modality"] for r in rows})}
+    root = tmp_path / "ds"  # manifests and error files only: sizes must come from the footers, not the tars
+    for sub in ("manifest", "errors"):
+        shutil.copytree(src / sub, root / sub)
+
+    def no_row_reads(*args, **kwargs):
+        raise AssertionError("finalize read manifest or error rows")
+
+    monkeypatch.setattr(pq, "read_table", no_row_reads)
+    monkeypatch.setattr(pads, "dataset", no_row_reads)
+    summary = finalize(root, {"marker": 1})
+    monkeypatch.undo()
+
+    assert summary["ingest"] == {"marker": 1} and json.loads((root / "dataset.json").read_text()) == summary
+    for m, table in expected.items():
+        assert pq.read_table(table_path(root, m)).to_pylist() == table
+        totals = {k: sum(t[k] for t in table) for k in ("samples", "train", "val", "test", "labelled", "bytes")}
+        assert summary["modalities"][m] == {**totals, "shards": len(table)}
+    assert summary["samples"] == len(rows) and summary["bytes"] == sum(
+        t["bytes"] for table in expected.values() for t in table)
+    by_stage = defaultdict(Counter)
+    for e in errors:
+        by_stage[e["stage"]][e["reason"]] += 1
+    assert summary["errors"] == len(errors) > 0 and summary["error_reasons"] == {s: dict(c) for s, c in by_stage.items()}
+
+    # `shards info` prints the rejections from dataset.json, without the error files
+    shutil.rmtree(root / "errors")
+    assert shards_cli.main(["info", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"rejected inputs: {len(errors)}\n" in out
+    (stage, reason), n = Counter((e["stage"], e["reason"]) for e in errors).most_common(1)[0]
+    assert f"  {n:>7}  {stage:<8} {reason}" in out

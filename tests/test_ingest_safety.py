@@ -144,8 +144,8 @@ def test_lost_manifest_part_is_rewritten_never_healed_away(tmp_path, dicom_dir, 
 
     ct, mr = dicom_dir / "ct_kits_abdomen_18", dicom_dir / "mr_transfer_syntaxes"
     out = tmp_path / "ds"
-    # with hashed paths: the rewrite must find its files through this run's scan, not through stored paths
-    run_ingest([ct], out, shard_size="2MB", hash_paths=True)
+    # hashed paths (the default): the rewrite must find its files through this run's scan and its map
+    run_ingest([ct], out, shard_size="2MB")
 
     def ct_layout():
         return sorted((r["key"], r["shard"], r["index"], r["npy_crc32"], r["json_crc32"])
@@ -162,7 +162,7 @@ def test_lost_manifest_part_is_rewritten_never_healed_away(tmp_path, dicom_dir, 
     # a run whose sources lack the shard's files cannot redo it: it fails naming it, and dataset.json
     # keeps its count instead of shrinking to what the manifests still hold
     with pytest.raises(JobFailed, match=victim):
-        run_ingest([mr], out, shard_size="2MB", hash_paths=True)
+        run_ingest([mr], out, shard_size="2MB")
     assert json.loads((out / "dataset.json").read_text())["samples"] == 18
 
     # the run with the shard's sources rewrites it under its own name, identical (a dead job's lock is
@@ -171,7 +171,7 @@ def test_lost_manifest_part_is_rewritten_never_healed_away(tmp_path, dicom_dir, 
 
     _write_lock(out, host=socket.gethostname(), pid=_dead_pid(), pid_scope=pid_scope())
     capsys.readouterr()
-    summary, stats = run_ingest([ct, mr], out, shard_size="2MB", hash_paths=True)
+    summary, stats = run_ingest([ct, mr], out, shard_size="2MB")
     assert "taking over the stale dataset lock" in capsys.readouterr().err
     assert ct_layout() == before and tar.read_bytes() == tar_bytes
     assert stats.shards_written == 1 and stats.new_slices == 0
@@ -231,8 +231,9 @@ def test_dataset_inside_a_source_tree_is_not_scanned(tmp_path, dicom_dir):
     summary, stats = run_ingest([src], out)
     assert stats.files == 4, stats
     assert summary["samples"] == 4 and not error_rows(out)
-    inventory = pads.dataset(out / "inventory", format="parquet").to_table().column("source").to_pylist()
-    assert set(inventory) == {str(src / "study" / f.name) for f in files}
+    from ingest.paths import read_map
+
+    assert set(read_map(out).column("path").to_pylist()) == {str(src / "study" / f.name) for f in files}
 
 
 def test_unreadable_folder_near_the_top_becomes_an_error_row(tmp_path, dicom_dir, monkeypatch):

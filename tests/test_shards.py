@@ -297,3 +297,213 @@ def test_cli_info_and_verify(dataset):
     assert bad.returncode == 1 and "PROBLEM" in bad.stdout
     missing = subprocess.run([sys.executable, "-m", "shards", "info", str(dataset / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and "no dataset folder" in missing.stderr
+
+
+def _verify_cli(root):
+    return subprocess.run([sys.executable, "-m", "shards", "verify", "-q", str(root)], capture_output=True, text=True)
+
+
+def test_verify_reports_duplicate_keys_across_shards(dataset, real_slices):
+    # The same CT slices committed a second time under another shard name: every key twice.
+    with shards.ShardWriter(dataset, "ct", "ct-g001-000000") as w:
+        for modality, uid, pixels in real_slices[:3]:
+            w.write(shards.sample_key(uid, 0, SALT), pixels, shards.SampleMeta(modality="ct", split="train"))
+    shards.write_dataset_json(dataset)
+    result = _verify_cli(dataset)
+    assert result.returncode == 1, result.stdout + result.stderr
+    problems = [l for l in result.stdout.splitlines() if l.startswith("PROBLEM")]
+    assert len(problems) == 1 and "3 duplicate key(s)" in problems[0], result.stdout
+    assert "ct/ct-g000-000000" in problems[0] and "ct/ct-g001-000000" in problems[0]
+    example = problems[0].rsplit("e.g. ", 1)[1]
+    assert example in {shards.sample_key(uid, 0, SALT) for _, uid, _ in real_slices[:3]}
+
+
+def test_verify_reports_missing_and_corrupt_metadata_files(dataset):
+    (dataset / "dataset.json").unlink()
+    result = _verify_cli(dataset)
+    assert result.returncode == 1 and "PROBLEM: dataset.json missing" in result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+    (dataset / "dataset.json").write_text('{"format": "medswav-shards", "samp')  # truncated
+    result = _verify_cli(dataset)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert any(l.startswith("PROBLEM: dataset.json: not valid JSON") for l in result.stdout.splitlines()), result.stdout
+    shards.write_dataset_json(dataset)
+
+    part = dataset / "manifest" / "modality=mr" / "mr-g000-000000.parquet"
+    original = part.read_bytes()
+    part.write_bytes(original[: len(original) // 2])  # truncated: no footer
+    result = _verify_cli(dataset)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert any(l.startswith("PROBLEM: manifest/modality=mr/mr-g000-000000.parquet: unreadable Parquet")
+               for l in result.stdout.splitlines()), result.stdout
+    part.write_bytes(original)
+    assert _verify_cli(dataset).returncode == 0
+
+    errors = dataset / "errors" / "scan-g000.parquet"
+    shards.write_errors(dataset, "scan-g000", [{"source": "x.dcm", "stage": "scan", "reason": "not DICOM"}])
+    data = bytearray(errors.read_bytes())
+    data[4:40] = b"\xff" * 36  # garbage in the first column chunk
+    errors.write_bytes(bytes(data))
+    result = _verify_cli(dataset)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert any(l.startswith("PROBLEM: errors/scan-g000.parquet: unreadable Parquet")
+               for l in result.stdout.splitlines()), result.stdout
+
+
+def test_reader_refuses_a_damaged_shard_naming_it(dataset):
+    from shards.verify import DamagedShardError
+
+    shard = shards.Dataset(dataset).shards("mr")[0]
+    data = bytearray(shard.tar.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of pixel data: webdataset alone would decode it silently
+    shard.tar.write_bytes(bytes(data))
+    assert sum(1 for _ in shards.reader.iter_samples(dataset, "ct")) == 18  # the intact modality reads
+    with pytest.raises(DamagedShardError, match="shard mr/mr-g000-000000 .*checksum"):
+        list(shards.reader.iter_samples(dataset, "mr"))
+    assert sum(1 for _ in shards.reader.iter_samples(dataset, "mr", verify=False)) == 12
+
+
+def _flip_pixel_byte(shard) -> str:
+    """One bit of the first sample's pixel data; returns that sample's key."""
+    npy = next(m for m in read_index(shard.idx)[0] if m.extension == "npy")
+    data = bytearray(shard.tar.read_bytes())
+    data[npy.offset + npy.size // 2] ^= 0x01
+    shard.tar.write_bytes(bytes(data))
+    return npy.key
+
+
+def test_verify_on_dask_reports_a_flipped_byte_in_each_of_two_shards(dataset):
+    ds = shards.Dataset(dataset)
+    damaged = {f"{s.modality}/{s.name}": _flip_pixel_byte(s) for s in (ds.shards("ct")[0], ds.shards("mr")[0])}
+    report = verify(dataset, workers=2)  # an embedded LocalCluster: one task per shard
+    assert report.shards == 2 and report.samples == 30
+    for where, key in damaged.items():
+        assert f"{where}: tar checksum differs from the manifest (the file was modified)" in report.problems
+        assert f"{where}: {key}.npy checksum mismatch" in report.problems
+    assert len(report.problems) == 4, report.problems
+    # the workers read each tar once: as many bytes as the tars hold, not two or three times that
+    assert report.tar_opens == 1
+    assert report.tar_bytes_read == sum(s.tar.stat().st_size for m in ds.modalities for s in ds.shards(m))
+
+
+def test_verify_opens_and_reads_each_tar_once(dataset, monkeypatch):
+    import builtins
+    import tarfile as tarfile_module
+
+    opens, bytes_read = {}, {}
+    real_open = builtins.open
+
+    class CountingFile:
+        def __init__(self, f, name):
+            self._f, self._name = f, name
+
+        def read(self, *args):
+            data = self._f.read(*args)
+            bytes_read[self._name] = bytes_read.get(self._name, 0) + len(data)
+            return data
+
+        def readall(self):
+            return self.read()
+
+        def readinto(self, buffer):
+            n = self._f.readinto(buffer)
+            bytes_read[self._name] = bytes_read.get(self._name, 0) + (n or 0)
+            return n
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    def counting_open(file, *args, **kwargs):
+        f = real_open(file, *args, **kwargs)
+        if str(file).endswith(".tar"):
+            opens[str(file)] = opens.get(str(file), 0) + 1
+            return CountingFile(f, str(file))
+        return f
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(tarfile_module, "bltn_open", counting_open)
+    ds = shards.Dataset(dataset)
+    report = verify(dataset, workers=0)  # in this process, where the counting open sees every read
+    monkeypatch.undo()
+    assert report.ok, report.problems
+    tars = {str(s.tar): s.tar.stat().st_size for m in ds.modalities for s in ds.shards(m)}
+    assert opens == {t: 1 for t in tars}
+    assert bytes_read == tars
+
+
+def test_verify_reports_a_truncated_tar_without_reading_past_it(dataset):
+    shard = shards.Dataset(dataset).shards("mr")[0]
+    npy = next(m for m in read_index(shard.idx)[3] if m.extension == "npy")
+    size = shard.tar.stat().st_size
+    with open(shard.tar, "r+b") as f:
+        f.truncate(npy.offset + 1000)  # cut inside the fourth slice's pixels
+    report = verify(dataset, workers=0)
+    where = "mr/mr-g000-000000"
+    assert f"{where}: tar is {npy.offset + 1000} bytes, manifest says {size}" in report.problems
+    assert any(p.startswith(f"{where}: tar headers unreadable: member {npy.name} truncated") for p in report.problems), report.problems
+    assert not any(p.startswith("ct/") for p in report.problems)
+    assert report.tar_bytes_read == npy.offset + 1000 + shards.Dataset(dataset).shards("ct")[0].tar.stat().st_size
+
+
+def test_verify_reports_an_unreadable_tar_as_that_shards_problem(dataset):
+    shard = shards.Dataset(dataset).shards("ct")[0]
+    shard.tar.unlink()
+    shard.tar.mkdir()  # present but unreadable as a file (as root, permissions would not stop the read)
+    result = _verify_cli(dataset)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    problems = [l for l in result.stdout.splitlines() if l.startswith("PROBLEM")]
+    assert problems == [f"PROBLEM: ct/{shard.name}: unreadable (IsADirectoryError: [Errno 21] Is a directory: '{shard.tar}')"]
+    assert "verified 2 shard(s), 30 sample(s)" in result.stdout
+
+
+def test_dataset_without_shard_tables_still_reads_and_reindexes(dataset):
+    import pyarrow.parquet as pq
+
+    from _ingest_fixtures import expected_shard_table
+    from augment_dali.plan import modality_shards
+    from shards.layout import table_path
+    from shards.manifest import SUMMARY_META
+
+    expected = {m: expected_shard_table(dataset, m) for m in ("ct", "mr")}
+    # as written before shard tables and footer summaries existed
+    for m in expected:
+        table_path(dataset, m).unlink()
+    for part in (dataset / "manifest").rglob("*.parquet"):
+        table = pq.read_table(part)
+        old_meta = {k: v for k, v in table.schema.metadata.items() if k != SUMMARY_META}
+        pq.write_table(table.replace_schema_metadata(old_meta), part)
+    info = json.loads((dataset / "dataset.json").read_text())
+    info["ingest"] = {"generations": [0]}
+    (dataset / "dataset.json").write_text(json.dumps(info))
+
+    ds = shards.Dataset(dataset)
+    assert {m: ds.shard_table(m).to_pylist() for m in expected} == expected
+    assert [(s.name, s.total, s.selected) for s in modality_shards(ds, "ct", "val")] == [("ct-g000-000000", 18, 4)]
+
+    done = subprocess.run([sys.executable, "-m", "shards", "reindex", str(dataset)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert {m: pq.read_table(table_path(dataset, m)).to_pylist() for m in expected} == expected
+    info = json.loads((dataset / "dataset.json").read_text())
+    assert info["ingest"] == {"generations": [0]} and info["modalities"]["ct"]["val"] == 4
+    assert info["modalities"]["mr"]["bytes"] == expected["mr"][0]["bytes"]
+    assert verify(dataset).ok
+
+
+def test_verify_catches_a_stale_shard_table(dataset, real_slices):
+    _, uid, pixels = real_slices[0]
+    with shards.ShardWriter(dataset, "ct", "ct-g001-000000") as w:  # committed after the table was written
+        w.write(shards.sample_key(uid, 1, SALT), pixels, shards.SampleMeta(modality="ct", split="train"))
+    problems = verify(dataset).problems
+    assert any("table/ct.parquet lacks committed shard(s) ct-g001-000000" in p for p in problems)
+    shards.write_dataset_json(dataset)
+    assert verify(dataset).ok
+    (dataset / "manifest" / "modality=ct" / "ct-g001-000000.parquet").unlink()
+    (dataset / "shards" / "ct" / "ct-g001-000000.tar").unlink()
+    assert any("table/ct.parquet lists uncommitted shard(s) ct-g001-000000" in p for p in verify(dataset).problems)

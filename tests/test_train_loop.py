@@ -174,3 +174,21 @@ def test_two_modalities_with_partial_labels(tmp_path, medmnist_dir):
     state = _ckpt(tmp_path)
     assert state["modalities"] == ["pneumoniamnist", "breastmnist"] and state["num_labels"] == 2
     assert state["model"]["prototypes.1.weight"].shape == (8, 128)
+
+
+def test_time_budget_stops_after_a_whole_step_and_checkpoints(tmp_path, medmnist_dir):
+    # A budget shorter than any step: the loop stops after exactly one whole step, saves it, and the
+    # learning-rate schedule stays the full epoch's (the budget cuts the run, it does not compress it).
+    data = ["--data", str(medmnist_dir / "pneumoniamnist.npz"), "--epochs", "1", "--crop-sizes", "28,16",
+            "--num-crops", "2,1", "--checkpoint-every", "1000", "--warmup-epochs", "1"]
+    result = _run(tmp_path, *data, "--max-seconds", "1e-9")
+    state = _ckpt(tmp_path)
+    assert result["step"] == 1 and len(result["losses"]) == 1 and state["step"] == 1
+    assert state["config"]["max_seconds"] == 1e-9
+    row, = _metrics(tmp_path)
+    assert row["lr"] == 0.0  # first step of a full-epoch warm-up from 0, not of a one-step schedule
+    # Without a budget the same run continues past that step.
+    again = _run(tmp_path, *data, "--max-steps", "2", "--out", str(tmp_path / "run2"))
+    assert again["step"] == 2 and again["losses"][0] == result["losses"][0]
+    with pytest.raises(SystemExit, match="max_seconds"):
+        load_config(["--synthetic", "--max-seconds", "-1"])

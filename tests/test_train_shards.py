@@ -33,6 +33,9 @@ def _args(root, out, *extra):
 def test_four_modalities_from_shards_train_and_resume_exactly(tmp_path, shard_dataset):
     straight = main(_args(shard_dataset, tmp_path / "a", "--max-steps", "4"))
     main(_args(shard_dataset, tmp_path / "b", "--max-steps", "2"))
+    mid = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert 0 < mid["step_in_epoch"] == 2   # interrupted mid-epoch: the data position is saved, per rank
+    assert [(p.dtype, p.dim()) for p in mid["data_positions"]] == [(torch.uint8, 1)]
     resumed = main(_args(shard_dataset, tmp_path / "b", "--max-steps", "4", "--resume", "auto"))
 
     rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -44,7 +47,9 @@ def test_four_modalities_from_shards_train_and_resume_exactly(tmp_path, shard_da
     assert state["modalities"] == ["ct", "mr", "us", "xr"] and state["num_labels"] == 1
     assert len([k for k in state["model"] if k.startswith("prototypes.")]) == 4
 
-    # Same batches after the restart: the loader is re-seeded for the epoch and replays to the step.
+    # Same batches after the restart: the loader's pipeline continues from the saved position, without
+    # reading or augmenting the first two steps again.
+    assert resumed["batches_replayed"] == 0 and straight["batches_replayed"] == 0
     assert resumed["losses"] == straight["losses"][2:]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     for k, v in state["model"].items():
@@ -57,9 +62,13 @@ def test_torchrun_two_nodes_on_shards(tmp_path, shard_dataset):
     run = tmp_path / "run"
     args = _args(shard_dataset, run)[4:]  # without --data/--out, given below
     _torchrun_pair(_free_port(), ["--data", str(shard_dataset), "--out", str(run), *args, "--max-steps", "2"])
+    mid = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert mid["step_in_epoch"] == 2 and len(mid["data_positions"]) == 2   # one position per rank, ...
+    assert not torch.equal(mid["data_positions"][0], mid["data_positions"][1])  # ... each its own
     out = _torchrun_pair(_free_port(), ["--data", str(shard_dataset), "--out", str(run), *args,
                                         "--max-steps", "3", "--resume", "auto"])
-    assert any("at step 2" in o for o in out)
+    assert any("at step 2 (epoch 0, data position restored)" in o for o in out)
+    assert not any("replaying" in o for o in out)   # every rank accepted its own position
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert state["step"] == 3 and state["world_size"] == 2
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,11 @@
-"""One checkpoint file per run, written atomically (temporary file in the same folder, fsync, rename)."""
+"""One checkpoint file per run, written atomically (temporary file in the same folder, fsync, rename).
+
+Checkpoints and backbone exports hold tensors and plain values only (dicts, lists, tuples, numbers,
+strings): they are read with `torch.load(weights_only=True)`, which refuses any other pickled object, so
+a file from elsewhere cannot run code when it is loaded. The random-number states are stored in that
+form too (numpy's as a dict with a list of ints). Checkpoints written before that change hold numpy's
+state as an array; for them exactly numpy's array-rebuilding types are allowed, nothing else.
+"""
 from __future__ import annotations
 
 import os
@@ -10,10 +17,45 @@ import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
+# What a legacy checkpoint's numpy RNG state (a uint32 array) needs to be rebuilt; no code runs from it.
+_LEGACY_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+class UnsafeOrDamagedFile(ValueError):
+    """A checkpoint or export that cannot be read as tensors and plain values."""
+
+
+def load_plain(path: Path, map_location="cpu", what: str = "checkpoint"):
+    """torch.load limited to tensors and plain values; raises UnsafeOrDamagedFile naming the file."""
+    try:
+        with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, foreign, or holding objects that would run code: one line, no trace
+        reason = str(e)
+        if "Unsupported global" in reason:  # keep the name of the refused object, drop torch's advice
+            reason = "it holds a pickled object other than tensors and plain values (" + \
+                reason.split("Unsupported global: ", 1)[1].split(" was not", 1)[0] + "); refused: loading it could run code"
+        else:
+            reason = f"{type(e).__name__}: {reason.splitlines()[0] if reason else ''}"
+        raise UnsafeOrDamagedFile(f"cannot read {what} {path}: {reason}") from None
+
+
+def _temporary(path: Path, token: str) -> Path:
+    return path.with_name(f".{path.name}.tmp{token}")
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete what saves of `path` killed before their rename left behind (any process id)."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(_temporary(path, "*").name))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
 
 def save_atomic(obj: dict, path: Path) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary(path, str(os.getpid()))
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -26,10 +68,11 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 
 def load(path: Path, map_location="cpu") -> dict:
+    """A training checkpoint; exits with a one-line error when it is damaged or holds anything unsafe."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which and why, in one line
-        raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        return load_plain(path, map_location)
+    except UnsafeOrDamagedFile as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def resolve_resume(resume: str, out: Path) -> Path | None:
@@ -45,7 +88,10 @@ def resolve_resume(resume: str, out: Path) -> Path | None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state as tensors and plain values (loadable with weights_only=True)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {"key": numpy_state["state"]["key"].tolist(), "pos": int(numpy_state["state"]["pos"])}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -53,7 +99,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):  # a legacy checkpoint holds numpy's own tuple, accepted as it is
+        numpy_state = {**numpy_state, "state": {"key": np.asarray(numpy_state["state"]["key"], np.uint32),
+                                                "pos": numpy_state["state"]["pos"]}}
+    np.random.set_state(numpy_state)
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -29,6 +29,7 @@ class Config:
     modalities: tuple[str, ...] = ()    # subset of the dataset's modalities (empty: all)
     split: str = "train"                # dataset split to train on
     num_workers: int = 2                # data threads
+    verify_shards: bool = True          # shard datasets: check each tar's checksum before this process first reads it
     npz_label_fraction: float = 1.0     # NPZ source: fraction of samples that keep their label
     out: str = "runs/swav"              # run folder: checkpoint.pt, metrics.jsonl, tensorboard/
 
@@ -42,13 +43,13 @@ class Config:
     crop_sizes: tuple[int, ...] = (224, 92)   # side of each crop group (group 0: full resolution)
     num_crops: tuple[int, ...] = (2, 6)       # crops per group
     crop_depths: tuple[int, ...] = ()   # 3-D volumes: depth of each group's crops (empty: 2-D images)
-    min_scale_crops: tuple[float, ...] = (0.14, 0.05)   # NPZ source random-resized-crop scales
-    max_scale_crops: tuple[float, ...] = (1.0, 0.14)
+    min_scale_crops: tuple[float, ...] = (0.14, 0.05)   # NPZ source: smallest area fraction of each group's crops
+    max_scale_crops: tuple[float, ...] = (1.0, 0.14)    # NPZ source: largest area fraction of each group's crops
     rescale_size_range: tuple[int, ...] = (600, 1200)   # shard datasets: image sides after the rescale augmentation
     crops_for_assign: tuple[int, ...] = (0, 1)  # views whose codes are predicted (the first views)
     temperature: float = 0.1            # tau of the prediction softmax
     epsilon: float = 0.03               # Sinkhorn entropy weight
-    sinkhorn_iterations: int = 3
+    sinkhorn_iterations: int = 3        # Sinkhorn-Knopp normalisation rounds per code computation
     queue_length: int = 3840            # global per modality; each process keeps queue_length/world_size
     epoch_queue_starts: int = 10        # the queue fills from this epoch, is used once full
     freeze_prototypes_steps: int = 10000  # prototypes get no update for these first steps
@@ -61,6 +62,7 @@ class Config:
     # optimisation
     epochs: int = 100                   # length of the learning-rate schedule
     max_steps: int = 0                  # stop at this global step (0: full schedule); the schedule is unchanged
+    max_seconds: float = 0.0            # wall-clock budget of the loop: stop after the step that reaches it, checkpoint (0: none); the schedule is unchanged
     batch_size: int = 32                # per process
     base_lr: float = 0.6                # peak learning rate (at lr_ref_batch)
     final_lr: float = 0.0006            # end of the cosine
@@ -79,7 +81,7 @@ class Config:
     seed: int = 0                       # weights, data order and augmentations
     deterministic: bool = False         # torch deterministic algorithms
     checkpoint_every: int = 1000        # steps (and at the end of every epoch)
-    log_every: int = 10
+    log_every: int = 10                 # steps between console lines and metrics.jsonl rows
     resume: str = ""                    # "", "auto" (the run folder's checkpoint.pt if present) or a path
     tensorboard: bool = True            # also write TensorBoard events under out/tensorboard
     config: str = ""                    # the TOML file this came from (informational)
@@ -191,6 +193,8 @@ def validate(cfg: Config) -> None:
         fail(f"sup_loss {cfg.sup_loss!r}: choose bce or ce")
     if cfg.device not in ("auto", "cpu", "cuda"):
         fail(f"device {cfg.device!r}: choose auto, cpu or cuda")
+    if cfg.max_seconds < 0:
+        fail(f"max_seconds {cfg.max_seconds}: must be >= 0 (0: no time budget)")
     if not cfg.synthetic and not cfg.data:
         fail("give --data DATASET (a shard dataset folder or .npz files) or --synthetic")
 

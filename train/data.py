@@ -5,6 +5,9 @@
 
 with rows ordered by modality in equal blocks. Every source is addressed by (epoch, step) so a
 resumed run sees exactly the batches it would have seen: ``source.epoch_iter(epoch, start_step)``.
+No source replays the steps before ``start_step``: the synthetic and NPZ sources compute any step
+directly from (seed, epoch, step, rank); the shard source restores its DALI pipeline from the position
+saved in the checkpoint (``data_position`` / ``restore_position``, gathered over ranks by the trainer).
 
 - ``SyntheticSource``: random crops (benchmarks, smoke tests).
 - ``NpzSource``: real images from MedMNIST-style .npz files (one file = one modality) with simple
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
 from pathlib import Path
 
@@ -165,10 +169,10 @@ class ShardSource:
 
     def __init__(self, root: str, batch_size: int, crop_sizes, num_crops, modalities=(), split="train",
                  seed: int = 0, rank: int = 0, world_size: int = 1, device: str = "cpu", num_threads: int = 2,
-                 size_range=(600, 1200)):
+                 size_range=(600, 1200), verify_shards: bool = True):
         try:
             from augment_dali.config import AugmentConfig
-            from augment_dali.loader import SwavLoader
+            from augment_dali.loader import DamagedShardError, SwavLoader
         except ImportError as e:
             raise SystemExit(f"error: cannot read shard dataset {root}: augment_dali.loader unavailable ({e})")
         try:
@@ -176,9 +180,12 @@ class ShardSource:
                                      rank=rank, world_size=world_size, device="gpu" if device == "cuda" else "cpu",
                                      seed=seed, crop_sizes=tuple(crop_sizes), num_crops=tuple(num_crops),
                                      num_threads=num_threads, split=split,
-                                     augment=AugmentConfig(size_range=tuple(size_range)))
+                                     augment=AugmentConfig(size_range=tuple(size_range)),
+                                     verify_shards=verify_shards)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {root}: {e}") from None
+        self.damaged = DamagedShardError
+        self.root = root
         self.modalities = list(self.loader.modalities)
         self.steps_per_epoch = len(self.loader)
         names = getattr(self.loader, "label_names", None)
@@ -186,17 +193,57 @@ class ShardSource:
             info = Path(root, "dataset.json")
             names = json.loads(info.read_text()).get("label_names", []) if info.exists() else []
         self.num_labels = len(names)
+        self._restored = None  # (epoch, step, loader checkpoint) to continue from, set by restore_position
+
+    @property
+    def batches_replayed(self) -> int:
+        return self.loader.batches_replayed
+
+    def data_position(self) -> bytes:
+        """Where the running epoch stands (after its last yielded step): the loader's checkpoint."""
+        return self.loader.checkpoint()
+
+    def restore_position(self, epoch: int, start_step: int, position: bytes) -> None:
+        """Make ``epoch_iter(epoch, start_step)`` continue from ``position`` instead of replaying."""
+        self._restored = (epoch, start_step, position)
 
     def close(self) -> None:
         if hasattr(self.loader, "close"):
             self.loader.close()
 
     def epoch_iter(self, epoch: int, start_step: int = 0):
-        # The loader is deterministic per epoch; resuming mid-epoch replays and drops the first batches.
-        self.loader.set_epoch(epoch)
-        for step, batch in enumerate(self.loader):
-            if step >= start_step:
-                yield batch
+        # Without a restored position for this very step the loader replays and drops the first batches.
+        position = None
+        if self._restored is not None and self._restored[:2] == (epoch, start_step):
+            position = self._restored[2]
+        self._restored = None
+        try:
+            self.loader.set_epoch(epoch, start_step, position)
+        except ValueError as e:  # e.g. augmentation options changed since the checkpoint: same steps, replayed
+            print(f"warning: saved data position not usable ({e}); replaying {start_step} steps",
+                  file=sys.stderr, flush=True)
+            self.loader.set_epoch(epoch, start_step)
+        try:
+            yield from self.loader
+        except self.damaged as e:  # stop before reading it: training on damaged pixels is silently wrong
+            raise SystemExit(f"error: {e}. `python -m shards verify {self.root}` lists every damage; "
+                             f"--no-verify-shards skips this check") from None
+
+
+def gather_data_positions(source, world_size: int) -> list[torch.Tensor] | None:
+    """Every process's data position mid-epoch, rank by rank, as uint8 tensors (a checkpoint loadable
+    with ``torch.load(weights_only=True)``); None for sources that need none. Collective when
+    ``world_size > 1``: every process calls it at the same step."""
+    if not hasattr(source, "data_position"):
+        return None
+    mine = source.data_position()
+    positions = [mine]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        positions = [None] * world_size
+        dist.all_gather_object(positions, mine)
+    return [torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in positions]
 
 
 def build_source(cfg, rank: int, world_size: int, device: str):
@@ -215,7 +262,8 @@ def build_source(cfg, rank: int, world_size: int, device: str):
     if not Path(cfg.data).is_dir():
         raise SystemExit(f"error: --data {cfg.data}: not a shard dataset folder nor .npz files")
     return ShardSource(cfg.data, cfg.batch_size, cfg.crop_sizes, cfg.num_crops, cfg.modalities, cfg.split,
-                       cfg.seed, rank, world_size, device, cfg.num_workers, size_range=cfg.rescale_size_range)
+                       cfg.seed, rank, world_size, device, cfg.num_workers, size_range=cfg.rescale_size_range,
+                       verify_shards=cfg.verify_shards)
 
 
 class Prefetcher:

@@ -33,7 +33,10 @@ def export_backbone(checkpoint: Path, out: Path) -> dict:
 
 
 def load_backbone(path: str | Path, arch: str | None = None, map_location="cpu") -> torch.nn.Module:
-    blob = torch.load(path, map_location=map_location, weights_only=False)
+    """Only tensors and plain values are unpickled (weights_only): a file that holds more is refused."""
+    from .checkpoint import load_plain
+
+    blob = load_plain(Path(path), map_location, what="backbone export")
     if not isinstance(blob, dict) or "arch" not in blob or "state_dict" not in blob:
         raise ValueError(f"{path} is not a medswav backbone export (run python -m train.export)")
     if arch is not None and arch != blob["arch"]:

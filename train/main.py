@@ -19,8 +19,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
+from . import determinism
 from .config import Config, load_config, to_dict
-from .data import Prefetcher, build_source
+from .data import Prefetcher, build_source, gather_data_positions
 from .metrics import MetricsLogger
 from .models import SwAVModel
 from .optim import LARS, lr_schedule, param_groups
@@ -32,7 +33,10 @@ class NonFiniteLoss(RuntimeError):
 
 
 def setup_distributed(cfg: Config):
-    """Process group from torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK); none for a plain run."""
+    """Process group from torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK); none for a plain run.
+
+    Under torchrun the group exists even for one process, so that one GPU runs the DDP + SyncBatchNorm
+    code of a multi-GPU job (SyncBatchNorm with one process normalises like BatchNorm)."""
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is visible")
@@ -42,7 +46,7 @@ def setup_distributed(cfg: Config):
         local = int(os.environ.get("LOCAL_RANK", 0))
         if use_cuda:
             torch.cuda.set_device(local)
-        if world > 1 and not dist.is_initialized():
+        if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     return rank, world, device
@@ -64,7 +68,25 @@ def _gather_queue(queue: FeatureQueue | None, world: int):
     return state
 
 
+def _budget_spent(elapsed: float, budget: float, world: int, device: torch.device) -> bool:
+    """Whether the wall-clock budget is spent; several processes stop together (at rank 0's clock reading
+    or any other's, whichever runs out first) so that no one waits in a collective the others left."""
+    spent = torch.tensor(float(elapsed >= budget), device=device)
+    if world > 1:
+        dist.all_reduce(spent, op=dist.ReduceOp.MAX)
+    return bool(spent.item())
+
+
 def train(cfg: Config) -> dict:
+    if cfg.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
+        wants_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        reason = determinism.refusal(cfg, "cuda" if wants_cuda else "cpu")
+        if reason:
+            raise SystemExit(f"error: {reason}")
+        try:
+            determinism.prepare_environment("cuda" if wants_cuda else "cpu")
+        except determinism.DeterminismError as e:
+            raise SystemExit(f"error: {e}") from None
     rank, world, device = setup_distributed(cfg)
     is_main = rank == 0
     out = Path(cfg.out)
@@ -90,7 +112,7 @@ def train(cfg: Config) -> dict:
         raise SystemExit("error: beta > 0 needs labels, but the data set has no label columns")
     model = SwAVModel(cfg.arch, n_mod, cfg.num_prototypes, cfg.feat_dim, cfg.hidden_dim, num_labels,
                       assigned_views=len(cfg.crops_for_assign)).to(device)
-    if on_gpu and world > 1 and cfg.sync_bn:
+    if on_gpu and dist.is_initialized() and cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:  # single-channel inputs are NHWC already; the weights carry the format onwards
         model = model.to(memory_format=torch.channels_last)
@@ -114,6 +136,9 @@ def train(cfg: Config) -> dict:
 
     # ---- resume
     step = 0
+    if is_main:  # a save killed before its rename left its temporary: no save of this run is under way yet
+        for stale in ckpt.remove_stale_temporaries(out / ckpt.CHECKPOINT_NAME):
+            print(f"removed {stale}, left by an interrupted save", file=sys.stderr)
     resume_path = ckpt.resolve_resume(cfg.resume, out)
     if resume_path is not None:
         state = ckpt.load(resume_path)
@@ -133,20 +158,32 @@ def train(cfg: Config) -> dict:
                       f"starting an empty queue on {world}", file=sys.stderr)
         ckpt.set_rng_state(state["rng"])
         step = state["step"]
+        positions = state.get("data_positions")  # per rank, saved mid-epoch: continue there, no replay
+        restored = positions is not None and len(positions) == world and hasattr(source, "restore_position")
+        if restored:
+            source.restore_position(step // steps_per_epoch, step % steps_per_epoch,
+                                    positions[rank].numpy().tobytes())
         if is_main:
-            print(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch})", flush=True)
+            print(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch}"
+                  f"{', data position restored' if restored else ''})", flush=True)
 
-    ddp = DDP(model, device_ids=[device.index] if on_gpu else None) if world > 1 else model
+    ddp = DDP(model, device_ids=[device.index] if on_gpu else None) if dist.is_initialized() else model
     log = MetricsLogger(out, is_main, cfg.tensorboard, resume_step=step)
+    sync_bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
     log.console(f"medswav train: {cfg.arch}, {world} process(es) on {device.type}, modalities "
                 f"{source.modalities}, batch {cfg.batch_size}x{world}, {steps_per_epoch} steps/epoch, "
                 f"steps {step} -> {stop_step} of {total_steps}, K={cfg.num_prototypes}, queue {q_len}/process")
+    log.console(f"setup: {'DDP over ' + dist.get_backend() if dist.is_initialized() else 'no process group'}, "
+                f"SyncBatchNorm layers {sync_bn}, autocast {amp_dtype or 'off'}, "
+                f"{'channels_last' if channels_last else 'contiguous'}, "
+                f"deterministic {'on' if cfg.deterministic else 'off'}")
 
     def save(step: int) -> None:
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise NonFiniteLoss(f"non-finite parameters after step {step}: not saving over the last good "
                                 f"checkpoint {out / ckpt.CHECKPOINT_NAME}")
         queue_state = _gather_queue(queue, world)   # collective: every process takes part
+        positions = gather_data_positions(source, world) if step % steps_per_epoch else None  # collective
         if is_main:
             ckpt.save_atomic({
                 "version": 1, "arch": cfg.arch, "config": to_dict(cfg), "step": step,
@@ -154,6 +191,7 @@ def train(cfg: Config) -> dict:
                 "world_size": world, "modalities": source.modalities, "num_labels": num_labels,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "queue": queue_state, "rng": ckpt.rng_state(),
+                "data_positions": positions,
             }, out / ckpt.CHECKPOINT_NAME)
         if world > 1:
             dist.barrier()
@@ -161,8 +199,10 @@ def train(cfg: Config) -> dict:
     # ---- loop
     history = []
     window = {"data": 0.0, "total": 0.0, "n": 0}
+    loop_start = time.perf_counter()
+    out_of_time = False
     try:
-        while step < stop_step:
+        while step < stop_step and not out_of_time:
             epoch = step // steps_per_epoch
             batches = source.epoch_iter(epoch, step % steps_per_epoch)
             if on_gpu and not getattr(source, "prefetches", False):
@@ -244,15 +284,23 @@ def train(cfg: Config) -> dict:
                                 f"{row['images_per_s']:.1f} img/s wait {100 * row['data_wait_fraction']:.0f}% "
                                 f"{entropy}")
                     window = {"data": 0.0, "total": 0.0, "n": 0}
-                if step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_step:
+                if cfg.max_seconds:
+                    out_of_time = _budget_spent(time.perf_counter() - loop_start, cfg.max_seconds, world, device)
+                if (step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_step
+                        or out_of_time):
                     save(step)
+                if out_of_time:
+                    log.console(f"time budget of {cfg.max_seconds:g} s spent: stopped at step {step}/{stop_step}")
+                    break
     except NonFiniteLoss as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         log.close()
         if hasattr(source, "close"):
             source.close()
-    return {"step": step, "losses": history, "model": model}
+    # seconds: the loop's wall-clock time (setup excluded), over the len(losses) steps this call ran
+    return {"step": step, "losses": history, "model": model, "seconds": time.perf_counter() - loop_start,
+            "batches_replayed": getattr(source, "batches_replayed", 0)}
 
 
 def main(argv: list[str] | None = None) -> dict:

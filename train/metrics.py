@@ -7,6 +7,21 @@ import time
 from pathlib import Path
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl. A run killed while appending leaves a partial last line: it is
+    dropped. A damaged line before the last one is an error (ValueError naming path and line)."""
+    lines = [l for l in Path(path).read_text().splitlines() if l.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: damaged line ({e})") from None
+    return rows
+
+
 class MetricsLogger:
     def __init__(self, out: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
         self.enabled = enabled
@@ -16,9 +31,8 @@ class MetricsLogger:
             return
         if resume_step and self.path.exists():
             # Steps after the checkpoint were lost with the crash: drop them so the file reads as one run.
-            kept = [l for l in self.path.read_text().splitlines()
-                    if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         elif not resume_step and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")

@@ -8,7 +8,6 @@ at a glance: a per-modality loss flat at the dashed ln(K) line with its code ent
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -23,14 +22,18 @@ def plot_run(run: Path, out: Path) -> Path:
     path = run / "metrics.jsonl"
     if not path.exists():
         raise SystemExit(f"error: {path} not found (is {run} a training run folder?)")
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    from .metrics import read_metrics
+    try:
+        rows = read_metrics(path)  # a partial last line (run killed while writing) is left out
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if not rows:
         raise SystemExit(f"error: {path} is empty")
     k = None
     cfg_path = run / "checkpoint.pt"
     if cfg_path.exists():
-        import torch
-        k = torch.load(cfg_path, map_location="cpu", weights_only=False)["config"]["num_prototypes"]
+        from .checkpoint import load
+        k = load(cfg_path)["config"]["num_prototypes"]
     steps = [r["step"] for r in rows]
     modalities = sorted({key.split("/", 1)[1] for r in rows for key in r if key.startswith("loss_ss/")})
 

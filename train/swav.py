@@ -160,11 +160,12 @@ def code_stats(scores_assigned: torch.Tensor) -> dict[str, float]:
     k = scores_assigned.shape[-1]
     best = scores_assigned.reshape(-1, k).argmax(dim=1)
     n = best.numel()
-    hist = torch.bincount(best, minlength=k).float()
-    p = hist[hist > 0] / n
+    # Counts of the prototypes in use, by sorting: deterministic on CUDA (unlike bincount's atomics).
+    counts = torch.unique(best, return_counts=True)[1].float()
+    p = counts / n
     cap = min(k, n)
     entropy = max(0.0, float(-(p * p.log()).sum()) / math.log(cap)) if cap > 1 else 1.0
-    return {"code_entropy": entropy, "proto_usage": float((hist > 0).sum()) / cap}
+    return {"code_entropy": entropy, "proto_usage": counts.numel() / cap}
 
 
 def modality_losses(scores: list[torch.Tensor], z: torch.Tensor, prototypes: list[torch.Tensor],

@@ -10,7 +10,7 @@ void MultiCrop<GPUBackend>::RunImpl(Workspace &ws) {
   auto descs = crop_descs(ws, &group_start);
   Scratchpad scratch(ws.stream());
   ScratchpadAlloc alloc{scratch};
-  launch_or_raise("multicrop", [&] { gpu::multicrop(descs, group_start, crop_sizes_, alloc, ws.stream()); });
+  launch_or_raise("multicrop", [&] { gpu::multicrop(descs, group_start, crop_depths_now(), crop_sizes_, alloc, ws.stream()); });
 }
 
 }  // namespace medswav

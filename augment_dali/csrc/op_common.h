@@ -18,7 +18,7 @@ using dali::OpSpec;
 using dali::OutputDesc;
 using dali::Workspace;
 
-// Every operator takes single-channel float32 images (intensities already mapped to [0, 1]).
+// Every operator takes single-channel float32 images or volumes (intensities already mapped to [0, 1]).
 template <typename Backend>
 const dali::TensorList<Backend> &float_input(const Workspace &ws, const char *op, int min_ndim = 1,
                                               int max_ndim = 64) {
@@ -28,8 +28,12 @@ const dali::TensorList<Backend> &float_input(const Workspace &ws, const char *op
                                  "); cast with fn.cast(x, dtype=types.FLOAT) first."));
   int ndim = in.sample_dim();
   DALI_ENFORCE(ndim >= min_ndim && ndim <= max_ndim,
-               dali::make_string("medswav.", op, ": expected ", min_ndim == max_ndim ? "" : "at least ",
-                                 min_ndim, "-D samples (single-channel \"HW\"), got ", ndim, "-D."));
+               min_ndim == max_ndim
+                   ? dali::make_string("medswav.", op, ": expected ", min_ndim, "-D samples (single-channel \"HW\"), got ",
+                                       ndim, "-D.")
+                   : dali::make_string("medswav.", op, ": expected ", min_ndim, "-D to ", max_ndim,
+                                       "-D samples (single-channel \"HW\" images or \"DHW\" volumes), got ", ndim,
+                                       "-D."));
   return in;
 }
 

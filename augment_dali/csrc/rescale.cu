@@ -12,8 +12,10 @@ void Rescale<GPUBackend>::RunImpl(Workspace &ws) {
   std::vector<gpu::RescaleSample> samples;
   for (int i = 0; i < in.num_samples(); i++) {
     auto is = in.shape()[i], os = out.shape()[i];
-    samples.push_back({in.tensor<float>(i), out.mutable_tensor<float>(i), static_cast<int>(is[0]),
-                       static_cast<int>(is[1]), static_cast<int>(os[0]), static_cast<int>(os[1])});
+    int v = is.size() == 3 ? 1 : 0;  // a 2-D image is a volume of one plane
+    samples.push_back({in.tensor<float>(i), out.mutable_tensor<float>(i), v ? static_cast<int>(is[0]) : 1,
+                       static_cast<int>(is[v]), static_cast<int>(is[v + 1]), v ? static_cast<int>(os[0]) : 1,
+                       static_cast<int>(os[v]), static_cast<int>(os[v + 1])});
   }
   Scratchpad scratch(ws.stream());
   ScratchpadAlloc alloc{scratch};

@@ -8,7 +8,7 @@ OUT=${OUT:-runs/eval}
 mkdir -p "$OUT"
 
 # 1. Pretraining data: PneumoniaMNIST through the real pipeline (ingest -> shards -> augment_dali).
-$PY -m ingest "$DATA/pneumoniamnist.npz" --modality xr --out "$OUT/pneumonia" --workers 2 --salt medswav-eval
+$PY -m ingest "$DATA/pneumoniamnist.npz" --modality xr --out "$OUT/pneumonia" --workers 2 --salt medswav-evaluation-salt
 $PY -m augment_dali.stats "$OUT/pneumonia" --small --samples 1000
 $PY -m augment_dali.preview "$OUT/pneumonia" --small --out "$OUT/preview.png"
 

@@ -14,27 +14,48 @@ from .report import write_report
 PROTOCOLS = ("label-efficiency", "convergence", "robustness", "all")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train.downstream",
         description="Compare a pretrained backbone with random initialisation on a labelled task; "
         "writes report.md, PNG plots and results.json to --out.",
+        epilog="Lists are comma-separated. exit status: 0 report written, 2 bad data or backbone file.",
     )
-    p.add_argument("protocol", choices=PROTOCOLS)
+    p.add_argument("protocol", choices=PROTOCOLS,
+                   help="label-efficiency (AUC against label fraction), convergence (validation AUC per epoch), "
+                        "robustness (prediction change under intensity transforms), or all")
     p.add_argument("--data", required=True, help="MedMNIST-layout .npz, or a medswav dataset folder with labels")
     p.add_argument("--pretrained", required=True, help="backbone file from `python -m train.export`")
     p.add_argument("--out", required=True, help="output folder")
     defaults = ProtocolConfig()
-    p.add_argument("--arch", default=defaults.arch)
-    p.add_argument("--mode", choices=("finetune", "linear"), default=defaults.mode)
+    p.add_argument("--arch", default=defaults.arch,
+                   help=f"encoder architecture; must match the backbone file (default {defaults.arch})")
+    p.add_argument("--mode", choices=("finetune", "linear"), default=defaults.mode,
+                   help=f"finetune every layer, or train a linear head on frozen features (default {defaults.mode})")
     p.add_argument("--fractions", type=lambda s: tuple(float(x) / 100 for x in s.split(",")), default=defaults.fractions,
                    help="label fractions in percent, comma-separated (default 100,50,25,10,1)")
-    for name in ("repeats", "epochs", "batch_size", "seed", "n_boot", "n_images", "n_transforms"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    p.add_argument("--lr", type=float, default=None)
+    described = {
+        "repeats": "training runs per label fraction and initialisation",
+        "epochs": "training epochs per run",
+        "batch_size": "samples per training step",
+        "seed": "seed of subsets, initialisation and training order",
+        "n_boot": "bootstrap resamples of the test set for confidence intervals",
+        "n_images": "robustness: test images transformed",
+        "n_transforms": "robustness: random intensity transforms per image",
+    }
+    for name, text in described.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
+                       help=f"{text} (default {getattr(defaults, name)})")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate (default 3e-3 for finetune, 1e-2 for linear)")
     p.add_argument("--train-fraction", type=float, default=defaults.train_fraction,
                    help="convergence/robustness: share of the training labels (stratified), default 1.0")
-    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--device", default=defaults.device, help=f"cpu or cuda (default {defaults.device})")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     cfg = ProtocolConfig(**{f.name: getattr(args, f.name) for f in fields(ProtocolConfig)})
     try:

@@ -4,7 +4,8 @@ Five dense blocks of (1, 2, 3, 3, 3) units; a unit is Conv3d -> BatchNorm3d -> L
 ``growth`` (7) new channels concatenated to its input; 16 initial features. Blocks 1-2 are in-plane
 (kernels (1,3,3), 2x down-sampling in y and x only), blocks 3-5 use (3,3,3) kernels (2x down-sampling
 in all axes between them). A 1x1x1 convolution to 512 channels, then adaptive max and average pooling
-concatenated, gives the 1024-d feature whatever the input size.
+concatenated, gives the 1024-d feature whatever the input size (as amax and mean over the volume: the
+same values as adaptive pooling to 1, with backward passes that have deterministic CUDA kernels).
 """
 from __future__ import annotations
 
@@ -40,7 +41,6 @@ class DenseNet3D(nn.Module):
         layers += [nn.Conv3d(c, num_features // 2, 1, bias=False), nn.BatchNorm3d(num_features // 2),
                    nn.LeakyReLU(0.01, inplace=True)]
         self.features = nn.Sequential(*layers)
-        self.max_pool, self.avg_pool = nn.AdaptiveMaxPool3d(1), nn.AdaptiveAvgPool3d(1)
         self.num_features = num_features
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
@@ -48,4 +48,4 @@ class DenseNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
-        return torch.cat([torch.flatten(self.max_pool(x), 1), torch.flatten(self.avg_pool(x), 1)], dim=1)
+        return torch.cat([x.amax(dim=(2, 3, 4)), x.mean(dim=(2, 3, 4))], dim=1)

@@ -11,15 +11,19 @@
 namespace medswav {
 namespace cpu {
 
-inline void crop_one(const CropDesc &c, int s) {
-  for (int y = 0; y < s; y++) {
-    float *row = c.dst + int64_t(y) * s;
-    int sy = c.y0 + y;
-    if (sy < 0 || sy >= c.h) {
-      std::fill(row, row + s, 0.0f);
-      continue;
+// One crop of depth x s x s (depth 1 for 2-D images).
+inline void crop_one(const CropDesc &c, int depth, int s) {
+  for (int z = 0; z < depth; z++) {
+    int sz = c.z0 + z;
+    for (int y = 0; y < s; y++) {
+      float *row = c.dst + (int64_t(z) * s + y) * s;
+      int sy = c.y0 + y;
+      if (sz < 0 || sz >= c.d || sy < 0 || sy >= c.h) {
+        std::fill(row, row + s, 0.0f);
+        continue;
+      }
+      for (int x = 0; x < s; x++) row[x] = crop_fetch(c.src, c.d, c.h, c.w, sz, sy, c.x0 + x);
     }
-    for (int x = 0; x < s; x++) row[x] = crop_fetch(c.src, c.h, c.w, sy, c.x0 + x);
   }
 }
 

@@ -24,14 +24,14 @@ MSW_API int msw_energy_bands(int use_gpu, int n, int ndim, const int64_t *shapes
                              int64_t budget_bytes);
 // The rescale size rule for one 2-D sample (out: 2 sides).
 MSW_API void msw_rescale_size(const int64_t *in_hw, float scale, int min_size, int max_size, int64_t *out_hw);
-// in_hw, out_hw: n x 2.
-MSW_API int msw_rescale(int use_gpu, int n, const int *in_hw, const float *const *inputs, const int *out_hw,
+// in_dhw, out_dhw: n x 3 (depth, height, width; a 2-D image has depth 1).
+MSW_API int msw_rescale(int use_gpu, int n, const int *in_dhw, const float *const *inputs, const int *out_dhw,
                         float *const *outputs);
-// positions: n x 2 x sum(num_crops) in [0, 1] (u_y, u_x per crop, groups in order); outputs[i * G + g]
-// holds num_crops[g] x s_g x s_g floats.
-MSW_API int msw_multicrop(int use_gpu, int n, const int *in_hw, const float *const *inputs, int num_groups,
-                          const int *crop_sizes, const int *num_crops, float border, const double *positions,
-                          float *const *outputs);
+// in_dhw: n x 3; positions: n x 3 x sum(num_crops) in [0, 1] (u_z, u_y, u_x per crop, groups in order);
+// outputs[i * G + g] holds num_crops[g] x d_g x s_g x s_g floats (d_g = crop_depths[g]; pass 1 for images).
+MSW_API int msw_multicrop(int use_gpu, int n, const int *in_dhw, const float *const *inputs, int num_groups,
+                          const int *crop_depths, const int *crop_sizes, const int *num_crops, float border,
+                          const double *positions, float *const *outputs);
 // op 0: gamma (a = gamma), op 1: linear (a = scale, b = shift); one parameter pair per sample.
 MSW_API int msw_pointwise(int use_gpu, int op, int n, const int64_t *sizes, const float *const *inputs,
                           const float *a, const float *b, float *const *outputs);

@@ -53,13 +53,15 @@ inline std::vector<CascadeKernels> plan_cascades(int n, int num_sigmas, const fl
 }
 
 // Crop descriptors group-major (as MultiCrop::crop_descs), dst pointers into outputs[i * G + g].
-inline std::vector<CropDesc> plan_crops(int n, const int *in_hw, const float *const *inputs, int num_groups,
-                                        const int *crop_sizes, const int *num_crops, float border,
-                                        const double *positions, float *const *outputs, std::vector<int> &group_start) {
+inline std::vector<CropDesc> plan_crops(int n, const int *in_dhw, const float *const *inputs, int num_groups,
+                                        const int *crop_depths, const int *crop_sizes, const int *num_crops,
+                                        float border, const double *positions, float *const *outputs,
+                                        std::vector<int> &group_start) {
   if (!(border >= 0 && border < 0.5f)) throw std::invalid_argument("border must be in [0, 0.5)");
   int total = 0;
   for (int g = 0; g < num_groups; g++) {
-    if (crop_sizes[g] <= 0 || num_crops[g] < 0) throw std::invalid_argument("crop sizes must be > 0, counts >= 0");
+    if (crop_sizes[g] <= 0 || crop_depths[g] <= 0 || num_crops[g] < 0)
+      throw std::invalid_argument("crop sizes and depths must be > 0, counts >= 0");
     total += num_crops[g];
   }
   std::vector<CropDesc> descs;
@@ -67,15 +69,16 @@ inline std::vector<CropDesc> plan_crops(int n, const int *in_hw, const float *co
   int j0 = 0;
   for (int g = 0; g < num_groups; g++) {
     group_start.push_back(static_cast<int>(descs.size()));
-    int s = crop_sizes[g];
+    int s = crop_sizes[g], depth = crop_depths[g];
     for (int i = 0; i < n; i++) {
-      int h = in_hw[2 * i], w = in_hw[2 * i + 1];
+      int d = in_dhw[3 * i], h = in_dhw[3 * i + 1], w = in_dhw[3 * i + 2];
       for (int c = 0; c < num_crops[g]; c++) {
-        const double *u = positions + (size_t(i) * total + j0 + c) * 2;
-        if (!(u[0] >= 0 && u[0] <= 1 && u[1] >= 0 && u[1] <= 1))
-          throw std::invalid_argument("positions must lie in [0, 1]");
-        descs.push_back({inputs[i], outputs[size_t(i) * num_groups + g] + int64_t(c) * s * s, h, w,
-                         crop_origin(h, s, border, u[0]), crop_origin(w, s, border, u[1])});
+        const double *u = positions + (size_t(i) * total + j0 + c) * 3;
+        for (int a = 0; a < 3; a++)
+          if (!(u[a] >= 0 && u[a] <= 1)) throw std::invalid_argument("positions must lie in [0, 1]");
+        descs.push_back({inputs[i], outputs[size_t(i) * num_groups + g] + int64_t(c) * depth * s * s, d, h, w,
+                         crop_origin(d, depth, border, u[0]), crop_origin(h, s, border, u[1]),
+                         crop_origin(w, s, border, u[2])});
       }
     }
     j0 += num_crops[g];

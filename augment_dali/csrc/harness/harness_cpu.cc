@@ -23,9 +23,10 @@ std::string &last_error() {
 #ifdef MEDSWAV_HARNESS_CUDA
 int gpu_energy_bands(int n, int ndim, const int64_t *shapes, const float *const *inputs, int num_sigmas,
                      const float *sigmas, const float *refs, float *const *outputs, int64_t budget_bytes);
-int gpu_rescale(int n, const int *in_hw, const float *const *inputs, const int *out_hw, float *const *outputs);
-int gpu_multicrop(int n, const int *in_hw, const float *const *inputs, int num_groups, const int *crop_sizes,
-                  const int *num_crops, float border, const double *positions, float *const *outputs);
+int gpu_rescale(int n, const int *in_dhw, const float *const *inputs, const int *out_dhw, float *const *outputs);
+int gpu_multicrop(int n, const int *in_dhw, const float *const *inputs, int num_groups, const int *crop_depths,
+                  const int *crop_sizes, const int *num_crops, float border, const double *positions,
+                  float *const *outputs);
 int gpu_pointwise(int op, int n, const int64_t *sizes, const float *const *inputs, const float *a, const float *b,
                   float *const *outputs);
 int gpu_devices(std::string *name);
@@ -95,37 +96,40 @@ MSW_API void msw_rescale_size(const int64_t *in_hw, float scale, int min_size, i
   rescale_output_size(in_hw, 2, scale, min_size, max_size, out_hw);
 }
 
-MSW_API int msw_rescale(int use_gpu, int n, const int *in_hw, const float *const *inputs, const int *out_hw,
+MSW_API int msw_rescale(int use_gpu, int n, const int *in_dhw, const float *const *inputs, const int *out_dhw,
                         float *const *outputs) {
   if (use_gpu) {
 #ifdef MEDSWAV_HARNESS_CUDA
-    return gpu_rescale(n, in_hw, inputs, out_hw, outputs);
+    return gpu_rescale(n, in_dhw, inputs, out_dhw, outputs);
 #else
     return no_gpu();
 #endif
   }
   return guarded([&] {
-    for (int i = 0; i < n; i++)
-      cpu::rescale_sample(inputs[i], in_hw[2 * i], in_hw[2 * i + 1], outputs[i], out_hw[2 * i], out_hw[2 * i + 1]);
+    for (int i = 0; i < n; i++) {
+      const int *a = in_dhw + 3 * i, *b = out_dhw + 3 * i;
+      cpu::rescale_sample(inputs[i], a[0], a[1], a[2], outputs[i], b[0], b[1], b[2]);
+    }
   });
 }
 
-MSW_API int msw_multicrop(int use_gpu, int n, const int *in_hw, const float *const *inputs, int num_groups,
-                          const int *crop_sizes, const int *num_crops, float border, const double *positions,
-                          float *const *outputs) {
+MSW_API int msw_multicrop(int use_gpu, int n, const int *in_dhw, const float *const *inputs, int num_groups,
+                          const int *crop_depths, const int *crop_sizes, const int *num_crops, float border,
+                          const double *positions, float *const *outputs) {
   if (use_gpu) {
 #ifdef MEDSWAV_HARNESS_CUDA
-    return gpu_multicrop(n, in_hw, inputs, num_groups, crop_sizes, num_crops, border, positions, outputs);
+    return gpu_multicrop(n, in_dhw, inputs, num_groups, crop_depths, crop_sizes, num_crops, border, positions,
+                         outputs);
 #else
     return no_gpu();
 #endif
   }
   return guarded([&] {
     std::vector<int> group_start;
-    auto descs =
-        plan_crops(n, in_hw, inputs, num_groups, crop_sizes, num_crops, border, positions, outputs, group_start);
+    auto descs = plan_crops(n, in_dhw, inputs, num_groups, crop_depths, crop_sizes, num_crops, border, positions,
+                            outputs, group_start);
     for (int g = 0; g < num_groups; g++)
-      for (int d = group_start[g]; d < group_start[g + 1]; d++) cpu::crop_one(descs[d], crop_sizes[g]);
+      for (int d = group_start[g]; d < group_start[g + 1]; d++) cpu::crop_one(descs[d], crop_depths[g], crop_sizes[g]);
   });
 }
 

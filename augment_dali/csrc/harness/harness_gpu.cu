@@ -112,41 +112,46 @@ int gpu_energy_bands(int n, int ndim, const int64_t *shapes, const float *const 
   });
 }
 
-int gpu_rescale(int n, const int *in_hw, const float *const *inputs, const int *out_hw, float *const *outputs) {
+int gpu_rescale(int n, const int *in_dhw, const float *const *inputs, const int *out_dhw, float *const *outputs) {
   return guarded([&] {
     DeviceSession dev;
     std::vector<gpu::RescaleSample> samples;
     for (int i = 0; i < n; i++) {
-      int h = in_hw[2 * i], w = in_hw[2 * i + 1], oh = out_hw[2 * i], ow = out_hw[2 * i + 1];
-      samples.push_back({dev.to_device(inputs[i], size_t(h) * w),
-                         static_cast<float *>(dev.gpu(size_t(oh) * ow * sizeof(float))), h, w, oh, ow});
+      const int *a = in_dhw + 3 * i, *b = out_dhw + 3 * i;
+      samples.push_back({dev.to_device(inputs[i], size_t(a[0]) * a[1] * a[2]),
+                         static_cast<float *>(dev.gpu(size_t(b[0]) * b[1] * b[2] * sizeof(float))), a[0], a[1],
+                         a[2], b[0], b[1], b[2]});
     }
     gpu::rescale(samples, dev, dev.stream());
-    for (int i = 0; i < n; i++)
-      dev.to_host(outputs[i], samples[i].dst, size_t(out_hw[2 * i]) * out_hw[2 * i + 1]);
+    for (int i = 0; i < n; i++) {
+      const int *b = out_dhw + 3 * i;
+      dev.to_host(outputs[i], samples[i].dst, size_t(b[0]) * b[1] * b[2]);
+    }
     dev.finish();
   });
 }
 
-int gpu_multicrop(int n, const int *in_hw, const float *const *inputs, int num_groups, const int *crop_sizes,
-                  const int *num_crops, float border, const double *positions, float *const *outputs) {
+int gpu_multicrop(int n, const int *in_dhw, const float *const *inputs, int num_groups, const int *crop_depths,
+                  const int *crop_sizes, const int *num_crops, float border, const double *positions,
+                  float *const *outputs) {
   return guarded([&] {
     DeviceSession dev;
     std::vector<const float *> dev_in(n);
-    for (int i = 0; i < n; i++) dev_in[i] = dev.to_device(inputs[i], size_t(in_hw[2 * i]) * in_hw[2 * i + 1]);
+    for (int i = 0; i < n; i++)
+      dev_in[i] = dev.to_device(inputs[i], size_t(in_dhw[3 * i]) * in_dhw[3 * i + 1] * in_dhw[3 * i + 2]);
     std::vector<float *> dev_out(size_t(n) * num_groups);
+    auto group_count = [&](int g) { return size_t(num_crops[g]) * crop_depths[g] * crop_sizes[g] * crop_sizes[g]; };
     for (int i = 0; i < n; i++)
       for (int g = 0; g < num_groups; g++)
-        dev_out[size_t(i) * num_groups + g] =
-            static_cast<float *>(dev.gpu(size_t(num_crops[g]) * crop_sizes[g] * crop_sizes[g] * sizeof(float)));
+        dev_out[size_t(i) * num_groups + g] = static_cast<float *>(dev.gpu(group_count(g) * sizeof(float)));
     std::vector<int> group_start;
-    auto descs = plan_crops(n, in_hw, dev_in.data(), num_groups, crop_sizes, num_crops, border, positions,
-                            dev_out.data(), group_start);
-    gpu::multicrop(descs, group_start, std::vector<int>(crop_sizes, crop_sizes + num_groups), dev, dev.stream());
+    auto descs = plan_crops(n, in_dhw, dev_in.data(), num_groups, crop_depths, crop_sizes, num_crops, border,
+                            positions, dev_out.data(), group_start);
+    gpu::multicrop(descs, group_start, std::vector<int>(crop_depths, crop_depths + num_groups),
+                   std::vector<int>(crop_sizes, crop_sizes + num_groups), dev, dev.stream());
     for (int i = 0; i < n; i++)
       for (int g = 0; g < num_groups; g++)
-        dev.to_host(outputs[size_t(i) * num_groups + g], dev_out[size_t(i) * num_groups + g],
-                    size_t(num_crops[g]) * crop_sizes[g] * crop_sizes[g]);
+        dev.to_host(outputs[size_t(i) * num_groups + g], dev_out[size_t(i) * num_groups + g], group_count(g));
     dev.finish();
   });
 }

@@ -31,16 +31,17 @@ MSW_HD int crop_origin(int n, int c, float border, double u) {
   return lo + clamp_value(k, 0, hi - lo);
 }
 
-// One crop: the size x size output at dst (row-major) shows src (h x w) from (y0, x0) on.
+// One crop: the depth x size x size output at dst (row-major) shows src (d x h x w) from (z0, y0, x0)
+// on. A 2-D image is a volume of one plane (d == 1, z0 == 0, crop depth 1).
 struct CropDesc {
   const float *src;
   float *dst;
-  int h, w, y0, x0;
+  int d, h, w, z0, y0, x0;
 };
 
-// Pixel (y, x) of an h x w image, zero outside it.
-MSW_HD float crop_fetch(const float *img, int h, int w, int y, int x) {
-  return (y >= 0 && y < h && x >= 0 && x < w) ? img[int64_t(y) * w + x] : 0.0f;
+// Voxel (z, y, x) of a d x h x w volume, zero outside it.
+MSW_HD float crop_fetch(const float *img, int d, int h, int w, int z, int y, int x) {
+  return (z >= 0 && z < d && y >= 0 && y < h && x >= 0 && x < w) ? img[(int64_t(z) * h + y) * w + x] : 0.0f;
 }
 
 }  // namespace medswav
