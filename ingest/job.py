@@ -282,17 +282,23 @@ def check_out_folder(root: Path, sources: list[str]) -> None:
 
 def own_folder_in_sources(root: Path, sources: list[str]) -> frozenset[str]:
     """The dataset folder as the scan's walk would reach it (normalised), for each source that holds it:
-    the job must not ingest its own shards, manifests and temporaries."""
-    real_out = os.path.realpath(root)
+    the job must not ingest its own shards, manifests and temporaries. The same for what lives beside
+    it (the path map and work files `DATASET.paths`, the salt file `DATASET.salt` and its check
+    `DATASET.salt-check`), which a source holding the dataset folder holds too."""
+    from .paths import map_dir
+    from .salt import check_file
+
     found = set()
-    for src in sources:
-        if "://" in src and not src.startswith("file://"):
-            continue
-        local = src[len("file://"):] if src.startswith("file://") else src
-        real_src = os.path.realpath(local)
-        if real_out.startswith(real_src.rstrip(os.sep) + os.sep):
-            found.add(os.path.normpath(os.path.join(local, os.path.relpath(real_out, real_src))))
-            found.add(os.path.normpath(real_out))
+    for own in (root, map_dir(root), salt_file(root), check_file(root)):
+        real_out = os.path.realpath(own)
+        for src in sources:
+            if "://" in src and not src.startswith("file://"):
+                continue
+            local = src[len("file://"):] if src.startswith("file://") else src
+            real_src = os.path.realpath(local)
+            if real_out.startswith(real_src.rstrip(os.sep) + os.sep):
+                found.add(os.path.normpath(os.path.join(local, os.path.relpath(real_out, real_src))))
+                found.add(os.path.normpath(real_out))
     return frozenset(found)
 
 
