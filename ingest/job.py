@@ -11,7 +11,6 @@ generation planned go into a new generation.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import shutil
 import sys
@@ -66,50 +65,17 @@ def _log(msg: str) -> None:
 
 
 def _read_inventory(root: Path, g: int, hash_paths: bool) -> pa.Table:
+    """The whole inventory of generation g on this process: only for rewriting lost shards (rare; the
+    planning itself runs as Dask tasks, see plan.plan_generation)."""
     parts = sorted((root / INVENTORY_DIR).glob(f"part-g{g:03d}-*.parquet"))
     table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else INVENTORY_SCHEMA.empty_table()
-    table = _first_per_source(table)  # overlapping sources (/a and /a/b) list some files twice
+    table = planning.first_per_source(table)  # overlapping sources (/a and /a/b) list some files twice
     if not hash_paths:
         return table.append_column("path", table.column("source"))
     paths = read_map(root, g)  # written by the same scan tasks, beside the dataset (ingest.paths)
     if not paths.num_rows:
         return table.append_column("path", pa.array([""] * table.num_rows, pa.string()))
-    return table.join(_first_per_source(paths), keys="source_hash", join_type="left outer")  # adds "path"
-
-
-def _first_per_source(table: pa.Table) -> pa.Table:
-    import numpy as np
-    import pyarrow.compute as pc
-
-    if table.num_rows < 2:
-        return table
-    table = table.take(pc.sort_indices(table, sort_keys=[("source_hash", "ascending")]))
-    hashes = table.column("source_hash")
-    repeat = np.zeros(table.num_rows, dtype=bool)
-    repeat[1:] = pc.equal(hashes.slice(1), hashes.slice(0, table.num_rows - 1)).to_numpy(zero_copy_only=False)
-    return table.filter(pa.array(~repeat)) if repeat.any() else table
-
-
-def _previous_error_keys(root: Path, skip_prefixes: tuple[str, ...], sources: set[str]) -> set[tuple[str, str]]:
-    """(source, reason) of the earlier error files' rows whose source is one of `sources` (the inputs this
-    run rejects): read with a filter, so memory follows this run's rejections, not the ledger's size."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-    from shards.manifest import ERRORS_SCHEMA
-
-    base = root / "errors"
-    files = sorted(p for p in base.glob("*.parquet") if not p.stem.startswith(skip_prefixes)) if base.is_dir() else []
-    seen: set[tuple[str, str]] = set()
-    if not files or not sources:
-        return seen
-    wanted = pc.field("source").isin(pa.array(sorted(s for s in sources if s is not None), pa.string()))
-    if None in sources:
-        wanted = wanted | pc.field("source").is_null()
-    scanner = pads.dataset(files, format="parquet", schema=ERRORS_SCHEMA).scanner(
-        columns=["source", "reason"], filter=wanted)
-    for batch in scanner.to_batches():
-        seen.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
-    return seen
+    return table.join(planning.first_per_source(paths), keys="source_hash", join_type="left outer")  # adds "path"
 
 
 def _convert_shards(client, root: Path, g: int, todo: list[tuple[str, str]], meta: dict, cfg: IngestConfig,
@@ -141,10 +107,7 @@ def _committed_samples(root: Path, modality: str, name: str) -> int:
 
 
 def _write_plan_meta(root: Path, g: int, meta: dict) -> None:
-    path = planning.plan_meta_path(root, g)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    planning.write_plan_meta(root, g, meta)
 
 
 def _clear_work(root: Path, g: int) -> None:
@@ -223,7 +186,7 @@ def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], inventor
     for g, shards in by_gen.items():
         meta = planning.read_plan_meta(root, g)
         # only the lost shards' records (in file order = each shard's write order), joined once
-        records = pq.read_table(planning.plan_record_path(root, g), filters=[("shard", "in", [n for n, _ in shards])])
+        records = planning.shard_records(root, g, [n for n, _ in shards])
         records = records.append_column("_order", pa.array(np.arange(records.num_rows), pa.int64()))
         records = records.join(index, keys="source_hash", join_type="left outer").sort_by("_order")
         shutil.rmtree(root / WORK_DIR / f"g{g:03d}", ignore_errors=True)
@@ -319,17 +282,23 @@ def check_out_folder(root: Path, sources: list[str]) -> None:
 
 def own_folder_in_sources(root: Path, sources: list[str]) -> frozenset[str]:
     """The dataset folder as the scan's walk would reach it (normalised), for each source that holds it:
-    the job must not ingest its own shards, manifests and temporaries."""
-    real_out = os.path.realpath(root)
+    the job must not ingest its own shards, manifests and temporaries. The same for what lives beside
+    it (the path map and work files `DATASET.paths`, the salt file `DATASET.salt` and its check
+    `DATASET.salt-check`), which a source holding the dataset folder holds too."""
+    from .paths import map_dir
+    from .salt import check_file
+
     found = set()
-    for src in sources:
-        if "://" in src and not src.startswith("file://"):
-            continue
-        local = src[len("file://"):] if src.startswith("file://") else src
-        real_src = os.path.realpath(local)
-        if real_out.startswith(real_src.rstrip(os.sep) + os.sep):
-            found.add(os.path.normpath(os.path.join(local, os.path.relpath(real_out, real_src))))
-            found.add(os.path.normpath(real_out))
+    for own in (root, map_dir(root), salt_file(root), check_file(root)):
+        real_out = os.path.realpath(own)
+        for src in sources:
+            if "://" in src and not src.startswith("file://"):
+                continue
+            local = src[len("file://"):] if src.startswith("file://") else src
+            real_src = os.path.realpath(local)
+            if real_out.startswith(real_src.rstrip(os.sep) + os.sep):
+                found.add(os.path.normpath(os.path.join(local, os.path.relpath(real_out, real_src))))
+                found.add(os.path.normpath(real_out))
     return frozenset(found)
 
 
@@ -465,37 +434,38 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
     stats.files = sum(r["files"] for r in results)
     stats.add_time("scan", time.perf_counter() - start)
     start = time.perf_counter()
-    inventory = _read_inventory(root, g, cfg.hash_paths)
     unrecoverable = {}
     if lost:
         lock.check()
-        unrecoverable = _rewrite_lost(client, root, lost, inventory, cfg, salt, labels, label_names, stats)
-    from .scan import shown_source
-
-    plan, specs = planning.make_plan(
-        inventory, generation=g, modality_map=cfg.modality_map, max_pixel_bytes=cfg.max_pixel_bytes,
-        max_side=cfg.max_side, shard_size=cfg.shard_size, frames_per_unit=cfg.frames_per_unit,
-        val_fraction=cfg.val_fraction, seed=cfg.seed, previous=planning.previous_frames(root), labels=labels,
-        shown=lambda r: shown_source(r["path"], salt, cfg.hash_paths))
+        unrecoverable = _rewrite_lost(client, root, lost, _read_inventory(root, g, cfg.hash_paths), cfg, salt,
+                                      labels, label_names, stats)
+    try:
+        plan = planning.plan_generation(
+            client, root, g, rows=stats.files, modality_map=cfg.modality_map, max_pixel_bytes=cfg.max_pixel_bytes,
+            max_side=cfg.max_side, shard_size=cfg.shard_size, frames_per_unit=cfg.frames_per_unit,
+            val_fraction=cfg.val_fraction, seed=cfg.seed, salt=salt, hash_paths=cfg.hash_paths,
+            labels_path=str(cfg.labels) if cfg.labels else None, progress=cfg.progress, token=token)
+    except planning.PlanFailed as e:
+        raise JobFailed(f"{e}; rerun the same command") from None
     stats.new_slices, stats.already_ingested = plan.slices, plan.already_ingested
-    rejected = {e["source"] for r in results for e in r["errors"]} | {e["source"] for e in plan.errors}
-    seen = _previous_error_keys(root, (f"scan-g{g:03d}", f"plan-g{g:03d}"), rejected)
-    scan_errors = list({(e["source"], e["reason"]): e for r in results for e in r["errors"]
-                        if (e["source"], e["reason"]) not in seen}.values())
-    plan_errors = [e for e in plan.errors if (e["source"], e["reason"]) not in seen]
+    # reported by an earlier generation: looked up for this run's scan errors only (the error files of
+    # earlier generations are not read into the client)
+    scan_errors = planning.not_yet_reported(root, g, list({(e["source"], e["reason"]): e for r in results
+                                                           for e in r["errors"]}.values()))
     write_errors(root, f"scan-g{g:03d}", scan_errors)
-    write_errors(root, f"plan-g{g:03d}", plan_errors)
     _log(f"plan g{g:03d}: {stats.files:,} files, {plan.slices:,} new slices in {len(plan.shards):,} shard(s), "
-         f"{stats.already_ingested:,} already ingested, {len(scan_errors) + len(plan_errors):,} rejected")
+         f"{stats.already_ingested:,} already ingested, {len(scan_errors) + plan.rejected:,} rejected")
     if not plan.shards:
-        _clear_work(root, g)
+        planning.clear_generation_plan(root, g)  # records of nothing; this generation number is reused
+        _clear_work(root, g)  # the planning work files beside the dataset (they hold paths)
         stats.add_time("plan", time.perf_counter() - start)
         return unrecoverable
     lock.check()
-    planning.write_plan(root, plan, specs, {
+    _write_plan_meta(root, g, {
         "sources_hash": _sources_hash(cfg, salt), "created": _now(), "status": "pending", "seed": cfg.seed,
         "shard_size": cfg.shard_size, "max_side": cfg.max_side, "hash_paths": cfg.hash_paths,
         "label_names": label_names, "config": {k: v for k, v in asdict(cfg).items() if k not in ("salt", "sources", "out", "labels")},
+        "generation": g, "shards": plan.shards, "slices": plan.slices,
     })
     stats.add_time("plan", time.perf_counter() - start)
     _convert_generation(client, root, g, cfg, salt, label_names, stats)

@@ -15,16 +15,24 @@ Rules, in order:
 3. Partition by modality code (MODALITY_MAP, extendable with `modality_map` in the config).
 4. Patient-level split: a patient is in "val" when its salted patient hash, read as a fraction of
    2**60, is below `val_fraction` (no patient ID: study, then series, then SOP hash stand in).
-5. Shuffle across patients and series within each (modality, split): planning units (a single-frame
-   file, or a run of up to `frames_per_unit` frames of a multi-frame file) are sorted by hash and then
-   permuted with a seeded generator; the order inside each shard is permuted again.
-6. Cut into shards of about `shard_size` estimated bytes; each shard holds one split only and is
-   named `<modality>-g<generation>-<index>` (index counts train shards first, then val shards).
+5. Shuffle across patients and series within each (modality, split): each planning unit (a
+   single-frame file, or a run of up to `frames_per_unit` frames of a multi-frame file) gets a seeded
+   sort key computed from its own SOP hash and first frame (`unit_order`).
+6. Cut into shards: a (modality, split) of B estimated bytes gets n = ceil(B / shard_size) shards, n
+   equal ranges of the sort key (`shard_of`), so a unit's shard depends on nothing but its own key and
+   no global sort is needed; the order inside each shard is permuted with a seeded generator. Each
+   shard holds one split only and is named `<modality>-g<generation>-<index>` (index counts train
+   shards first, then val shards; an empty key range leaves its index unused).
+
+Rules 1-5 need only the rows of one SOP-hash bucket (`plan_rows`), rule 6 only one key range of
+every bucket's output (`cut_shards`): `plan_generation` runs them as Dask tasks, `make_plan` in one
+process, with the same result.
 """
 from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .scan import WORK_DIR, error_row
+from .scan import INVENTORY_SCHEMA, WORK_DIR, error_row
 
 PARTITIONS = ("ct", "mr", "xr", "us")
 # Projection radiography of any kind goes to "xr": computed/digital radiography, radiofluoroscopy,
@@ -69,7 +77,18 @@ RECORD_SCHEMA = pa.schema([
     ("shard", pa.string()), ("modality", pa.string()), ("split", pa.string()),
     ("sop_hash", pa.string()), ("frame", pa.int32()), ("source_hash", pa.string()),
 ])
+PLANNED_SCHEMA = pa.schema([*SPEC_SCHEMA, ("group", pa.int8()), ("order", pa.int64()), ("est", pa.int64())])
+# plan/gNNN/part-*.parquet: one part per shard-writing task, sorted by sop_key (the first 8 hex digits
+# of sop_hash) so that a later generation's bucket task reads only its key range; `position` is the
+# slice's place in its shard's write order. (Generations planned before the cluster planner have one
+# plan/gNNN.parquet in write order, without these two columns; every reader takes both.)
+RECORD_PART_SCHEMA = pa.schema([*RECORD_SCHEMA, ("position", pa.int32()), ("sop_key", pa.int64())])
+BUCKETED_SCHEMA = pa.schema([*INVENTORY_SCHEMA, ("path", pa.string())])  # inventory rows + where to read them
 PLAN_DIR = "plan"
+ORDER_SHIFT = 30                   # shard_of works on order >> 30 (< 2**33), so order * n stays in int64
+MAX_SHARDS_PER_GROUP = (1 << 30) - 1
+BUCKET_ROWS = 100_000              # inventory rows per planning bucket (~0.5 GB of worker memory each)
+ROW_GROUP_ROWS = 16_384            # row groups / record batches of the planning work files
 
 
 def shard_name(modality: str, generation: int, index: int) -> str:
@@ -100,6 +119,8 @@ class Plan:
     errors: list[dict] = field(default_factory=list)
     already_ingested: int = 0
     slices: int = 0
+    rejected: int = 0  # plan_generation: rejections written to errors/ by the bucket tasks (not gathered)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # plan_generation: per phase
 
 
 def split_of(group_hash: str, val_fraction: float) -> str:
@@ -189,14 +210,16 @@ def _split_threshold(val_fraction: float) -> str | None:
     return format(math.ceil(val_fraction * SPLIT_SCALE), "015x")
 
 
-def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, str], max_pixel_bytes: int,
-              max_side: int | None, shard_size: int, frames_per_unit: int, val_fraction: float, seed: int,
+def plan_rows(inventory: pa.Table, *, generation: int, modality_map: dict[str, str], max_pixel_bytes: int,
+              max_side: int | None, frames_per_unit: int, val_fraction: float, seed: int,
               previous: "pa.Table | set[tuple[str, int]]", labels: "LabelTable | None" = None,
-              shown=lambda r: r["source"]) -> tuple[Plan, dict[str, pa.Table]]:
-    """Pure planning: the plan summary and, per shard, its slices (SPEC_SCHEMA) in write order.
+              shown=lambda r: r["source"]) -> tuple[Plan, pa.Table]:
+    """Rules 1-5 on a set of inventory rows that holds every copy of its SOP instances (the whole
+    inventory, or one bucket of it): (summary with errors and already_ingested, planned slices).
 
-    Columnar (pyarrow + numpy) so that it scales to ~10**8 inventory rows on one head node; only
-    rejected rows and the per-unit shard cut go through Python.
+    The planned slices are SPEC_SCHEMA plus `group` (partition * 2 + is_val), `order` (the unit's
+    seeded sort key, `unit_order`) and `est` (estimated bytes of the slice). Columnar (pyarrow + numpy);
+    only rejected rows and duplicates go through Python.
     """
     import pyarrow.compute as pc
 
@@ -309,7 +332,8 @@ def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
         for i, r in zip(kept, inventory.select(["sop_hash", "series_hash", "study_hash"]).take(kept).to_pylist()):
             looked[i] = labels.lookup(r)
         label_col = pa.array(looked, pa.list_(pa.float32()))
-    # 5. planning units: runs of frames_per_unit remaining frames of one file
+    # 5. planning units: runs of frames_per_unit remaining frames of one file; every slice of a unit
+    # carries the unit's group and seeded sort key, so that a later cut keeps units together
     n = len(slice_row)
     new_row = np.ones(n, dtype=bool)
     new_row[1:] = slice_row[1:] != slice_row[:-1]
@@ -317,12 +341,11 @@ def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
     unit_in_row = (np.arange(n) - row_first) // frames_per_unit
     unit_start = new_row.copy()
     unit_start[1:] |= unit_in_row[1:] != unit_in_row[:-1]
+    unit_of_slice = np.cumsum(unit_start) - 1
     starts = np.nonzero(unit_start)[0]
-    lengths = np.diff(np.append(starts, n))
-    u_row = slice_row[starts]
-    u_bytes = est_row[u_row] * lengths
-    u_key = partition[u_row] * 2 + is_val[u_row]
-    slices = pa.table({
+    u_order = unit_order(inventory.column("sop_hash").take(slice_row[starts]), frame_no[starts], seed, generation)
+    slice_group = partition[slice_row] * 2 + is_val[slice_row]
+    planned = pa.table({
         "path": inventory.column("path").take(slice_row), "frame": pa.array(frame_no, pa.int32()),
         "frames": pa.array(frames_[slice_row], pa.int32()),
         **{c: inventory.column(c).take(slice_row) for c in
@@ -333,41 +356,139 @@ def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
         "native_layout": (inventory.column("native_layout") if "native_layout" in inventory.column_names
                           else pa.nulls(len(inventory), pa.string())).take(slice_row),
         "fallbacks": fallbacks,
-    }, schema=SPEC_SCHEMA)
-    u_sop = inventory.column("sop_hash").take(u_row)
+        "group": pa.array(slice_group.astype(np.int8), pa.int8()),
+        "order": pa.array(u_order[unit_of_slice] if n else np.zeros(0, np.int64), pa.int64()),
+        "est": pa.array(est_row[slice_row].astype(np.int64), pa.int64()),
+    }, schema=PLANNED_SCHEMA)
+    return plan, planned
+
+
+def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, str], max_pixel_bytes: int,
+              max_side: int | None, shard_size: int, frames_per_unit: int, val_fraction: float, seed: int,
+              previous: "pa.Table | set[tuple[str, int]]", labels: "LabelTable | None" = None,
+              shown=lambda r: r["source"]) -> tuple[Plan, dict[str, pa.Table]]:
+    """All of planning in one process (small inventories, tests): the summary and, per shard, its slices
+    (SPEC_SCHEMA) in write order. The same rules and the same cut as `plan_generation` on a cluster,
+    which gives the same shards for the same inventory."""
+    plan, planned = plan_rows(inventory, generation=generation, modality_map=modality_map,
+                              max_pixel_bytes=max_pixel_bytes, max_side=max_side, frames_per_unit=frames_per_unit,
+                              val_fraction=val_fraction, seed=seed, previous=previous, labels=labels, shown=shown)
+    totals = group_totals(planned)
     specs: dict[str, pa.Table] = {}
-    # 6. per (modality, split): sort units by hash, seeded permutation, greedy cut by estimated bytes
-    for mi, modality in enumerate(PARTITIONS):
-        index = 0
-        for si, split in enumerate(("train", "val")):
-            units = np.nonzero(u_key == mi * 2 + si)[0]
-            if not len(units):
-                continue
-            by_hash = pc.sort_indices(pa.table({"s": u_sop.take(units), "f": frame_no[starts[units]]}),
-                                      sort_keys=[("s", "ascending"), ("f", "ascending")]).to_numpy()
-            units = units[by_hash]
-            units = units[np.random.default_rng([seed, generation, mi, si]).permutation(len(units))]
-            chunks: list[list[int]] = []
-            current: list[int] = []
-            size = 0
-            for u, b in zip(units.tolist(), u_bytes[units].tolist()):
-                if current and size + b > shard_size:
-                    chunks.append(current)
-                    current, size = [], 0
-                current.append(u)
-                size += b
-            if current:
-                chunks.append(current)
-            for chunk in chunks:
-                name = shard_name(modality, generation, index)
-                positions = np.concatenate([np.arange(starts[u], starts[u] + lengths[u]) for u in chunk])
-                inner = np.random.default_rng([seed, generation, mi, si, index]).permutation(len(positions))
-                specs[name] = slices.take(positions[inner])
-                plan.shards[name] = {"modality": modality, "split": split, "slices": len(positions),
-                                     "est_bytes": int(u_bytes[chunk].sum())}
-                plan.slices += len(positions)
-                index += 1
+    for group, (_, est) in sorted(totals.items()):
+        n = shards_needed(est, shard_size)
+        offset = shards_needed(totals[group - 1][1], shard_size) if group % 2 and group - 1 in totals else 0
+        for name, spec, info in cut_shards(planned, group, 0, n - 1, n, offset, seed, generation):
+            specs[name] = spec
+            plan.shards[name] = info
+            plan.slices += info["slices"]
     return plan, specs
+
+
+def group_totals(planned: pa.Table) -> dict[int, tuple[int, int]]:
+    """{group: (slices, estimated bytes)} of planned slices."""
+    group, est = _np(planned, "group").astype(np.int64), _np(planned, "est")
+    slices = np.bincount(group, minlength=2 * len(PARTITIONS))
+    sizes = np.bincount(group, weights=est, minlength=2 * len(PARTITIONS))
+    return {g: (int(slices[g]), int(sizes[g])) for g in np.nonzero(slices)[0].tolist()}
+
+
+def shards_needed(est_bytes: int, shard_size: int) -> int:
+    return max(1, min(MAX_SHARDS_PER_GROUP, -(-int(est_bytes) // max(1, int(shard_size)))))
+
+
+def shard_of(order: np.ndarray, n: int) -> np.ndarray:
+    """The shard (0..n-1) of each sort key: n equal ranges of the key space (exact integer arithmetic,
+    monotone in the key, so a key range read from disk can be cut without a global sort)."""
+    return ((order >> ORDER_SHIFT) * n) >> (63 - ORDER_SHIFT)
+
+
+def order_range(first: int, last: int, n: int) -> tuple[int, int]:
+    """[lo, hi] (inclusive) of the sort keys of shards first..last (of n)."""
+    span = 1 << (63 - ORDER_SHIFT)
+    lo = -(-first * span // n) << ORDER_SHIFT
+    hi = -(-(last + 1) * span // n) << ORDER_SHIFT
+    return lo, hi - 1
+
+
+def cut_shards(planned: pa.Table, group: int, first: int, last: int, n: int, index_offset: int, seed: int,
+               generation: int) -> list[tuple[str, pa.Table, dict]]:
+    """The shards first..last of `group` (of n) from planned slices that include all of theirs:
+    [(name, spec in write order, info)]; an empty hash range gives no shard (its index is skipped)."""
+    import pyarrow.compute as pc
+
+    mi, si = divmod(group, 2)
+    modality, split = PARTITIONS[mi], ("train", "val")[si]
+    lo, hi = order_range(first, last, n)
+    order = _np(planned, "order")
+    rows = np.nonzero((_np(planned, "group") == group) & (order >= lo) & (order <= hi))[0]
+    mine = planned.take(rows)
+    # units in key order (ties, e.g. the units of one file, by SOP hash and frame): deterministic
+    mine = mine.take(pc.sort_indices(mine, sort_keys=[("order", "ascending"), ("sop_hash", "ascending"),
+                                                      ("frame", "ascending")]))
+    shard = shard_of(_np(mine, "order"), n)
+    bounds = np.searchsorted(shard, np.arange(first, last + 2))
+    out = []
+    for i in range(first, last + 1):
+        a, b = int(bounds[i - first]), int(bounds[i - first + 1])
+        if a == b:
+            continue
+        index = index_offset + i
+        inner = np.random.default_rng([seed, generation, mi, si, index]).permutation(b - a)
+        part = mine.slice(a, b - a).take(inner)
+        name = shard_name(modality, generation, index)
+        out.append((name, part.select(SPEC_SCHEMA.names),
+                    {"modality": modality, "split": split, "slices": int(b - a), "est_bytes": int(pc.sum(part.column("est")).as_py())}))
+    return out
+
+
+def _hex_prefix64(col) -> np.ndarray:
+    """The first 16 hex digits of each string as uint64 (shorter strings padded with 0, "" -> 0)."""
+    import pyarrow.compute as pc
+
+    arr = pc.utf8_rpad(pc.utf8_slice_codeunits(pc.fill_null(col.cast(pa.string()), ""), 0, 16), 16, "0")
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, np.uint64)
+    offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset:arr.offset + n + 1]
+    data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].reshape(n, 16)
+    nibble = np.where(data >= 97, data - 87, np.where(data >= 65, data - 55, data - 48)).astype(np.uint64) & np.uint64(15)
+    return np.bitwise_or.reduce(nibble << np.arange(60, -4, -4, dtype=np.uint64), axis=1)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 whose outputs look uniform for any inputs."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def unit_order(sop_hash, first_frame: np.ndarray, seed: int, generation: int) -> np.ndarray:
+    """The seeded sort key (0 <= key < 2**63) of each planning unit: a hash of (seed, generation, SOP
+    hash, first frame). Independent of the unit's patient, series and position in the inventory, so
+    sorting by it shuffles across patients and series, and it needs no other row to compute."""
+    base = _mix64(np.array([(int(seed) * 1_000_003 + int(generation)) % (1 << 64)], np.uint64))[0]
+    with np.errstate(over="ignore"):
+        mixed = _mix64(_hex_prefix64(sop_hash) ^ base) + np.asarray(first_frame, np.uint64) * np.uint64(0xD1B54A32D192ED03)
+    return (_mix64(mixed) >> np.uint64(1)).astype(np.int64)
+
+
+def sop_key32(sop_hash) -> np.ndarray:
+    """The first 8 hex digits of the SOP hash as an integer: what buckets and plan records are keyed by."""
+    return (_hex_prefix64(sop_hash) >> np.uint64(32)).astype(np.int64)
+
+
+def bucket_of(key32: np.ndarray, buckets: int) -> np.ndarray:
+    """Bucket b of `buckets` holds the key range [ceil(b * 2**32 / buckets), ceil((b + 1) * 2**32 / buckets))."""
+    return (key32 * buckets) >> 32
+
+
+def bucket_range(bucket: int, buckets: int) -> tuple[int, int]:
+    return -(-bucket * (1 << 32) // buckets), -(-(bucket + 1) * (1 << 32) // buckets)
 
 
 # ---------------------------------------------------------------- labels
@@ -429,26 +550,13 @@ class LabelTable:
 
 # ---------------------------------------------------------------- persistence
 
-def write_plan(root: Path, plan: Plan, specs: dict[str, pa.Table], meta: dict) -> None:
-    """Per-shard slice lists beside the dataset (with paths), compact record + meta under plan/ (no paths)."""
-    from shards.manifest import write_parquet_atomically
-
-    records = []
-    for name, table in specs.items():
-        write_parquet_atomically(table, spec_path(root, plan.generation, name))
-        info = plan.shards[name]
-        records.append(pa.table({
-            "shard": pa.array([name] * len(table), pa.string()),
-            "modality": pa.array([info["modality"]] * len(table), pa.string()),
-            "split": table.column("split"), "sop_hash": table.column("sop_hash"), "frame": table.column("frame"),
-            "source_hash": table.column("source_hash")}, schema=RECORD_SCHEMA))
-    record = pa.concat_tables(records) if records else RECORD_SCHEMA.empty_table()
-    write_parquet_atomically(record, plan_record_path(root, plan.generation))
-    path = plan_meta_path(root, plan.generation)
+def write_plan_meta(root: Path, generation: int, meta: dict) -> None:
+    """plan/gNNN.json, written last: a generation exists once its meta exists."""
+    path = plan_meta_path(root, generation)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({**meta, "generation": plan.generation, "shards": plan.shards, "slices": plan.slices},
-                              indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)  # the meta file last: a generation exists once its meta exists
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 def read_plan_meta(root: Path, generation: int) -> dict:
@@ -462,10 +570,376 @@ def generations(root: Path) -> list[int]:
     return sorted(int(p.stem[1:]) for p in base.glob("g*.json"))
 
 
-def previous_frames(root: Path) -> pa.Table:
-    """(sop_hash, frame) of every slice planned by an existing generation."""
-    parts = [pq.read_table(plan_record_path(root, g), columns=["sop_hash", "frame"]) for g in generations(root)]
+def record_parts_dir(root: Path, generation: int) -> Path:
+    return Path(root) / PLAN_DIR / f"g{generation:03d}"
+
+
+def _record_parts(root: Path, generation: int) -> list[Path]:
+    return sorted(record_parts_dir(root, generation).glob("part-*.parquet"))
+
+
+def shard_records(root: Path, generation: int, names: list[str]) -> pa.Table:
+    """The plan records (RECORD_SCHEMA) of the named shards, each shard's slices in its write order."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    legacy = plan_record_path(root, generation)
+    if legacy.exists():  # one file in write order
+        return pq.read_table(legacy, filters=[("shard", "in", names)]).select(RECORD_SCHEMA.names)
+    parts = _record_parts(root, generation)
+    if not parts:
+        return RECORD_SCHEMA.empty_table()
+    table = pads.dataset(parts, schema=RECORD_PART_SCHEMA).to_table(filter=pc.field("shard").isin(names))
+    return table.sort_by([("shard", "ascending"), ("position", "ascending")]).select(RECORD_SCHEMA.names)
+
+
+def previous_frames(root: Path, key_range: tuple[int, int] | None = None) -> pa.Table:
+    """(sop_hash, frame) of every slice planned by an existing generation; with key_range = [lo, hi),
+    only those whose sop_key32 lies in it (one bucket's, read from the records' sorted parts)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
     schema = pa.schema([("sop_hash", pa.string()), ("frame", pa.int64())])
+    parts = []
+    for g in generations(root):
+        legacy = plan_record_path(root, g)
+        if legacy.exists():
+            t = pq.read_table(legacy, columns=["sop_hash", "frame"])
+            if key_range is not None:
+                key = sop_key32(t.column("sop_hash"))
+                t = t.filter(pa.array((key >= key_range[0]) & (key < key_range[1])))
+        else:
+            files = _record_parts(root, g)
+            if not files:
+                continue
+            where = None
+            if key_range is not None:
+                where = (pc.field("sop_key") >= key_range[0]) & (pc.field("sop_key") < key_range[1])
+            t = pads.dataset(files, schema=RECORD_PART_SCHEMA).to_table(columns=["sop_hash", "frame"], filter=where)
+        parts.append(t.cast(schema))
     if not parts:
         return schema.empty_table()
-    return pa.concat_tables(parts).cast(schema)
+    return pa.concat_tables(parts)
+
+
+# ---------------------------------------------------------------- planning on a cluster
+#
+# A. one task per inventory part: attach the source path, add the bucket of each row (a range of the
+#    SOP hash), write the part again sorted by bucket (a row group per bucket) under DATASET.paths/work/gNNN/buckets
+#    (ingest.paths.work_dir: the rows carry source paths).
+# B. one task per bucket: read the bucket's rows of every part (row-group statistics skip the rest),
+#    keep one row per source file, plan them (`plan_rows`: every copy of a SOP instance is in the same
+#    bucket, so dedup is exact), write the errors (errors/plan-gNNN-bBBBBB.parquet) and the planned
+#    slices sorted by (group, order) under DATASET.paths/work/gNNN/planned. Returns counts per group only.
+# The client sums the counts (O(buckets x groups) numbers) into the number of shards per group.
+# C. one task per range of shards of a group: read that key range of every bucket's planned slices, cut
+#    it into shards (`cut_shards`), write their spec files and one plan-record part. Returns per shard
+#    its name, slice count and estimated bytes: the client's state is O(buckets + shards).
+
+class PlanFailed(RuntimeError):
+    """Some planning tasks failed; nothing of the generation is visible (no plan/gNNN.json)."""
+
+
+def _work(root: Path, generation: int, what: str) -> Path:
+    """Planning work files (bucketed rows carry source paths): beside the dataset, never inside it."""
+    from .paths import work_dir
+
+    return work_dir(root, generation) / what
+
+
+def first_per_source(table: pa.Table) -> pa.Table:
+    """One row per source_hash (overlapping sources, /a and /a/b, list some files twice): the first."""
+    import pyarrow.compute as pc
+
+    if table.num_rows < 2:
+        return table
+    table = table.take(pc.sort_indices(table, sort_keys=[("source_hash", "ascending")]))
+    hashes = table.column("source_hash")
+    repeat = np.zeros(table.num_rows, dtype=bool)
+    repeat[1:] = pc.equal(hashes.slice(1), hashes.slice(0, table.num_rows - 1)).to_numpy(zero_copy_only=False)
+    return table.filter(pa.array(~repeat)) if repeat.any() else table
+
+
+def _write_sorted(table: pa.Table, path: Path, by: np.ndarray, stats: list[str]) -> None:
+    """Write `table` (already sorted by `by`) with row groups that never span two values of `by` (and
+    at most ROW_GROUP_ROWS rows), atomically. Only the `stats` columns carry row-group statistics (what
+    readers filter on): every reader parses the footer, and min/max of paths and layouts would bloat it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    starts = np.flatnonzero(np.r_[True, by[1:] != by[:-1]]) if len(by) else np.zeros(0, np.int64)
+    with pq.ParquetWriter(tmp, table.schema, write_statistics=stats) as writer:
+        for a, b in zip(starts.tolist(), np.r_[starts[1:], len(by)].tolist()):
+            writer.write_table(table.slice(a, b - a), row_group_size=ROW_GROUP_ROWS)
+        if not len(by):
+            writer.write_table(table)
+    tmp.replace(path)
+
+
+def _write_slots(table: pa.Table, path: Path, slot: np.ndarray, slots: int) -> None:
+    """Write `table` (sorted by `slot`, each in 0..slots-1) as an Arrow IPC stream plus an index
+    `<path>.idx.npy` of slots + 1 byte offsets: the rows of slot k lie in [index[k], index[k + 1]).
+    A reader of one slot (or a run of slots) reads two index entries and that byte range only, so
+    its cost does not grow with the number of slots, unlike a Parquet footer that lists them all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, tmp_index = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.idx.tmp.npy")
+    bounds = np.searchsorted(slot, np.arange(slots + 1)).tolist()
+    offsets = np.empty(slots + 1, np.int64)
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+        for k in range(slots):
+            offsets[k] = sink.tell()
+            if bounds[k + 1] > bounds[k]:
+                writer.write_table(table.slice(bounds[k], bounds[k + 1] - bounds[k]), max_chunksize=ROW_GROUP_ROWS)
+        offsets[slots] = sink.tell()
+    np.save(tmp_index, offsets)
+    tmp_index.replace(_slot_index(path))
+    tmp.replace(path)
+
+
+def _slot_index(path: Path) -> Path:
+    return path.with_name(path.name + ".idx.npy")
+
+
+def _read_slots(path: Path, first: int, last: int, schema: pa.Schema) -> pa.Table:
+    """The rows of slots first..last of a `_write_slots` file."""
+    index = np.load(_slot_index(path), mmap_mode="r")
+    a, b = int(index[first]), int(index[last + 1])
+    if a == b:
+        return schema.empty_table()
+    with pa.memory_map(str(path)) as source:
+        source.seek(a)
+        reader = pa.BufferReader(source.read_buffer(b - a))
+    batches = []
+    while True:
+        try:
+            message = pa.ipc.read_message(reader)
+        except EOFError:
+            break
+        if message.type == "record batch":  # the first slot written also holds the schema message
+            batches.append(pa.ipc.read_record_batch(message, schema))
+    return pa.Table.from_batches(batches, schema)
+
+
+def bucket_part(part: str, *, root: str, generation: int, buckets: int, hash_paths: bool) -> int:
+    """Phase A for one inventory part; returns its row count."""
+    import pyarrow.compute as pc
+
+    from .paths import PATHS_SCHEMA, generation_map_dir
+
+    root_ = Path(root)
+    table = pq.read_table(part)
+    if "native_layout" not in table.column_names:
+        table = table.append_column("native_layout", pa.nulls(table.num_rows, pa.string()))
+    table = table.select(INVENTORY_SCHEMA.names)
+    if hash_paths:  # the scan task wrote its path map beside the dataset: part-gNNN-TTTTT-BBB <-> map/part-TTTTT-BBB
+        paths_file = generation_map_dir(root_, generation) / "map" / ("part-" + Path(part).name.split("-", 2)[2])
+        if paths_file.exists():
+            paths = first_per_source(pq.read_table(paths_file, schema=PATHS_SCHEMA))
+            table = table.join(paths, keys="source_hash", join_type="left outer")
+            table = table.set_column(table.column_names.index("path"), "path", pc.fill_null(table.column("path"), ""))
+        else:
+            table = table.append_column("path", pa.array([""] * table.num_rows, pa.string()))
+    else:
+        table = table.append_column("path", table.column("source"))
+    bucket = bucket_of(sop_key32(table.column("sop_hash")), buckets).astype(np.int32)
+    order = np.argsort(bucket, kind="stable")
+    table = table.take(pa.array(order))
+    table = table.select(BUCKETED_SCHEMA.names).cast(BUCKETED_SCHEMA)
+    _write_slots(table, _work(root_, generation, "buckets") / f"{Path(part).stem}.arrows", bucket[order], buckets)
+    return table.num_rows
+
+
+_LABELS: dict = {}
+
+
+def _labels_for(path: str | None, salt: str) -> "LabelTable | None":
+    """The labels table, loaded once per worker process."""
+    if not path:
+        return None
+    stat = Path(path).stat()
+    key = (str(path), salt, stat.st_mtime_ns, stat.st_size)
+    if key not in _LABELS:
+        _LABELS.clear()
+        _LABELS[key] = LabelTable.load(path, salt)
+    return _LABELS[key]
+
+
+def previous_error_keys(root: Path, skip_prefixes: tuple[str, ...], sources: set[str | None]) -> set[tuple[str, str]]:
+    """(source, reason) of the earlier error files' rows whose source is one of `sources` (the inputs this
+    run rejects): read with a filter, so memory follows this run's rejections, not the ledger's size."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from shards.manifest import ERRORS_SCHEMA
+
+    base = Path(root) / "errors"
+    files = sorted(p for p in base.glob("*.parquet") if not p.stem.startswith(skip_prefixes)) if base.is_dir() else []
+    seen: set[tuple[str, str]] = set()
+    if not files or not sources:
+        return seen
+    wanted = pc.field("source").isin(pa.array(sorted(s for s in sources if s is not None), pa.string()))
+    if None in sources:
+        wanted = wanted | pc.field("source").is_null()
+    scanner = pads.dataset(files, format="parquet", schema=ERRORS_SCHEMA).scanner(
+        columns=["source", "reason"], filter=wanted)
+    for batch in scanner.to_batches():
+        seen.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
+    return seen
+
+
+def not_yet_reported(root: Path, generation: int, errors: list[dict]) -> list[dict]:
+    """The errors not already recorded by an earlier generation (same source and reason): a rerun over
+    the same sources does not report the same rejected file again. Only the error files' rows of these
+    errors' sources are read (a pyarrow filter), never the whole ledger."""
+    if not errors:
+        return errors
+    mine = (f"scan-g{generation:03d}", f"plan-g{generation:03d}")
+    seen = previous_error_keys(root, mine, {e["source"] for e in errors})
+    return [e for e in errors if (e["source"], e["reason"]) not in seen]
+
+
+def plan_bucket(bucket: int, *, root: str, generation: int, buckets: int, slabs_log2: int,
+                modality_map: dict[str, str],
+                max_pixel_bytes: int, max_side: int | None, frames_per_unit: int, val_fraction: float, seed: int,
+                salt: str, hash_paths: bool, labels_path: str | None) -> dict:
+    """Phase B for one bucket; returns {"groups": {group: [slices, est_bytes]}, "already": n, "rejected": n}."""
+    import pyarrow.compute as pc
+
+    from shards import write_errors
+
+    from .scan import shown_source
+
+    root_ = Path(root)
+    parts = sorted(_work(root_, generation, "buckets").glob("*.arrows"))
+    pieces = [_read_slots(p, bucket, bucket, BUCKETED_SCHEMA) for p in parts]
+    table = pa.concat_tables(pieces) if pieces else BUCKETED_SCHEMA.empty_table()
+    if not table.num_rows:
+        write_errors(root_, f"plan-g{generation:03d}-b{bucket:06d}", [])
+        return {"groups": {}, "already": 0, "rejected": 0}
+    table = first_per_source(table)
+    plan, planned = plan_rows(
+        table, generation=generation, modality_map=modality_map, max_pixel_bytes=max_pixel_bytes, max_side=max_side,
+        frames_per_unit=frames_per_unit, val_fraction=val_fraction, seed=seed,
+        previous=previous_frames(root_, bucket_range(bucket, buckets)), labels=_labels_for(labels_path, salt),
+        shown=lambda r: shown_source(r["path"], salt, hash_paths))
+    del table
+    errors = not_yet_reported(root_, generation, plan.errors)
+    write_errors(root_, f"plan-g{generation:03d}-b{bucket:06d}", errors)
+    sort = pc.sort_indices(planned, sort_keys=[("group", "ascending"), ("order", "ascending")])
+    planned = planned.take(sort)
+    _write_slots(planned, _work(root_, generation, "planned") / f"bucket-{bucket:06d}.arrows",
+                 _np(planned, "group").astype(np.int64) * (1 << slabs_log2) + (_np(planned, "order") >> (63 - slabs_log2)),
+                 2 * len(PARTITIONS) << slabs_log2)
+    return {"groups": {g: list(v) for g, v in group_totals(planned).items()}, "already": plan.already_ingested,
+            "rejected": len(errors)}
+
+
+def write_shard_range(item: tuple[int, int, int, int, int], *, root: str, generation: int, seed: int,
+                      slabs_log2: int) -> dict:
+    """Phase C for shards first..last of one group (of n, names counted from index_offset): their spec
+    files and one plan-record part. Returns {shard name: info}."""
+    from shards.manifest import write_parquet_atomically
+
+    group, first, last, n, index_offset = item
+    root_ = Path(root)
+    lo, hi = order_range(first, last, n)
+    files = sorted(_work(root_, generation, "planned").glob("bucket-*.arrows"))
+    base = group << slabs_log2  # the slabs (equal key ranges) that hold keys lo..hi; cut_shards keeps lo..hi
+    pieces = [_read_slots(f, base + (lo >> (63 - slabs_log2)), base + (hi >> (63 - slabs_log2)), PLANNED_SCHEMA)
+              for f in files]
+    planned = pa.concat_tables(pieces) if pieces else PLANNED_SCHEMA.empty_table()
+    infos, records = {}, []
+    for name, spec, info in cut_shards(planned, group, first, last, n, index_offset, seed, generation):
+        write_parquet_atomically(spec, spec_path(root_, generation, name))
+        infos[name] = info
+        records.append(pa.table({
+            "shard": pa.array([name] * spec.num_rows, pa.string()),
+            "modality": pa.array([info["modality"]] * spec.num_rows, pa.string()),
+            "split": spec.column("split"), "sop_hash": spec.column("sop_hash"), "frame": spec.column("frame"),
+            "source_hash": spec.column("source_hash"),
+            "position": pa.array(np.arange(spec.num_rows, dtype=np.int32)),
+            "sop_key": pa.array(sop_key32(spec.column("sop_hash"))),
+        }, schema=RECORD_PART_SCHEMA))
+    if records:
+        record = pa.concat_tables(records).sort_by([("sop_key", "ascending")])
+        first_name = shard_name(PARTITIONS[group // 2], generation, index_offset + first)
+        # row groups of ROW_GROUP_ROWS sorted keys: a later bucket task reads only the groups of its key range
+        _write_sorted(record, record_parts_dir(root_, generation) / f"part-{first_name}.parquet",
+                      np.zeros(record.num_rows, np.int8), ["shard", "sop_key"])
+    return infos
+
+
+def buckets_for(rows: int, workers: int) -> int:
+    return max(1, workers, -(-int(rows) // BUCKET_ROWS))
+
+
+def clear_generation_plan(root: Path, generation: int) -> None:
+    """Remove what an interrupted planning of this generation left (before its meta existed)."""
+    import shutil
+
+    shutil.rmtree(record_parts_dir(root, generation), ignore_errors=True)
+    plan_record_path(root, generation).unlink(missing_ok=True)
+    base = Path(root) / "errors"
+    if base.is_dir():
+        for stale in [*base.glob(f"plan-g{generation:03d}-b*.parquet"), base / f"plan-g{generation:03d}.parquet"]:
+            stale.unlink(missing_ok=True)
+
+
+def plan_generation(client, root: Path, generation: int, *, rows: int, modality_map: dict[str, str],
+                    max_pixel_bytes: int, max_side: int | None, shard_size: int, frames_per_unit: int,
+                    val_fraction: float, seed: int, salt: str, hash_paths: bool, labels_path: str | None,
+                    progress: bool = False, token: str = "", buckets: int | None = None) -> Plan:
+    """Plan generation `generation` from its inventory parts as Dask tasks (phases A-C above): spec files
+    under DATASET.paths/work/gNNN/shards, plan records under plan/gNNN/, errors under errors/. Returns the summary
+    (per shard info; counts); raises PlanFailed when a task failed. The caller writes plan/gNNN.json."""
+    from .engine import run_phase
+    from .scan import INVENTORY_DIR
+
+    root = Path(root)
+    clear_generation_plan(root, generation)
+    parts = [str(p) for p in sorted((root / INVENTORY_DIR).glob(f"part-g{generation:03d}-*.parquet"))]
+    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    buckets = buckets or buckets_for(rows, workers)  # any count gives the same plan; it sets task sizes
+    # key ranges ("slabs") per group in the planned files: about one per shard-range task, so that a
+    # task reads little beyond its own range
+    slabs_log2 = min(16, max(4, (buckets - 1).bit_length()))
+    tag = f"g{generation:03d}-{token}"
+
+    seconds: dict[str, float] = {}
+
+    def phase(desc, fn, items, key_of, **kwargs):
+        start = time.perf_counter()
+        results, failures = run_phase(client, desc, fn, items, key_of=key_of, progress=progress, **kwargs)
+        seconds[desc.split()[-1]] = time.perf_counter() - start
+        if failures:
+            first = failures[0][1]
+            raise PlanFailed(f"{len(failures)} {desc} task(s) failed: {type(first).__name__}: {first}")
+        return results
+
+    phase("plan: bucket", bucket_part, parts, lambda p: f"plan-bucket-{Path(p).stem}-{tag}", root=str(root),
+          generation=generation, buckets=buckets, hash_paths=hash_paths)
+    counted = phase("plan: dedup", plan_bucket, list(range(buckets)), lambda b: f"plan-dedup-{b}-{tag}",
+                    root=str(root), generation=generation, buckets=buckets, slabs_log2=slabs_log2,
+                    modality_map=modality_map,
+                    max_pixel_bytes=max_pixel_bytes, max_side=max_side, frames_per_unit=frames_per_unit,
+                    val_fraction=val_fraction, seed=seed, salt=salt, hash_paths=hash_paths, labels_path=labels_path)
+    plan = Plan(generation)
+    totals: dict[int, int] = {}
+    for r in counted:
+        plan.already_ingested += r["already"]
+        plan.rejected += r["rejected"]
+        for group, (_, est) in r["groups"].items():
+            totals[int(group)] = totals.get(int(group), 0) + est
+    shards = {group: shards_needed(est, shard_size) for group, est in totals.items()}
+    per_task = max(1, -(-sum(shards.values()) // max(buckets, 4 * workers)))
+    ranges = []
+    for group, n in sorted(shards.items()):
+        offset = shards.get(group - 1, 0) if group % 2 else 0  # val shards are numbered after train shards
+        ranges += [(group, first, min(n, first + per_task) - 1, n, offset) for first in range(0, n, per_task)]
+    for infos in phase("plan: shards", write_shard_range, ranges, lambda it: f"plan-shards-{it[0]}-{it[1]}-{tag}",
+                       root=str(root), generation=generation, seed=seed, slabs_log2=slabs_log2):
+        plan.shards.update(infos)
+    plan.shards = dict(sorted(plan.shards.items()))
+    plan.slices = sum(info["slices"] for info in plan.shards.values())
+    plan.phase_seconds = seconds
+    return plan

@@ -233,16 +233,20 @@ def test_parquet_labels_keyed_by_sop_instance(tmp_path, dicom_dir):
 
 
 def test_rescan_records_each_rejection_once_reading_only_those_sources(tmp_path, dicom_dir):
-    from ingest.job import _previous_error_keys
+    from ingest.plan import not_yet_reported, previous_error_keys
 
     out = tmp_path / "ds"
     mr = dicom_dir / "mr_transfer_syntaxes"
     run_ingest([mr], out)
     errors = error_rows(out)
-    assert [e["source"] for e in errors] == [str(mr / "LICENSE")]
+    assert [e["source"] for e in readable_error_rows(out)] == [str(mr / "LICENSE")]
+    license_ = errors[0]["source"]  # private by default: the salted hash (sha:...) of the path
     _, again = run_ingest([mr], out, rescan=True)
     assert again.files == len(all_files([mr])) and error_rows(out) == errors  # rescanned, not recorded twice
     keys = {(e["source"], e["reason"]) for e in errors}
-    assert _previous_error_keys(out, (), {str(mr / "LICENSE"), "elsewhere"}) == keys
-    assert _previous_error_keys(out, (), {"elsewhere"}) == set()
-    assert _previous_error_keys(out, ("scan-",), {str(mr / "LICENSE")}) == set()
+    assert previous_error_keys(out, (), {license_, "elsewhere"}) == keys
+    assert previous_error_keys(out, (), {"elsewhere"}) == set()
+    assert previous_error_keys(out, ("scan-",), {license_}) == set()
+    # what a later generation (g1) keeps of its rejections: only those not reported before
+    other = {"source": "elsewhere", "reason": errors[0]["reason"]}
+    assert not_yet_reported(out, 1, [dict(errors[0]), other]) == [other]
