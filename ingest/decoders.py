@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -165,6 +166,22 @@ def release_decoded() -> None:
     _whole_file = None
 
 
+@contextmanager
+def file_of(ds):
+    """The path of a file holding `ds`: its own file, else a temporary copy removed afterwards."""
+    path = getattr(ds, "filename", None)
+    if isinstance(path, str) and os.path.isfile(path):
+        yield path
+        return
+    fd, temporary = tempfile.mkstemp(suffix=".dcm")
+    os.close(fd)
+    try:
+        ds.save_as(temporary)
+        yield temporary
+    finally:
+        os.unlink(temporary)
+
+
 def gdcm_whole_file(ds) -> np.ndarray:
     """Every frame of a single-sample image decoded by GDCM's reader: (frames, rows, cols)."""
     global _whole_file
@@ -176,14 +193,7 @@ def gdcm_whole_file(ds) -> np.ndarray:
     if spp != 1:
         raise ValueError(f"GDCM reader path handles single-sample images only (SamplesPerPixel = {spp})")
     rows, cols, frames = int(ds.Rows), int(ds.Columns), max(1, int(ds.get("NumberOfFrames") or 1))
-    path = getattr(ds, "filename", None)
-    temporary = None
-    if not (isinstance(path, str) and os.path.isfile(path)):
-        fd, temporary = tempfile.mkstemp(suffix=".dcm")
-        os.close(fd)
-        ds.save_as(temporary)
-        path = temporary
-    try:
+    with file_of(ds) as path:
         reader = gdcm.ImageReader()
         reader.SetFileName(path)
         if not reader.Read():
@@ -196,9 +206,6 @@ def gdcm_whole_file(ds) -> np.ndarray:
         if buffer is None:
             raise ValueError("GDCM returned no pixel data")
         raw = buffer.encode("utf-8", "surrogateescape")  # the SWIG binding hands bytes over as str
-    finally:
-        if temporary:
-            os.unlink(temporary)
     dtype = np.dtype(_GDCM_DTYPES[scalar])
     if len(raw) != rows * cols * frames * dtype.itemsize:
         raise ValueError(f"GDCM decoded {len(raw)} bytes, the header declares {frames} x {rows} x {cols} x "

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,23 +26,16 @@ TIMEOUT_S = 120
 def gdcm_in_child(ds, frame: int, mode: str) -> np.ndarray:
     """The frame ("plugin") or every frame ("whole") of `ds` decoded by GDCM in a child process;
     ValueError naming what happened when the child fails or dies."""
-    path = getattr(ds, "filename", None)
-    temporary = None
-    if not (isinstance(path, str) and os.path.isfile(path)):
-        fd, temporary = tempfile.mkstemp(suffix=".dcm")
-        os.close(fd)
-        ds.save_as(temporary)
-        path = temporary
+    from .decoders import file_of
+
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
     try:
-        done = subprocess.run([sys.executable, "-m", "ingest.isolated_decode", mode, path, str(frame)],
-                              capture_output=True, timeout=TIMEOUT_S, env=env)
+        with file_of(ds) as path:
+            done = subprocess.run([sys.executable, "-m", "ingest.isolated_decode", mode, path, str(frame)],
+                                  capture_output=True, timeout=TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired:
         raise ValueError(f"gdcm: no result within {TIMEOUT_S} s") from None
-    finally:
-        if temporary:
-            os.unlink(temporary)
     if done.returncode < 0:
         name = signal.Signals(-done.returncode).name
         raise ValueError(f"gdcm: the decoder ended its process ({name})")
