@@ -27,7 +27,7 @@ def test_benchmark_dataset_repeats_real_slices_under_distinct_keys_and_feeds_tra
         hu = (ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)).astype(np.int16)
         assert np.array_equal(ct[i][1], hu)
     fig = train_step.main(["--data", str(root), "--device", "cpu", "--arch", "resnet18", "--batch-size", "4",
-                           "--crop-sizes", "32", "16", "--steps", "1", "--warmup", "0", "--num-prototypes", "50",
+                           "--crop-sizes", "32,16", "--steps", "1", "--warmup", "0", "--num-prototypes", "50",
                            "--queue-length", "8", "--precision", "bf16", "--channels-last", "--num-workers", "1"])
     assert fig["data"] == str(root) and fig["precision"] == "fp32" and fig["channels_last"] is False
     assert 0 <= fig["data_wait_fraction"] < 1 and fig["images_per_s"] > 0
