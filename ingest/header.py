@@ -54,6 +54,7 @@ WANTED = {
     0x00281051: ("WindowWidth", "DS"),
     0x00281052: ("RescaleIntercept", "DS"),
     0x00281053: ("RescaleSlope", "DS"),
+    0x00281054: ("RescaleType", "LO"),  # pixel units: "HU" only for CT in Hounsfield (ingest.convert.pixel_units)
     0x00282110: ("LossyImageCompression", "CS"),
     0x00283000: ("ModalityLUTSequence", "SQ"),
     0x52009229: ("SharedFunctionalGroupsSequence", "SQ"),
