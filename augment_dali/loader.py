@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from shards import Dataset
-from shards.layout import DATASET_JSON, SHARDS_DIR
+from shards.layout import DATASET_JSON, MANIFEST_DIR, SHARDS_DIR
 from shards.verify import DamagedShardError, check_tar
 
 from .config import AugmentConfig
@@ -185,7 +185,8 @@ class SwavLoader:
         """Tars without a manifest part (a crashed ingest, or a manifest part lost) are not read: say so."""
         orphans = []
         for m in self.modalities:
-            committed = set(self.dataset.shard_table(m).column("shard").to_pylist())  # one small file
+            # the manifest parts present (a folder listing: no file opened per shard)
+            committed = {p.stem for p in (self.root / MANIFEST_DIR / f"modality={m}").glob("*.parquet")}
             orphans += [f"{m}/{t.stem}" for t in sorted((self.root / SHARDS_DIR / m).glob("*.tar"))
                         if t.stem not in committed]
         if orphans:

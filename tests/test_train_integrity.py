@@ -182,9 +182,16 @@ def test_loader_reports_uncommitted_tars_and_missing_shards(ingested_ct, tmp_pat
     shutil.copytree(ingested_ct, root)
     ct = shards.Dataset(root).shards("ct")
     lost_part = root / "manifest" / "modality=ct" / f"{ct[0].name}.parquet"
+    saved = lost_part.read_bytes()
     lost_part.unlink()  # its tar stays on disk, no longer listed
     with pytest.warns(UserWarning, match=f"1 shard tar.*without a manifest part.*ct/{ct[0].name}"):
         loader = SwavLoader(root, batch_size=2, crop_sizes=(32, 16), num_crops=(2, 1))
+    # the shard table still lists it: reading it stops, naming the shard whose manifest part is gone
+    with pytest.raises(DamagedShardError, match=f"shard ct/{ct[0].name}: manifest part .* unreadable"):
+        next(iter(loader))
+    loader.close()
+    lost_part.write_bytes(saved)
+    loader = SwavLoader(root, batch_size=2, crop_sizes=(32, 16), num_crops=(2, 1))
     ct[2].tar.unlink()
     with pytest.raises(DamagedShardError, match=f"shard ct/{ct[2].name}: tar missing"):
         next(iter(loader))
