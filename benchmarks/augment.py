@@ -82,6 +82,23 @@ def reference_chain(pixels, method, cfg, stats, rng):
 
 # --- (c) MONAI chain -------------------------------------------------------------------------------
 
+
+def combine_bands(bands, target):
+    """MONAI baseline's energy-band recombination (2-D and 3-D): each detail band scaled to its target
+    energy, the low-pass residual standardised around its mean (as fn.medswav.energy_bands does)."""
+    import torch
+
+    out = torch.zeros_like(bands[0])
+    for i, band in enumerate(bands):
+        e = float(band.std(unbiased=False))
+        gain = float(target[i] / e) if e > 1e-6 else 1.0
+        if i < len(bands) - 1:
+            out = out + gain * band
+        else:
+            m = band.mean()
+            out = out + m + gain * (band - m)
+    return out
+
 class MonaiAugment:
     """The same augmentation family written with MONAI transforms (what a MONAI user would write)."""
 
@@ -107,16 +124,7 @@ class MonaiAugment:
             low = smooth
         bands.append(low)
         target = np.maximum(np.asarray(self.stats["mean"]) + rng.uniform(-1, 1, cfg.num_bands) * np.asarray(self.stats["std"]), 0)
-        out = torch.zeros_like(x)
-        for i, band in enumerate(bands):
-            e = float(band.std(unbiased=False))
-            gain = float(target[i] / e) if e > 1e-6 else 1.0
-            if i < len(bands) - 1:
-                out = out + gain * band
-            else:
-                m = band.mean()
-                out = out + m + gain * (band - m)
-        out = out.clamp(0, 1)
+        out = combine_bands(bands, target).clamp(0, 1)
         if rng.random() < cfg.p_gamma:
             out = AdjustContrast(rng.uniform(*cfg.gamma_range))(out)
         else:

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ._common import machine, parser, print_table, write_json
+from .augment import combine_bands
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE_RANGE = ((96, 112, 112), (200, 250, 250))
@@ -151,16 +152,7 @@ class MonaiVolumeAugment:
             low = smooth
         bands.append(low)
         target = np.maximum(self.mean + rng.uniform(-1, 1, len(bands)) * self.std, 0)
-        out = torch.zeros_like(x)
-        for i, band in enumerate(bands):
-            e = float(band.std(unbiased=False))
-            gain = float(target[i] / e) if e > 1e-6 else 1.0
-            if i < len(bands) - 1:
-                out = out + gain * band
-            else:
-                m = band.mean()
-                out = out + m + gain * (band - m)
-        out = out.clamp(0, 1)  # as fn.medswav.gamma clamps (it runs with gamma 1 on the linear path)
+        out = combine_bands(bands, target).clamp(0, 1)  # as fn.medswav.gamma clamps (it runs with gamma 1 on the linear path)
         if rng.random() < 0.5:
             out = AdjustContrast(rng.uniform(*GAMMA_RANGE))(out)
         else:
