@@ -39,26 +39,36 @@ CROPS_PER_SAMPLE = 8
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_dataset(root: Path, data_dir: Path) -> Path:
+def real_slices(data_dir: Path) -> dict[str, list[tuple[str, np.ndarray, dict]]]:
+    """{modality: [(SOPInstanceUID, stored pixels, SampleMeta fields)]} of the real CT and MR series."""
     import pydicom
-
-    import shards
 
     series = {"ct": sorted((data_dir / "dicom" / "ct_kits_abdomen_18").glob("*.dcm")),
               "mr": sorted((data_dir / "dicom" / "mr_mprage_sagittal_192").glob("*.dcm"))[2:194:4]}
+    out = {}
     for modality, paths in series.items():
         if not paths:
             raise FileNotFoundError(f"no DICOM files for {modality} under {data_dir / 'dicom'} (see --data)")
+        out[modality] = []
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            pixels, extra = ds.pixel_array, {}
+            if modality == "ct":  # modality LUT -> Hounsfield units, as ingest does for exact integers
+                pixels = (pixels.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)).astype(np.int16)
+                extra = dict(rescale_slope=float(ds.RescaleSlope), rescale_intercept=float(ds.RescaleIntercept),
+                             rescale_applied=True)
+            out[modality].append((ds.SOPInstanceUID, pixels, extra))
+    return out
+
+
+def build_dataset(root: Path, data_dir: Path) -> Path:
+    import shards
+
+    for modality, slices in real_slices(data_dir).items():
         with shards.ShardWriter(root, modality, f"{modality}-g000-000000") as w:
-            for path in paths:
-                ds = pydicom.dcmread(path)
-                pixels, extra = ds.pixel_array, {}
-                if modality == "ct":  # modality LUT -> Hounsfield units, as ingest does for exact integers
-                    pixels = (pixels.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)).astype(np.int16)
-                    extra = dict(rescale_slope=float(ds.RescaleSlope), rescale_intercept=float(ds.RescaleIntercept),
-                                 rescale_applied=True)
+            for uid, pixels, extra in slices:
                 meta = shards.SampleMeta(modality=modality, split="train", **extra)
-                w.write(shards.sample_key(ds.SOPInstanceUID, 0, "bench"), pixels, meta)
+                w.write(shards.sample_key(uid, 0, "bench"), pixels, meta)
     shards.write_dataset_json(root)
     return root
 

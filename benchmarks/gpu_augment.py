@@ -25,30 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build_dataset(root: Path, data_dir: Path, per_modality: int) -> Path:
     """Real CT and MR slices, each repeated under distinct keys to ``per_modality`` samples; energy stats."""
-    import numpy as np
-    import pydicom
-
     import shards
+    from benchmarks.augment import real_slices
     from augment_dali.config import AugmentConfig
     from augment_dali.stats import compute_stats, write_stats
 
     if (root / "dataset.json").exists():
         return root
-    series = {"ct": sorted((data_dir / "dicom" / "ct_kits_abdomen_18").glob("*.dcm")),
-              "mr": sorted((data_dir / "dicom" / "mr_mprage_sagittal_192").glob("*.dcm"))[2:194:4]}
     tmp = root.with_name(root.name + ".partial")
-    for modality, paths in series.items():
-        if not paths:
-            raise FileNotFoundError(f"no DICOM files for {modality} under {data_dir / 'dicom'} (see --data)")
-        slices = []
-        for path in paths:
-            ds = pydicom.dcmread(path)
-            pixels, extra = ds.pixel_array, {}
-            if modality == "ct":  # modality LUT -> Hounsfield units, as ingest does for exact integers
-                pixels = (pixels.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)).astype(np.int16)
-                extra = dict(rescale_slope=float(ds.RescaleSlope), rescale_intercept=float(ds.RescaleIntercept),
-                             rescale_applied=True)
-            slices.append((ds.SOPInstanceUID, pixels, extra))
+    for modality, slices in real_slices(data_dir).items():
         per_shard = 128
         for s in range(0, per_modality, per_shard):
             with shards.ShardWriter(tmp, modality, f"{modality}-g000-{s // per_shard:06d}") as w:
