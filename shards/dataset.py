@@ -179,17 +179,27 @@ def error_counts(root: str | os.PathLike) -> dict[str, dict[str, int]]:
 def _shard_summary(part: Path) -> dict:
     """One shard table row from the manifest part's footer (no rows read, except for old parts)."""
     meta = pq.read_metadata(part)
-    kv = meta.metadata or {}
-    row = {"shard": part.stem, "samples": meta.num_rows}
+    return shard_table_row(part, meta.metadata or {}, meta.num_rows)
+
+
+def split_counts(table: pa.Table) -> dict[str, int]:
+    """{split: samples, ..., "labelled": samples} counted over manifest rows."""
+    splits = pc.value_counts(table.column("split"))
+    by_split = dict(zip(splits.field("values").to_pylist(), splits.field("counts").to_pylist()))
+    counts = {s: int(by_split.get(s, 0)) for s in SPLITS}
+    counts["labelled"] = int(pc.sum(table.column("labelled").cast(pa.int64())).as_py() or 0)
+    return counts
+
+
+def shard_table_row(part: Path, kv: dict, num_rows: int, rows: pa.Table | None = None) -> dict:
+    """The shard table row of manifest part `part` from its footer metadata `kv`; a part written
+    before shards carried their summary is counted from its rows (`rows`, or read here)."""
+    row = {"shard": part.stem, "samples": num_rows}
     if SUMMARY_META in kv:
         summary = json.loads(kv[SUMMARY_META])
         row.update({k: int(summary.get(k, 0)) for k in (*SPLITS, "labelled")})
-    else:  # a part written before shards carried their summary: count its own rows
-        table = pq.read_table(part, columns=["split", "labelled"])
-        splits = pc.value_counts(table.column("split"))
-        by_split = dict(zip(splits.field("values").to_pylist(), splits.field("counts").to_pylist()))
-        row.update({s: int(by_split.get(s, 0)) for s in SPLITS})
-        row["labelled"] = int(pc.sum(table.column("labelled").cast(pa.int64())).as_py() or 0)
+    else:
+        row.update(split_counts(rows if rows is not None else pq.read_table(part, columns=["split", "labelled"])))
     if TAR_SIZE_META in kv:
         row["bytes"] = int(kv[TAR_SIZE_META])
     else:
@@ -205,9 +215,11 @@ def shard_summaries(root: str | os.PathLike, modality: str) -> pa.Table:
     return pa.Table.from_pylist(_footer_reads(_shard_summary, parts), schema=SHARD_TABLE_SCHEMA)
 
 
-def shard_table_problems(root: str | os.PathLike) -> list[str]:
+def shard_table_problems(root: str | os.PathLike, footer_rows: dict[str, dict[str, dict]] | None = None) -> list[str]:
     """Where the shard tables differ from the committed manifest parts (verify): a trainer would read
-    a stale table's shards, so a missing, extra or changed shard is a problem. No table at all is not."""
+    a stale table's shards, so a missing, extra or changed shard is a problem. No table at all is not.
+    `footer_rows` ({modality: {shard: row}}, the rows verify's shard tasks sent back) spares reading
+    every manifest footer here."""
     root = Path(root)
     ds = Dataset(root)
     tables = {p.stem for p in (root / TABLE_DIR).glob("*.parquet")} if (root / TABLE_DIR).is_dir() else set()
@@ -220,7 +232,10 @@ def shard_table_problems(root: str | os.PathLike) -> list[str]:
             problems.append(f"{where} is missing while other modalities have one (run `python -m shards reindex`)")
             continue
         recorded = {r["shard"]: r for r in pq.read_table(table_path(root, modality)).to_pylist()}
-        actual = {r["shard"]: r for r in shard_summaries(root, modality).to_pylist()}
+        if footer_rows is not None:
+            actual = footer_rows.get(modality, {})
+        else:
+            actual = {r["shard"]: r for r in shard_summaries(root, modality).to_pylist()}
         for what, names in (("lacks committed shard", sorted(set(actual) - set(recorded))),
                             ("lists uncommitted shard", sorted(set(recorded) - set(actual))),
                             ("disagrees with the manifest footer of",
@@ -238,13 +253,10 @@ def _modality_counts(table: pa.Table) -> dict:
 
 
 def _per_sample_counts(ds: Dataset, modality: str) -> dict:
-    """The same numbers counted over every manifest row (verify's independent check of the footers)."""
+    """The same numbers counted over every manifest row (an independent check of the footers)."""
     table = ds.manifest(modality, columns=["split", "labelled"])
-    splits = pc.value_counts(table.column("split"))
-    by_split = dict(zip(splits.field("values").to_pylist(), splits.field("counts").to_pylist()))
     shard_files = ds.shards(modality)
-    return {"samples": table.num_rows, **{s: int(by_split.get(s, 0)) for s in SPLITS},
-            "labelled": int(pc.sum(table.column("labelled").cast(pa.int64())).as_py() or 0),
+    return {"samples": table.num_rows, **split_counts(table),
             "shards": len(shard_files), "bytes": sum(s.tar.stat().st_size for s in shard_files if s.tar.exists())}
 
 

@@ -26,13 +26,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .checksum import crc32
-from .dataset import Dataset, ShardFiles, shard_table_problems, summarize
+from .dataset import Dataset, ShardFiles, shard_table_problems, shard_table_row, split_counts
 from .index import read_index
 from .keys import KEY_HEX
 from .layout import (DATASET_JSON, ERRORS_DIR, INVENTORY_DIR, MANIFEST_DIR, SHARDS_DIR, STATS_DIR, TABLE_DIR, TMP_MARK,
                      idx_path,
                      tar_path)
-from .manifest import TAR_CRC32_META, TAR_SIZE_META
+from .manifest import SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META
 
 
 @dataclass
@@ -116,17 +116,10 @@ def _unreadable_json(root: Path) -> tuple[list[str], set[str]]:
     return problems, bad
 
 
-def _unreadable_parquet(root: Path) -> list[str]:
-    """Problems for Parquet files outside manifest/ (read in full there) that cannot be read to the end."""
-    problems = []
-    for folder in (ERRORS_DIR, INVENTORY_DIR, "plan", TABLE_DIR):
-        for path in sorted((root / folder).glob("*.parquet")):
-            try:
-                for _ in pq.ParquetFile(path).iter_batches(batch_size=1 << 16):
-                    pass
-            except Exception as e:  # pyarrow raises several types for damaged files; all mean the same here
-                problems.append(f"{path.relative_to(root)}: unreadable Parquet ({type(e).__name__}: {e})")
-    return problems
+def _other_parquet_files(root: Path) -> list[str]:
+    """Parquet files outside manifest/ (whose parts the shard tasks read in full), relative to root."""
+    return [str(path.relative_to(root)) for folder in (ERRORS_DIR, INVENTORY_DIR, "plan", TABLE_DIR)
+            for path in sorted((root / folder).glob("*.parquet"))]
 
 
 class DamagedShardError(ValueError):
@@ -262,6 +255,8 @@ class ShardSummary:
     key_prefixes: np.ndarray | None = None  # uint64, first 64 bits of every key, for the duplicate check
     tar_opens: int = 0               # how often the tar was opened, and how many bytes of it were read
     tar_bytes_read: int = 0
+    counts: dict | None = None       # {split: n, "labelled": n} counted over the part's rows
+    table_row: dict | None = None    # the shard table row its footer gives (compared with table/<m>.parquet)
 
 
 def verify_shard(root: str | os.PathLike, modality: str, name: str) -> ShardSummary:
@@ -277,6 +272,15 @@ def verify_shard(root: str | os.PathLike, modality: str, name: str) -> ShardSumm
         out.manifest_ok = False
         return out
     out.samples = table.num_rows
+    # dataset.json and the shard table are checked on the client against these counts and this row, so
+    # the client never reads a manifest row itself
+    out.counts = split_counts(table)
+    meta = table.schema.metadata or {}
+    out.table_row = shard_table_row(part, meta, table.num_rows, table)
+    if SUMMARY_META in meta:
+        footer = json.loads(meta[SUMMARY_META])
+        if any(int(footer.get(k, 0)) != n for k, n in out.counts.items()) or int(footer.get("samples", -1)) != out.samples:
+            out.problems.append(f"{out.part}: footer summary {footer} disagrees with its rows")
     try:
         out.key_prefixes = np.array([int(k[:16], 16) for k in table.column("key").to_pylist()], dtype=np.uint64)
     except (ValueError, TypeError):  # a key that is not hex: no sample of ours
@@ -406,73 +410,94 @@ def _not_checked(modality: str, name: str, error: BaseException) -> ShardSummary
         f"{modality}/{name}: not checked, its task failed ({type(error).__name__}: {error})"])
 
 
-def _summaries(root: Path, shards: list[tuple[str, str]], workers: int | None, scheduler: str | None,
-               progress: bool, client=None) -> Iterator[ShardSummary]:
-    """verify_shard for every (modality, name), in any order as they finish.
-
-    One Dask task per shard; at most a few tasks per worker are queued at a time, so the client holds
-    only the summaries not yet consumed, whatever the number of shards. In-process (no Dask) when
-    workers == 0, or when no cluster is named and the dataset has at most IN_PROCESS_MAX_SHARDS shards
-    (a cluster's start would cost more than the checks)."""
+def _unordered(function, items: list[tuple], client, progress: bool, desc: str) -> Iterator[tuple[tuple, Any]]:
+    """(item, function(*item)) for every item, in any order as they finish: as Dask tasks through
+    `client` (a connected distributed.Client) or in this process when client is None. At most a few
+    tasks per worker are queued at a time, so the client holds only the results not yet consumed,
+    whatever the number of items. A task that failed every retry gives its exception as the result."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(shards), desc="verify", unit="shard", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
-    in_process = client is None and not scheduler and (
-        workers == 0 or (workers is None and len(shards) <= IN_PROCESS_MAX_SHARDS))
+    bar = tqdm(total=len(items), desc=desc, unit="file", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     with bar:
-        if in_process:
-            for modality, name in shards:
-                yield verify_shard(root, modality, name)
+        if client is None:
+            for item in items:
+                yield item, function(*item)
                 bar.update(1)
             return
         from distributed import as_completed
 
-        cluster = nullcontext(client) if client is not None else dask_client(workers or DEFAULT_WORKERS, scheduler)
-        with cluster as client:
-            window = 4 * max(1, len(client.scheduler_info().get("workers", {})))
-            todo = iter(shards)
+        window = 4 * max(1, len(client.scheduler_info().get("workers", {})))
+        todo = iter(items)
+        in_flight = {}  # future -> item; at most `window` entries
 
-            in_flight = {}  # future -> (modality, name); at most `window` entries
+        def submit(item):
+            fut = client.submit(function, *item, key=f"{desc}-{'/'.join(map(str, item[1:]))}", pure=False)
+            in_flight[fut] = item
+            return fut
 
-            def submit(item):
-                fut = client.submit(verify_shard, str(root), *item, key=f"verify-{item[0]}/{item[1]}", pure=False)
-                in_flight[fut] = item
-                return fut
+        pending = as_completed([submit(item) for item in islice(todo, window)])
+        for fut in pending:
+            item = in_flight.pop(fut)
+            try:
+                result = fut.result()
+            except Exception as e:  # noqa: BLE001 - a task that failed every retry: the caller reports it
+                result = e
+            fut.release()
+            yield item, result
+            bar.update(1)
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.add(submit(nxt))
 
-            pending = as_completed([submit(item) for item in islice(todo, window)])
-            for fut in pending:
-                modality, name = in_flight.pop(fut)
-                try:
-                    yield fut.result()
-                except Exception as e:  # noqa: BLE001 - a task that failed every retry: one problem line
-                    yield _not_checked(modality, name, e)
-                fut.release()
-                bar.update(1)
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.add(submit(nxt))
+
+def check_parquet(root: str | os.PathLike, rel: str) -> str | None:
+    """None when the Parquet file root/rel reads to the end, else one problem line (a Dask task)."""
+    try:
+        for _ in pq.ParquetFile(Path(root) / rel).iter_batches(batch_size=1 << 16):
+            pass
+    except Exception as e:  # pyarrow raises several types for damaged files; all mean the same here
+        return f"{rel}: unreadable Parquet ({type(e).__name__}: {e})"
+    return None
 
 
 def verify(root: str | os.PathLike, progress: bool = False, workers: int | None = None,
            scheduler: str | None = None, client=None) -> VerifyReport:
-    """Check the dataset at root. Per-shard checks run as one Dask task per shard on an embedded
-    LocalCluster of `workers` processes (default DEFAULT_WORKERS), on the cluster at `scheduler`, or
-    through `client` (a connected distributed.Client, left open);
+    """Check the dataset at root. Per-shard checks (and the reads of the other Parquet files) run as one
+    Dask task per file on an embedded LocalCluster of `workers` processes (default DEFAULT_WORKERS), on
+    the cluster at `scheduler`, or through `client` (a connected distributed.Client, left open);
     workers=0, or a dataset of at most IN_PROCESS_MAX_SHARDS shards with neither given, checks in this
-    process. Cross-shard checks (duplicate keys, dataset.json) run here on what the tasks send back."""
+    process. Cross-shard checks (duplicate keys, dataset.json, shard tables) run here on what the tasks
+    send back: counts, one shard table row per shard and 8 bytes per key (to bucket files on disk)."""
     root = Path(root)
     ds = Dataset(root)
-    report = VerifyReport()
     parts = []  # (modality, manifest part) of every committed shard
     for modality in ds.modalities:
         for part in sorted((root / MANIFEST_DIR / f"modality={modality}").glob("*.parquet")):
             parts.append((modality, part))
+    in_process = client is None and not scheduler and (
+        workers == 0 or (workers is None and len(parts) <= IN_PROCESS_MAX_SHARDS))
+    if in_process:
+        cluster = nullcontext(None)
+    elif client is not None:
+        cluster = nullcontext(client)
+    else:
+        cluster = dask_client(workers or DEFAULT_WORKERS, scheduler)
+    with cluster as client:
+        return _verify(root, ds, parts, client, progress)
+
+
+def _verify(root: Path, ds: Dataset, parts: list[tuple[str, Path]], client, progress: bool) -> VerifyReport:
+    report = VerifyReport()
     readable, unreadable_manifest = [], False
+    totals: dict[str, dict[str, int]] = {}          # modality -> counts over its readable parts
+    footer_rows: dict[str, dict[str, dict]] = {}    # modality -> shard -> table row from its footer
     with tempfile.TemporaryDirectory(prefix="medswav-verify-keys-") as tmp:
         keys = KeyBuckets(Path(tmp))
         shard_problems = []  # (shard, its lines): tasks finish in any order, the report lists shards in order
-        for summary in _summaries(root, [(m, part.stem) for m, part in parts], workers, scheduler, progress, client):
+        items = [(str(root), m, part.stem) for m, part in parts]
+        for (_, modality, name), summary in _unordered(verify_shard, items, client, progress, "verify"):
+            if isinstance(summary, BaseException):
+                summary = _not_checked(modality, name, summary)
             if summary.problems:
                 shard_problems.append((summary.where, summary.problems))
             report.tar_bytes_read += summary.tar_bytes_read
@@ -486,6 +511,13 @@ def verify(root: str | os.PathLike, progress: bool = False, workers: int | None 
                 readable.append((summary.where, root / summary.part))
                 report.shards += 1
                 report.samples += summary.samples
+            if summary.counts is not None:
+                total = totals.setdefault(modality, dict.fromkeys(("samples", "shards"), 0))
+                total["samples"] += summary.samples
+                total["shards"] += 1
+                for k, n in summary.counts.items():
+                    total[k] = total.get(k, 0) + n
+                footer_rows.setdefault(modality, {})[summary.table_row["shard"]] = summary.table_row
         for _, lines in sorted(shard_problems):
             report.problems.extend(lines)
         readable.sort()
@@ -503,21 +535,26 @@ def verify(root: str | os.PathLike, progress: bool = False, workers: int | None 
 
     json_problems, bad_json = _unreadable_json(root)
     report.problems.extend(json_problems)
-    parquet_problems = _unreadable_parquet(root)
-    report.problems.extend(parquet_problems)
+    parquet_problems = []
+    for (_, rel), result in _unordered(check_parquet, [(str(root), rel) for rel in _other_parquet_files(root)],
+                                        client, progress, "verify-parquet"):
+        if isinstance(result, BaseException):
+            result = f"{rel}: not checked, its task failed ({type(result).__name__}: {result})"
+        if result:
+            parquet_problems.append(result)
+    report.problems.extend(sorted(parquet_problems))
     if not (root / DATASET_JSON).exists():
         report.problems.append(f"{DATASET_JSON} missing: the ingestion was not finalized (rerun `python -m ingest`)")
     elif DATASET_JSON not in bad_json and not unreadable_manifest and not parquet_problems:
         recorded = ds.info
-        actual = summarize(root, per_sample=True)  # counts rows: checks the footer summaries too
-        for name, numbers in actual["modalities"].items():
+        for name, numbers in sorted(totals.items()):
             rec = recorded.get("modalities", {}).get(name, {})
             for k in ("samples", "train", "val", "test", "shards"):
-                if rec.get(k, 0) != numbers[k]:
-                    report.problems.append(f"dataset.json: {name}.{k} is {rec.get(k)}, manifests give {numbers[k]}")
-        extra = set(recorded.get("modalities", {})) - set(actual["modalities"])
+                if rec.get(k, 0) != numbers.get(k, 0):
+                    report.problems.append(f"dataset.json: {name}.{k} is {rec.get(k)}, manifests give {numbers.get(k, 0)}")
+        extra = set(recorded.get("modalities", {})) - set(totals)
         if extra:
             report.problems.append(f"dataset.json lists modalities without shards: {sorted(extra)}")
     if not parquet_problems and not unreadable_manifest:  # the tables are compared with the manifest footers
-        report.problems.extend(shard_table_problems(root))
+        report.problems.extend(shard_table_problems(root, footer_rows))
     return report

@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pydicom
 import pytest
 
@@ -512,3 +513,28 @@ def test_verify_catches_a_stale_shard_table(dataset, real_slices):
     (dataset / "manifest" / "modality=ct" / "ct-g001-000000.parquet").unlink()
     (dataset / "shards" / "ct" / "ct-g001-000000.tar").unlink()
     assert any("table/ct.parquet lists uncommitted shard(s) ct-g001-000000" in p for p in verify(dataset).problems)
+
+
+def test_verify_counts_rows_on_workers_and_catches_a_lying_footer(dataset, monkeypatch):
+    """dataset.json and the shard tables are checked against counts the shard tasks take from the manifest
+    rows: a footer summary that disagrees with its rows is a problem, and the client reads no manifest row."""
+    from shards.manifest import SUMMARY_META
+
+    part = next((dataset / "manifest" / "modality=mr").glob("*.parquet"))
+    table = pq.read_table(part)
+    meta = dict(table.schema.metadata)
+    footer = json.loads(meta[SUMMARY_META])
+    footer["train"], footer["val"] = footer["train"] + 1, footer["val"] - 1  # rows unchanged
+    meta[SUMMARY_META] = json.dumps(footer).encode()
+    pq.write_table(table.replace_schema_metadata(meta), part)
+    shards.write_dataset_json(dataset)  # dataset.json and table/mr.parquet now agree with the lying footer
+
+    def no_rows_on_the_client(*args, **kwargs):
+        raise AssertionError("the client read manifest rows")
+
+    monkeypatch.setattr(shards.Dataset, "manifest", no_rows_on_the_client)
+    report = verify(dataset, workers=2)  # workers are other processes: the patch holds for the client only
+    rows_val = sum(1 for s in pq.read_table(part).column("split").to_pylist() if s == "val")
+    assert f"manifest/modality=mr/{part.name}: footer summary {footer} disagrees with its rows" in report.problems
+    assert f"dataset.json: mr.val is {rows_val - 1}, manifests give {rows_val}" in report.problems
+    assert report.shards == 2 and report.samples == 30
