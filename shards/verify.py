@@ -4,9 +4,10 @@ Per shard, one Dask task (or in-process for small datasets) reading the tar once
 whole tar's checksum and size (catches any flipped byte, padding included) from the same reads that parse
 the tar's own headers and members, then the DALI index and every member's offset, size and checksum (says
 where the damage is). The task sends back its problem lines and the first 64 bits of each key.
-Per dataset: no key in two places (found in bounded memory: keys go to 256 bucket files on disk, and
-each bucket is sorted on its own), every JSON and Parquet file readable, `dataset.json` present and
-matching the manifests; uncommitted shards and stray temporaries as warnings.
+Per dataset: no key in two places (found in bounded memory: 8 bytes per key, in memory up to 4 M keys,
+beyond that in 256 bucket files on disk, each sorted on its own), every JSON and Parquet file readable, `dataset.json` present and
+matching the row counts the tasks send back (the client reads no manifest row), the shard tables matching
+the footers the tasks send back; uncommitted shards and stray temporaries as warnings.
 """
 from __future__ import annotations
 
@@ -58,30 +59,57 @@ def _file_crc32(path: Path) -> int:
 
 
 class KeyBuckets:
-    """Every sample key of the dataset, spread over 256 files by its first byte, to find duplicates.
+    """Every sample key of the dataset, to find duplicates: the first 64 bits of each key.
 
-    Holds 8 bytes per key on disk (the key's first 64 bits) and one bucket in memory at a time, so a
-    billion samples cost 8 GB of temporary disk and about 32 MB of memory. Equal 64-bit prefixes are
-    only candidates: `duplicates` confirms them on the full keys in a second pass over the manifests.
+    Up to IN_MEMORY_KEYS keys stay in memory (32 MB) and are sorted once; beyond that they spill to 256
+    files by their first byte, each sorted on its own later, so a billion samples cost 8 GB of temporary
+    disk and about 32 MB of memory. Equal 64-bit prefixes are only candidates: `duplicates` confirms them
+    on the full keys in a second pass over the manifests.
     """
+
+    IN_MEMORY_KEYS = 1 << 22
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.files = [open(folder / f"{b:02x}.u64", "wb") for b in range(256)]
+        self.held: list[np.ndarray] = []
+        self.held_keys = 0
+        self.files = None  # the 256 bucket files, once spilled
 
     def add_prefixes(self, prefixes: np.ndarray) -> None:
         """prefixes: uint64, the first 64 bits of each key (a shard's, as its check returns them)."""
+        self.held.append(prefixes)
+        self.held_keys += len(prefixes)
+        if self.held_keys > self.IN_MEMORY_KEYS:
+            self._spill()
+
+    def _spill(self) -> None:
+        if self.files is None:
+            self.files = [open(self.folder / f"{b:02x}.u64", "wb") for b in range(256)]
+        if not self.held:
+            return
+        prefixes = np.concatenate(self.held)
         buckets = (prefixes >> np.uint64(56)).astype(np.uint8)
-        for b in np.unique(buckets):
-            prefixes[buckets == b].tofile(self.files[b])
+        order = np.argsort(buckets, kind="stable")
+        bounds = np.searchsorted(buckets[order], np.arange(257))
+        for b in range(256):
+            if bounds[b] < bounds[b + 1]:
+                prefixes[order[bounds[b]:bounds[b + 1]]].tofile(self.files[b])
+        self.held, self.held_keys = [], 0
+
+    @staticmethod
+    def _repeated(values: np.ndarray) -> set[str]:
+        values = np.sort(values)
+        return {f"{int(v):016x}" for v in np.unique(values[1:][values[1:] == values[:-1]])}
 
     def candidates(self) -> set[str]:
         """The 16-hex-digit prefixes seen more than once."""
+        if self.files is None:
+            return self._repeated(np.concatenate(self.held)) if self.held else set()
+        self._spill()
         out = set()
         for f in self.files:
             f.close()
-            values = np.sort(np.fromfile(f.name, dtype=np.uint64))
-            out.update(f"{int(v):016x}" for v in np.unique(values[1:][values[1:] == values[:-1]]))
+            out.update(self._repeated(np.fromfile(f.name, dtype=np.uint64)))
             os.unlink(f.name)
         return out
 

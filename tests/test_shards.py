@@ -319,6 +319,24 @@ def test_verify_reports_duplicate_keys_across_shards(dataset, real_slices):
     assert example in {shards.sample_key(uid, 0, SALT) for _, uid, _ in real_slices[:3]}
 
 
+
+def test_verify_finds_duplicates_when_the_keys_spill_to_bucket_files(dataset, real_slices, monkeypatch):
+    """Past KeyBuckets.IN_MEMORY_KEYS the key prefixes go to 256 bucket files: duplicates are found the same."""
+    from shards.verify import KeyBuckets
+
+    with shards.ShardWriter(dataset, "ct", "ct-g001-000000") as w:
+        for modality, uid, pixels in real_slices[:3]:
+            w.write(shards.sample_key(uid, 0, SALT), pixels, shards.SampleMeta(modality="ct", split="train"))
+    shards.write_dataset_json(dataset)
+    monkeypatch.setattr(KeyBuckets, "IN_MEMORY_KEYS", 4)  # 33 keys in 3 shards: spills after the first
+    spilled = []
+    original = KeyBuckets._spill
+    monkeypatch.setattr(KeyBuckets, "_spill", lambda self: (spilled.append(self.held_keys), original(self)))
+    report = verify(dataset, workers=0)
+    assert spilled and sum(spilled) == 33
+    dup = [p for p in report.problems if "duplicate key(s)" in p]
+    assert len(dup) == 1 and dup[0].startswith("3 duplicate key(s) in ct/ct-g000-000000, ct/ct-g001-000000"), report.problems
+
 def test_verify_reports_missing_and_corrupt_metadata_files(dataset):
     (dataset / "dataset.json").unlink()
     result = _verify_cli(dataset)
