@@ -15,6 +15,10 @@ and scheduler, VmHWM: everything it gathered from the workers included) and each
 wall-time scaling says little; the CPU time says what the work costs). The planned slice count is checked against the
 generator's own count of unique (SOP, frame) pairs.
 
+Then the control plane's other two lines, each a fresh process: `shards verify` shards/s with 1 and 2
+workers (benchmarks.verify) and a training rank's start-up, seconds to its first batch with 10,000 shards
+(benchmarks.startup; 1,000 with --quick); `--no-verify` / `--no-startup` skip them.
+
 Finalize here writes dataset.json over a dataset without shards (no convert ran): its figure is the
 fixed cost only; finalize's per-shard work (summarize over the manifests) is not exercised.
 """
@@ -220,11 +224,44 @@ def run_client(root: Path, workers: int, rows: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _run_benchmark(module: str, tmp: Path, quick: bool) -> dict:
+    """Another benchmark of the control plane in a fresh process (its own imports and peak RSS): its figures."""
+    out = tmp / f"{module}.json"
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", "--json", str(out)] + (["--quick"] if quick else [])
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+def _other_lines(tmp: Path, args) -> dict:
+    """The control plane's other two figures, so one command gives issue 13's whole table: `shards verify`
+    with 1 and 2 workers (benchmarks.verify) and a rank's start-up with 10,000 shards (benchmarks.startup;
+    1,000 with --quick)."""
+    figures, lines = {}, []
+    if not args.no_verify:
+        v = _run_benchmark("verify", tmp, args.quick)
+        figures.update({"verify_shards_per_s_1w": round(v["shards_per_s_1w"], 2),
+                        "verify_shards_per_s_2w": round(v["shards_per_s_2w"], 2),
+                        "verify_scaling_1_to_2": round(v["scaling_1_to_2"], 3)})
+        lines.append(f"verify: {v['shards_per_s_1w']:.1f} shards/s with 1 worker, {v['shards_per_s_2w']:.1f} with 2: "
+                     f"scaling {v['scaling_1_to_2']:.2f} (target >= 1.7)")
+    if not args.no_startup:
+        s = _run_benchmark("startup", tmp, args.quick)
+        figures["startup_seconds"] = round(s["startup_seconds"], 3)
+        figures["startup_shards"] = 1000 if args.quick else 10_000
+        lines.append(f"rank start-up: {s['startup_seconds']:.2f} s to the first batch with {figures['startup_shards']:,} "
+                     f"shards (target <= 2 s with 10,000)")
+    if lines:
+        print("\n" + "\n".join(lines), flush=True)
+    return figures
+
+
 def main(argv=None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=1_000_000, help="inventory rows (files) to synthesise")
     p.add_argument("--part-rows", type=int, default=50_000, help="rows per inventory part (one scan task's)")
     p.add_argument("--dir", help="work folder (default: a temporary folder, removed at the end)")
+    p.add_argument("--no-verify", action="store_true", help="skip the `shards verify` line (benchmarks.verify)")
+    p.add_argument("--no-startup", action="store_true", help="skip the rank start-up line (benchmarks.startup)")
     args = p.parse_args(argv)
     rows = 50_000 if args.quick else args.rows
     tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="medswav-plan-bench-"))
@@ -259,6 +296,7 @@ def main(argv=None) -> int:
             "worker_cpu_seconds_1w": round(results[1]["worker_cpu_s"], 1),
             "worker_cpu_seconds_2w": round(results[2]["worker_cpu_s"], 1),
         }
+        figures.update(_other_lines(tmp, args))
         print(json.dumps(figures))
         write_json(args.json, "plan", figures, {"rows": rows, "part_rows": args.part_rows, "quick": args.quick,
                                                 "cores": os.cpu_count()})
