@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from shards import Dataset
+from shards.atomic import write_text_atomically
 
 from .config import HU_WINDOW, AugmentConfig, NormalizeConfig
 from .normalize import modality_units, normalize_dali
@@ -226,10 +227,7 @@ def compute_stats(root: str | os.PathLike, samples: int = 1000, seed: int = 0,
 
 def write_stats(root: str | os.PathLike, stats: dict) -> Path:
     path = stats_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(stats, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(stats, indent=2) + "\n")
     return path
 
 

@@ -174,7 +174,7 @@ def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], inventor
     import numpy as np
     import pyarrow.compute as pc
 
-    from shards.manifest import write_parquet_atomically
+    from shards.atomic import write_parquet_atomically
 
     unrecoverable: dict[str, str] = {}
     by_gen: dict[int, list[tuple[str, str]]] = {}

@@ -69,7 +69,7 @@ def work_dir(root: str | os.PathLike, generation: int | None = None) -> Path:
 
 def write_map(path: Path, rows: list[dict]) -> None:
     """One map part (rows of source_hash, path), mode 0600, written atomically."""
-    from shards.manifest import write_parquet_atomically
+    from shards.atomic import write_parquet_atomically
 
     write_parquet_atomically(pa.Table.from_pylist(rows, schema=PATHS_SCHEMA), path)
     path.chmod(0o600)  # the 0700 map folder already keeps others out; the part itself says so too

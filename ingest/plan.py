@@ -552,11 +552,9 @@ class LabelTable:
 
 def write_plan_meta(root: Path, generation: int, meta: dict) -> None:
     """plan/gNNN.json, written last: a generation exists once its meta exists."""
-    path = plan_meta_path(root, generation)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    from shards.atomic import write_text_atomically
+
+    write_text_atomically(plan_meta_path(root, generation), json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
 def read_plan_meta(root: Path, generation: int) -> dict:
@@ -664,15 +662,18 @@ def _write_sorted(table: pa.Table, path: Path, by: np.ndarray, stats: list[str])
     """Write `table` (already sorted by `by`) with row groups that never span two values of `by` (and
     at most ROW_GROUP_ROWS rows), atomically. Only the `stats` columns carry row-group statistics (what
     readers filter on): every reader parses the footer, and min/max of paths and layouts would bloat it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    from shards.atomic import write_atomically
+
     starts = np.flatnonzero(np.r_[True, by[1:] != by[:-1]]) if len(by) else np.zeros(0, np.int64)
-    with pq.ParquetWriter(tmp, table.schema, write_statistics=stats) as writer:
-        for a, b in zip(starts.tolist(), np.r_[starts[1:], len(by)].tolist()):
-            writer.write_table(table.slice(a, b - a), row_group_size=ROW_GROUP_ROWS)
-        if not len(by):
-            writer.write_table(table)
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, table.schema, write_statistics=stats) as writer:
+            for a, b in zip(starts.tolist(), np.r_[starts[1:], len(by)].tolist()):
+                writer.write_table(table.slice(a, b - a), row_group_size=ROW_GROUP_ROWS)
+            if not len(by):
+                writer.write_table(table)
+
+    write_atomically(path, write)
 
 
 def _write_slots(table: pa.Table, path: Path, slot: np.ndarray, slots: int) -> None:
@@ -680,20 +681,27 @@ def _write_slots(table: pa.Table, path: Path, slot: np.ndarray, slots: int) -> N
     `<path>.idx.npy` of slots + 1 byte offsets: the rows of slot k lie in [index[k], index[k + 1]).
     A reader of one slot (or a run of slots) reads two index entries and that byte range only, so
     its cost does not grow with the number of slots, unlike a Parquet footer that lists them all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, tmp_index = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.idx.tmp.npy")
+    from shards.atomic import write_atomically
+
     bounds = np.searchsorted(slot, np.arange(slots + 1)).tolist()
     offsets = np.empty(slots + 1, np.int64)
     options = pa.ipc.IpcWriteOptions(compression="zstd")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema, options=options) as writer:
-        for k in range(slots):
-            offsets[k] = sink.tell()
-            if bounds[k + 1] > bounds[k]:
-                writer.write_table(table.slice(bounds[k], bounds[k + 1] - bounds[k]), max_chunksize=ROW_GROUP_ROWS)
-        offsets[slots] = sink.tell()
-    np.save(tmp_index, offsets)
-    tmp_index.replace(_slot_index(path))
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+            for k in range(slots):
+                offsets[k] = sink.tell()
+                if bounds[k + 1] > bounds[k]:
+                    writer.write_table(table.slice(bounds[k], bounds[k + 1] - bounds[k]), max_chunksize=ROW_GROUP_ROWS)
+            offsets[slots] = sink.tell()
+        # the index is in place before the stream it indexes is renamed into place
+        write_atomically(_slot_index(path), write_index)
+
+    def write_index(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a temporary's name
+            np.save(f, offsets)
+
+    write_atomically(path, write)
 
 
 def _slot_index(path: Path) -> Path:
@@ -838,7 +846,7 @@ def write_shard_range(item: tuple[int, int, int, int, int], *, root: str, genera
                       slabs_log2: int) -> dict:
     """Phase C for shards first..last of one group (of n, names counted from index_offset): their spec
     files and one plan-record part. Returns {shard name: info}."""
-    from shards.manifest import write_parquet_atomically
+    from shards.atomic import write_parquet_atomically
 
     group, first, last, n, index_offset = item
     root_ = Path(root)

@@ -13,10 +13,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from .layout import (DATASET_JSON, ERRORS_DIR, MANIFEST_DIR, TABLE_DIR, errors_path, idx_path, table_path, tar_path,
-                     temporary)
+from .atomic import write_parquet_atomically, write_text_atomically
+from .layout import DATASET_JSON, ERRORS_DIR, MANIFEST_DIR, TABLE_DIR, errors_path, idx_path, table_path, tar_path
 from .manifest import (ERROR_COUNTS_META, ERRORS_SCHEMA, LABEL_NAMES_META, MANIFEST_SCHEMA, SHARD_TABLE_SCHEMA,
-                       SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, UNITS_META, write_parquet_atomically)
+                       SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, UNITS_META)
 from .sample import SPLITS
 
 FOOTER_READ_THREADS = 16  # footer reads are small and latency-bound (network filesystems): overlap them
@@ -290,8 +290,5 @@ def write_dataset_json(root: str | os.PathLike, **extra) -> dict:
         **_summary(ds, tables),
         **extra,
     }
-    path = root / DATASET_JSON
-    tmp = temporary(path, "summary")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(root / DATASET_JSON, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

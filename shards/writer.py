@@ -16,11 +16,11 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
+from .atomic import write_atomically, write_parquet_atomically
 from .checksum import crc32
 from .index import Member, write_index
 from .layout import idx_path, manifest_path, tar_path, temporary
-from .manifest import (LABEL_NAMES_META, MANIFEST_SCHEMA, SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, UNITS_META,
-                       write_parquet_atomically)
+from .manifest import LABEL_NAMES_META, MANIFEST_SCHEMA, SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, UNITS_META
 from .sample import SPLITS, SampleMeta
 from .shardfile import ShardFile
 
@@ -165,10 +165,8 @@ class ShardWriter:
         self._closed = True
         try:
             os.replace(self._tmp_tar, self._tar)
-            idx = idx_path(self.root, self.modality, self.name)
-            tmp_idx = temporary(idx, self._token)
-            write_index(tmp_idx, self._samples, sync=True)  # durable before the manifest commits the shard
-            os.replace(tmp_idx, idx)
+            # durable (and the tar's rename with it: same folder) before the manifest part commits the shard
+            write_atomically(idx_path(self.root, self.modality, self.name), lambda tmp: write_index(tmp, self._samples))
             table = pa.Table.from_pylist(self._rows, schema=MANIFEST_SCHEMA)
             meta = {
                 LABEL_NAMES_META: json.dumps(list(self.label_names)).encode(),

@@ -512,3 +512,49 @@ def test_verify_catches_a_stale_shard_table(dataset, real_slices):
     (dataset / "manifest" / "modality=ct" / "ct-g001-000000.parquet").unlink()
     (dataset / "shards" / "ct" / "ct-g001-000000.tar").unlink()
     assert any("table/ct.parquet lists uncommitted shard(s) ct-g001-000000" in p for p in verify(dataset).problems)
+
+
+def test_atomic_write_that_fails_midway_leaves_the_old_file_and_no_temporary(dataset):
+    import pyarrow.parquet as pq
+
+    from shards.atomic import write_atomically, write_text_atomically
+    from shards.layout import table_path
+    from shards.manifest import SHARD_TABLE_SCHEMA
+
+    info = dataset / "dataset.json"
+    old_info = info.read_bytes()
+    new_info = old_info.replace(b'"samples": 30', b'"samples": 31')
+
+    def half_then_fail(tmp):
+        tmp.write_bytes(new_info[: len(new_info) // 2])
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(info, half_then_fail)
+    assert info.read_bytes() == old_info
+
+    # a Parquet file whose second batch has the wrong schema: pyarrow fails after writing the first
+    table_file = table_path(dataset, "ct")
+    old_table = table_file.read_bytes()
+    rows = shards.Dataset(dataset).shard_table("ct")
+    manifest = shards.Dataset(dataset).manifest("ct")
+
+    def rows_then_wrong_schema(tmp):
+        with pq.ParquetWriter(tmp, SHARD_TABLE_SCHEMA) as writer:
+            writer.write_table(rows)
+            writer.write_table(manifest)
+
+    with pytest.raises(ValueError, match="schema"):
+        write_atomically(table_file, rows_then_wrong_schema)
+    assert table_file.read_bytes() == old_table
+    assert [p for p in dataset.rglob("*") if ".tmp-" in p.name] == []
+    assert verify(dataset).ok
+
+    # exclusive: the first writer wins, a second finds the name taken and changes nothing
+    once = dataset / "created-once.txt"
+    assert write_text_atomically(once, "first\n", exclusive=True)
+    assert not write_text_atomically(once, "second\n", exclusive=True)
+    assert once.read_text() == "first\n"
+    write_text_atomically(info, new_info.decode())
+    assert json.loads(info.read_text())["samples"] == 31
+    assert [p for p in dataset.rglob("*") if ".tmp-" in p.name] == []
