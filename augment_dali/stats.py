@@ -34,13 +34,13 @@ import numpy as np
 
 from shards import Dataset
 from shards.atomic import write_text_atomically
+from shards.layout import energy_stats_path
 
 from .config import HU_WINDOW, AugmentConfig, NormalizeConfig
 from .normalize import modality_units, normalize_dali
 from .sampling import modality_seed, read_meta, read_pixels, sample_refs
 
 STATS_VERSION = 1
-STATS_FILE = Path("stats") / "energy.json"
 
 
 class StatsMissingError(FileNotFoundError):
@@ -48,7 +48,7 @@ class StatsMissingError(FileNotFoundError):
 
 
 def stats_path(root: str | os.PathLike) -> Path:
-    return Path(root) / STATS_FILE
+    return energy_stats_path(Path(root))
 
 
 def band_names(sigmas) -> list[str]:

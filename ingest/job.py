@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import plan as planning
+from shards.layout import DATASET_JSON
+
 from .config import ConfigError, IngestConfig
 from .convert import run_convert_task, shard_done
 from .engine import dask_client, run_phase
@@ -265,7 +267,7 @@ def check_out_folder(root: Path, sources: list[str]) -> None:
             entries = sorted(p.name for p in root.iterdir())
         except OSError as e:
             raise ConfigError(f"cannot read dataset folder {root}: {e.strerror or e}") from None
-        if STATE_FILE not in entries and "dataset.json" not in entries:
+        if STATE_FILE not in entries and DATASET_JSON not in entries:
             foreign = [n for n in entries if n != LOCK_FILE and not n.startswith(f".{LOCK_FILE}.")]
             if foreign:
                 raise ConfigError(f"--out {root} is a non-empty folder that is not a medswav dataset (it holds "

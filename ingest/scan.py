@@ -26,7 +26,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
-INVENTORY_DIR = "inventory"
+from shards.layout import INVENTORY_DIR  # noqa: F401  (ingest modules import it from here)
+
 WORK_DIR = "_work"  # hidden from pyarrow discovery; removed when a generation completes; never holds paths
 
 INVENTORY_SCHEMA = pa.schema([

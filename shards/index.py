@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .layout import split_member
+
 INDEX_VERSION = "v1.2"
 
 
@@ -21,11 +23,11 @@ class Member:
 
     @property
     def key(self) -> str:
-        return self.name.split(".", 1)[0]
+        return split_member(self.name)[0]
 
     @property
     def extension(self) -> str:
-        return self.name.split(".", 1)[1]
+        return split_member(self.name)[1]
 
 
 def format_index_lines(lines: list[str]) -> str:
