@@ -119,7 +119,7 @@ def _unreadable_json(root: Path) -> tuple[list[str], set[str]]:
 def _unreadable_parquet(root: Path) -> list[str]:
     """Problems for Parquet files outside manifest/ (read in full there) that cannot be read to the end."""
     problems = []
-    for folder in (ERRORS_DIR, INVENTORY_DIR, PLAN_DIR, TABLE_DIR):
+    for folder in (ERRORS_DIR, INVENTORY_DIR, "plan", TABLE_DIR):
         for path in sorted((root / folder).glob("*.parquet")):
             try:
                 for _ in pq.ParquetFile(path).iter_batches(batch_size=1 << 16):

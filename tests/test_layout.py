@@ -1,9 +1,17 @@
 """Where the format's names live: shards/ alone; ingest's modules import without cycles."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+
+import shards
+from shards.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,3 +64,61 @@ print(shards.sample.MODALITIES)
     assert refused == f"--modality must be one of {modalities}, got 'pet'"
     assert accepted == "mr raw"
     assert loaded == "[]"
+
+
+@pytest.fixture()
+def small_dataset(tmp_path, dicom_dir):
+    """One CT and one MR shard of real slices (4 each), with dataset.json and shard tables."""
+    for modality, folder in (("ct", "ct_kits_abdomen_18"), ("mr", "mr_mprage_sagittal_192")):
+        with shards.ShardWriter(tmp_path, modality, f"{modality}-g000-000000") as w:
+            for path in sorted((dicom_dir / folder).glob("*.dcm"))[:4]:
+                ds = pydicom.dcmread(path)
+                w.write(shards.sample_key(ds.SOPInstanceUID, 0, "test-salt"), ds.pixel_array,
+                        shards.SampleMeta(modality=modality, split="train"))
+    shards.write_dataset_json(tmp_path)
+    return tmp_path
+
+
+def test_atomic_write_that_fails_midway_leaves_the_old_file_and_no_temporary(small_dataset):
+    from shards.atomic import write_atomically, write_text_atomically
+    from shards.layout import table_path
+    from shards.manifest import SHARD_TABLE_SCHEMA
+
+    info = small_dataset / "dataset.json"
+    old_info = info.read_bytes()
+    new_info = old_info.replace(b'"samples": 8', b'"samples": 9')
+    assert new_info != old_info
+
+    def half_then_fail(tmp):
+        tmp.write_bytes(new_info[: len(new_info) // 2])
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(info, half_then_fail)
+    assert info.read_bytes() == old_info
+
+    # a Parquet file whose second batch has the wrong schema: pyarrow fails after writing the first
+    table_file = table_path(small_dataset, "ct")
+    old_table = table_file.read_bytes()
+    rows = shards.Dataset(small_dataset).shard_table("ct")
+    manifest = shards.Dataset(small_dataset).manifest("ct")
+
+    def rows_then_wrong_schema(tmp):
+        with pq.ParquetWriter(tmp, SHARD_TABLE_SCHEMA) as writer:
+            writer.write_table(rows)
+            writer.write_table(manifest)
+
+    with pytest.raises(ValueError, match="schema"):
+        write_atomically(table_file, rows_then_wrong_schema)
+    assert table_file.read_bytes() == old_table
+    assert [p for p in small_dataset.rglob("*") if ".tmp-" in p.name] == []
+    assert verify(small_dataset).ok
+
+    # exclusive: the first writer wins, a second finds the name taken and changes nothing
+    once = small_dataset / "created-once.txt"
+    assert write_text_atomically(once, "first\n", exclusive=True)
+    assert not write_text_atomically(once, "second\n", exclusive=True)
+    assert once.read_text() == "first\n"
+    write_text_atomically(info, new_info.decode())
+    assert json.loads(info.read_text())["samples"] == 9
+    assert [p for p in small_dataset.rglob("*") if ".tmp-" in p.name] == []
