@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from shards import Dataset
-from shards.layout import DATASET_JSON, MANIFEST_DIR, SHARDS_DIR
+from shards.layout import DATASET_JSON, manifest_dir, shard_dir, split_member
 from shards.verify import DamagedShardError, check_tar
 
 from .config import AugmentConfig
@@ -84,7 +84,7 @@ def _labels_from_raw(tensor_list, n_labels: int) -> np.ndarray:
 
 def _keys(tensor_list) -> list[str]:
     """Sample keys from DALI's source_info ("<tar>:<offset>:<key>.npy")."""
-    return [bytes(np.asarray(tensor_list[i])).decode().rsplit(":", 1)[-1].split(".", 1)[0]
+    return [split_member(bytes(np.asarray(tensor_list[i])).decode().rsplit(":", 1)[-1])[0]
             for i in range(len(tensor_list))]
 
 
@@ -186,8 +186,8 @@ class SwavLoader:
         orphans = []
         for m in self.modalities:
             # the manifest parts present (a folder listing: no file opened per shard)
-            committed = {p.stem for p in (self.root / MANIFEST_DIR / f"modality={m}").glob("*.parquet")}
-            orphans += [f"{m}/{t.stem}" for t in sorted((self.root / SHARDS_DIR / m).glob("*.tar"))
+            committed = {p.stem for p in manifest_dir(self.root, m).glob("*.parquet")}
+            orphans += [f"{m}/{t.stem}" for t in sorted(shard_dir(self.root, m).glob("*.tar"))
                         if t.stem not in committed]
         if orphans:
             warnings.warn(f"{self.root}: {len(orphans)} shard tar(s) without a manifest part are not read "

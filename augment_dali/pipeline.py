@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shards.layout import LABELS_EXT, PIXELS_EXT
+
 from .config import AugmentConfig
 from .normalize import normalize_dali
 
@@ -97,7 +99,7 @@ def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig,
 def _branch(b: Branch, cfg: AugmentConfig, device: str) -> dict:
     from nvidia.dali import fn, types
 
-    ext = ["npy", "labels.npy"] if b.read_labels else ["npy"]
+    ext = [PIXELS_EXT, LABELS_EXT] if b.read_labels else [PIXELS_EXT]
     outs = fn.readers.webdataset(
         paths=b.tars, index_paths=b.indices, ext=ext, missing_component_behavior="empty",
         random_shuffle=True, initial_fill=b.initial_fill, seed=b.reader_seed, shard_id=0, num_shards=1,

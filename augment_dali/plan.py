@@ -26,7 +26,6 @@ different, randomly placed part of their data each epoch (their shard order chan
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 from shards import SPLITS, Dataset
+from shards.atomic import write_text_atomically
+from shards.index import format_index_lines, read_index_lines
 from shards.layout import manifest_path, shard_dir
 
 
@@ -91,13 +92,6 @@ def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
 def steps_per_epoch(selected: dict[str, int], world_size: int, per_modality_batch: int) -> int:
     """Steps every rank takes per epoch: the smallest modality's per-rank share, in whole batches."""
     return min((n // world_size) // per_modality_batch for n in selected.values())
-
-
-def _index_lines(path: Path) -> list[str]:
-    lines = path.read_text(encoding="ascii").splitlines()
-    if not lines or not lines[0].startswith("v1."):
-        raise ValueError(f"{path}: not a DALI webdataset index (first line {lines[:1]!r})")
-    return lines[1:]
 
 
 def _split_positions(dataset: Dataset, modality: str, shard: str, split: str) -> np.ndarray:
@@ -166,14 +160,11 @@ class EpochPlanner:
         path = self.cache_dir / self.modality / f"{shard.name}.{self.split or 'all'}.{lo}-{hi}.idx"
         if path.exists():
             return path
-        lines = _index_lines(shard.idx)
+        lines = read_index_lines(shard.idx)
         if len(lines) != shard.total:
             raise ValueError(f"{shard.idx}: {len(lines)} samples, manifest says {shard.total}")
         if self.split is not None and shard.selected != shard.total:
             lines = [lines[j] for j in _split_positions(self.dataset, self.modality, shard.name, self.split)]
-        lines = lines[lo:hi]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n", encoding="ascii")
-        os.replace(tmp, path)
+        # a cache rebuilt when lost: atomic for concurrent readers, no fsync
+        write_text_atomically(path, format_index_lines(lines[lo:hi]), encoding="ascii", durable=False)
         return path

@@ -33,13 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from shards import Dataset
+from shards.atomic import write_text_atomically
+from shards.layout import energy_stats_path
 
 from .config import HU_WINDOW, AugmentConfig, NormalizeConfig
 from .normalize import modality_units, normalize_dali
 from .sampling import modality_seed, read_meta, read_pixels, sample_refs
 
 STATS_VERSION = 1
-STATS_FILE = Path("stats") / "energy.json"
 
 
 class StatsMissingError(FileNotFoundError):
@@ -47,7 +48,7 @@ class StatsMissingError(FileNotFoundError):
 
 
 def stats_path(root: str | os.PathLike) -> Path:
-    return Path(root) / STATS_FILE
+    return energy_stats_path(Path(root))
 
 
 def band_names(sigmas) -> list[str]:
@@ -226,10 +227,7 @@ def compute_stats(root: str | os.PathLike, samples: int = 1000, seed: int = 0,
 
 def write_stats(root: str | os.PathLike, stats: dict) -> Path:
     path = stats_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(stats, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(stats, indent=2) + "\n")
     return path
 
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from benchmarks._common import print_table
+from shards.layout import DATASET_JSON
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def build_dataset(root: Path, data_dir: Path, per_modality: int) -> Path:
     from augment_dali.config import AugmentConfig
     from augment_dali.stats import compute_stats, write_stats
 
-    if (root / "dataset.json").exists():
+    if (root / DATASET_JSON).exists():
         return root
     tmp = root.with_name(root.name + ".partial")
     for modality, slices in real_slices(data_dir).items():

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.index import Member, write_index
+from shards.layout import META_EXT, PIXELS_EXT, member_name
+
 from ._common import parser, print_table, write_json
 
 TARGET = 100_000_000
@@ -48,12 +51,13 @@ def make_shards(folder: Path, samples: int, per_shard: int) -> tuple[list[str], 
         tar, idx = folder / f"ct-g000-{s:06d}.tar", folder / f"ct-g000-{s:06d}.idx"
         with open(tar, "wb") as f:
             f.truncate(n * stride + 1024)  # sparse: offsets are valid, no blocks are written
-        lines = [f"v1.2 {n}"]
+        samples_members = []
         for i in range(n):
             key = f"{s * per_shard + i:024x}"
             off = i * stride
-            lines.append(f"json {off + 512} {json_size} {key}.json npy {off + 1024 + pad(json_size)} {npy_size} {key}.npy")
-        idx.write_text("\n".join(lines) + "\n")
+            samples_members.append([Member(member_name(key, META_EXT), off + 512, json_size),
+                                    Member(member_name(key, PIXELS_EXT), off + 1024 + pad(json_size), npy_size)])
+        write_index(idx, samples_members)
         tars.append(str(tar))
         idxs.append(str(idx))
     return tars, idxs

@@ -139,14 +139,15 @@ def synthesize(root: Path, rows: int, part_rows: int, seed: int = 0) -> tuple[in
     import pyarrow.parquet as pq
 
     from ingest.scan import INVENTORY_SCHEMA
+    from shards.layout import INVENTORY_DIR
 
-    (root / "inventory").mkdir(parents=True, exist_ok=True)
+    (root / INVENTORY_DIR).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     written = slices = part = 0
     while written < rows:
         columns, unique = synth_part(rng, min(part_rows, rows - written), part)
         table = pa.table({f.name: pa.array(columns[f.name], f.type) for f in INVENTORY_SCHEMA}, schema=INVENTORY_SCHEMA)
-        pq.write_table(table, root / "inventory" / f"part-g000-{part:05d}-000.parquet")
+        pq.write_table(table, root / INVENTORY_DIR / f"part-g000-{part:05d}-000.parquet")
         written += table.num_rows
         slices += unique
         part += 1
@@ -203,9 +204,11 @@ print(json.dumps({"plan_s": plan_s, "finalize_s": finalize_s, "slices": plan.sli
 
 def _reset(root: Path) -> None:
     from ingest.paths import work_dir
+    from ingest.scan import WORK_DIR
+    from shards.layout import DATASET_JSON, ERRORS_DIR, PLAN_DIR
 
     shutil.rmtree(work_dir(root), ignore_errors=True)  # planning work files live beside the dataset
-    for name in ("_work", "plan", "errors", "dataset.json"):
+    for name in (WORK_DIR, PLAN_DIR, ERRORS_DIR, DATASET_JSON):
         path = root / name
         if path.is_dir():
             shutil.rmtree(path)

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.layout import DATASET_JSON
+
 from ._common import machine, parser, print_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +148,7 @@ def pretrain_medswav(npz: Path, modality: str, budget: float, work: Path, thread
     from train.main import main as train_main
 
     dataset = work / "dataset"
-    if not (dataset / "dataset.json").exists():
+    if not (dataset / DATASET_JSON).exists():
         _run([sys.executable, "-m", "ingest", str(npz), "--modality", modality, "--out", str(dataset),
               "--workers", str(threads), "--no-progress", "--salt", "medswav-bench"], "ingest")
         _run([sys.executable, "-m", "augment_dali.stats", str(dataset), "--small", "--samples", "1000"],

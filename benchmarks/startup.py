@@ -88,9 +88,9 @@ def main(argv=None) -> int:
     root = Path(args.dir) if args.dir else temporary / "dataset"
     try:
         from shards import Dataset
-        from shards.layout import TABLE_DIR
+        from shards.layout import DATASET_JSON, TABLE_DIR
 
-        if (root / "dataset.json").exists():
+        if (root / DATASET_JSON).exists():
             info = Dataset(root).info["modalities"].get(MODALITY, {})
             if info.get("shards") != n_shards:
                 raise SystemExit(f"{root} holds {info.get('shards')} shards, not {n_shards}: use another --dir")

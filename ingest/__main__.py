@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from shards.sample import MODALITIES, UNITS
+
 from .config import ConfigError, build_config, parse_size
 
 EPILOG = """\
@@ -56,9 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dashboard-address", metavar="ADDR", help="embedded cluster dashboard (default :8787, ':0' = any)")
     g.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
     n = p.add_argument_group("non-DICOM sources (MedMNIST .npz/.npy arrays, PNG/TIFF folders, NIfTI volumes)")
-    n.add_argument("--modality", choices=("ct", "mr", "xr", "us"),
+    n.add_argument("--modality", choices=MODALITIES,
                    help="treat the sources as non-DICOM images of this modality (see ingest/arrays.py)")
-    n.add_argument("--units", choices=("raw", "HU"),
+    n.add_argument("--units", choices=UNITS,
                    help="what their pixel values mean (default raw: no physical unit, normalised per image); "
                         "HU only for CT volumes known to hold Hounsfield units (they then get the HU window)")
     s = p.add_argument_group("shards and pixels")

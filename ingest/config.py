@@ -23,6 +23,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from shards.sample import MODALITIES, UNITS
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -96,15 +98,14 @@ class IngestConfig:
             raise ConfigError(f"--lock-timeout must be positive, got {self.lock_timeout}")
         if self.frames_per_unit < 1 or self.files_per_scan_task < 1:
             raise ConfigError("frames_per_unit and files_per_scan_task must be >= 1")
-        from .plan import PARTITIONS
-        if self.modality is not None and self.modality not in PARTITIONS:
-            raise ConfigError(f"--modality must be one of {PARTITIONS}, got {self.modality!r}")
-        if self.units is not None and (self.modality is None or self.units not in ("raw", "HU")):
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise ConfigError(f"--modality must be one of {MODALITIES}, got {self.modality!r}")
+        if self.units is not None and (self.modality is None or self.units not in UNITS):
             raise ConfigError(f"--units (raw or HU, got {self.units!r}) applies only with --modality (non-DICOM "
                               "sources); DICOM units come from the header")
-        bad = {k: v for k, v in self.modality_map.items() if v not in PARTITIONS and v != "reject"}
+        bad = {k: v for k, v in self.modality_map.items() if v not in MODALITIES and v != "reject"}
         if bad:
-            raise ConfigError(f"modality_map values must be one of {PARTITIONS} or 'reject': {bad}")
+            raise ConfigError(f"modality_map values must be one of {MODALITIES} or 'reject': {bad}")
         return self
 
     @property

@@ -38,11 +38,11 @@ def shard_done(root: Path, generation: int, modality: str, name: str) -> bool:
 
 def _remove_stale_temporaries(root: Path, modality: str, name: str) -> None:
     """Hidden temporaries of this shard left by a writer that died (killed worker or client)."""
-    from shards.layout import idx_path, manifest_path, tar_path
+    from shards.layout import idx_path, manifest_path, tar_path, temporary
 
     for final in (tar_path(root, modality, name), idx_path(root, modality, name), manifest_path(root, modality, name)):
         if final.parent.is_dir():
-            for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            for stale in final.parent.glob(temporary(final, "*").name):
                 stale.unlink(missing_ok=True)
 
 

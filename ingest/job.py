@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import plan as planning
+from shards.layout import DATASET_JSON
+
 from .config import ConfigError, IngestConfig
 from .convert import run_convert_task, shard_done
 from .engine import dask_client, run_phase
@@ -64,15 +66,20 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _read_inventory(root: Path, g: int, hash_paths: bool) -> pa.Table:
-    """The whole inventory of generation g on this process: only for rewriting lost shards (rare; the
-    planning itself runs as Dask tasks, see plan.plan_generation)."""
-    parts = sorted((root / INVENTORY_DIR).glob(f"part-g{g:03d}-*.parquet"))
-    table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else INVENTORY_SCHEMA.empty_table()
+def _read_inventory(root: Path, g: int, hash_paths: bool, source_hashes: pa.Array) -> pa.Table:
+    """This run's (generation g's) inventory rows of the given source files, with where to read them
+    ("path"): for rewriting lost shards, which need the rows of their own files only. The parts are
+    streamed and filtered, so the client holds what the lost shards need, never the whole inventory."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    parts = [str(p) for p in sorted((root / INVENTORY_DIR).glob(f"part-g{g:03d}-*.parquet"))]
+    table = (pads.dataset(parts, schema=INVENTORY_SCHEMA, format="parquet").to_table(
+        filter=pc.field("source_hash").isin(source_hashes)) if parts else INVENTORY_SCHEMA.empty_table())
     table = planning.first_per_source(table)  # overlapping sources (/a and /a/b) list some files twice
     if not hash_paths:
         return table.append_column("path", table.column("source"))
-    paths = read_map(root, g)  # written by the same scan tasks, beside the dataset (ingest.paths)
+    paths = read_map(root, g, source_hashes)  # written by the same scan tasks, beside the dataset (ingest.paths)
     if not paths.num_rows:
         return table.append_column("path", pa.array([""] * table.num_rows, pa.string()))
     return table.join(planning.first_per_source(paths), keys="source_hash", join_type="left outer")  # adds "path"
@@ -166,27 +173,31 @@ def lost_shards(root: Path) -> list[tuple[int, str, str]]:
     return lost
 
 
-def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], inventory: pa.Table, cfg: IngestConfig,
+def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], scan_generation: int, cfg: IngestConfig,
                   salt: str, labels, label_names: list[str], stats: RunStats) -> dict[str, str]:
     """Rewrite lost shards under their own names from their plan records (the slices, their order and
-    split) and this run's scan (where each source file is now). Returns {shard: why} of the shards
-    that cannot be rewritten (their source files are not among this run's sources, or changed)."""
+    split) and this run's scan (generation `scan_generation`: where each source file is now). Returns
+    {shard: why} of the shards that cannot be rewritten (their source files are not among this run's
+    sources, or changed)."""
     import numpy as np
     import pyarrow.compute as pc
 
-    from shards.manifest import write_parquet_atomically
+    from shards.atomic import write_parquet_atomically
 
     unrecoverable: dict[str, str] = {}
     by_gen: dict[int, list[tuple[str, str]]] = {}
     for g, name, modality in lost:
         by_gen.setdefault(g, []).append((name, modality))
-    index = inventory.select(["source_hash", "path", "frames", "sop_hash", "series_hash", "study_hash",
-                              "patient_hash", "native_layout"]).rename_columns(
-        ["source_hash", "path", "frames", "inv_sop_hash", "series_hash", "study_hash", "patient_hash", "native_layout"])
     for g, shards in by_gen.items():
         meta = planning.read_plan_meta(root, g)
-        # only the lost shards' records (in file order = each shard's write order), joined once
+        # only the lost shards' records (in file order = each shard's write order), joined once with the
+        # scan's rows of their own source files
         records = planning.shard_records(root, g, [n for n, _ in shards])
+        inventory = _read_inventory(root, scan_generation, cfg.hash_paths, pc.unique(records.column("source_hash")))
+        index = inventory.select(["source_hash", "path", "frames", "sop_hash", "series_hash", "study_hash",
+                                  "patient_hash", "native_layout"]).rename_columns(
+            ["source_hash", "path", "frames", "inv_sop_hash", "series_hash", "study_hash", "patient_hash",
+             "native_layout"])
         records = records.append_column("_order", pa.array(np.arange(records.num_rows), pa.int64()))
         records = records.join(index, keys="source_hash", join_type="left outer").sort_by("_order")
         shutil.rmtree(root / WORK_DIR / f"g{g:03d}", ignore_errors=True)
@@ -265,7 +276,7 @@ def check_out_folder(root: Path, sources: list[str]) -> None:
             entries = sorted(p.name for p in root.iterdir())
         except OSError as e:
             raise ConfigError(f"cannot read dataset folder {root}: {e.strerror or e}") from None
-        if STATE_FILE not in entries and "dataset.json" not in entries:
+        if STATE_FILE not in entries and DATASET_JSON not in entries:
             foreign = [n for n in entries if n != LOCK_FILE and not n.startswith(f".{LOCK_FILE}.")]
             if foreign:
                 raise ConfigError(f"--out {root} is a non-empty folder that is not a medswav dataset (it holds "
@@ -437,8 +448,7 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
     unrecoverable = {}
     if lost:
         lock.check()
-        unrecoverable = _rewrite_lost(client, root, lost, _read_inventory(root, g, cfg.hash_paths), cfg, salt,
-                                      labels, label_names, stats)
+        unrecoverable = _rewrite_lost(client, root, lost, g, cfg, salt, labels, label_names, stats)
     try:
         plan = planning.plan_generation(
             client, root, g, rows=stats.files, modality_map=cfg.modality_map, max_pixel_bytes=cfg.max_pixel_bytes,

@@ -69,15 +69,17 @@ def work_dir(root: str | os.PathLike, generation: int | None = None) -> Path:
 
 def write_map(path: Path, rows: list[dict]) -> None:
     """One map part (rows of source_hash, path), mode 0600, written atomically."""
-    from shards.manifest import write_parquet_atomically
+    from shards.atomic import write_parquet_atomically
 
     write_parquet_atomically(pa.Table.from_pylist(rows, schema=PATHS_SCHEMA), path)
     path.chmod(0o600)  # the 0700 map folder already keeps others out; the part itself says so too
 
 
-def read_map(root: str | os.PathLike, generation: int | None = None) -> pa.Table:
-    """The map parts of one generation, or all of them (arrays included); duplicate rows possible."""
-    import pyarrow.parquet as pq
+def read_map(root: str | os.PathLike, generation: int | None = None, source_hashes: pa.Array | None = None) -> pa.Table:
+    """The map parts of one generation, or all of them (arrays included); duplicate rows possible.
+    With `source_hashes`, only their rows, streamed part by part (memory follows the matches)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
 
     base = map_dir(root)
     pattern = f"g{generation:03d}/map/*.parquet" if generation is not None else "g*/map/*.parquet"
@@ -86,7 +88,8 @@ def read_map(root: str | os.PathLike, generation: int | None = None) -> pa.Table
         parts += sorted(base.glob("arrays/*.parquet"))
     if not parts:
         return PATHS_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(p, schema=PATHS_SCHEMA) for p in parts])
+    wanted = None if source_hashes is None else pc.field("source_hash").isin(source_hashes)
+    return pads.dataset([str(p) for p in parts], schema=PATHS_SCHEMA, format="parquet").to_table(filter=wanted)
 
 
 def remove_empty(root: str | os.PathLike) -> None:

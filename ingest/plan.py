@@ -40,9 +40,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shards.layout import ERRORS_DIR, PLAN_DIR
+from shards.sample import MODALITIES
+
 from .scan import INVENTORY_SCHEMA, WORK_DIR, error_row
 
-PARTITIONS = ("ct", "mr", "xr", "us")
 # Projection radiography of any kind goes to "xr": computed/digital radiography, radiofluoroscopy,
 # angiography (XA), digital fluoroscopy, mammography (MG), intra-oral and panoramic dental X-ray.
 MODALITY_MAP = {
@@ -84,7 +86,6 @@ PLANNED_SCHEMA = pa.schema([*SPEC_SCHEMA, ("group", pa.int8()), ("order", pa.int
 # plan/gNNN.parquet in write order, without these two columns; every reader takes both.)
 RECORD_PART_SCHEMA = pa.schema([*RECORD_SCHEMA, ("position", pa.int32()), ("sop_key", pa.int64())])
 BUCKETED_SCHEMA = pa.schema([*INVENTORY_SCHEMA, ("path", pa.string())])  # inventory rows + where to read them
-PLAN_DIR = "plan"
 ORDER_SHIFT = 30                   # shard_of works on order >> 30 (< 2**33), so order * n stays in int64
 MAX_SHARDS_PER_GROUP = (1 << 30) - 1
 BUCKET_ROWS = 100_000              # inventory rows per planning bucket (~0.5 GB of worker memory each)
@@ -142,7 +143,7 @@ def _reject_reason(r: dict, modality_map: dict[str, str], max_bytes: int) -> tup
     partition = modality_map.get(code)
     if partition is None or partition == "reject":
         shown = code or "(empty)"
-        return "no partition for modality", f"Modality {shown} is not mapped to {'/'.join(PARTITIONS)} (see modality_map)"
+        return "no partition for modality", f"Modality {shown} is not mapped to {'/'.join(MODALITIES)} (see modality_map)"
     if not r["has_pixels"]:
         return "no pixel data", "no Pixel Data element after the header"
     if r["float_pixels"]:
@@ -228,7 +229,7 @@ def plan_rows(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
     inventory = inventory.combine_chunks()
     # 1. rejections: a vectorised superset of suspects, each then judged exactly by _reject_reason
     codes = pc.dictionary_encode(inventory.column("modality_code")).combine_chunks()
-    part_of_code = np.array([PARTITIONS.index(mmap[c]) if mmap.get(c) in PARTITIONS else -1
+    part_of_code = np.array([MODALITIES.index(mmap[c]) if mmap.get(c) in MODALITIES else -1
                              for c in codes.dictionary.to_pylist()] or [-1], dtype=np.int64)
     partition = part_of_code[codes.indices.to_numpy(zero_copy_only=False)] if len(inventory) else np.zeros(0, np.int64)
     rows_, cols_, frames_ = _np(inventory, "rows"), _np(inventory, "cols"), _np(inventory, "frames")
@@ -388,8 +389,8 @@ def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
 def group_totals(planned: pa.Table) -> dict[int, tuple[int, int]]:
     """{group: (slices, estimated bytes)} of planned slices."""
     group, est = _np(planned, "group").astype(np.int64), _np(planned, "est")
-    slices = np.bincount(group, minlength=2 * len(PARTITIONS))
-    sizes = np.bincount(group, weights=est, minlength=2 * len(PARTITIONS))
+    slices = np.bincount(group, minlength=2 * len(MODALITIES))
+    sizes = np.bincount(group, weights=est, minlength=2 * len(MODALITIES))
     return {g: (int(slices[g]), int(sizes[g])) for g in np.nonzero(slices)[0].tolist()}
 
 
@@ -418,7 +419,7 @@ def cut_shards(planned: pa.Table, group: int, first: int, last: int, n: int, ind
     import pyarrow.compute as pc
 
     mi, si = divmod(group, 2)
-    modality, split = PARTITIONS[mi], ("train", "val")[si]
+    modality, split = MODALITIES[mi], ("train", "val")[si]
     lo, hi = order_range(first, last, n)
     order = _np(planned, "order")
     rows = np.nonzero((_np(planned, "group") == group) & (order >= lo) & (order <= hi))[0]
@@ -552,11 +553,9 @@ class LabelTable:
 
 def write_plan_meta(root: Path, generation: int, meta: dict) -> None:
     """plan/gNNN.json, written last: a generation exists once its meta exists."""
-    path = plan_meta_path(root, generation)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    from shards.atomic import write_text_atomically
+
+    write_text_atomically(plan_meta_path(root, generation), json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
 def read_plan_meta(root: Path, generation: int) -> dict:
@@ -664,15 +663,18 @@ def _write_sorted(table: pa.Table, path: Path, by: np.ndarray, stats: list[str])
     """Write `table` (already sorted by `by`) with row groups that never span two values of `by` (and
     at most ROW_GROUP_ROWS rows), atomically. Only the `stats` columns carry row-group statistics (what
     readers filter on): every reader parses the footer, and min/max of paths and layouts would bloat it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    from shards.atomic import write_atomically
+
     starts = np.flatnonzero(np.r_[True, by[1:] != by[:-1]]) if len(by) else np.zeros(0, np.int64)
-    with pq.ParquetWriter(tmp, table.schema, write_statistics=stats) as writer:
-        for a, b in zip(starts.tolist(), np.r_[starts[1:], len(by)].tolist()):
-            writer.write_table(table.slice(a, b - a), row_group_size=ROW_GROUP_ROWS)
-        if not len(by):
-            writer.write_table(table)
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, table.schema, write_statistics=stats) as writer:
+            for a, b in zip(starts.tolist(), np.r_[starts[1:], len(by)].tolist()):
+                writer.write_table(table.slice(a, b - a), row_group_size=ROW_GROUP_ROWS)
+            if not len(by):
+                writer.write_table(table)
+
+    write_atomically(path, write)
 
 
 def _write_slots(table: pa.Table, path: Path, slot: np.ndarray, slots: int) -> None:
@@ -680,20 +682,27 @@ def _write_slots(table: pa.Table, path: Path, slot: np.ndarray, slots: int) -> N
     `<path>.idx.npy` of slots + 1 byte offsets: the rows of slot k lie in [index[k], index[k + 1]).
     A reader of one slot (or a run of slots) reads two index entries and that byte range only, so
     its cost does not grow with the number of slots, unlike a Parquet footer that lists them all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, tmp_index = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.idx.tmp.npy")
+    from shards.atomic import write_atomically
+
     bounds = np.searchsorted(slot, np.arange(slots + 1)).tolist()
     offsets = np.empty(slots + 1, np.int64)
     options = pa.ipc.IpcWriteOptions(compression="zstd")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema, options=options) as writer:
-        for k in range(slots):
-            offsets[k] = sink.tell()
-            if bounds[k + 1] > bounds[k]:
-                writer.write_table(table.slice(bounds[k], bounds[k + 1] - bounds[k]), max_chunksize=ROW_GROUP_ROWS)
-        offsets[slots] = sink.tell()
-    np.save(tmp_index, offsets)
-    tmp_index.replace(_slot_index(path))
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+            for k in range(slots):
+                offsets[k] = sink.tell()
+                if bounds[k + 1] > bounds[k]:
+                    writer.write_table(table.slice(bounds[k], bounds[k + 1] - bounds[k]), max_chunksize=ROW_GROUP_ROWS)
+            offsets[slots] = sink.tell()
+        # the index is in place before the stream it indexes is renamed into place
+        write_atomically(_slot_index(path), write_index)
+
+    def write_index(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a temporary's name
+            np.save(f, offsets)
+
+    write_atomically(path, write)
 
 
 def _slot_index(path: Path) -> Path:
@@ -772,7 +781,7 @@ def previous_error_keys(root: Path, skip_prefixes: tuple[str, ...], sources: set
 
     from shards.manifest import ERRORS_SCHEMA
 
-    base = Path(root) / "errors"
+    base = Path(root) / ERRORS_DIR
     files = sorted(p for p in base.glob("*.parquet") if not p.stem.startswith(skip_prefixes)) if base.is_dir() else []
     seen: set[tuple[str, str]] = set()
     if not files or not sources:
@@ -829,7 +838,7 @@ def plan_bucket(bucket: int, *, root: str, generation: int, buckets: int, slabs_
     planned = planned.take(sort)
     _write_slots(planned, _work(root_, generation, "planned") / f"bucket-{bucket:06d}.arrows",
                  _np(planned, "group").astype(np.int64) * (1 << slabs_log2) + (_np(planned, "order") >> (63 - slabs_log2)),
-                 2 * len(PARTITIONS) << slabs_log2)
+                 2 * len(MODALITIES) << slabs_log2)
     return {"groups": {g: list(v) for g, v in group_totals(planned).items()}, "already": plan.already_ingested,
             "rejected": len(errors)}
 
@@ -838,7 +847,7 @@ def write_shard_range(item: tuple[int, int, int, int, int], *, root: str, genera
                       slabs_log2: int) -> dict:
     """Phase C for shards first..last of one group (of n, names counted from index_offset): their spec
     files and one plan-record part. Returns {shard name: info}."""
-    from shards.manifest import write_parquet_atomically
+    from shards.atomic import write_parquet_atomically
 
     group, first, last, n, index_offset = item
     root_ = Path(root)
@@ -862,7 +871,7 @@ def write_shard_range(item: tuple[int, int, int, int, int], *, root: str, genera
         }, schema=RECORD_PART_SCHEMA))
     if records:
         record = pa.concat_tables(records).sort_by([("sop_key", "ascending")])
-        first_name = shard_name(PARTITIONS[group // 2], generation, index_offset + first)
+        first_name = shard_name(MODALITIES[group // 2], generation, index_offset + first)
         # row groups of ROW_GROUP_ROWS sorted keys: a later bucket task reads only the groups of its key range
         _write_sorted(record, record_parts_dir(root_, generation) / f"part-{first_name}.parquet",
                       np.zeros(record.num_rows, np.int8), ["shard", "sop_key"])
@@ -879,7 +888,7 @@ def clear_generation_plan(root: Path, generation: int) -> None:
 
     shutil.rmtree(record_parts_dir(root, generation), ignore_errors=True)
     plan_record_path(root, generation).unlink(missing_ok=True)
-    base = Path(root) / "errors"
+    base = Path(root) / ERRORS_DIR
     if base.is_dir():
         for stale in [*base.glob(f"plan-g{generation:03d}-b*.parquet"), base / f"plan-g{generation:03d}.parquet"]:
             stale.unlink(missing_ok=True)

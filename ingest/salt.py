@@ -79,19 +79,13 @@ def _kdf(salt: str, nonce: bytes, n: int, r: int, p: int) -> str:
 def _create_once(path: Path, text: str) -> bool:
     """Create `path` holding `text`, complete or not at all (written to a temporary, then hard-linked,
     which fails if the name exists). False when another process created it first."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
+    from shards.atomic import write_atomically
+
+    def write(tmp: Path) -> None:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:  # never readable by others
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    return write_atomically(path, write, exclusive=True)
 
 
 def _read_complete(path: Path, timeout: float = 10.0) -> str:
@@ -141,11 +135,9 @@ def read_state(root: Path) -> dict:
 
 
 def write_state(root: Path, state: dict) -> None:
-    path = Path(root) / STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from shards.atomic import write_text_atomically
+
+    write_text_atomically(Path(root) / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def _differs(root: Path) -> ConfigError:

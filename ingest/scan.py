@@ -26,7 +26,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
-INVENTORY_DIR = "inventory"
+from shards.layout import INVENTORY_DIR  # noqa: F401  (ingest modules import it from here)
+
 WORK_DIR = "_work"  # hidden from pyarrow discovery; removed when a generation completes; never holds paths
 
 INVENTORY_SCHEMA = pa.schema([
@@ -528,7 +529,7 @@ def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_pa
     """Dask task: walk + read headers, write inventory parts (and, with `hash_paths`, the matching parts
     of the path map beside the dataset: hash -> path of every file read and every source rejected).
     Returns counts and error rows."""
-    from shards.manifest import write_parquet_atomically
+    from shards.atomic import write_parquet_atomically
 
     from .paths import generation_map_part, write_map
 

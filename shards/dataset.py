@@ -13,10 +13,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from .layout import (DATASET_JSON, ERRORS_DIR, MANIFEST_DIR, TABLE_DIR, errors_path, idx_path, table_path, tar_path,
-                     temporary)
+from .atomic import write_parquet_atomically, write_text_atomically
+from .layout import (DATASET_JSON, ERRORS_DIR, MANIFEST_DIR, MODALITY_PARTITION, TABLE_DIR, errors_path, idx_path, manifest_dir,
+                     modality_of_manifest_dir, table_path, tar_path)
 from .manifest import (ERROR_COUNTS_META, ERRORS_SCHEMA, LABEL_NAMES_META, MANIFEST_SCHEMA, SHARD_TABLE_SCHEMA,
-                       SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, UNITS_META, write_parquet_atomically)
+                       SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, UNITS_META)
 from .sample import SPLITS
 
 FOOTER_READ_THREADS = 16  # footer reads are small and latency-bound (network filesystems): overlap them
@@ -56,23 +57,21 @@ class Dataset:
         if not base.is_dir():
             return []
         return sorted(
-            p.name.split("=", 1)[1]
+            modality_of_manifest_dir(p.name)
             for p in base.iterdir()
-            if p.is_dir() and p.name.startswith("modality=") and any(p.glob("*.parquet"))
+            if p.is_dir() and modality_of_manifest_dir(p.name) and any(p.glob("*.parquet"))
         )
 
     def manifest(self, modality: str | None = None, columns: list[str] | None = None) -> pa.Table:
-        base = self.root / MANIFEST_DIR
-        if modality is not None:
-            base = base / f"modality={modality}"
+        base = self.root / MANIFEST_DIR if modality is None else manifest_dir(self.root, modality)
         if not base.is_dir() or not any(base.rglob("*.parquet")):
-            schema = MANIFEST_SCHEMA.append(pa.field("modality", pa.string()))
+            schema = MANIFEST_SCHEMA.append(pa.field(MODALITY_PARTITION, pa.string()))
             table = schema.empty_table()
             return table.select(columns) if columns else table
         ds = pads.dataset(base, format="parquet", partitioning="hive" if modality is None else None)
         table = ds.to_table(columns=columns)
-        if modality is not None and (columns is None or "modality" in columns):
-            table = table.append_column("modality", pa.array([modality] * table.num_rows, pa.string()))
+        if modality is not None and (columns is None or MODALITY_PARTITION in columns):
+            table = table.append_column(MODALITY_PARTITION, pa.array([modality] * table.num_rows, pa.string()))
         return table
 
     def label_names(self) -> list[str]:
@@ -87,14 +86,14 @@ class Dataset:
         """The distinct pixel units (SampleMeta.units) of a modality's samples, from the manifest parts'
         metadata; "" stands for shards written before units were recorded."""
         found: set[str] = set()
-        for part in sorted((self.root / MANIFEST_DIR / f"modality={modality}").glob("*.parquet")):
+        for part in sorted(manifest_dir(self.root, modality).glob("*.parquet")):
             meta = pq.read_schema(part).metadata or {}
             found.update(json.loads(meta[UNITS_META]) if UNITS_META in meta else [""])
         return found
 
     def shards(self, modality: str) -> list[ShardFiles]:
         out = []
-        for part in sorted((self.root / MANIFEST_DIR / f"modality={modality}").glob("*.parquet")):
+        for part in sorted(manifest_dir(self.root, modality).glob("*.parquet")):
             name = part.stem
             out.append(
                 ShardFiles(
@@ -203,7 +202,7 @@ def shard_table_row(part: Path, kv: dict, num_rows: int, rows: pa.Table | None =
     if TAR_SIZE_META in kv:
         row["bytes"] = int(kv[TAR_SIZE_META])
     else:
-        tar = tar_path(part.parents[2], part.parent.name.split("=", 1)[1], part.stem)
+        tar = tar_path(part.parents[2], modality_of_manifest_dir(part.parent.name), part.stem)
         row["bytes"] = tar.stat().st_size if tar.exists() else 0
     row["tar_crc32"] = int(kv[TAR_CRC32_META]) if TAR_CRC32_META in kv else -1
     return row
@@ -211,7 +210,7 @@ def shard_table_row(part: Path, kv: dict, num_rows: int, rows: pa.Table | None =
 
 def shard_summaries(root: str | os.PathLike, modality: str) -> pa.Table:
     """The shard table of `modality` recomputed from the committed manifest parts' footers."""
-    parts = sorted((Path(root) / MANIFEST_DIR / f"modality={modality}").glob("*.parquet"))
+    parts = sorted(manifest_dir(root, modality).glob("*.parquet"))
     return pa.Table.from_pylist(_footer_reads(_shard_summary, parts), schema=SHARD_TABLE_SCHEMA)
 
 
@@ -302,8 +301,5 @@ def write_dataset_json(root: str | os.PathLike, **extra) -> dict:
         **_summary(ds, tables),
         **extra,
     }
-    path = root / DATASET_JSON
-    tmp = temporary(path, "summary")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(root / DATASET_JSON, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

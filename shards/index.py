@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .layout import split_member
+
 INDEX_VERSION = "v1.2"
 
 
@@ -21,37 +23,45 @@ class Member:
 
     @property
     def key(self) -> str:
-        return self.name.split(".", 1)[0]
+        return split_member(self.name)[0]
 
     @property
     def extension(self) -> str:
-        return self.name.split(".", 1)[1]
+        return split_member(self.name)[1]
+
+
+def format_index_lines(lines: list[str]) -> str:
+    """An index file's text from its sample lines (as `read_index_lines` returns them)."""
+    return "\n".join([f"{INDEX_VERSION} {len(lines)}", *lines]) + "\n"
 
 
 def format_index(samples: list[list[Member]]) -> str:
-    lines = [f"{INDEX_VERSION} {len(samples)}"]
-    for members in samples:
-        lines.append(" ".join(f"{m.extension} {m.offset} {m.size} {m.name}" for m in members))
-    return "\n".join(lines) + "\n"
+    return format_index_lines([" ".join(f"{m.extension} {m.offset} {m.size} {m.name}" for m in members)
+                               for members in samples])
 
 
-def write_index(path: str | os.PathLike, samples: list[list[Member]], sync: bool = False) -> None:
-    """sync=True: durable on return (the writer commits the manifest part only after the index)."""
-    with open(path, "w", encoding="ascii") as f:
-        f.write(format_index(samples))
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
+def write_index(path: str | os.PathLike, samples: list[list[Member]]) -> None:
+    """Plain write; ShardWriter makes it durable and atomic (shards.atomic)."""
+    Path(path).write_text(format_index(samples), encoding="ascii")
 
 
-def read_index(path: str | os.PathLike) -> list[list[Member]]:
+def _header_and_lines(path: str | os.PathLike) -> tuple[int, list[str]]:
     lines = Path(path).read_text(encoding="ascii").splitlines()
     if not lines:
         raise ValueError(f"{path}: empty index file")
     head = lines[0].split()
     if len(head) != 2 or head[0] != INDEX_VERSION:
         raise ValueError(f"{path}: expected a '{INDEX_VERSION} N' header, found {lines[0]!r}")
-    count = int(head[1])
+    return int(head[1]), lines
+
+
+def read_index_lines(path: str | os.PathLike) -> list[str]:
+    """The sample lines of an index, unparsed (a derived index of some of the samples copies them)."""
+    return _header_and_lines(path)[1][1:]
+
+
+def read_index(path: str | os.PathLike) -> list[list[Member]]:
+    count, lines = _header_and_lines(path)
     samples = []
     for number, line in enumerate(lines[1:], start=2):
         parts = line.split()

@@ -1,4 +1,5 @@
-"""Where each part of a dataset lives on disk (the one place that knows the folder layout)."""
+"""Where each part of a dataset lives on disk and how its files and tar members are named (the one
+place that knows the layout; shards/FORMAT.md describes it)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,37 @@ MANIFEST_DIR = "manifest"
 ERRORS_DIR = "errors"
 SHARDS_DIR = "shards"
 STATS_DIR = "stats"
+ENERGY_STATS_FILE = "energy.json"  # in STATS_DIR, written by `python -m augment_dali.stats`
 TABLE_DIR = "table"
+PLAN_DIR = "plan"  # the writer's (ingest's) plans: readers ignore it, verify checks that it parses
+MODALITY_PARTITION = "modality"  # manifest/modality=<m>/: hive partitioning, the partition column's name
 TMP_MARK = ".tmp-"
+
+# Members of one sample in a tar: "<key>.<extension>" (WebDataset and DALI split at the first dot).
+META_EXT = "json"
+LABELS_EXT = "labels.npy"
+PIXELS_EXT = "npy"
+
+
+def member_name(key: str, extension: str) -> str:
+    return f"{key}.{extension}"
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member name: split at the first dot, as WebDataset and DALI do."""
+    key, _, extension = name.partition(".")
+    return key, extension
+
+
+def manifest_dir(root: Path, modality: str) -> Path:
+    """The folder of a modality's manifest parts (one Parquet file per committed shard)."""
+    return Path(root) / MANIFEST_DIR / f"{MODALITY_PARTITION}={modality}"
+
+
+def modality_of_manifest_dir(name: str) -> str | None:
+    """The modality of a manifest sub-folder's name (`modality=<m>`), None for any other name."""
+    prefix = f"{MODALITY_PARTITION}="
+    return name[len(prefix):] if name.startswith(prefix) else None
 
 
 def shard_dir(root: Path, modality: str) -> Path:
@@ -26,11 +56,15 @@ def idx_path(root: Path, modality: str, name: str) -> Path:
 
 
 def manifest_path(root: Path, modality: str, name: str) -> Path:
-    return Path(root) / MANIFEST_DIR / f"modality={modality}" / f"{name}.parquet"
+    return manifest_dir(root, modality) / f"{name}.parquet"
 
 
 def table_path(root: Path, modality: str) -> Path:
     return Path(root) / TABLE_DIR / f"{modality}.parquet"
+
+
+def energy_stats_path(root: Path) -> Path:
+    return Path(root) / STATS_DIR / ENERGY_STATS_FILE
 
 
 def errors_path(root: Path, task_name: str) -> Path:

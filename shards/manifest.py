@@ -1,14 +1,9 @@
 """Parquet schemas of the manifest (one row per sample) and the error log (one row per rejected input)."""
 from __future__ import annotations
 
-import os
-import uuid
-from pathlib import Path
-
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from .layout import temporary
+from .atomic import write_parquet_atomically  # noqa: F401  (where writers have imported it from)
 from .sample import SPLITS
 
 MANIFEST_SCHEMA = pa.schema(
@@ -72,13 +67,3 @@ SHARD_TABLE_SCHEMA = pa.schema(
 )
 UNITS_META = b"medswav.units"  # JSON list: the distinct SampleMeta.units of the shard's samples, sorted
 
-
-def write_parquet_atomically(table: pa.Table, path: Path) -> None:
-    """Write to a temporary sibling, then rename: readers see the whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary(path, uuid.uuid4().hex[:12])
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

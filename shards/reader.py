@@ -10,12 +10,13 @@ from typing import Iterator
 import numpy as np
 
 from .dataset import Dataset
+from .layout import LABELS_EXT, META_EXT, PIXELS_EXT
 
 
 def _decode(sample: dict) -> tuple[str, np.ndarray, dict, np.ndarray | None]:
-    pixels = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-    meta = json.loads(sample["json"])
-    labels = np.load(io.BytesIO(sample["labels.npy"]), allow_pickle=False) if "labels.npy" in sample else None
+    pixels = np.load(io.BytesIO(sample[PIXELS_EXT]), allow_pickle=False)
+    meta = json.loads(sample[META_EXT])
+    labels = np.load(io.BytesIO(sample[LABELS_EXT]), allow_pickle=False) if LABELS_EXT in sample else None
     return sample["__key__"], pixels, meta, labels
 
 

@@ -30,8 +30,8 @@ from .checksum import crc32
 from .dataset import Dataset, ShardFiles, shard_table_problems, shard_table_row, split_counts
 from .index import read_index
 from .keys import KEY_HEX
-from .layout import (DATASET_JSON, ERRORS_DIR, INVENTORY_DIR, MANIFEST_DIR, SHARDS_DIR, STATS_DIR, TABLE_DIR, TMP_MARK,
-                     idx_path,
+from .layout import (DATASET_JSON, ERRORS_DIR, INVENTORY_DIR, LABELS_EXT, META_EXT, PIXELS_EXT, PLAN_DIR,
+                     SHARDS_DIR, STATS_DIR, TABLE_DIR, TMP_MARK, idx_path, manifest_dir, manifest_path, split_member,
                      tar_path)
 from .manifest import SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META
 
@@ -134,7 +134,7 @@ def duplicates(parts: list[tuple[str, Path]], candidates: set[str]) -> list[str]
 def _unreadable_json(root: Path) -> tuple[list[str], set[str]]:
     """Problems for JSON files of the dataset that do not parse, and the names of those files."""
     problems, bad = [], set()
-    for path in sorted([*root.glob("*.json"), *(root / STATS_DIR).glob("*.json"), *(root / "plan").glob("*.json")]):
+    for path in sorted([*root.glob("*.json"), *(root / STATS_DIR).glob("*.json"), *(root / PLAN_DIR).glob("*.json")]):
         try:
             json.loads(path.read_bytes())
         except (ValueError, OSError) as e:
@@ -163,7 +163,7 @@ def check_tar(root: str | os.PathLike, modality: str, name: str) -> str | None:
         return f"shard {where}: tar missing ({tar})"
     if not idx_path(root, modality, name).exists():
         return f"shard {where}: index missing ({idx_path(root, modality, name)})"
-    part = root / MANIFEST_DIR / f"modality={modality}" / f"{name}.parquet"
+    part = manifest_path(root, modality, name)
     try:
         meta = pq.read_schema(part).metadata or {}
     except Exception as e:  # pyarrow's error types for a damaged file vary
@@ -252,11 +252,10 @@ def _members_of(reader: TarReader, where: str) -> tuple[dict[int, tuple[str, int
             if info.isreg():
                 content = None
                 try:
-                    if info.name.endswith(".labels.npy"):
-                        pass
-                    elif info.name.endswith(".npy"):
+                    extension = split_member(info.name)[1]
+                    if extension == PIXELS_EXT:
                         content = _npy_content(data)
-                    elif info.name.endswith(".json"):
+                    elif extension == META_EXT:
                         content = json.loads(bytes(data)).get("split")
                 except (ValueError, SyntaxError, EOFError, AttributeError) as e:
                     content = e  # reported below only if the checksum matches (else the checksum says it)
@@ -290,7 +289,7 @@ class ShardSummary:
 def verify_shard(root: str | os.PathLike, modality: str, name: str) -> ShardSummary:
     """Every check of one committed shard, its tar read once, as one Dask task (or in-process)."""
     root = Path(root)
-    part = root / MANIFEST_DIR / f"modality={modality}" / f"{name}.parquet"
+    part = manifest_path(root, modality, name)
     where = f"{modality}/{name}"
     out = ShardSummary(where, str(part.relative_to(root)))
     try:
@@ -366,8 +365,8 @@ def _check_shard(root: Path, modality: str, name: str, table, out: ShardSummary)
             problems.append(f"{where}: sample #{row['index']} is {members[0].key} in the index, {key} in the manifest")
             continue
         for ext, off_col, size_col, sum_col in (
-            ("json", "json_offset", "json_size", "json_crc32"),
-            ("npy", "npy_offset", "npy_size", "npy_crc32"),
+            (META_EXT, "json_offset", "json_size", "json_crc32"),
+            (PIXELS_EXT, "npy_offset", "npy_size", "npy_crc32"),
         ):
             m = by_ext.get(ext)
             if m is None or (m.offset, m.size) != (row[off_col], row[size_col]):
@@ -378,7 +377,7 @@ def _check_shard(root: Path, modality: str, name: str, table, out: ShardSummary)
                 problems.append(f"{where}: {key}.{ext} checksum mismatch")
                 continue
             content = member[3]
-            if ext == "npy":
+            if ext == PIXELS_EXT:
                 expected = (row["dtype"], (row["rows"], row["cols"]))
                 if content != expected:
                     found = f"{content[0]}{content[1]}" if isinstance(content, tuple) else f"unreadable ({content})"
@@ -386,9 +385,9 @@ def _check_shard(root: Path, modality: str, name: str, table, out: ShardSummary)
             elif content != row["split"]:
                 problems.append(f"{where}: {key}.json split differs from the manifest")
         if row["labels_size"] >= 0:
-            m = by_ext.get("labels.npy")
+            m = by_ext.get(LABELS_EXT)
             if m is None or (m.offset, m.size) != (row["labels_offset"], row["labels_size"]):
-                problems.append(f"{where}: {key}.labels.npy offset/size differ between index and manifest")
+                problems.append(f"{where}: {key}.{LABELS_EXT} offset/size differ between index and manifest")
     return problems
 
 
@@ -500,7 +499,7 @@ def verify(root: str | os.PathLike, progress: bool = False, workers: int | None 
     ds = Dataset(root)
     parts = []  # (modality, manifest part) of every committed shard
     for modality in ds.modalities:
-        for part in sorted((root / MANIFEST_DIR / f"modality={modality}").glob("*.parquet")):
+        for part in sorted(manifest_dir(root, modality).glob("*.parquet")):
             parts.append((modality, part))
     in_process = client is None and not scheduler and (
         workers == 0 or (workers is None and len(parts) <= IN_PROCESS_MAX_SHARDS))

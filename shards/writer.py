@@ -16,11 +16,11 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
+from .atomic import write_atomically, write_parquet_atomically
 from .checksum import crc32
 from .index import Member, write_index
-from .layout import idx_path, manifest_path, tar_path, temporary
-from .manifest import (LABEL_NAMES_META, MANIFEST_SCHEMA, SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, UNITS_META,
-                       write_parquet_atomically)
+from .layout import LABELS_EXT, META_EXT, PIXELS_EXT, idx_path, manifest_path, member_name, tar_path, temporary
+from .manifest import LABEL_NAMES_META, MANIFEST_SCHEMA, SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, UNITS_META
 from .sample import SPLITS, SampleMeta
 from .shardfile import ShardFile
 
@@ -90,7 +90,7 @@ class ShardWriter:
         self._tarwriter.write({"__key__": key, extension: data})
         end = self._tarwriter.tarstream.offset  # end of the data, padded to a 512-byte block
         padded = -(-len(data) // 512) * 512
-        return Member(f"{key}.{extension}", end - padded, len(data))
+        return Member(member_name(key, extension), end - padded, len(data))
 
     def write(self, key: str, pixels: np.ndarray, meta: SampleMeta, labels: np.ndarray | None = None) -> None:
         if self._closed:
@@ -118,12 +118,12 @@ class ShardWriter:
         json_data = meta.to_json()
         npy_data = npy_bytes(pixels.astype(pixels.dtype.newbyteorder("<"), copy=False))
         # TarWriter sorts a sample's members by extension; we add them one at a time in that same order.
-        members = [self._add_member(key, "json", json_data)]
+        members = [self._add_member(key, META_EXT, json_data)]
         labels_member = None
         if label_vector is not None:
-            labels_member = self._add_member(key, "labels.npy", npy_bytes(label_vector))
+            labels_member = self._add_member(key, LABELS_EXT, npy_bytes(label_vector))
             members.append(labels_member)
-        npy_member = self._add_member(key, "npy", npy_data)
+        npy_member = self._add_member(key, PIXELS_EXT, npy_data)
         members.append(npy_member)
         self._samples.append(members)
         self._keys.add(key)
@@ -165,10 +165,8 @@ class ShardWriter:
         self._closed = True
         try:
             os.replace(self._tmp_tar, self._tar)
-            idx = idx_path(self.root, self.modality, self.name)
-            tmp_idx = temporary(idx, self._token)
-            write_index(tmp_idx, self._samples, sync=True)  # durable before the manifest commits the shard
-            os.replace(tmp_idx, idx)
+            # durable (and the tar's rename with it: same folder) before the manifest part commits the shard
+            write_atomically(idx_path(self.root, self.modality, self.name), lambda tmp: write_index(tmp, self._samples))
             table = pa.Table.from_pylist(self._rows, schema=MANIFEST_SCHEMA)
             meta = {
                 LABEL_NAMES_META: json.dumps(list(self.label_names)).encode(),

@@ -139,7 +139,8 @@ def test_stale_locks_are_taken_over_and_live_ones_kept(tmp_path):
 
 # ---------------------------------------------------------------- item 2: a lost manifest part
 
-def test_lost_manifest_part_is_rewritten_never_healed_away(tmp_path, dicom_dir, capsys):
+def test_lost_manifest_part_is_rewritten_never_healed_away(tmp_path, dicom_dir, capsys, monkeypatch):
+    import ingest.job
     from ingest.job import JobFailed
 
     ct, mr = dicom_dir / "ct_kits_abdomen_18", dicom_dir / "mr_transfer_syntaxes"
@@ -155,6 +156,7 @@ def test_lost_manifest_part_is_rewritten_never_healed_away(tmp_path, dicom_dir, 
     parts = sorted((out / "manifest" / "modality=ct").glob("*.parquet"))
     assert len(before) == 18 and len(parts) >= 3
     victim = parts[1].stem
+    victim_sources = {r["source_hash"] for r in manifest_rows(out) if r["shard"] == victim}
     tar = out / "shards" / "ct" / f"{victim}.tar"
     tar_bytes = tar.read_bytes()
     parts[1].unlink()
@@ -171,7 +173,20 @@ def test_lost_manifest_part_is_rewritten_never_healed_away(tmp_path, dicom_dir, 
 
     _write_lock(out, host=socket.gethostname(), pid=_dead_pid(), pid_scope=pid_scope())
     capsys.readouterr()
+    # the client reads the scan's rows of the lost shard's files only, never the whole inventory
+    read_for_rewrite = []
+    real_read_inventory = ingest.job._read_inventory
+
+    def recording_read_inventory(*args, **kwargs):
+        table = real_read_inventory(*args, **kwargs)
+        read_for_rewrite.append(table)
+        return table
+
+    monkeypatch.setattr(ingest.job, "_read_inventory", recording_read_inventory)
     summary, stats = run_ingest([ct, mr], out, shard_size="2MB")
+    monkeypatch.undo()
+    assert [set(t.column("source_hash").to_pylist()) for t in read_for_rewrite] == [victim_sources]
+    assert all(p for t in read_for_rewrite for p in t.column("path").to_pylist())  # each found in the map
     assert "taking over the stale dataset lock" in capsys.readouterr().err
     assert ct_layout() == before and tar.read_bytes() == tar_bytes
     assert stats.shards_written == 1 and stats.new_slices == 0

@@ -8,12 +8,13 @@ state as an array; for them exactly numpy's array-rebuilding types are allowed, 
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from shards.atomic import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -40,31 +41,19 @@ def load_plain(path: Path, map_location="cpu", what: str = "checkpoint"):
         raise UnsafeOrDamagedFile(f"cannot read {what} {path}: {reason}") from None
 
 
-def _temporary(path: Path, token: str) -> Path:
-    return path.with_name(f".{path.name}.tmp{token}")
-
-
 def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Delete what saves of `path` killed before their rename left behind (any process id)."""
+    """Delete what saves of `path` killed before their rename left behind (any process id; also the
+    `.<name>.tmp<pid>` of earlier versions)."""
     path = Path(path)
-    stale = sorted(path.parent.glob(_temporary(path, "*").name))
+    stale = sorted(path.parent.glob(f".{path.name}.tmp*"))
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    path = Path(path)
-    tmp = _temporary(path, str(os.getpid()))
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Readers see the old file or the new one, never half of one (shards.atomic)."""
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load(path: Path, map_location="cpu") -> dict:

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shards.layout import DATASET_JSON
+
 
 def _generator(*key: int) -> torch.Generator:
     seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -191,7 +193,7 @@ class ShardSource:
         self.steps_per_epoch = len(self.loader)
         names = getattr(self.loader, "label_names", None)
         if names is None:
-            info = Path(root, "dataset.json")
+            info = Path(root, DATASET_JSON)
             names = json.loads(info.read_text()).get("label_names", []) if info.exists() else []
         self.num_labels = len(names)
         self._restored = None  # (epoch, step, loader checkpoint) to continue from, set by restore_position

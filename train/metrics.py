@@ -6,6 +6,8 @@ import math
 import time
 from pathlib import Path
 
+from shards.atomic import write_text_atomically
+
 
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl. A run killed while appending leaves a partial last line: it is
@@ -32,7 +34,8 @@ class MetricsLogger:
         if resume_step and self.path.exists():
             # Steps after the checkpoint were lost with the crash: drop them so the file reads as one run.
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            # replaced whole: a crash now must not cut the history of the steps before the checkpoint
+            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif not resume_step and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")
