@@ -146,7 +146,7 @@ def _unreadable_json(root: Path) -> tuple[list[str], set[str]]:
 
 def _other_parquet_files(root: Path) -> list[str]:
     """Parquet files outside manifest/ (whose parts the shard tasks read in full), relative to root."""
-    return [str(path.relative_to(root)) for folder in (ERRORS_DIR, INVENTORY_DIR, "plan", TABLE_DIR)
+    return [str(path.relative_to(root)) for folder in (ERRORS_DIR, INVENTORY_DIR, PLAN_DIR, TABLE_DIR)
             for path in sorted((root / folder).glob("*.parquet"))]
 
 
