@@ -31,10 +31,12 @@ holds at most one source's arrays plus the shard's own decoded images.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import zipfile
+from typing import Iterator
 
 import numpy as np
 
@@ -160,14 +162,12 @@ def _image_file(path: str):
 
 
 def image_rows(source: str, *, modality: str, salt: str, hash_paths: bool,
-               path_labels=None) -> tuple[list[dict], list[str]]:
-    """(inventory rows, label names) of every image of one source file; raises SourceError (or
-    OSError, ValueError...) when the source cannot be used as a whole. `path_labels(source)` gives
-    the --labels table's row of an image file (None: unlabelled)."""
-    from shards import salted_hash
-
-    from .scan import path_text
-
+               path_labels=None) -> tuple[Iterator[dict], list[str]]:
+    """(inventory rows, label names) of every image of one source file, the rows as an iterator (an
+    archive may hold millions of images: the scan task writes them in parts). The source is checked
+    as a whole first: raises SourceError (or OSError, ValueError...) when it cannot be used; the rows
+    themselves then only compute hashes. `path_labels(source)` gives the --labels table's row of an
+    image file (None: unlabelled). Each row has an extra "identity" (for the map; not a column)."""
     fmt = source_format(source)
     names: list[str] = []
     if fmt == "npz":
@@ -182,16 +182,24 @@ def image_rows(source: str, *, modality: str, salt: str, hash_paths: bool,
         found = ((loc, shape, dt, None, labels) for loc, shape, dt in _image_file(source))
     else:
         raise SourceError("not a .npz, .npy, .png, .tif(f), .nii(.gz) file or an image folder")
+    first = next(found, None)  # the generators check their source before their first image
+    return _rows(itertools.chain([first] if first else [], found), source, fmt, modality, salt, hash_paths), names
+
+
+def _rows(found, source: str, fmt: str, modality: str, salt: str, hash_paths: bool) -> Iterator[dict]:
+    from shards import salted_hash
+
+    from .scan import path_text
+
     file_text = path_text(source)
     file_hash = salted_hash(file_text, salt)  # the patient: one file = one volume or image
     code, kind = MODALITY_CODES[modality], layout(fmt)
-    rows = []
     for locator, shape, dtype, split, labels in found:
         identity = f"{file_text}#{locator}"
         rows_, cols = int(shape[0]), int(shape[1])
         itemsize = min(4, max(1, np.dtype(dtype).itemsize))  # stored as an integer type of <= 32 bits
         image_hash = salted_hash(identity, salt)
-        rows.append({
+        yield {
             "identity": identity, "source": "" if hash_paths else identity, "source_hash": image_hash,
             "size": rows_ * cols * itemsize, "sop_hash": image_hash,
             "series_hash": file_hash, "study_hash": file_hash, "patient_hash": file_hash,
@@ -201,8 +209,7 @@ def image_rows(source: str, *, modality: str, salt: str, hash_paths: bool,
             "transfer_syntax": NON_DICOM_SYNTAX, "lossy": False, "has_pixels": True, "float_pixels": False,
             "pixel_length": -1, "pixel_end": -1, "declared_bytes": rows_ * cols * itemsize,
             "native_layout": kind, "split": split, "labels": labels,
-        })
-    return rows, names
+        }
 
 
 def load_label_table(path: str) -> tuple[dict[str, list[float]], list[str]]:
@@ -245,7 +252,6 @@ def run_scan_task(task, root: str, generation: int, salt: str, hash_paths: bool,
     """Dask task: the inventory part(s) of the non-DICOM files of one scan task (ingest.scan.ScanTask),
     with their map parts beside the dataset. A file given as a source whose format is unknown is
     rejected; inside folders such files are skipped. Returns counts, error rows and label names."""
-    import itertools
     from pathlib import Path
 
     import pyarrow as pa

@@ -184,6 +184,11 @@ def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], inventor
     index = inventory.select(["source_hash", "path", "frames", "sop_hash", "series_hash", "study_hash",
                               "patient_hash", "native_layout"]).rename_columns(
         ["source_hash", "path", "frames", "inv_sop_hash", "series_hash", "study_hash", "patient_hash", "native_layout"])
+    # non-DICOM rows carry their labels (ingest.arrays); taken by row number: Arrow joins refuse list columns
+    own_labels = inventory.column("labels") if "labels" in inventory.column_names else None
+    if own_labels is not None and own_labels.null_count == len(own_labels):
+        own_labels = None  # none found by this scan (a --labels table not given again): as for DICOM
+    index = index.append_column("_inv_row", pa.array(np.arange(inventory.num_rows), pa.int64()))
     for g, shards in by_gen.items():
         meta = planning.read_plan_meta(root, g)
         # only the lost shards' records (in file order = each shard's write order), joined once
@@ -201,11 +206,13 @@ def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], inventor
                 unrecoverable[name] = (f"{n_missing} of its {joined.num_rows} slices come from files not found "
                                        f"(unchanged) by this run's scan")
                 continue
-            if label_names and labels is None:
+            if label_names and labels is None and own_labels is None:
                 unrecoverable[name] = "the dataset has labels: pass --labels to rewrite it"
                 continue
             label_col = pa.nulls(joined.num_rows, pa.list_(pa.float32()))
-            if labels is not None:
+            if own_labels is not None:
+                label_col = own_labels.take(joined.column("_inv_row")).cast(pa.list_(pa.float32()))
+            elif labels is not None:
                 rows = joined.select(["sop_hash", "series_hash", "study_hash"]).to_pylist()
                 label_col = pa.array([labels.lookup(r) for r in rows], pa.list_(pa.float32()))
             spec = pa.table({
