@@ -219,6 +219,8 @@ def load_label_table(path: str) -> tuple[dict[str, list[float]], list[str]]:
 
     from .config import ConfigError
 
+    if not os.path.exists(path):
+        raise ConfigError(f"labels file not found: {path}")
     try:
         table = pq.read_table(path) if str(path).lower().endswith((".parquet", ".pq")) else pcsv.read_csv(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types on a bad file
