@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
     n = p.add_argument_group("non-DICOM sources (MedMNIST .npz/.npy arrays, PNG/TIFF folders, NIfTI volumes)")
     n.add_argument("--modality", choices=MODALITIES,
-                   help="treat the sources as non-DICOM images of this modality (see ingest/arrays.py)")
+                   help="treat the sources as non-DICOM images of this modality; they go through the same "
+                        "phases, generations and error ledger (see ingest/arrays.py)")
     n.add_argument("--units", choices=UNITS,
                    help="what their pixel values mean (default raw: no physical unit, normalised per image); "
                         "HU only for CT volumes known to hold Hounsfield units (they then get the HU window)")
@@ -80,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--seed", type=int, help="shuffle seed (default 0)")
     d.add_argument("--labels", metavar="FILE",
                    help="CSV or Parquet keyed by SOPInstanceUID, SeriesInstanceUID or StudyInstanceUID; "
-                        "other columns are numeric labels")
+                        "other columns are numeric labels (with --modality: keyed by a 'path' column, the image "
+                        "file's path relative to its source folder, or its name)")
     d.add_argument("--salt", help="secret salt of all hashes, 16+ characters (prefer env MEDSWAV_SALT: argv is visible "
                                   "to other users; default: a random salt generated into DATASET.salt)")
     d.add_argument("--keep-paths", action="store_const", const=True,
@@ -122,16 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         from .lock import LockLost
 
         try:
-            if cfg.modality:
-                from .arrays import SourceError, run_arrays
-
-                try:
-                    summary, stats = run_arrays(cfg, cfg.modality)
-                except SourceError as e:
-                    raise ConfigError(str(e)) from None
-            else:
-                summary, stats = run(cfg)
-                stats = vars(stats)
+            summary, stats = run(cfg)  # DICOM and non-DICOM (--modality) sources alike
+            stats = vars(stats)
         except (JobFailed, LockLost) as e:
             print(f"ingest: {e}", file=sys.stderr)
             return 1

@@ -1,31 +1,42 @@
-"""Non-DICOM sources: NumPy arrays (MedMNIST layout), 8/16-bit PNG and TIFF folders, NIfTI volumes.
+"""Non-DICOM sources: NumPy arrays (MedMNIST layout), 8/16-bit PNG and TIFF images, NIfTI volumes.
 
-They carry no DICOM header, so the modality is given on the command line (`--modality xr`) and each image
-is identified by its source path and position: `sample_key("<source>#<locator>", 0, salt)` where the
-locator is `<split>/<index>` in an `.npz`, `<index>` in an `.npy`, the file's path relative to its folder
-for images, and `z/<index>` for a NIfTI slice. The job runs on the same Dask engine as DICOM ingestion,
-one task per shard, and writes the same shards (`shards.ShardWriter`).
+They go through the same job as DICOM (ingest.job: scan -> plan -> convert -> finalize, generations,
+resume, error ledger); this module knows how to list their images (scan) and read their pixels
+(convert). They carry no DICOM header, so the modality is given on the command line (`--modality xr`).
 
-Splits: an `.npz` in MedMNIST layout keeps its own `train` / `val` / `test` splits; other sources are
-split by a salted hash of the source file (one volume or one image = one patient), `--val-fraction` of
-them to `val`. Each shard holds one split, images shuffled across sources within it. Labels: `{split}_labels` of an `.npz` (label names `label` or `label_0..L-1`), or
+Identity. Each image is identified by its source path and position, `"<source>#<locator>"`, where the
+locator is `<split>/<index>` in an `.npz`, `<index>` in an `.npy`, empty for an image file, and
+`z/<index>` for a NIfTI slice. This identity plays the SOPInstanceUID's part: the sample key is
+`sample_key(identity, 0, salt)`, its salted hash is the inventory's `sop_hash` (deduplication and
+"already ingested" work as for DICOM) and `source_hash` (the readable map beside the dataset resolves
+it to the identity). The patient (and series, study) is the source file: one volume or one image = one
+patient.
+
+Scan reads headers only: the member headers of an `.npz` (plus its small `{split}_labels` arrays), an
+`.npy` memory-mapped, a NIfTI header, an image's header; it writes one inventory row per image with the
+extension columns `split` and `labels` (ingest.scan.INVENTORY_EXTENSION), `transfer_syntax` =
+NON_DICOM_SYNTAX and `native_layout` = {"non_dicom": format}; `size` and `declared_bytes` are the
+image's own bytes (what `--max-pixel-bytes` limits).
+
+Splits: an `.npz` in MedMNIST layout keeps its own `train` / `val` / `test` splits (the inventory's
+`split`); other sources are split by the salted hash of the source file, `--val-fraction` of them to
+`val` (plan rule 4). Labels: `{split}_labels` of an `.npz` (label names `label` or `label_0..L-1`), or
 `--labels FILE` (CSV or Parquet with a `path` column, relative to the source folder or the file name,
 plus numeric label columns). Pixels are stored exactly as read in their integer dtype (RGB becomes
 BT.601 luma as for DICOM); floating-point images are accepted only when every value is an integer.
 
-Resume: the plan (shard assignment) is written to `DATASET.paths/work/arrays-<id>.json` (beside the
-dataset: it names source paths; ingest.paths) before any shard, `<id>`
-being a hash of the listed images and settings; rerunning the same command finds it and writes only the
-shards not yet committed. Running again with more sources plans only images not yet in the dataset.
+Convert: a shard's images are grouped by source file and each file is read once per task (a whole
+NIfTI volume, each `.npz` member array once), then written in the plan's shuffled order; the task
+holds at most one source's arrays plus the shard's own decoded images.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import sys
-from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
+import re
+import zipfile
+from typing import Iterator
 
 import numpy as np
 
@@ -33,150 +44,295 @@ ARRAY_SUFFIXES = (".npz", ".npy")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MEDMNIST_SPLITS = ("train", "val", "test")
-
-
-def is_array_source(path: str) -> bool:
-    p = str(path).lower()
-    return p.endswith(ARRAY_SUFFIXES + IMAGE_SUFFIXES + NIFTI_SUFFIXES) or Path(path).is_dir()
-
-
-@dataclass(frozen=True)
-class Item:
-    source: str            # file path
-    locator: str           # position inside the source ("" for a single image file)
-    split: str | None      # the source's own split, else decided by hash
-    labels: tuple | None   # label values in the order of the job's label names
-    nbytes: int            # estimated stored size, for cutting shards
-
-    @property
-    def identity(self) -> str:
-        return f"{self.source}#{self.locator}"
+NON_DICOM_SYNTAX = "medswav-non-dicom"  # the inventory's transfer_syntax of these rows (not a DICOM UID)
+# modality codes of non-DICOM rows: the partition itself, mapped to it whatever the config's modality_map
+MODALITY_CODES = {"ct": "CT", "mr": "MR", "xr": "XR", "us": "US"}
 
 
 class SourceError(ValueError):
-    """A whole source cannot be used (recorded in errors/, the job goes on)."""
+    """A whole source or one image cannot be used (recorded in errors/, the job goes on)."""
 
 
-def _npz_items(path: str) -> tuple[list[Item], list[str]]:
-    with np.load(path) as archive:
-        splits = [s for s in MEDMNIST_SPLITS if f"{s}_images" in archive]
-        if not splits and "images" not in archive:
-            raise SourceError(f"no '{{split}}_images' or 'images' array (MedMNIST layout expected); found {sorted(archive)}")
-        items, names = [], []
+def source_format(path: str) -> str | None:
+    low = path.lower()
+    for fmt, suffixes in (("npz", (".npz",)), ("npy", (".npy",)), ("nifti", NIFTI_SUFFIXES),
+                          ("image", IMAGE_SUFFIXES)):
+        if low.endswith(suffixes):
+            return fmt
+    return None
+
+
+def layout(fmt: str) -> str:
+    """The inventory's native_layout of a non-DICOM row: what tells convert to read it here."""
+    return json.dumps({"non_dicom": fmt})
+
+
+def is_non_dicom(native_layout: str | None) -> bool:
+    return bool(native_layout) and native_layout.startswith('{"non_dicom"')
+
+
+def split_identity(identity: str) -> tuple[str, str]:
+    """(source file, locator) of `"<source>#<locator>"` (locators never hold '#')."""
+    source, _, locator = identity.rpartition("#")
+    return source, locator
+
+
+# --- scan: the images of one source, from headers only ---------------------------------------------
+
+def _member_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of one .npy member of an .npz, from its header (the data is not read)."""
+    with archive.open(name) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    return shape, dtype
+
+
+def _npz_images(path: str):
+    """Yield (locator, shape of one image, dtype, split, labels) per image; the label names first."""
+    with zipfile.ZipFile(path) as archive:
+        members = {n[:-4]: n for n in archive.namelist() if n.endswith(".npy")}
+        splits = [s for s in MEDMNIST_SPLITS if f"{s}_images" in members]
+        if not splits and "images" not in members:
+            raise SourceError(f"no '{{split}}_images' or 'images' array (MedMNIST layout expected); "
+                              f"found {sorted(members)}")
+        found, names = [], []
         for split in splits or [None]:
             prefix = f"{split}_" if split else ""
-            images = archive[f"{prefix}images"]
-            labels = archive[f"{prefix}labels"] if f"{prefix}labels" in archive else None
-            if labels is not None:
-                if len(labels) != len(images):
-                    raise SourceError(f"{len(images)} {split or ''} images but {len(labels)} labels")
-                labels = labels.reshape(len(labels), -1).astype(np.float64)
+            shape, dtype = _member_header(archive, members[f"{prefix}images"])
+            if len(shape) not in (3, 4):
+                raise SourceError(f"{prefix}images: expected a stack of 2-D (or RGB) images, got shape {shape}")
+            labels = None
+            if f"{prefix}labels" in members:
+                with archive.open(members[f"{prefix}labels"]) as f:
+                    labels = np.load(f)  # small: one row per image
+                if len(labels) != shape[0]:
+                    raise SourceError(f"{shape[0]} {split or ''} images but {len(labels)} labels")
+                labels = labels.reshape(len(labels), -1).astype(np.float32)
                 names = ["label"] if labels.shape[1] == 1 else [f"label_{j}" for j in range(labels.shape[1])]
-            per_image = int(np.prod(images.shape[1:3])) * images.dtype.itemsize
-            for i in range(len(images)):
-                items.append(Item(path, f"{split}/{i}" if split else str(i), split,
-                                  tuple(labels[i]) if labels is not None else None, per_image))
-    return items, names
+            found.append((split, prefix, shape, dtype, labels))
+    yield names
+    for split, prefix, shape, dtype, labels in found:
+        for i in range(shape[0]):
+            yield (f"{split}/{i}" if split else str(i), shape[1:], dtype, split,
+                   labels[i].tolist() if labels is not None else None)
 
 
-def _npy_items(path: str) -> list[Item]:
-    arr = np.load(path, mmap_mode="r")
+def _npy_images(path: str):
+    arr = np.load(path, mmap_mode="r")  # the header only: nothing of the data is read
     if arr.ndim == 2:
-        return [Item(path, "0", None, None, arr.nbytes)]
-    if arr.ndim == 3:
-        return [Item(path, str(i), None, None, arr[0].nbytes) for i in range(arr.shape[0])]
-    raise SourceError(f"expected a 2-D image or a 3-D stack of images, got shape {arr.shape}")
+        yield "0", arr.shape, arr.dtype
+    elif arr.ndim == 3:
+        for i in range(arr.shape[0]):
+            yield str(i), arr.shape[1:], arr.dtype
+    else:
+        raise SourceError(f"expected a 2-D image or a 3-D stack of images, got shape {arr.shape}")
 
 
-def _nifti_items(path: str) -> list[Item]:
+def _nifti_images(path: str):
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
-    reader.ReadImageInformation()
-    size = reader.GetSize()
+    reader.ReadImageInformation()  # the header only
+    size = reader.GetSize()  # (x, y[, z])
+    kind = sitk.GetPixelIDValueAsString(reader.GetPixelID())  # e.g. "16-bit signed integer"
+    bits = re.search(r"(\d+)-bit", kind)
+    itemsize = min(4, int(bits.group(1)) // 8) if bits else 2
+    dtype = np.dtype(f"{'i' if ' signed' in kind else 'u'}{max(1, itemsize)}")
     if len(size) == 2:
-        return [Item(path, "z/0", None, None, size[0] * size[1] * 2)]
-    if len(size) != 3:
+        yield "z/0", (size[1], size[0]), dtype
+    elif len(size) == 3:
+        for z in range(size[2]):
+            yield f"z/{z}", (size[1], size[0]), dtype
+    else:
         raise SourceError(f"expected a 2-D or 3-D image, got {len(size)} dimensions")
-    return [Item(path, f"z/{z}", None, None, size[0] * size[1] * 2) for z in range(size[2])]
 
 
-def _image_files(folder: str) -> list[str]:
-    out = []
-    for dirpath, _, files in os.walk(folder):
-        out += [os.path.join(dirpath, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-    return sorted(out)
+def _image_file(path: str):
+    from PIL import Image
+
+    with Image.open(path) as im:  # reads the header only
+        width, height = im.size
+        mode = im.mode
+    itemsize = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}.get(mode, 1)
+    yield "", (height, width), np.dtype(f"u{itemsize}")
 
 
-def list_items(sources: list[str], label_table: dict[str, tuple] | None = None) -> tuple[list[Item], list[str], list[dict]]:
-    """(items, label names, error rows) for every image of every source."""
-    items, names, errors = [], [], []
-
-    def image_item(path: str, base: str) -> Item:
-        rel = os.path.relpath(path, base) if base else os.path.basename(path)
-        labels = None
-        if label_table is not None:
-            labels = label_table.get(rel.replace(os.sep, "/")) or label_table.get(os.path.basename(path))
-        return Item(path, "", None, labels, os.path.getsize(path))
-
-    for source in sources:
-        try:
-            low = source.lower()
-            if os.path.isdir(source):
-                files = _image_files(source)
-                if not files:
-                    raise SourceError("folder holds no .png, .tif or .tiff image")
-                items += [image_item(f, source) for f in files]
-            elif not os.path.exists(source):
-                raise SourceError("no such file or folder")
-            elif low.endswith(".npz"):
-                found, npz_names = _npz_items(source)
-                if npz_names and names and npz_names != names:
-                    raise SourceError(f"label columns {npz_names} differ from earlier sources' {names}")
-                names = names or npz_names
-                items += found
-            elif low.endswith(".npy"):
-                items += _npy_items(source)
-            elif low.endswith(NIFTI_SUFFIXES):
-                items += _nifti_items(source)
-            elif low.endswith(IMAGE_SUFFIXES):
-                items.append(image_item(source, ""))
-            else:
-                raise SourceError("not a .npz, .npy, .png, .tif(f), .nii(.gz) file or an image folder")
-        except SourceError as e:
-            errors.append({"source": source, "stage": "scan", "reason": "unusable source", "detail": str(e)})
-        except (OSError, ValueError, RuntimeError) as e:
-            errors.append({"source": source, "stage": "scan", "reason": "unreadable", "detail": f"{type(e).__name__}: {e}"})
-    return items, names, errors
+def image_rows(source: str, *, modality: str, salt: str, hash_paths: bool,
+               path_labels=None) -> tuple[Iterator[dict], list[str]]:
+    """(inventory rows, label names) of every image of one source file, the rows as an iterator (an
+    archive may hold millions of images: the scan task writes them in parts). The source is checked
+    as a whole first: raises SourceError (or OSError, ValueError...) when it cannot be used; the rows
+    themselves then only compute hashes. `path_labels(source)` gives the --labels table's row of an
+    image file (None: unlabelled). Each row has an extra "identity" (for the map; not a column)."""
+    fmt = source_format(source)
+    names: list[str] = []
+    if fmt == "npz":
+        found = _npz_images(source)
+        names = next(found)
+    elif fmt == "npy":
+        found = ((loc, shape, dt, None, None) for loc, shape, dt in _npy_images(source))
+    elif fmt == "nifti":
+        found = ((loc, shape, dt, None, None) for loc, shape, dt in _nifti_images(source))
+    elif fmt == "image":
+        labels = path_labels(source) if path_labels else None
+        found = ((loc, shape, dt, None, labels) for loc, shape, dt in _image_file(source))
+    else:
+        raise SourceError("not a .npz, .npy, .png, .tif(f), .nii(.gz) file or an image folder")
+    first = next(found, None)  # the generators check their source before their first image
+    return _rows(itertools.chain([first] if first else [], found), source, fmt, modality, salt, hash_paths), names
 
 
-def load_label_table(path: str) -> tuple[dict[str, tuple], list[str]]:
-    """CSV or Parquet with a `path` column and numeric label columns."""
+def _rows(found, source: str, fmt: str, modality: str, salt: str, hash_paths: bool) -> Iterator[dict]:
+    from shards import salted_hash
+
+    from .scan import path_text
+
+    file_text = path_text(source)
+    file_hash = salted_hash(file_text, salt)  # the patient: one file = one volume or image
+    code, kind = MODALITY_CODES[modality], layout(fmt)
+    for locator, shape, dtype, split, labels in found:
+        identity = f"{file_text}#{locator}"
+        rows_, cols = int(shape[0]), int(shape[1])
+        itemsize = min(4, max(1, np.dtype(dtype).itemsize))  # stored as an integer type of <= 32 bits
+        image_hash = salted_hash(identity, salt)
+        yield {
+            "identity": identity, "source": "" if hash_paths else identity, "source_hash": image_hash,
+            "size": rows_ * cols * itemsize, "sop_hash": image_hash,
+            "series_hash": file_hash, "study_hash": file_hash, "patient_hash": file_hash,
+            "modality_code": code, "sop_class_uid": "", "rows": rows_, "cols": cols, "frames": 1,
+            "samples_per_pixel": 1, "bits_allocated": itemsize * 8, "bits_stored": itemsize * 8,
+            "pixel_representation": int(np.dtype(dtype).kind == "i"), "photometric": "MONOCHROME2",
+            "transfer_syntax": NON_DICOM_SYNTAX, "lossy": False, "has_pixels": True, "float_pixels": False,
+            "pixel_length": -1, "pixel_end": -1, "declared_bytes": rows_ * cols * itemsize,
+            "native_layout": kind, "split": split, "labels": labels,
+        }
+
+
+def load_label_table(path: str) -> tuple[dict[str, list[float]], list[str]]:
+    """CSV or Parquet with a `path` column and numeric label columns: ({path: labels}, names)."""
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path) if path.lower().endswith(".parquet") else pcsv.read_csv(path)
+    from .config import ConfigError
+
+    if not os.path.exists(path):
+        raise ConfigError(f"labels file not found: {path}")
+    try:
+        table = pq.read_table(path) if str(path).lower().endswith((".parquet", ".pq")) else pcsv.read_csv(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types on a bad file
+        raise ConfigError(f"labels file {path} is unreadable: {str(e).splitlines()[0]}") from None
     if "path" not in table.column_names:
-        raise SourceError(f"{path}: a label table for image files needs a 'path' column")
+        raise ConfigError(f"{path}: a label table for non-DICOM images needs a 'path' column")
     names = [c for c in table.column_names if c != "path"]
-    columns = [np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in names]
-    return {p: tuple(col[i] for col in columns) for i, p in enumerate(table.column("path").to_pylist())}, names
+    try:
+        columns = [np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float32) for c in names]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: label columns must be numeric") from None
+    return {p: [float(col[i]) for col in columns] for i, p in enumerate(table.column("path").to_pylist())}, names
 
 
-# --- reading one image ------------------------------------------------------------------------------
-
-@lru_cache(maxsize=2)
-def _npz_array(path: str, name: str) -> np.ndarray:
-    with np.load(path) as archive:
-        return archive[name]
+_TABLES: dict = {}
 
 
-@lru_cache(maxsize=2)
-def _nifti_volume(path: str) -> np.ndarray:
+def _label_table(path: str):
+    """The --labels table, loaded once per worker process."""
+    stat = os.stat(path)
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _TABLES:
+        _TABLES.clear()
+        _TABLES[key] = load_label_table(path)
+    return _TABLES[key]
+
+
+def run_scan_task(task, root: str, generation: int, salt: str, hash_paths: bool, modality: str,
+                  sources: list[str], labels_path: str | None = None,
+                  exclude: frozenset[str] = frozenset()) -> dict:
+    """Dask task: the inventory part(s) of the non-DICOM files of one scan task (ingest.scan.ScanTask),
+    with their map parts beside the dataset. A file given as a source whose format is unknown is
+    rejected; inside folders such files are skipped. Returns counts, error rows and label names."""
+    from pathlib import Path
+
+    import pyarrow as pa
+    from shards.manifest import write_parquet_atomically
+
+    from .paths import generation_map_part, write_map
+    from .scan import INVENTORY_EXTENSION, INVENTORY_SCHEMA, ROWS_PER_PART, Walker, map_row, part_path, scan_error
+
+    schema = pa.schema([*INVENTORY_SCHEMA, *INVENTORY_EXTENSION])
+    given = set(sources)
+    folders = sorted((s for s in sources if os.path.isdir(s)), key=len, reverse=True)
+    table, names_by_path = _label_table(labels_path) if labels_path else (None, [])
+
+    def path_labels(path: str):
+        if table is None:
+            return None
+        base = next((f for f in folders if path.startswith(f.rstrip(os.sep) + os.sep)), None)
+        rel = os.path.relpath(path, base).replace(os.sep, "/") if base else os.path.basename(path)
+        return table.get(rel) or table.get(os.path.basename(path))
+
+    rows, paths, errors, rejected = [], [], [], []
+    label_names: dict[str, list[str]] = {}  # npz source -> its label names (the client checks they agree)
+    n_files = n_rows = batch = 0
+
+    def flush() -> None:
+        nonlocal rows, paths, batch
+        write_parquet_atomically(pa.Table.from_pylist(rows, schema=schema),
+                                 part_path(Path(root), generation, task.index, batch))
+        if hash_paths:
+            write_map(generation_map_part(root, generation, task.index, batch), paths)
+        rows, paths, batch = [], [], batch + 1
+
+    walker = Walker(roots=tuple(task.roots), exclude=exclude)
+    walked = itertools.chain(itertools.chain.from_iterable(walker.walk(d) for d in task.walk),
+                             itertools.chain.from_iterable(walker.walk(d, linked=True) for d in task.links))
+    for src in itertools.chain(task.files, walked):
+        if source_format(src) is None and src not in given:
+            continue  # another kind of file inside an image folder
+        n_files += 1
+        try:
+            found, names = image_rows(src, modality=modality, salt=salt, hash_paths=hash_paths,
+                                      path_labels=path_labels)
+        except SourceError as e:
+            errors.append(scan_error(src, "scan", "unusable source", str(e), salt, hash_paths))
+            rejected.append(src)
+            continue
+        except Exception as e:  # noqa: BLE001 - a damaged file of any format: record it, go on
+            errors.append(scan_error(src, "scan", "unreadable", f"{type(e).__name__}: {str(e)[:200]}",
+                                     salt, hash_paths))
+            rejected.append(src)
+            continue
+        if names:
+            label_names[src] = names
+        for row in found:
+            rows.append(row)
+            identity = row.pop("identity")
+            if hash_paths:  # the readable map beside the dataset: image hash -> "<source>#<locator>"
+                paths.append({"source_hash": row["source_hash"], "path": identity})
+            n_rows += 1
+            if len(rows) >= ROWS_PER_PART:
+                flush()
+    for path, reason, detail in [*task.problems, *walker.problems]:
+        errors.append(scan_error(path, "scan", reason, detail, salt, hash_paths))
+        rejected.append(path)
+    if hash_paths:
+        paths.extend(map_row(src, salt) for src in rejected)
+    if rows or paths or batch == 0:
+        flush()
+    return {"files": n_files, "headers": n_rows, "rows": n_rows, "errors": errors, "label_names": label_names,
+            "path_label_names": names_by_path}
+
+
+# --- convert: each source read once per task ----------------------------------------------------------
+
+def read_nifti(path: str) -> np.ndarray:
+    """The whole volume, [z, y, x] (or [y, x])."""
     import SimpleITK as sitk
 
-    return sitk.GetArrayFromImage(sitk.ReadImage(path))  # [z, y, x]
+    return sitk.GetArrayFromImage(sitk.ReadImage(path))
 
 
 def _integral(arr: np.ndarray, what: str) -> np.ndarray:
@@ -192,181 +348,103 @@ def _integral(arr: np.ndarray, what: str) -> np.ndarray:
     raise SourceError(f"{what}: {arr.dtype} pixels that are not integers cannot be stored losslessly")
 
 
-def load_item(item: Item) -> np.ndarray:
-    """The 2-D integer image of one item."""
+def stored_image(arr: np.ndarray) -> np.ndarray:
+    """One image as stored: RGB(A) to luma, 2-D, an integer dtype."""
     from .pixels import luma
 
-    low = item.source.lower()
-    if low.endswith(".npz"):
-        split, index = item.locator.split("/") if "/" in item.locator else (None, item.locator)
-        arr = _npz_array(item.source, f"{split}_images" if split else "images")[int(index)]
-    elif low.endswith(".npy"):
-        stack = np.load(item.source, mmap_mode="r")
-        arr = np.array(stack if stack.ndim == 2 else stack[int(item.locator)])
-    elif low.endswith(NIFTI_SUFFIXES):
-        vol = _nifti_volume(item.source)
-        arr = vol if vol.ndim == 2 else vol[int(item.locator.split("/")[1])]
-    else:
-        from PIL import Image
-
-        with Image.open(item.source) as im:
-            arr = np.array(im)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         arr = luma(np.ascontiguousarray(arr[..., :3]))
     if arr.ndim != 2:
         raise SourceError(f"expected a 2-D image, got shape {arr.shape}")
-    return np.ascontiguousarray(_integral(arr, item.identity))
+    return np.ascontiguousarray(_integral(arr, "image"))
 
 
-# --- the job --------------------------------------------------------------------------------------------
+def read_images(source: str, locators: list[str]) -> dict[str, np.ndarray | Exception]:
+    """{locator: stored image, or the exception that image raised} for images of one source file, the
+    file read once: an .npz member array once, a NIfTI volume once. Raises when the file as a whole
+    cannot be read."""
+    fmt = source_format(source)
+    out: dict[str, np.ndarray | Exception] = {}
 
-@dataclass(frozen=True)
-class ArraysJob:
-    modality: str
-    val_fraction: float
-    seed: int
-    shard_size: int
+    def take(stack: np.ndarray, locator: str, index: str) -> None:
+        try:
+            out[locator] = stored_image(np.array(stack if stack.ndim == 2 else stack[int(index)]))
+        except (SourceError, IndexError, ValueError) as e:
+            out[locator] = e
 
+    if fmt == "npz":
+        by_member: dict[str, list[str]] = {}
+        for loc in locators:
+            split, _, index = loc.rpartition("/")
+            by_member.setdefault(f"{split}_images" if split else "images", []).append(loc)
+        with np.load(source) as archive:
+            for member, locs in by_member.items():
+                if member not in archive:
+                    out.update({loc: SourceError(f"no array {member!r} in the archive") for loc in locs})
+                    continue
+                stack = archive[member]  # the member decompressed once for all of this task's images
+                for loc in locs:
+                    take(stack, loc, loc.rpartition("/")[2])
+                del stack
+    elif fmt == "npy":
+        stack = np.load(source, mmap_mode="r")
+        for loc in locators:
+            take(stack, loc, loc)
+    elif fmt == "nifti":
+        volume = read_nifti(source)
+        for loc in locators:
+            take(volume, loc, loc.split("/")[-1])
+        del volume
+    elif fmt == "image":
+        from PIL import Image
 
-def _plan(items: list[Item], job: ArraysJob, salt: str, plan_id: str) -> dict:
-    from shards import salted_hash
-
-    from .plan import split_of
-
-    rng = np.random.default_rng(job.seed)
-    by_split: dict[str, list[dict]] = {}
-    sizes: dict[str, list[int]] = {}
-    for i in rng.permutation(len(items)):  # shuffled across sources: DALI only shuffles within a buffer
-        item = items[int(i)]
-        split = item.split or split_of(salted_hash(item.source, salt), job.val_fraction)
-        by_split.setdefault(split, []).append({"source": item.source, "locator": item.locator, "split": split,
-                                               "labels": list(item.labels) if item.labels is not None else None})
-        sizes.setdefault(split, []).append(item.nbytes)
-    # One split per shard (as for DICOM): a loader reading one split needs no per-sample filtering.
-    shards = []
-    for split in sorted(by_split):
-        current, size = [], 0
-        for spec, nbytes in zip(by_split[split], sizes[split]):
-            current.append(spec)
-            size += nbytes
-            if size >= job.shard_size:
-                shards.append(current)
-                current, size = [], 0
-        if current:
-            shards.append(current)
-    names = [f"{job.modality}-a{plan_id[:8]}-{k:06d}" for k in range(len(shards))]
-    return {"id": plan_id, "modality": job.modality, "shards": dict(zip(names, shards))}
-
-
-def convert_shard(entry: tuple[str, list[dict]], root: str, modality: str, label_names: list[str], salt: str,
-                  direct_io: bool = True, hash_paths: bool = False, units: str = "raw") -> int:
-    """One Dask task: write one shard of non-DICOM images; unreadable images go to errors/."""
-    from shards import SampleMeta, ShardWriter, salted_hash, sample_key, write_errors
-
-    from .scan import scan_error
-
-    name, specs = entry
-    errors, written, failed = [], 0, []
-    with ShardWriter(root, modality, name, label_names=label_names, direct_io=direct_io) as writer:
-        for spec in specs:
-            item = Item(spec["source"], spec["locator"], spec["split"], None, 0)
+        with Image.open(source) as im:
+            arr = np.array(im)
+        for loc in locators:
             try:
-                pixels = load_item(item)
-            except (SourceError, OSError, ValueError, IndexError, RuntimeError) as e:
-                errors.append(scan_error(item.identity, "convert", "unreadable image",
-                                         f"{type(e).__name__}: {str(e)[:200]}", salt, hash_paths))
-                failed.append(item.identity)
-                continue
-            meta = SampleMeta(modality=modality, split=spec["split"], source_hash=salted_hash(item.source, salt),
-                              sop_hash=salted_hash(item.identity, salt), patient_hash=salted_hash(item.source, salt),
-                              photometric="MONOCHROME2", bits_stored=pixels.dtype.itemsize * 8,
-                              bits_allocated=pixels.dtype.itemsize * 8, pixel_representation=int(pixels.dtype.kind == "i"),
-                              units=units)  # "raw" unless the user vouches for Hounsfield units
-            labels = np.asarray(spec["labels"], np.float32) if spec["labels"] is not None and label_names else None
-            writer.write(sample_key(item.identity, 0, salt), pixels, meta, labels=labels)
-            written += 1
-        write_errors(root, f"convert-{name}", errors)
-        _write_error_map(root, f"convert-{name}", failed, salt, hash_paths)
-    return written
-
-
-def _write_error_map(root, name: str, sources: list[str], salt: str, hash_paths: bool) -> None:
-    """The readable map (ingest.paths) of the sources behind one errors/ file, when those are hashed."""
-    from .paths import arrays_map_part, write_map
-    from .scan import map_row
-
-    if hash_paths and sources:
-        write_map(arrays_map_part(root, name), [map_row(src, salt) for src in sources])
-
-
-def run_arrays(cfg, modality: str) -> tuple[dict, dict]:
-    """`python -m ingest SOURCE... --modality M`: the whole job for non-DICOM sources.
-    Returns (dataset.json content, this run's counts)."""
-    from .job import make_dataset_folder, check_out_folder
-    from .lock import DatasetLock
-
-    check_out_folder(cfg.root, list(cfg.sources))
-    make_dataset_folder(cfg.root)
-    with DatasetLock(cfg.root, cfg.lock_timeout):  # one writer per dataset, as for DICOM sources
-        return _run_arrays_locked(cfg, modality)
-
-
-def _run_arrays_locked(cfg, modality: str) -> tuple[dict, dict]:
-    import hashlib
-
-    from shards import Dataset, ShardWriter, sample_key, write_errors
-
-    from .engine import dask_client, run_phase
-    from .finalize import finalize
-    from .job import check_path_privacy
-    from .paths import make_map_dir, remove_empty, work_dir
-    from .salt import read_state, resolve_salt, write_state
-    from .scan import scan_error
-
-    root = cfg.root
-    salt, origin = resolve_salt(root, cfg.salt)
-    print(f"salt: from {origin}", file=sys.stderr)
-    check_path_privacy(root, read_state(root), cfg.hash_paths)
-    make_map_dir(root)
-    if not read_state(root):
-        write_state(root, {"hash_paths": cfg.hash_paths})
-    label_table, table_names = load_label_table(cfg.labels) if cfg.labels else (None, [])
-    items, names, errors = list_items(list(cfg.sources), label_table)
-    rejected = [e["source"] for e in errors]
-    errors = [scan_error(e["source"], e["stage"], e["reason"], e["detail"], salt, cfg.hash_paths) for e in errors]
-    label_names = table_names or names
-    write_errors(root, "scan-arrays", errors)
-    _write_error_map(root, "scan-arrays", rejected, salt, cfg.hash_paths)
-    existing = set(Dataset(root).manifest(columns=["key"]).column("key").to_pylist()) if Dataset(root).modalities else set()
-    job = ArraysJob(modality, cfg.val_fraction, cfg.seed, cfg.shard_size)
-    digest = hashlib.blake2b(json.dumps([job.__dict__, [i.identity for i in items]]).encode(), digest_size=8).hexdigest()
-    plan_path = work_dir(root) / f"arrays-{digest}.json"
-    if plan_path.exists():
-        plan = json.loads(plan_path.read_text())
+                out[loc] = stored_image(arr)
+            except SourceError as e:
+                out[loc] = e
     else:
-        new = [i for i in items if sample_key(i.identity, 0, salt) not in existing]
-        plan = _plan(new, job, salt, digest)
-        plan_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = plan_path.with_name(f".{plan_path.name}.tmp")
-        tmp.write_text(json.dumps(plan))
-        os.replace(tmp, plan_path)
-    todo = [(n, s) for n, s in plan["shards"].items() if not ShardWriter.is_committed(root, modality, n)]
-    print(f"{len(items):,} images listed, {sum(len(s) for s in plan['shards'].values()):,} planned in "
-          f"{len(plan['shards'])} shard(s), {len(todo)} to write", file=sys.stderr)
-    with dask_client(cfg) as client:
-        _, failures = run_phase(client, "convert", convert_shard, todo, key_of=lambda e: f"arrays-{e[0]}",
-                                progress=cfg.progress, root=str(root), modality=modality,
-                                label_names=label_names, salt=salt, direct_io=cfg.direct_io,
-                                hash_paths=cfg.hash_paths, units=cfg.units or "raw")
-    if failures:
-        from .job import JobFailed
+        raise SourceError("not a .npz, .npy, .png, .tif(f) or .nii(.gz) file")
+    return out
 
-        raise JobFailed(f"{len(failures)} shard task(s) failed: {failures[0][1]}; rerun the same command")
-    plan_path.unlink()
-    remove_empty(root)
-    stats = {"files": len(set(i.source for i in items)), "new_slices": sum(len(v) for v in plan["shards"].values()),
-             "already_ingested": len(items) - sum(len(v) for v in plan["shards"].values()),
-             "shards_written": len(todo), "shards_skipped": len(plan["shards"]) - len(todo)}
-    summary = finalize(root, {"arrays_modality": modality, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-                              "shard_size": cfg.shard_size})
-    return summary, stats
+
+def write_images(writer, specs: list[dict], *, modality: str, salt: str, hash_paths: bool,
+                 units: str | None) -> list[dict]:
+    """Write a shard's non-DICOM images (`specs`: its plan slice list, in write order) to `writer`;
+    returns the error rows of the images that failed. Images are read grouped by source file (each
+    file once), then written in the plan's order."""
+    from shards import SampleMeta, sample_key
+
+    from .scan import scan_error, text_path
+
+    by_source: dict[str, list[str]] = {}
+    for spec in specs:
+        source, locator = split_identity(text_path(spec["path"]))
+        by_source.setdefault(source, []).append(locator)
+    images: dict[str, np.ndarray | Exception] = {}
+    for source, locators in by_source.items():
+        try:
+            found = read_images(source, locators)
+        except Exception as e:  # noqa: BLE001 - the whole file failed: each of its images is an error
+            found = {loc: e for loc in locators}
+        images.update({f"{source}#{loc}": got for loc, got in found.items()})
+    errors = []
+    for spec in specs:
+        identity = text_path(spec["path"])
+        pixels = images.pop(identity, None)
+        if not isinstance(pixels, np.ndarray):
+            e = pixels if pixels is not None else SourceError("image not found in its source")
+            errors.append(scan_error(identity, "convert", "unreadable image",
+                                     f"{type(e).__name__}: {str(e)[:200]}", salt, hash_paths))
+            continue
+        meta = SampleMeta(modality=modality, split=spec["split"], source_hash=spec["source_hash"],
+                          sop_hash=spec["sop_hash"], series_hash=spec["series_hash"], study_hash=spec["study_hash"],
+                          patient_hash=spec["patient_hash"], photometric="MONOCHROME2",
+                          bits_stored=pixels.dtype.itemsize * 8, bits_allocated=pixels.dtype.itemsize * 8,
+                          pixel_representation=int(pixels.dtype.kind == "i"),
+                          units=units or "raw")  # "raw" unless the user vouches for Hounsfield units
+        labels = np.asarray(spec["labels"], np.float32) if spec["labels"] is not None else None
+        writer.write(sample_key(spec["path"], 0, salt), pixels, meta, labels=labels)
+    return errors

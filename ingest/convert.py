@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from .arrays import is_non_dicom, write_images
 from .decoders import release_decoded
 from .native import Changed, header_meta, read_frame
 from .pixels import to_stored
@@ -187,10 +188,28 @@ def _note_fallback(errors: list[dict], logged: dict[str, int], failed_copies: li
             row["detail"] = (row["detail"][:500 - len(note)] + note)
 
 
+def _finish(writer, root: Path, generation: int, name: str, errors: list[dict], result: dict) -> None:
+    """Errors first (a committed shard has its errors on disk), then the commit, or the empty marker of
+    a shard whose every slice failed."""
+    from shards import write_errors
+
+    write_errors(root, name, errors)
+    result["errors"] = Counter(e["reason"] for e in errors)
+    if len(writer):
+        result["samples"] = writer.commit()
+    else:
+        writer.abort()
+        marker = empty_marker(root, generation, name)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
+
 def run_convert_task(root: str, generation: int, name: str, modality: str, label_names: list[str],
-                     salt: str, max_side: int | None, hash_paths: bool, direct_io: bool = True) -> dict:
-    """Dask task: write shard `name` from its slice list. Idempotent: a committed shard is left alone."""
-    from shards import ShardWriter, sample_key, salted_hash, write_errors
+                     salt: str, max_side: int | None, hash_paths: bool, direct_io: bool = True,
+                     units: str | None = None) -> dict:
+    """Dask task: write shard `name` from its slice list. Idempotent: a committed shard is left alone.
+    Non-DICOM slices (ingest.arrays) are read by ingest.arrays, with `units` as their pixel units."""
+    from shards import ShardWriter, sample_key, salted_hash
 
     root = Path(root)
     result = {"name": name, "modality": modality, "samples": 0, "errors": Counter(), "skipped": False}
@@ -199,6 +218,15 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
         return result
     _remove_stale_temporaries(root, modality, name)
     specs = pq.read_table(spec_path(root, generation, name)).to_pylist()
+    if specs and is_non_dicom(specs[0].get("native_layout")):  # a generation is all DICOM or all not
+        writer = ShardWriter(root, modality=modality, name=name, label_names=label_names, direct_io=direct_io)
+        try:
+            errors = write_images(writer, specs, modality=modality, salt=salt, hash_paths=hash_paths, units=units)
+            _finish(writer, root, generation, name, errors, result)
+        except BaseException:
+            writer.abort()
+            raise
+        return result
     cache: OrderedDict[str, object] = OrderedDict()
     failed: dict[str, tuple[str, str]] = {}  # source -> (reason, detail) of its failure in this task
     slow: set[str] = set()  # files with a native layout that must take the pydicom path after all
@@ -268,15 +296,7 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
                     if n > 0:
                         _note_fallback(errors, logged, copies[:n], shown_source(src, salt, hash_paths))
                     break
-        write_errors(root, name, errors)  # before the commit: a committed shard has its errors on disk
-        result["errors"] = Counter(e["reason"] for e in errors)
-        if len(writer):
-            result["samples"] = writer.commit()
-        else:
-            writer.abort()
-            marker = empty_marker(root, generation, name)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+        _finish(writer, root, generation, name, errors, result)
     except BaseException:
         writer.abort()
         raise

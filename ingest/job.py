@@ -33,7 +33,7 @@ from .finalize import finalize, report
 from .lock import LOCK_FILE, DatasetLock
 from .paths import generation_map_dir, make_map_dir, read_map, remove_empty, work_dir
 from .salt import ENV, STATE_FILE, read_state, resolve_salt, salt_file, write_state
-from .scan import INVENTORY_DIR, INVENTORY_SCHEMA, WORK_DIR, path_text, run_scan_task, scan_tasks
+from .scan import INVENTORY_DIR, INVENTORY_EXTENSION, INVENTORY_SCHEMA, WORK_DIR, path_text, run_scan_task, scan_tasks
 
 INGEST_VERSION = 1
 SCAN_TASKS_PER_WORKER = 16  # small enough that the last task to finish leaves little idle time
@@ -74,15 +74,17 @@ def _read_inventory(root: Path, g: int, hash_paths: bool, source_hashes: pa.Arra
     import pyarrow.dataset as pads
 
     parts = [str(p) for p in sorted((root / INVENTORY_DIR).glob(f"part-g{g:03d}-*.parquet"))]
-    table = (pads.dataset(parts, schema=INVENTORY_SCHEMA, format="parquet").to_table(
-        filter=pc.field("source_hash").isin(source_hashes)) if parts else INVENTORY_SCHEMA.empty_table())
+    # DICOM parts lack the non-DICOM extension columns: the dataset schema reads them as nulls
+    schema = pa.schema([*INVENTORY_SCHEMA, *INVENTORY_EXTENSION])
+    table = (pads.dataset(parts, schema=schema, format="parquet").to_table(
+        filter=pc.field("source_hash").isin(source_hashes)) if parts else schema.empty_table())
     table = planning.first_per_source(table)  # overlapping sources (/a and /a/b) list some files twice
     if not hash_paths:
         return table.append_column("path", table.column("source"))
     paths = read_map(root, g, source_hashes)  # written by the same scan tasks, beside the dataset (ingest.paths)
     if not paths.num_rows:
         return table.append_column("path", pa.array([""] * table.num_rows, pa.string()))
-    return table.join(planning.first_per_source(paths), keys="source_hash", join_type="left outer")  # adds "path"
+    return planning.with_paths(table, planning.first_per_source(paths))  # adds "path"
 
 
 def _convert_shards(client, root: Path, g: int, todo: list[tuple[str, str]], meta: dict, cfg: IngestConfig,
@@ -95,7 +97,8 @@ def _convert_shards(client, root: Path, g: int, todo: list[tuple[str, str]], met
     results, failures = run_phase(
         client, f"convert g{g:03d}", _convert_item, todo, key_of=lambda it: f"convert-{it[0]}-{token}",
         progress=cfg.progress, root=str(root), generation=g, label_names=label_names, salt=salt,
-        max_side=meta.get("max_side"), hash_paths=meta.get("hash_paths", False), direct_io=cfg.direct_io)
+        max_side=meta.get("max_side"), hash_paths=meta.get("hash_paths", False), direct_io=cfg.direct_io,
+        units=meta.get("units"))
     stats.add_time("convert", time.perf_counter() - start)
     stats.shards_written += sum(1 for r in results if not r["skipped"] and r["samples"])  # committed ones
     if failures:
@@ -198,6 +201,11 @@ def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], scan_gen
                                   "patient_hash", "native_layout"]).rename_columns(
             ["source_hash", "path", "frames", "inv_sop_hash", "series_hash", "study_hash", "patient_hash",
              "native_layout"])
+        # non-DICOM rows carry their labels (ingest.arrays); taken by row number: Arrow joins refuse list columns
+        own_labels = inventory.column("labels")
+        if own_labels.null_count == len(own_labels):
+            own_labels = None  # none found by this scan (a --labels table not given again): as for DICOM
+        index = index.append_column("_inv_row", pa.array(np.arange(inventory.num_rows), pa.int64()))
         records = records.append_column("_order", pa.array(np.arange(records.num_rows), pa.int64()))
         records = records.join(index, keys="source_hash", join_type="left outer").sort_by("_order")
         shutil.rmtree(root / WORK_DIR / f"g{g:03d}", ignore_errors=True)
@@ -211,11 +219,13 @@ def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], scan_gen
                 unrecoverable[name] = (f"{n_missing} of its {joined.num_rows} slices come from files not found "
                                        f"(unchanged) by this run's scan")
                 continue
-            if label_names and labels is None:
+            if label_names and labels is None and own_labels is None:
                 unrecoverable[name] = "the dataset has labels: pass --labels to rewrite it"
                 continue
             label_col = pa.nulls(joined.num_rows, pa.list_(pa.float32()))
-            if labels is not None:
+            if own_labels is not None:
+                label_col = own_labels.take(joined.column("_inv_row")).cast(pa.list_(pa.float32()))
+            elif labels is not None:
                 rows = joined.select(["sop_hash", "series_hash", "study_hash"]).to_pylist()
                 label_col = pa.array([labels.lookup(r) for r in rows], pa.list_(pa.float32()))
             spec = pa.table({
@@ -253,6 +263,12 @@ def _convert_item(item, **kwargs):
 
 def _scan_item(task, **kwargs):
     return run_scan_task(task, **kwargs)
+
+
+def _scan_non_dicom_item(task, **kwargs):
+    from .arrays import run_scan_task as run_non_dicom_scan_task
+
+    return run_non_dicom_scan_task(task, **kwargs)
 
 
 def check_out_folder(root: Path, sources: list[str]) -> None:
@@ -344,7 +360,13 @@ def run(cfg: IngestConfig) -> tuple[dict, RunStats]:
     with ExitStack() as stack:
         lock = stack.enter_context(DatasetLock(root, cfg.lock_timeout)) if root.is_dir() else None
         known = _salt_without_creating(root, cfg)
-        labels = planning.LabelTable.load(cfg.labels, known[0]) if cfg.labels and known else None
+        # non-DICOM sources (--modality) take a table keyed by path, read by their scan tasks (ingest.arrays)
+        dicom_labels = cfg.labels if not cfg.modality else None
+        if cfg.labels and cfg.modality:
+            from .arrays import load_label_table
+
+            load_label_table(str(cfg.labels))  # a bad table is refused before any cluster starts
+        labels = planning.LabelTable.load(dicom_labels, known[0]) if dicom_labels and known else None
         client = stack.enter_context(dask_client(cfg))
         if lock is None:
             make_dataset_folder(root)
@@ -352,8 +374,8 @@ def run(cfg: IngestConfig) -> tuple[dict, RunStats]:
             check_out_folder(root, list(cfg.sources))  # another job may have filled it while we connected
         salt, origin = known or resolve_salt(root, cfg.salt)
         _log(f"salt: from {origin}")
-        if cfg.labels and labels is None:
-            labels = planning.LabelTable.load(cfg.labels, salt)
+        if dicom_labels and labels is None:
+            labels = planning.LabelTable.load(dicom_labels, salt)
         return _run_locked(client, lock, root, cfg, salt, labels, exclude)
 
 
@@ -416,6 +438,28 @@ def _run_locked(client, lock: DatasetLock, root: Path, cfg: IngestConfig, salt: 
     return summary, stats
 
 
+def _non_dicom_label_names(root: Path, results: list[dict], label_names: list[str]) -> list[str]:
+    """The label names of a non-DICOM scan (its .npz sources' or its --labels table's), checked against
+    each other and the dataset's; recorded in the dataset's state when it has none yet."""
+    found: dict[str, list[str]] = {}
+    for r in results:
+        found.update(r["label_names"])
+    distinct = sorted({tuple(v) for v in found.values()})
+    if len(distinct) > 1:
+        raise ConfigError(f"the .npz sources have different label columns ({' vs '.join(map(str, distinct[:2]))}); "
+                          f"ingest them into separate datasets")
+    table_names = results[0]["path_label_names"] if results else []
+    npz_names = list(distinct[0]) if distinct else []
+    if table_names and npz_names and table_names != npz_names:
+        raise ConfigError(f"--labels columns {table_names} differ from the .npz label columns {npz_names}")
+    names = table_names or npz_names
+    if names != label_names:
+        if planning.generations(root):
+            raise ConfigError(f"label columns {names} differ from the dataset's label names {label_names}")
+        write_state(root, {**read_state(root), "label_names": names})
+    return names
+
+
 def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig, salt: str, labels, label_names,
                        stats: RunStats, exclude: frozenset[str], lost: list[tuple[int, str, str]]) -> dict[str, str]:
     """Scan, rewrite lost shards, plan and convert a new generation. Returns the lost shards that could
@@ -437,12 +481,23 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
         raise ConfigError(str(e)) from None
     token = uuid.uuid4().hex[:8]
     start = time.perf_counter()
-    results, failures = run_phase(client, "scan", _scan_item, tasks, key_of=lambda t: f"{t.name}-g{g:03d}-{token}",
+    scan_fn, scan_kwargs, modality_map = _scan_item, {}, cfg.modality_map
+    if cfg.modality:  # non-DICOM sources: the same phases, their images listed by ingest.arrays
+        from .arrays import MODALITY_CODES
+
+        scan_fn = _scan_non_dicom_item
+        scan_kwargs = dict(modality=cfg.modality, sources=[str(s) for s in cfg.sources],
+                           labels_path=str(cfg.labels) if cfg.labels else None)
+        modality_map = {**cfg.modality_map, **{code: m for m, code in MODALITY_CODES.items()}}
+    results, failures = run_phase(client, "scan", scan_fn, tasks, key_of=lambda t: f"{t.name}-g{g:03d}-{token}",
                                   progress=cfg.progress, root=str(root), generation=g, salt=salt,
-                                  hash_paths=cfg.hash_paths, exclude=exclude)
+                                  hash_paths=cfg.hash_paths, exclude=exclude, **scan_kwargs)
     if failures:
         raise JobFailed(f"{len(failures)} scan task(s) failed: {failures[0][1]}; rerun the same command")
     stats.files = sum(r["files"] for r in results)
+    inventory_rows = sum(r.get("rows", r["files"]) for r in results)  # non-DICOM: one row per image
+    if cfg.modality:
+        label_names = _non_dicom_label_names(root, results, label_names)
     stats.add_time("scan", time.perf_counter() - start)
     start = time.perf_counter()
     unrecoverable = {}
@@ -451,10 +506,11 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
         unrecoverable = _rewrite_lost(client, root, lost, g, cfg, salt, labels, label_names, stats)
     try:
         plan = planning.plan_generation(
-            client, root, g, rows=stats.files, modality_map=cfg.modality_map, max_pixel_bytes=cfg.max_pixel_bytes,
+            client, root, g, rows=inventory_rows, modality_map=modality_map, max_pixel_bytes=cfg.max_pixel_bytes,
             max_side=cfg.max_side, shard_size=cfg.shard_size, frames_per_unit=cfg.frames_per_unit,
             val_fraction=cfg.val_fraction, seed=cfg.seed, salt=salt, hash_paths=cfg.hash_paths,
-            labels_path=str(cfg.labels) if cfg.labels else None, progress=cfg.progress, token=token)
+            labels_path=str(cfg.labels) if cfg.labels and not cfg.modality else None, progress=cfg.progress,
+            token=token)
     except planning.PlanFailed as e:
         raise JobFailed(f"{e}; rerun the same command") from None
     stats.new_slices, stats.already_ingested = plan.slices, plan.already_ingested
@@ -476,6 +532,7 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
         "shard_size": cfg.shard_size, "max_side": cfg.max_side, "hash_paths": cfg.hash_paths,
         "label_names": label_names, "config": {k: v for k, v in asdict(cfg).items() if k not in ("salt", "sources", "out", "labels")},
         "generation": g, "shards": plan.shards, "slices": plan.slices,
+        **({"non_dicom_modality": cfg.modality, "units": cfg.units or "raw"} if cfg.modality else {}),
     })
     stats.add_time("plan", time.perf_counter() - start)
     _convert_generation(client, root, g, cfg, salt, label_names, stats)

@@ -9,10 +9,10 @@ folder like the salt file `<DATASET>.salt`: copying or publishing the dataset fo
       gNNN/map/part-*.parquet          source_hash -> path text of every source the scan of generation NNN
                                        saw (files read, files and folders rejected); written by the scan
                                        tasks themselves, kept for good
-      arrays/*.parquet                 the same for non-DICOM sources (--modality): their rejected inputs
+      arrays/*.parquet                 rejected non-DICOM inputs of datasets written before those sources
+                                       joined the generations (still read; new ones are in gNNN/map)
       work/gNNN/shards/<shard>.parquet each pending shard's slice list (with paths) that convert opens;
                                        removed when the generation completes
-      work/arrays-<id>.json            a pending non-DICOM plan (with paths); removed when it completes
 
 With `--keep-paths` (config `keep_paths = true`) the dataset keeps clear paths inside instead
 (inventory `source`, errors `source` and details), for private use; only the pending work files are
@@ -51,10 +51,6 @@ def make_map_dir(root: str | os.PathLike) -> Path:
 
 def generation_map_part(root: str | os.PathLike, generation: int, task_index: int, batch: int = 0) -> Path:
     return map_dir(root) / f"g{generation:03d}" / "map" / f"part-{task_index:05d}-{batch:03d}.parquet"
-
-
-def arrays_map_part(root: str | os.PathLike, name: str) -> Path:
-    return map_dir(root) / "arrays" / f"{name}.parquet"
 
 
 def generation_map_dir(root: str | os.PathLike, generation: int) -> Path:

@@ -14,7 +14,9 @@ Rules, in order:
    ingested").
 3. Partition by modality code (MODALITY_MAP, extendable with `modality_map` in the config).
 4. Patient-level split: a patient is in "val" when its salted patient hash, read as a fraction of
-   2**60, is below `val_fraction` (no patient ID: study, then series, then SOP hash stand in).
+   2**60, is below `val_fraction` (no patient ID: study, then series, then SOP hash stand in). A row
+   whose inventory carries its own split (`split`, non-DICOM sources such as a MedMNIST .npz with its
+   train / val / test arrays, ingest.arrays) keeps that split instead.
 5. Shuffle across patients and series within each (modality, split): each planning unit (a
    single-frame file, or a run of up to `frames_per_unit` frames of a multi-frame file) gets a seeded
    sort key computed from its own SOP hash and first frame (`unit_order`).
@@ -22,7 +24,7 @@ Rules, in order:
    equal ranges of the sort key (`shard_of`), so a unit's shard depends on nothing but its own key and
    no global sort is needed; the order inside each shard is permuted with a seeded generator. Each
    shard holds one split only and is named `<modality>-g<generation>-<index>` (index counts train
-   shards first, then val shards; an empty key range leaves its index unused).
+   shards first, then val shards, then test shards; an empty key range leaves its index unused).
 
 Rules 1-5 need only the rows of one SOP-hash bucket (`plan_rows`), rule 6 only one key range of
 every bucket's output (`cut_shards`): `plan_generation` runs them as Dask tasks, `make_plan` in one
@@ -43,8 +45,9 @@ import pyarrow.parquet as pq
 from shards.layout import ERRORS_DIR, PLAN_DIR
 from shards.sample import MODALITIES
 
-from .scan import INVENTORY_SCHEMA, WORK_DIR, error_row
+from .scan import INVENTORY_EXTENSION, INVENTORY_SCHEMA, WORK_DIR, error_row
 
+SPLITS = ("train", "val", "test")  # "test" only where the source says so (inventory `split`)
 # Projection radiography of any kind goes to "xr": computed/digital radiography, radiofluoroscopy,
 # angiography (XA), digital fluoroscopy, mammography (MG), intra-oral and panoramic dental X-ray.
 MODALITY_MAP = {
@@ -85,7 +88,8 @@ PLANNED_SCHEMA = pa.schema([*SPEC_SCHEMA, ("group", pa.int8()), ("order", pa.int
 # slice's place in its shard's write order. (Generations planned before the cluster planner have one
 # plan/gNNN.parquet in write order, without these two columns; every reader takes both.)
 RECORD_PART_SCHEMA = pa.schema([*RECORD_SCHEMA, ("position", pa.int32()), ("sop_key", pa.int64())])
-BUCKETED_SCHEMA = pa.schema([*INVENTORY_SCHEMA, ("path", pa.string())])  # inventory rows + where to read them
+# inventory rows (with the non-DICOM extension columns, null for DICOM) + where to read them
+BUCKETED_SCHEMA = pa.schema([*INVENTORY_SCHEMA, *INVENTORY_EXTENSION, ("path", pa.string())])
 ORDER_SHIFT = 30                   # shard_of works on order >> 30 (< 2**33), so order * n stays in int64
 MAX_SHARDS_PER_GROUP = (1 << 30) - 1
 BUCKET_ROWS = 100_000              # inventory rows per planning bucket (~0.5 GB of worker memory each)
@@ -218,7 +222,7 @@ def plan_rows(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
     """Rules 1-5 on a set of inventory rows that holds every copy of its SOP instances (the whole
     inventory, or one bucket of it): (summary with errors and already_ingested, planned slices).
 
-    The planned slices are SPEC_SCHEMA plus `group` (partition * 2 + is_val), `order` (the unit's
+    The planned slices are SPEC_SCHEMA plus `group` (partition * len(SPLITS) + split index), `order` (the unit's
     seeded sort key, `unit_order`) and `est` (estimated bytes of the slice). Columnar (pyarrow + numpy);
     only rejected rows and duplicates go through Python.
     """
@@ -320,6 +324,12 @@ def plan_rows(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
     if threshold is not None and len(inventory):
         is_val = (pc.not_equal(group, "").to_numpy(zero_copy_only=False)
                   & pc.less(pc.utf8_slice_codeunits(group, 0, 15), threshold).to_numpy(zero_copy_only=False))
+    split_index = is_val.astype(np.int64)
+    if "split" in inventory.column_names and inventory.column("split").null_count < len(inventory):
+        own = inventory.column("split")  # the source's own split (ingest.arrays): kept as it is
+        for k, name in enumerate(SPLITS):
+            split_index = np.where(pc.fill_null(pc.equal(own, name), False).to_numpy(zero_copy_only=False),
+                                   k, split_index)
     out_r, out_c = rows_.astype(np.int64), cols_.astype(np.int64)
     if max_side:
         k = np.maximum(1, -(-np.maximum(out_r, out_c) // max_side))
@@ -333,6 +343,10 @@ def plan_rows(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
         for i, r in zip(kept, inventory.select(["sop_hash", "series_hash", "study_hash"]).take(kept).to_pylist()):
             looked[i] = labels.lookup(r)
         label_col = pa.array(looked, pa.list_(pa.float32()))
+    if "labels" in inventory.column_names and inventory.column("labels").null_count < len(inventory):
+        # labels the scan found with the image itself (ingest.arrays: an .npz's labels, a path table)
+        label_col = pc.if_else(pc.is_null(label_col), inventory.column("labels").cast(pa.list_(pa.float32())),
+                               label_col)
     # 5. planning units: runs of frames_per_unit remaining frames of one file; every slice of a unit
     # carries the unit's group and seeded sort key, so that a later cut keeps units together
     n = len(slice_row)
@@ -345,13 +359,13 @@ def plan_rows(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
     unit_of_slice = np.cumsum(unit_start) - 1
     starts = np.nonzero(unit_start)[0]
     u_order = unit_order(inventory.column("sop_hash").take(slice_row[starts]), frame_no[starts], seed, generation)
-    slice_group = partition[slice_row] * 2 + is_val[slice_row]
+    slice_group = partition[slice_row] * len(SPLITS) + split_index[slice_row]
     planned = pa.table({
         "path": inventory.column("path").take(slice_row), "frame": pa.array(frame_no, pa.int32()),
         "frames": pa.array(frames_[slice_row], pa.int32()),
         **{c: inventory.column(c).take(slice_row) for c in
            ("sop_hash", "series_hash", "study_hash", "patient_hash", "source_hash")},
-        "split": pa.array(np.where(is_val[slice_row], "val", "train"), pa.string()),
+        "split": pa.array(SPLITS, pa.string()).take(pa.array(split_index[slice_row], pa.int64())),
         "labels": label_col.take(slice_row),
         # inventories written before the fast path have no layouts: every slice takes the pydicom path
         "native_layout": (inventory.column("native_layout") if "native_layout" in inventory.column_names
@@ -378,7 +392,7 @@ def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
     specs: dict[str, pa.Table] = {}
     for group, (_, est) in sorted(totals.items()):
         n = shards_needed(est, shard_size)
-        offset = shards_needed(totals[group - 1][1], shard_size) if group % 2 and group - 1 in totals else 0
+        offset = split_offset(group, {g: shards_needed(e, shard_size) for g, (_, e) in totals.items()})
         for name, spec, info in cut_shards(planned, group, 0, n - 1, n, offset, seed, generation):
             specs[name] = spec
             plan.shards[name] = info
@@ -386,11 +400,17 @@ def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
     return plan, specs
 
 
+def split_offset(group: int, shards: dict[int, int]) -> int:
+    """The first shard index of `group`: a partition's train shards come first, then val, then test."""
+    first = group - group % len(SPLITS)
+    return sum(shards.get(g, 0) for g in range(first, group))
+
+
 def group_totals(planned: pa.Table) -> dict[int, tuple[int, int]]:
     """{group: (slices, estimated bytes)} of planned slices."""
     group, est = _np(planned, "group").astype(np.int64), _np(planned, "est")
-    slices = np.bincount(group, minlength=2 * len(MODALITIES))
-    sizes = np.bincount(group, weights=est, minlength=2 * len(MODALITIES))
+    slices = np.bincount(group, minlength=len(SPLITS) * len(MODALITIES))
+    sizes = np.bincount(group, weights=est, minlength=len(SPLITS) * len(MODALITIES))
     return {g: (int(slices[g]), int(sizes[g])) for g in np.nonzero(slices)[0].tolist()}
 
 
@@ -418,8 +438,8 @@ def cut_shards(planned: pa.Table, group: int, first: int, last: int, n: int, ind
     [(name, spec in write order, info)]; an empty hash range gives no shard (its index is skipped)."""
     import pyarrow.compute as pc
 
-    mi, si = divmod(group, 2)
-    modality, split = MODALITIES[mi], ("train", "val")[si]
+    mi, si = divmod(group, len(SPLITS))
+    modality, split = MODALITIES[mi], SPLITS[si]
     lo, hi = order_range(first, last, n)
     order = _np(planned, "order")
     rows = np.nonzero((_np(planned, "group") == group) & (order >= lo) & (order <= hi))[0]
@@ -646,6 +666,15 @@ def _work(root: Path, generation: int, what: str) -> Path:
     return work_dir(root, generation) / what
 
 
+def with_paths(table: pa.Table, paths: pa.Table) -> pa.Table:
+    """`table` plus the `path` of each row's source_hash in `paths` (one row per hash; null where none),
+    rows in their order. Joined on the hash alone: Arrow's join refuses list columns (`labels`)."""
+    probe = pa.table({"source_hash": table.column("source_hash"), "_row": np.arange(table.num_rows)})
+    joined = probe.join(paths.select(["source_hash", "path"]), keys="source_hash", join_type="left outer")
+    joined = joined.sort_by("_row")
+    return table.append_column("path", joined.column("path"))
+
+
 def first_per_source(table: pa.Table) -> pa.Table:
     """One row per source_hash (overlapping sources, /a and /a/b, list some files twice): the first."""
     import pyarrow.compute as pc
@@ -737,14 +766,16 @@ def bucket_part(part: str, *, root: str, generation: int, buckets: int, hash_pat
 
     root_ = Path(root)
     table = pq.read_table(part)
-    if "native_layout" not in table.column_names:
-        table = table.append_column("native_layout", pa.nulls(table.num_rows, pa.string()))
-    table = table.select(INVENTORY_SCHEMA.names)
+    for name, kind in [("native_layout", pa.string()), *((f.name, f.type) for f in INVENTORY_EXTENSION)]:
+        # absent: an older part, or a DICOM one (the extension is for non-DICOM rows)
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, kind))
+    table = table.select([*INVENTORY_SCHEMA.names, *INVENTORY_EXTENSION.names])
     if hash_paths:  # the scan task wrote its path map beside the dataset: part-gNNN-TTTTT-BBB <-> map/part-TTTTT-BBB
         paths_file = generation_map_dir(root_, generation) / "map" / ("part-" + Path(part).name.split("-", 2)[2])
         if paths_file.exists():
             paths = first_per_source(pq.read_table(paths_file, schema=PATHS_SCHEMA))
-            table = table.join(paths, keys="source_hash", join_type="left outer")
+            table = with_paths(table, paths)
             table = table.set_column(table.column_names.index("path"), "path", pc.fill_null(table.column("path"), ""))
         else:
             table = table.append_column("path", pa.array([""] * table.num_rows, pa.string()))
@@ -838,7 +869,7 @@ def plan_bucket(bucket: int, *, root: str, generation: int, buckets: int, slabs_
     planned = planned.take(sort)
     _write_slots(planned, _work(root_, generation, "planned") / f"bucket-{bucket:06d}.arrows",
                  _np(planned, "group").astype(np.int64) * (1 << slabs_log2) + (_np(planned, "order") >> (63 - slabs_log2)),
-                 2 * len(MODALITIES) << slabs_log2)
+                 len(SPLITS) * len(MODALITIES) << slabs_log2)
     return {"groups": {g: list(v) for g, v in group_totals(planned).items()}, "already": plan.already_ingested,
             "rejected": len(errors)}
 
@@ -871,7 +902,7 @@ def write_shard_range(item: tuple[int, int, int, int, int], *, root: str, genera
         }, schema=RECORD_PART_SCHEMA))
     if records:
         record = pa.concat_tables(records).sort_by([("sop_key", "ascending")])
-        first_name = shard_name(MODALITIES[group // 2], generation, index_offset + first)
+        first_name = shard_name(MODALITIES[group // len(SPLITS)], generation, index_offset + first)
         # row groups of ROW_GROUP_ROWS sorted keys: a later bucket task reads only the groups of its key range
         _write_sorted(record, record_parts_dir(root_, generation) / f"part-{first_name}.parquet",
                       np.zeros(record.num_rows, np.int8), ["shard", "sop_key"])
@@ -943,7 +974,7 @@ def plan_generation(client, root: Path, generation: int, *, rows: int, modality_
     per_task = max(1, -(-sum(shards.values()) // max(buckets, 4 * workers)))
     ranges = []
     for group, n in sorted(shards.items()):
-        offset = shards.get(group - 1, 0) if group % 2 else 0  # val shards are numbered after train shards
+        offset = split_offset(group, shards)  # val shards are numbered after train shards, test after val
         ranges += [(group, first, min(n, first + per_task) - 1, n, offset) for first in range(0, n, per_task)]
     for infos in phase("plan: shards", write_shard_range, ranges, lambda it: f"plan-shards-{it[0]}-{it[1]}-{tag}",
                        root=str(root), generation=generation, seed=seed, slabs_log2=slabs_log2):

@@ -57,6 +57,13 @@ INVENTORY_SCHEMA = pa.schema([
     ("declared_bytes", pa.int64()),     # rows * cols * frames * samples * bits_allocated / 8
     ("native_layout", pa.string()),     # JSON for convert's fast path (ingest.native); null: pydicom path
 ])
+# Non-DICOM sources (ingest.arrays) write inventory parts with these extra columns (DICOM parts have none;
+# planning reads them as null): the image's own split (a MedMNIST .npz's train / val / test, kept by plan)
+# and the labels found with it (the .npz's `{split}_labels`, or a `--labels` table keyed by path).
+INVENTORY_EXTENSION = pa.schema([
+    ("split", pa.string()),
+    ("labels", pa.list_(pa.float32())),
+])
 
 LOSSY_SYNTAXES = {
     "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",

@@ -3,6 +3,7 @@ labels match the source exactly."""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -119,3 +120,130 @@ def test_bad_sources_are_recorded_and_the_job_goes_on(tmp_path, medmnist_dir):
     assert "78 val images but 77 labels" in details[str(tmp_path / "mismatched.npz")]
     assert str(tmp_path / "notes.txt") in details
     assert shards.Dataset(out).manifest().num_rows == 5
+
+
+# ---------------------------------------------------------------- the same job as DICOM (in this process)
+
+@pytest.fixture(scope="module")
+def scheduler():
+    """A Dask cluster inside this process: what a test patches here (a counting reader, a crashing
+    convert) is what the tasks run."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        yield cluster.scheduler_address
+
+
+def _run(sources, out, scheduler, **kw):
+    from ingest.config import build_config
+    from ingest.job import run
+
+    settings = dict(sources=[str(s) for s in sources], out=str(out), scheduler=scheduler, salt=SALT,
+                    shard_size="256KB", progress=False, modality="us")
+    settings.update(kw)
+    return run(build_config(**settings))
+
+
+def test_nifti_volumes_are_read_once_per_convert_task(tmp_path, dicom_dir, scheduler, monkeypatch):
+    """Three real MR volumes whose slices are shuffled across shards: each convert task reads each volume
+    it needs once (reads = the (shard, volume) pairs of the dataset), not once per slice."""
+    import SimpleITK as sitk
+
+    import ingest.arrays
+
+    files = sorted((dicom_dir / "mr_mprage_sagittal_192").glob("*.dcm"))
+    volumes = {}
+    for v in range(3):
+        volume = np.stack([pydicom.dcmread(f).pixel_array for f in files[60 + 8 * v:68 + 8 * v]]).astype(np.int16)
+        path = tmp_path / f"brain_{v}.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(volume), str(path))
+        volumes[str(path)] = volume
+    reads = []
+    real_read = ingest.arrays.read_nifti
+    monkeypatch.setattr(ingest.arrays, "read_nifti", lambda p: reads.append(p) or real_read(p))
+    out = tmp_path / "ds"
+    summary, stats = _run(sorted(volumes), out, scheduler, modality="mr", shard_size="600KB", val_fraction=0.0)
+    manifest = shards.Dataset(out).manifest("mr", columns=["shard", "patient_hash"]).to_pylist()
+    assert summary["samples"] == 24 and stats.generations == [0]
+    pairs = {(r["shard"], r["patient_hash"]) for r in manifest}
+    assert len({r["shard"] for r in manifest}) >= 3 and len({r["patient_hash"] for r in manifest}) == 3
+    shards_per_volume = {h: sum(1 for _, p in pairs if p == h) for _, h in pairs}
+    assert len(reads) == len(pairs) < 24
+    by_hash = {shards.salted_hash(p, SALT): p for p in volumes}
+    assert sorted(reads) == sorted(by_hash[h] for _, h in pairs)
+    assert max(shards_per_volume.values()) > 1  # a volume's slices are spread over several shards
+    got = _by_source(out)
+    for path, volume in volumes.items():
+        for z in range(len(volume)):
+            assert np.array_equal(got[shards.sample_key(f"{path}#z/{z}", 0, SALT)][0], volume[z])
+
+
+def test_second_generation_over_arrays_plans_only_new_images(tmp_path, medmnist_dir, scheduler, monkeypatch):
+    """Generation 0: part of BreastMNIST. Generation 1 adds a second .npz (its own splits kept), an .npy with
+    one non-integer image, and a damaged .npz: it is planned like a DICOM generation (plan/g001,
+    shards -g001-), holds only the new images, survives a crash of its convert tasks (rerun finishes
+    the same plan), and its failures are in the error ledger (scan and convert stage)."""
+    import ingest.arrays
+    import ingest.job
+    from ingest.job import JobFailed
+    from ingest.paths import work_dir
+
+    (tmp_path / "src").mkdir()
+    breast, extra = tmp_path / "src" / "breast_small.npz", tmp_path / "src" / "pneumonia_small.npz"
+    take = {"train": 12, "val": 4, "test": 4}
+    for name, path in (("breastmnist", breast), ("pneumoniamnist", extra)):
+        raw = np.load(medmnist_dir / f"{name}.npz")
+        np.savez(path, **{f"{s}_{what}": raw[f"{s}_{what}"][:n] for s, n in take.items() for what in ("images", "labels")})
+    stack = raw["test_images"][:3].astype(np.float32)
+    stack[1, 0, 0] += 0.5  # not an integer: cannot be stored losslessly
+    np.save(tmp_path / "src" / "stack.npy", stack)
+    (tmp_path / "src" / "damaged.npz").write_bytes(extra.read_bytes()[:300])
+    out = tmp_path / "ds"
+
+    summary, stats = _run([breast], out, scheduler)
+    assert summary["samples"] == 20 and stats.generations == [0]
+    first_keys = set(shards.Dataset(out).manifest(columns=["key"]).column("key").to_pylist())
+    assert not hasattr(ingest.arrays, "run_arrays")  # no second job with its own plan and key set
+
+    sources = [breast, extra, tmp_path / "src" / "stack.npy", tmp_path / "src" / "damaged.npz"]
+
+    def crash(**kwargs):
+        raise RuntimeError("worker lost")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ingest.job, "run_convert_task", crash)
+        with pytest.raises(JobFailed):
+            _run(sources, out, scheduler)
+    assert (out / "plan" / "g001.json").exists() and list(work_dir(out, 1).glob("shards/*.parquet"))
+    summary, stats = _run(sources, out, scheduler)  # resumes generation 1 (same sources: no rescan)
+    assert stats.generations == [1] and not work_dir(out).exists()
+    manifest = shards.Dataset(out).manifest(columns=["key", "shard", "split", "labels"]).to_pylist()
+    new = {r["key"]: r for r in manifest if r["key"] not in first_keys}
+    assert len(manifest) == 20 + 20 + 2 and first_keys <= {r["key"] for r in manifest}
+    assert all("-g001-" in r["shard"] for r in new.values())
+    assert all("-g000-" in r["shard"] for r in manifest if r["key"] in first_keys)
+    for split, n in take.items():
+        for i in range(n):
+            row = new[shards.sample_key(f"{extra}#{split}/{i}", 0, SALT)]
+            assert row["split"] == split and json.loads(row["labels"]) == {"label": float(raw[f"{split}_labels"][i, 0])}
+    for i in (0, 2):
+        assert shards.sample_key(f"{tmp_path / 'src' / 'stack.npy'}#{i}", 0, SALT) in new
+    errors = {(e["source"], e["stage"]): e for e in readable_error_rows(out)}
+    assert errors[(str(tmp_path / "src" / "damaged.npz"), "scan")]["reason"] == "unreadable"
+    assert "not integers" in errors[(f"{tmp_path / 'src' / 'stack.npy'}#1", "convert")]["detail"]
+    assert len(errors) == 2
+
+    # once more with the same sources: everything is ingested, nothing is planned, nothing reported again
+    summary, stats = _run(sources, out, scheduler, rescan=True)
+    # (the image that failed was planned: like a DICOM slice that failed, it is not retried)
+    assert stats.generations == [] and stats.new_slices == 0 and stats.already_ingested == 43
+    assert summary["samples"] == 42 and len(readable_error_rows(out)) == 2
+
+    # a lost manifest part of generation 1 is rewritten from its plan, with the .npz's labels again
+    from shards.layout import manifest_path
+
+    lost = next(r["shard"] for r in new.values() if r["labels"])
+    manifest_path(out, "us", lost).unlink()
+    summary, stats = _run(sources, out, scheduler)
+    again = shards.Dataset(out).manifest(columns=["key", "shard", "split", "labels"]).to_pylist()
+    assert summary["samples"] == 42 and sorted(again, key=lambda r: r["key"]) == sorted(manifest, key=lambda r: r["key"])
