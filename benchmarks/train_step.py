@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._common import parser, print_table, write_json
+from augment_dali.config import AugmentConfig
 from train.config import Config
 from train.data import build_source
 from train.models import SwAVModel
@@ -42,7 +43,7 @@ def run(args) -> dict:
     amp = device.type == "cuda" and args.precision == "bf16"
     channels_last = device.type == "cuda" and args.channels_last
     cfg = Config(synthetic=not args.data, data=args.data or "", batch_size=args.batch_size,
-                 crop_sizes=tuple(args.crop_sizes), num_crops=tuple(args.num_crops),
+                 augment=AugmentConfig(crop_sizes=tuple(args.crop_sizes), num_crops=tuple(args.num_crops)),
                  synthetic_steps=2 * (args.steps + args.warmup) + 1, num_workers=args.num_workers)
     torch.backends.cudnn.benchmark = device.type == "cuda"   # fixed crop sizes, as in train
     source = build_source(cfg, 0, 1, device.type)
