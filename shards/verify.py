@@ -26,13 +26,14 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .checksum import crc32
-from .dataset import Dataset, ShardFiles, shard_table_problems, summarize
+from .dataset import Dataset, ShardFiles, shard_kind, shard_table_problems, summarize
 from .index import read_index
 from .keys import KEY_HEX
 from .layout import (DATASET_JSON, ERRORS_DIR, INVENTORY_DIR, MANIFEST_DIR, SHARDS_DIR, STATS_DIR, TABLE_DIR, TMP_MARK,
                      idx_path,
                      tar_path)
-from .manifest import TAR_CRC32_META, TAR_SIZE_META
+from .manifest import KIND_META, TAR_CRC32_META, TAR_SIZE_META
+from .sample import KIND_SLICES, KIND_VOLUMES
 
 
 @dataclass
@@ -210,7 +211,7 @@ def _npy_content(data: memoryview) -> tuple[str, tuple[int, ...]]:
 
 def _members_of(reader: TarReader, where: str) -> tuple[dict[int, tuple[str, int, int, object]], str | None]:
     """Every file member of the tar in one streaming pass: data offset -> (name, size, checksum, content),
-    content being the .npy array's (dtype, shape) or the .json member's split (None for other members);
+    content being the .npy array's (dtype, shape) or the .json member's (split, depth) (None for other members);
     and a problem line when the headers stop parsing (the members before it are kept)."""
     members, position = {}, 0
     try:
@@ -236,7 +237,8 @@ def _members_of(reader: TarReader, where: str) -> tuple[dict[int, tuple[str, int
                     elif info.name.endswith(".npy"):
                         content = _npy_content(data)
                     elif info.name.endswith(".json"):
-                        content = json.loads(bytes(data)).get("split")
+                        sample_meta = json.loads(bytes(data))
+                        content = (sample_meta.get("split"), sample_meta.get("depth", 0))
                 except (ValueError, SyntaxError, EOFError, AttributeError) as e:
                     content = e  # reported below only if the checksum matches (else the checksum says it)
                 members[position] = (info.name, size, crc32(data), content)
@@ -297,6 +299,12 @@ def _check_shard(root: Path, modality: str, name: str, table, out: ShardSummary)
     meta = table.schema.metadata or {}
     rows = table.to_pylist()
     problems = []
+    kind = meta.get(KIND_META, KIND_SLICES.encode()).decode()
+    if kind not in (KIND_SLICES, KIND_VOLUMES):
+        problems.append(f"{out.part}: unknown kind {kind!r}")
+    elif any((row.get("depth", 0) > 0) != (kind == KIND_VOLUMES) for row in rows):
+        problems.append(f"{out.part}: a shard of {kind} with samples of depth "
+                        f"{sorted({row.get('depth', 0) for row in rows})}")
 
     reader = TarReader(tar)
     out.tar_opens += 1
@@ -346,13 +354,16 @@ def _check_shard(root: Path, modality: str, name: str, table, out: ShardSummary)
                 problems.append(f"{where}: {key}.{ext} checksum mismatch")
                 continue
             content = member[3]
+            depth = row.get("depth", 0)  # absent in parts written before format version 2
             if ext == "npy":
-                expected = (row["dtype"], (row["rows"], row["cols"]))
-                if content != expected:
+                shape = (depth, row["rows"], row["cols"]) if depth else (row["rows"], row["cols"])
+                if content != (row["dtype"], shape):
                     found = f"{content[0]}{content[1]}" if isinstance(content, tuple) else f"unreadable ({content})"
-                    problems.append(f"{where}: {key}.npy is {found}, manifest says {row['dtype']}({row['rows']}, {row['cols']})")
-            elif content != row["split"]:
+                    problems.append(f"{where}: {key}.npy is {found}, manifest says {row['dtype']}{shape}")
+            elif not isinstance(content, tuple) or content[0] != row["split"]:
                 problems.append(f"{where}: {key}.json split differs from the manifest")
+            elif content[1] != depth:
+                problems.append(f"{where}: {key}.json depth is {content[1]}, manifest says {depth}")
         if row["labels_size"] >= 0:
             m = by_ext.get("labels.npy")
             if m is None or (m.offset, m.size) != (row["labels_offset"], row["labels_size"]):
@@ -515,6 +526,14 @@ def verify(root: str | os.PathLike, progress: bool = False, workers: int | None 
             for k in ("samples", "train", "val", "test", "shards"):
                 if rec.get(k, 0) != numbers[k]:
                     report.problems.append(f"dataset.json: {name}.{k} is {rec.get(k)}, manifests give {numbers[k]}")
+        try:
+            found_kind = shard_kind(root)
+        except ValueError as e:
+            report.problems.append(str(e))
+        else:
+            recorded_kind = recorded.get("kind", KIND_SLICES)
+            if found_kind not in (None, recorded_kind):
+                report.problems.append(f"dataset.json: kind is {recorded_kind}, the shards hold {found_kind}")
         extra = set(recorded.get("modalities", {})) - set(actual["modalities"])
         if extra:
             report.problems.append(f"dataset.json lists modalities without shards: {sorted(extra)}")
