@@ -75,3 +75,28 @@ def test_densenet3d_trains_on_volumes_and_resumes_exactly(tmp_path, volume_datas
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     for k, v in state["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+def test_preview_shows_orthogonal_mid_slices_of_volume_crops(tmp_path, volume_dataset):
+    from augment_dali.normalize import normalize_numpy
+    from augment_dali.preview import main as preview_main, preview_rows
+    from augment_dali.sampling import read_pixels, sample_refs
+    from shards import Dataset
+
+    rows = preview_rows(volume_dataset, per_modality=1, seed=0, cfg=TINY, modalities=["ct"])
+    assert [r["label"].rsplit("\n", 1)[1] for r in rows] == ["depth mid-slice", "row mid-slice", "column mid-slice"]
+    (ref,) = sample_refs(Dataset(volume_dataset), "ct", 1, 0)
+    volume = normalize_numpy(read_pixels(ref), "hu_window", TINY.normalize)      # 8 x 64 x 64
+    np.testing.assert_array_equal(rows[0]["original"], volume[4])
+    np.testing.assert_array_equal(rows[1]["original"], volume[:, 32, :])
+    np.testing.assert_array_equal(rows[2]["original"], volume[:, :, 32])
+    # 1 + 4 crops per row: the large crop 12 x 16 x 16, the small ones 6 x 8 x 8, cut along each axis
+    assert [c.shape for c in rows[0]["crops"]] == [(16, 16)] + [(8, 8)] * 4
+    assert [c.shape for c in rows[1]["crops"]] == [(12, 16)] + [(6, 8)] * 4
+    assert [c.shape for c in rows[2]["crops"]] == [(12, 16)] + [(6, 8)] * 4
+    toml = tmp_path / "t.toml"
+    toml.write_text("[augment]\nsize_range = [24, 40]\ndepth_range = [8, 16]\ncrop_sizes = [16, 8]\n"
+                    "crop_depths = [12, 6]\nnum_crops = [1, 4]\n")
+    out = tmp_path / "p.png"
+    assert preview_main([str(volume_dataset), "--out", str(out), "--per-modality", "1", "--config", str(toml)]) == 0
+    assert out.stat().st_size > 10_000
