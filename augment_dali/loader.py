@@ -223,6 +223,10 @@ class SwavLoader:
         if list(stats["rescale"]["size_range"]) != list(self.config.size_range):
             warnings.warn(f"stats/energy.json was measured at sizes {stats['rescale']['size_range']}, the pipeline "
                           f"rescales to {list(self.config.size_range)}: band energies depend on image size")
+        measured_depth = stats["rescale"].get("depth_range")
+        if self.volumes and measured_depth is not None and list(measured_depth) != list(self.config.depth_range):
+            warnings.warn(f"stats/energy.json was measured at depths {measured_depth}, the pipeline rescales to "
+                          f"{list(self.config.depth_range)}: band energies depend on volume size")
         for m in self.modalities:
             method = self.config.normalize.method_for(m, self.units[m])
             if stats["modalities"][m].get("method", method) != method:

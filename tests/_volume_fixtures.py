@@ -47,10 +47,12 @@ def _series_subvolumes(folder, count: int, depth: int, step: int, stride: int, f
         yield f"{uids[0]}.{i}", sub, [sz, sy * step, sx * step], list(image.GetDirection()), origin
 
 
-def build_volume_dataset(root, dicom_dir, per_modality: int = 6):
+def build_volume_dataset(root, dicom_dir, per_modality: int = 6, labelled: bool = False):
     """A tiny volume dataset (dataset kind "volumes") from the real CT and MR series, written with
     shards.ShardWriter: ct = 6 sub-volumes 8 x 64 x 64 of the KiTS abdomen CT (int16 HU), mr = 6
-    sub-volumes 16 x 64 x 64 of the middle of the MPRAGE series (raw units), two shards per modality."""
+    sub-volumes 16 x 64 x 64 of the middle of the MPRAGE series (raw units), two shards per modality.
+    `labelled`: one label "mr" (1 for the MR volumes, 0 for the CT ones); volumes 4 and 5 of each
+    modality in the val split, of two patients (downstream divides val by patient into val and test)."""
     import shards
 
     sources = {
@@ -60,14 +62,18 @@ def build_volume_dataset(root, dicom_dir, per_modality: int = 6):
     for modality, (items, units) in sources.items():
         items = list(items)
         for s, part in enumerate(np.array_split(np.arange(len(items)), 2)):
-            with shards.ShardWriter(root, modality, f"{modality}-g000-{s:06d}") as w:
+            with shards.ShardWriter(root, modality, f"{modality}-g000-{s:06d}",
+                                    label_names=("mr",) if labelled else ()) as w:
                 for i in part:
                     uid, voxels, spacing, direction, origin = items[i]
                     if modality == "ct":  # SimpleITK applies the modality LUT: HU in int16
                         voxels = voxels.astype(np.int16)
-                    meta = shards.SampleMeta(modality=modality, split="train", units=units,
+                    held_out = labelled and i in (4, 5)
+                    meta = shards.SampleMeta(modality=modality, split="val" if held_out else "train", units=units,
                                              series_hash=shards.salted_hash(uid, VOLUME_SALT), spacing=spacing,
-                                             direction=direction, origin=origin)
-                    w.write(shards.sample_key(uid, 0, VOLUME_SALT), voxels, meta)
+                                             direction=direction, origin=origin,
+                                             patient_hash=f"{i - 3:02x}" if held_out else "")
+                    label = np.array([float(modality == "mr")], np.float32) if labelled else None
+                    w.write(shards.sample_key(uid, 0, VOLUME_SALT), voxels, meta, labels=label)
     shards.write_dataset_json(root)
     return root

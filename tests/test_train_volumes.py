@@ -58,9 +58,9 @@ def test_volume_dataset_loader_gives_balanced_3d_crops(volume_dataset):
 
 
 @pytest.mark.slow
-def test_densenet3d_trains_on_volumes_and_resumes_exactly(tmp_path, volume_dataset):
-    straight = main(_args(volume_dataset, tmp_path / "a", "--max-steps", "3"))
-    assert all(np.isfinite(straight["losses"])) and len(straight["losses"]) == 3
+def test_densenet3d_trains_on_volumes_resumes_exactly_and_serves_downstream(tmp_path, volume_dataset, dicom_dir):
+    straight = main(_args(volume_dataset, tmp_path / "a", "--max-steps", "2"))
+    assert all(np.isfinite(straight["losses"])) and len(straight["losses"]) == 2
     rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all("loss_ss/ct" in r and "loss_ss/mr" in r for r in rows)   # one prototype bank per modality
     state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
@@ -69,12 +69,47 @@ def test_densenet3d_trains_on_volumes_and_resumes_exactly(tmp_path, volume_datas
     main(_args(volume_dataset, tmp_path / "b", "--max-steps", "1"))
     mid = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert mid["step_in_epoch"] == 1 and mid["data_positions"] is not None
-    resumed = main(_args(volume_dataset, tmp_path / "b", "--max-steps", "3", "--resume", "auto"))
+    resumed = main(_args(volume_dataset, tmp_path / "b", "--max-steps", "2", "--resume", "auto"))
     assert resumed["batches_replayed"] == 0
     assert resumed["losses"] == straight["losses"][1:]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     for k, v in state["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+    # downstream: the exported 3-D encoder on labelled volumes (MR vs CT)
+    from train.downstream.__main__ import main as downstream
+    from train.downstream.data import load
+    from train.export import backbone_normalisation, export_backbone
+
+    export_backbone(tmp_path / "a" / "checkpoint.pt", tmp_path / "backbone.pt")
+    labelled = build_volume_dataset(tmp_path / "labelled", dicom_dir, labelled=True)
+    data = load(labelled, backbone_normalisation(tmp_path / "backbone.pt"), volume_shape=(8, 24, 24))
+    assert data.task == "binary"
+    assert {s: tuple(data[s].images.shape) for s in ("train", "val", "test")} == {
+        "train": (8, 1, 8, 24, 24), "val": (2, 1, 8, 24, 24), "test": (2, 1, 8, 24, 24)}
+    assert sorted(data["test"].labels.tolist()) == [0, 1]
+    assert downstream(["label-efficiency", "--data", str(labelled), "--pretrained", str(tmp_path / "backbone.pt"),
+                       "--out", str(tmp_path / "eval"), "--arch", "densenet3d", "--fractions", "100",
+                       "--repeats", "1", "--epochs", "1", "--batch-size", "4", "--n-boot", "5",
+                       "--volume-shape", "8,24,24"]) == 0
+    (setting,) = json.loads((tmp_path / "eval" / "results.json").read_text())["label-efficiency"]["settings"]
+    for init in ("pretrained", "random"):
+        assert setting[init]["n_train"] == 8 and 0.0 <= setting[init]["mean"] <= 1.0
+
+
+def test_robustness_transform_of_volumes_rotates_about_the_depth_axis():
+    from train.downstream.robustness import RobustnessConfig, random_transform
+
+    g = torch.Generator().manual_seed(0)
+    depth_values = torch.linspace(0.2, 0.9, 6)
+    volumes = depth_values.view(1, 1, 6, 1, 1).expand(2, 1, 6, 16, 16).contiguous()   # constant slices
+    # gamma only: exactly x ** gamma
+    same = random_transform(volumes, g, RobustnessConfig(gamma=(2.0, 2.0), max_rotation_deg=0.0, scale=(1.0, 1.0)))
+    torch.testing.assert_close(same, volumes ** 2)
+    # a rotation in the rows/cols plane keeps every slice's value inside the field of view
+    turned = random_transform(volumes, g, RobustnessConfig(gamma=(1.0, 1.0), max_rotation_deg=40.0, scale=(1.0, 1.0)))
+    torch.testing.assert_close(turned[:, 0, :, 6:10, 6:10], volumes[:, 0, :, 6:10, 6:10])
+    assert float(turned[:, 0, :, 0, 0].abs().max()) < float(depth_values.min())   # corners rotated out
 
 
 def test_preview_shows_orthogonal_mid_slices_of_volume_crops(tmp_path, volume_dataset):
