@@ -4,7 +4,8 @@
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for step in loader:            # len(loader) steps, the same number on every rank
-            crops = step["crops"]      # [B, n_g, 1, s_g, s_g] per resolution group
+            crops = step["crops"]      # [B, n_g, 1, s_g, s_g] per resolution group ([B, n_g, 1, d_g, s_g, s_g]
+                                       # for a volume dataset)
             step["modality"], step["label"], step["labelled"]
 
 Epoch semantics (see augment_dali.plan): every modality contributes B/M samples per step; an epoch is
@@ -43,6 +44,7 @@ from .config import AugmentConfig
 from .normalize import modality_units, normalisation_record
 from .pipeline import Branch, build_pipeline
 from .plan import EpochPlanner, steps_per_epoch as natural_steps
+from .sampling import dataset_kind
 from .stats import load_energy_stats
 
 
@@ -154,6 +156,13 @@ class SwavLoader:
             config = dataclasses.replace(config, crop_sizes=tuple(crop_sizes or config.crop_sizes),
                                          num_crops=tuple(num_crops or config.num_crops))
         self.config = config
+        self.volumes = dataset_kind(self.root, self.dataset) == "volumes"
+        if self.volumes and not config.volumes:
+            raise ValueError(f"{self.root} holds volumes: the augmentation needs crop depths "
+                             f"(augment.crop_depths, one per crop group; configs/swav_3d_ct.toml)")
+        if config.volumes and not self.volumes:
+            raise ValueError(f"{self.root} holds 2-D slices, but the augmentation has crop depths "
+                             f"{list(config.crop_depths)} (3-D): drop augment.crop_depths")
         self.units = {m: modality_units(self.dataset.units(m)) for m in self.modalities}
         self.stats = self._check_stats(load_energy_stats(self.root))
         # dataset.json holds them: reading them from a manifest part would list every part first
@@ -214,6 +223,10 @@ class SwavLoader:
         if list(stats["rescale"]["size_range"]) != list(self.config.size_range):
             warnings.warn(f"stats/energy.json was measured at sizes {stats['rescale']['size_range']}, the pipeline "
                           f"rescales to {list(self.config.size_range)}: band energies depend on image size")
+        measured_depth = stats["rescale"].get("depth_range")
+        if self.volumes and measured_depth is not None and list(measured_depth) != list(self.config.depth_range):
+            warnings.warn(f"stats/energy.json was measured at depths {measured_depth}, the pipeline rescales to "
+                          f"{list(self.config.depth_range)}: band energies depend on volume size")
         for m in self.modalities:
             method = self.config.normalize.method_for(m, self.units[m])
             if stats["modalities"][m].get("method", method) != method:
@@ -285,7 +298,7 @@ class SwavLoader:
                 modality=m, tars=files.tars, indices=files.indices, energy_mean=s["mean"], energy_std=s["std"],
                 read_labels=bool(self.label_names), reader_seed=_derive_seed("reader", self.seed, epoch, self.rank, m),
                 initial_fill=max(1, min(self.initial_fill, files.samples)), with_keys=self.with_keys,
-                units=self.units[m]))
+                units=self.units[m], volumes=self.volumes))
         return build_pipeline(branches, self.per_modality, self.config, self.device, self.device_id,
                               self.num_threads, _derive_seed("pipe", self.seed, epoch, self.rank), self.prefetch,
                               checkpoint=checkpoint)
@@ -334,7 +347,8 @@ class SwavLoader:
             del pipe
 
     def _gather_group(self, outs, where, g: int):
-        """Crop group g of every modality, copied once into one [B, n_g, s_g, s_g] tensor (modality-major)."""
+        """Crop group g of every modality, copied once into one [B, n_g, s_g, s_g] tensor (modality-major;
+        [B, n_g, d_g, s_g, s_g] for volumes)."""
         import torch
 
         per = self.per_modality

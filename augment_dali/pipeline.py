@@ -23,6 +23,13 @@ Why normalisation and the intensity augmentation are two passes although `intens
 one: METHOD puts rescale and energy_bands between them, and energy_bands rescales every band to a
 reference energy, which would undo a contrast change (a) made before it.
 
+Volumes (dataset kind "volumes", `AugmentConfig.crop_depths` given): the same graph on "DHW" volumes;
+rescale keeps depth in `depth_range` and rows/cols in `size_range`, energy_bands runs its 3-D cascade
+(sigmas in voxels along every axis), and multicrop cuts `crop_depths[g] x crop_sizes[g] x crop_sizes[g]`
+boxes. Rescale works on the stored voxel grid (no `spacing` input): the loader reads only the `.npy`
+member, so anisotropic voxels stay anisotropic through the augmentation (METHOD gives no resampling for
+the 3-D data; a dataset resampled at ingest gets isotropic crops).
+
 All random parameters come from fn.random.* seeded by the pipeline seed, so a pipeline is reproducible
 from (seed, epoch, rank) alone. The graph runs on the CPU (device_id=None) or on the GPU (everything
 after decoding; robust normalisation windows are computed from the decoded image on the CPU, see
@@ -54,11 +61,13 @@ class Branch:
     initial_fill: int          # shuffle buffer of the reader
     with_keys: bool = False    # also output each sample's "tar:offset:member" (tests, previews)
     units: str = ""            # pixel units of the branch's samples (augment_dali.normalize.modality_units)
+    volumes: bool = False      # samples are "DHW" volumes (dataset kind "volumes")
 
 
 def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig,
             cpu_image=None, units: str = "") -> tuple[list, dict]:
-    """The augmentation graph for one modality, from a decoded "HW" image node (CPU or GPU; float32,
+    """The augmentation graph for one modality, from a decoded "HW" image or, when `cfg.volumes`
+    (crop_depths given), "DHW" volume node (CPU or GPU; float32,
     int16, uint16 or uint8). A GPU image needs the same image on the CPU as `cpu_image` when the
     modality's normalisation is robust_percentile (its window is computed there). `units` (HU, raw, or
     "" when unrecorded) chooses the normalisation with the modality (NormalizeConfig.method_for).
@@ -72,7 +81,8 @@ def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig,
     image = normalize_dali(image, cfg.normalize.method_for(modality, units), cfg.normalize, window_source=cpu_image)
 
     scale = fn.random.uniform(range=list(cfg.scale_range))
-    image = fn.medswav.rescale(image, scale=scale, min_size=cfg.size_range[0], max_size=cfg.size_range[1])
+    depth = dict(min_depth=cfg.depth_range[0], max_depth=cfg.depth_range[1]) if cfg.volumes else {}
+    image = fn.medswav.rescale(image, scale=scale, min_size=cfg.size_range[0], max_size=cfg.size_range[1], **depth)
 
     mean = types.Constant(np.asarray(energy_mean, np.float32), device="cpu")
     std = types.Constant(np.asarray(energy_std, np.float32), device="cpu")
@@ -87,9 +97,11 @@ def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig,
     image = fn.medswav.intensity(image, gamma=use_gamma * gamma + (1.0 - use_gamma),
                                  scale=use_gamma + (1.0 - use_gamma) * a, shift=(1.0 - use_gamma) * b)
 
-    positions = fn.random.uniform(range=[0.0, 1.0], shape=[2 * sum(cfg.num_crops)])
+    ndim = 3 if cfg.volumes else 2
+    positions = fn.random.uniform(range=[0.0, 1.0], shape=[ndim * sum(cfg.num_crops)])
+    depths = dict(crop_depths=list(cfg.crop_depths)) if cfg.volumes else {}
     crops = fn.medswav.multicrop(image, crop_sizes=list(cfg.crop_sizes), num_crops=list(cfg.num_crops),
-                                 border=cfg.border, positions=positions)
+                                 border=cfg.border, positions=positions, **depths)
     crops = list(crops) if isinstance(crops, (list, tuple)) else [crops]
     params = {"scale": scale, "ref_energies": ref, "use_gamma": use_gamma, "gamma": gamma, "scale_a": a,
               "shift_b": b, "positions": positions}
@@ -108,7 +120,7 @@ def _branch(b: Branch, cfg: AugmentConfig, device: str) -> dict:
     # float32 on decode: DALI's numpy decoder needs one dtype across a reader's samples, and one modality
     # may mix int16 and uint16 (or uint8) shards, as the demo's pydicom files do; robust_window's
     # histogram still takes whole-number float32 pixels exactly
-    cpu_image = fn.reshape(fn.decoders.numpy(outs[0], dtype=types.FLOAT), layout="HW")
+    cpu_image = fn.reshape(fn.decoders.numpy(outs[0], dtype=types.FLOAT), layout="DHW" if b.volumes else "HW")
     image = cpu_image.gpu() if device == "gpu" else cpu_image
     crops, _ = augment(image, b.modality, b.energy_mean, b.energy_std, cfg, cpu_image=cpu_image, units=b.units)
     named = {f"crops{g}": c for g, c in enumerate(crops)}
@@ -130,12 +142,16 @@ def build_pipeline(branches: list[Branch], batch_per_modality: int, cfg: Augment
 
     Returns (pipeline, names): output i is `names[i]` = (modality, what) with `what` one of "crops<g>"
     ([B/M, n_g, s_g, s_g]), "labels" (raw `.labels.npy` bytes, empty where a sample has none) and
-    "source" (source_info bytes).
+    "source" (source_info bytes); crops of volumes are [B/M, n_g, d_g, s_g, s_g].
     """
     from nvidia.dali import Pipeline
 
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    mismatched = [b.modality for b in branches if b.volumes != cfg.volumes]
+    if mismatched:
+        raise ValueError(f"{mismatched}: {'volumes' if not cfg.volumes else '2-D images'} but the augmentation "
+                         f"is {'3-D (crop_depths given)' if cfg.volumes else '2-D (no crop_depths)'}")
     pipe = Pipeline(batch_size=batch_per_modality, num_threads=num_threads,
                     device_id=None if device == "cpu" else (device_id or 0), seed=seed,
                     prefetch_queue_depth=prefetch, enable_checkpointing=True, checkpoint=checkpoint)

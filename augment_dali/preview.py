@@ -5,6 +5,11 @@ the training pipeline's augmentation graph (augment_dali.pipeline.augment, CPU):
 rescale, energy bands, gamma or linear, multi-crop. One row per slice: the normalised original, then
 the 2 assigned crops and the 6 small crops, all on the same grey scale [0, 1] (linear-shifted values
 outside it saturate). Row labels give the drawn rescale factor and intensity transform.
+
+Volume datasets (kind "volumes"): each drawn volume gives three rows, its orthogonal mid-slices
+(the middle of the depth axis, the middle row, the middle column) of the
+normalised volume and of every crop, through the 3-D graph (AugmentConfig.method_3d() unless
+`--config TRAIN_TOML` gives the [augment] table of a training config).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from shards import Dataset
 
 from .config import AugmentConfig
 from .normalize import modality_units, normalize_numpy
-from .sampling import read_pixels, sample_refs
+from .sampling import dataset_kind, read_pixels, sample_refs
 from .stats import load_energy_stats
 
 
@@ -27,7 +32,8 @@ def augment_images(images: list[np.ndarray], modality: str, stats: dict, cfg: Au
                    units: str = ""):
     """Run the pipeline's augmentation graph on raw pixel arrays of one modality.
 
-    Returns (crop groups as arrays [n, n_g, s_g, s_g], drawn parameters as dict of arrays).
+    Returns (crop groups as arrays [n, n_g, s_g, s_g], or [n, n_g, d_g, s_g, s_g] for volumes with a 3-D
+    `cfg`, drawn parameters as dict of arrays).
     """
     from nvidia.dali import fn, pipeline_def
 
@@ -36,7 +42,7 @@ def augment_images(images: list[np.ndarray], modality: str, stats: dict, cfg: Au
     @pipeline_def(batch_size=len(images), num_threads=2, device_id=None, seed=seed, prefetch_queue_depth=1)
     def pipe():
         raw = fn.external_source(source=lambda: [np.asarray(i, np.float32) for i in images], batch=True,
-                                 layout="HW")
+                                 layout="DHW" if cfg.volumes else "HW")
         crops, params = augment(raw, modality, stats["mean"], stats["std"], cfg, units=units)
         return (*crops, *params.values())
 
@@ -48,6 +54,17 @@ def augment_images(images: list[np.ndarray], modality: str, stats: dict, cfg: Au
     names = ["scale", "ref_energies", "use_gamma", "gamma", "scale_a", "shift_b", "positions"]
     params = {n: np.stack([np.asarray(outs[groups + k][i]) for i in range(len(images))]) for k, n in enumerate(names)}
     return crops, params
+
+
+# array axes, not anatomy: the depth axis is the series' slice axis (axial for most CT, sagittal for the
+# MPRAGE MR of the tests)
+VIEWS = ("depth mid-slice", "row mid-slice", "column mid-slice")
+
+
+def mid_slices(volume: np.ndarray) -> list[np.ndarray]:
+    """The three orthogonal mid-slices of a (depth, rows, cols) volume: [d/2, :, :], [:, h/2, :], [:, :, w/2]."""
+    d, h, w = volume.shape
+    return [volume[d // 2], volume[:, h // 2, :], volume[:, :, w // 2]]
 
 
 def render(rows: list[dict], cfg: AugmentConfig, out: Path) -> None:
@@ -72,16 +89,26 @@ def render(rows: list[dict], cfg: AugmentConfig, out: Path) -> None:
                              (f"assigned {c}" if c <= cfg.num_crops[0] else f"small {c - cfg.num_crops[0]}"),
                              fontsize=8)
         axes[r][0].set_ylabel(row["label"], fontsize=7)
-    fig.suptitle(f"medswav augmentations: rescale sides {cfg.size_range}, crops "
-                 + " + ".join(f"{n}x{s}" for n, s in zip(cfg.num_crops, cfg.crop_sizes)), fontsize=10, y=0.999)
+    depths = cfg.crop_depths or (None,) * len(cfg.crop_sizes)
+    fig.suptitle(f"medswav augmentations: rescale sides {cfg.size_range}"
+                 + (f", depth {cfg.depth_range}" if cfg.volumes else "") + ", crops "
+                 + " + ".join(f"{n}x{s}x{s}" + (f"x{d}" if d else "")
+                              for n, s, d in zip(cfg.num_crops, cfg.crop_sizes, depths)), fontsize=10, y=0.999)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-def preview(root, out, per_modality: int = 3, seed: int = 0, cfg: AugmentConfig = AugmentConfig(),
-            modalities: list[str] | None = None) -> Path:
+def preview_rows(root, per_modality: int = 3, seed: int = 0, cfg: AugmentConfig | None = None,
+                 modalities: list[str] | None = None) -> list[dict]:
+    """The picture's rows: {"original", "crops" (2-D arrays), "label"}; three rows per volume."""
     dataset = Dataset(root)
+    volumes = dataset_kind(root, dataset) == "volumes"
+    if cfg is None:
+        cfg = AugmentConfig.method_3d() if volumes else AugmentConfig()
+    if cfg.volumes != volumes:
+        raise ValueError(f"{root} holds {'volumes' if volumes else '2-D slices'}: the augmentation must "
+                         f"{'have' if volumes else 'not have'} crop depths")
     stats = load_energy_stats(root)
     available = dataset.modalities
     chosen = modalities or available
@@ -100,11 +127,23 @@ def preview(root, out, per_modality: int = 3, seed: int = 0, cfg: AugmentConfig 
         for i, img in enumerate(images):
             intensity = (f"gamma {params['gamma'][i]:.2f}" if params["use_gamma"][i] > 0.5
                          else f"linear {params['scale_a'][i]:.2f}x{params['shift_b'][i]:+.2f}")
-            rows.append({
-                "original": normalize_numpy(img, method, cfg.normalize),
-                "crops": [crops[g][i, k] for g in range(len(crops)) for k in range(crops[g].shape[1])],
-                "label": f"{m} {img.shape[0]}x{img.shape[1]}\ns={float(params['scale'][i]):.2f} {intensity}",
-            })
+            original = normalize_numpy(img, method, cfg.normalize)
+            views = [crops[g][i, k] for g in range(len(crops)) for k in range(crops[g].shape[1])]
+            label = f"{m} {'x'.join(map(str, img.shape))}\ns={float(params['scale'][i]):.2f} {intensity}"
+            if not volumes:
+                rows.append({"original": original, "crops": views, "label": label})
+                continue
+            for v, name in enumerate(VIEWS):
+                rows.append({"original": mid_slices(original)[v], "crops": [mid_slices(c)[v] for c in views],
+                             "label": f"{label}\n{name}"})
+    return rows
+
+
+def preview(root, out, per_modality: int = 3, seed: int = 0, cfg: AugmentConfig | None = None,
+            modalities: list[str] | None = None) -> Path:
+    rows = preview_rows(root, per_modality, seed, cfg, modalities)
+    if cfg is None:
+        cfg = AugmentConfig.method_3d() if dataset_kind(root) == "volumes" else AugmentConfig()
     out = Path(out)
     render(rows, cfg, out)
     return out
@@ -120,12 +159,19 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="which slices and which augmentations are drawn (default 0)")
     p.add_argument("--modalities", help="comma-separated subset (default: all present)")
     p.add_argument("--small", action="store_true", help="the small preset (sides 48..96, crops 32/16)")
+    p.add_argument("--config", metavar="TRAIN_TOML",
+                   help="take the augmentation of a training config's [augment] table (default: METHOD's 2-D "
+                        "values, or its 3-D values for a volume dataset)")
     args = p.parse_args(argv)
-    cfg = AugmentConfig.small() if args.small else AugmentConfig()
+    cfg = AugmentConfig.small() if args.small else None
     try:
+        if args.config:
+            from train.config import load_config
+
+            cfg = load_config(["--config", args.config, "--synthetic"]).augment
         out = preview(args.dataset, args.out, args.per_modality, args.seed, cfg,
                       args.modalities.split(",") if args.modalities else None)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # train.config.ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -27,6 +27,15 @@ class SampleRef:
     json_size: int
 
 
+def dataset_kind(root: Path, dataset: Dataset | None = None) -> str:
+    """"volumes" (one 3-D sample per series) or "slices" (2-D, also datasets written before kinds)."""
+    kind = getattr(dataset, "kind", None) if dataset is not None else None
+    if kind is None:
+        path = Path(root) / "dataset.json"
+        kind = json.loads(path.read_text()).get("kind") if path.exists() else None
+    return kind or "slices"
+
+
 def modality_seed(seed: int, modality: str) -> list[int]:
     """An RNG seed sequence specific to (seed, modality), stable across runs and platforms."""
     return [seed, int.from_bytes(hashlib.blake2b(modality.encode(), digest_size=4).digest(), "little")]

@@ -37,8 +37,8 @@ from shards.atomic import write_text_atomically
 from shards.layout import energy_stats_path
 
 from .config import HU_WINDOW, AugmentConfig, NormalizeConfig
-from .normalize import modality_units, normalize_dali
-from .sampling import modality_seed, read_meta, read_pixels, sample_refs
+from .normalize import modality_units, normalize_dali, normalize_numpy
+from .sampling import dataset_kind, modality_seed, read_meta, read_pixels, sample_refs
 
 STATS_VERSION = 1
 
@@ -192,6 +192,33 @@ def measure_modality(dataset: Dataset, modality: str, samples: int, seed: int, c
     return {**energy_summary(e), "units": units, "method": method, "lut_not_applied": lut_not_applied}
 
 
+def measure_modality_volumes(dataset: Dataset, modality: str, samples: int, seed: int, config: AugmentConfig,
+                             progress=None, batch_size: int = 2) -> dict:
+    """measure_modality for a volume dataset: each drawn volume normalised (NumPy twin of the pipeline's
+    normalisation), rescaled on its stored voxel grid as the training pipeline does (rows/cols into
+    size_range, depth into depth_range) and measured with the 3-D cascade. Holds `batch_size` volumes."""
+    units = modality_units(dataset.units(modality))
+    method = config.normalize.method_for(modality, units)
+    refs = sample_refs(dataset, modality, samples, seed)
+    rng = np.random.default_rng(modality_seed(seed + 1, modality))
+    (lo, hi), (d_lo, d_hi) = config.size_range, config.depth_range
+    pipe = volume_energy_pipeline(config.sigmas, batch_size, size_range=((d_lo, lo, lo), (d_hi, hi, hi)))
+    energies = []
+    for start in range(0, len(refs), batch_size):
+        chunk = refs[start:start + batch_size]
+        volumes = [normalize_numpy(read_pixels(r), method, config.normalize) for r in chunk]
+        if any(v.ndim != 3 for v in volumes):
+            raise ValueError(f"{modality}: a sample of this volume dataset is not 3-D")
+        pipe.feed_input("images", volumes)
+        pipe.feed_input("spacings", [np.ones(3, np.float32)] * len(chunk))  # the stored grid, as in training
+        energies.append(band_energies_batch(pipe, [], list(rng.uniform(*config.scale_range, size=len(chunk)))))
+        if progress is not None:
+            progress.update(len(chunk))
+    del pipe
+    e = np.concatenate(energies) if energies else np.zeros((0, config.num_bands))
+    return {**energy_summary(e), "units": units, "method": method, "lut_not_applied": 0}
+
+
 def compute_stats(root: str | os.PathLike, samples: int = 1000, seed: int = 0,
                   config: AugmentConfig = AugmentConfig(), modalities: list[str] | None = None,
                   show_progress: bool = True) -> dict:
@@ -206,6 +233,8 @@ def compute_stats(root: str | os.PathLike, samples: int = 1000, seed: int = 0,
     if unknown:
         raise ValueError(f"modalities {unknown} not in {root}; available: {', '.join(available)}")
     counts = {m: sum(s.samples for s in dataset.shards(m)) for m in chosen}
+    volumes = dataset_kind(root, dataset) == "volumes"
+    measure = measure_modality_volumes if volumes else measure_modality
     total = sum(min(samples, n) for n in counts.values())
     result = {
         "version": STATS_VERSION,
@@ -214,14 +243,15 @@ def compute_stats(root: str | os.PathLike, samples: int = 1000, seed: int = 0,
         "samples_requested": samples,
         "sigmas": list(config.sigmas),
         "bands": band_names(config.sigmas),
-        "rescale": {"scale_range": list(config.scale_range), "size_range": list(config.size_range)},
+        "rescale": {"scale_range": list(config.scale_range), "size_range": list(config.size_range),
+                    **({"depth_range": list(config.depth_range)} if volumes else {})},
         "normalisation": config.normalize.to_dict(),
         "modalities": {},
     }
     with tqdm(total=total, unit="slice", desc="band energies", disable=not show_progress) as bar:
         for m in chosen:
             bar.set_postfix_str(m)
-            result["modalities"][m] = measure_modality(dataset, m, samples, seed, config, bar)
+            result["modalities"][m] = measure(dataset, m, samples, seed, config, bar)
     return result
 
 
@@ -240,15 +270,23 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=1000, help="reference slices R per modality (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--modalities", help="comma-separated subset, e.g. ct,mr (default: all present)")
-    p.add_argument("--min-size", type=int, default=None, help="smallest side after rescaling (default 600)")
-    p.add_argument("--max-size", type=int, default=None, help="largest side after rescaling (default 1200)")
+    p.add_argument("--min-size", type=int, default=None,
+                   help="smallest side after rescaling (default 600; 112 for a volume dataset)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="largest side after rescaling (default 1200; 250 for a volume dataset)")
+    p.add_argument("--min-depth", type=int, default=None, help="volumes: smallest depth after rescaling (default 96)")
+    p.add_argument("--max-depth", type=int, default=None, help="volumes: largest depth after rescaling (default 200)")
     p.add_argument("--small", action="store_true",
                    help="the small preset of AugmentConfig (sides 48..96) for 28x28 MedMNIST-sized data")
     args = p.parse_args(argv)
-    config = AugmentConfig.small() if args.small else AugmentConfig()
+    volumes = dataset_kind(args.dataset) == "volumes"
+    config = AugmentConfig.small() if args.small else AugmentConfig.method_3d() if volumes else AugmentConfig()
     if args.min_size or args.max_size:
         lo, hi = config.size_range
         config = dataclasses.replace(config, size_range=(args.min_size or lo, args.max_size or hi))
+    if args.min_depth or args.max_depth:
+        lo, hi = config.depth_range
+        config = dataclasses.replace(config, depth_range=(args.min_depth or lo, args.max_depth or hi))
     try:
         stats = compute_stats(args.dataset, args.samples, args.seed, config,
                               args.modalities.split(",") if args.modalities else None)

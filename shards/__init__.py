@@ -11,13 +11,13 @@ _WHERE = {
     "CODEC": "dataset", "FORMAT_VERSION": "dataset", "Dataset": "dataset", "ShardFiles": "dataset",
     "summarize": "dataset", "write_dataset_json": "dataset", "write_errors": "dataset",
     "salted_hash": "keys", "sample_key": "keys",
-    "MODALITIES": "sample", "SPLITS": "sample", "UNITS": "sample", "UNITS_HU": "sample", "UNITS_RAW": "sample",
+    "KIND_SLICES": "sample", "KIND_VOLUMES": "sample", "KINDS": "sample", "MODALITIES": "sample", "SPLITS": "sample", "UNITS": "sample", "UNITS_HU": "sample", "UNITS_RAW": "sample",
     "SampleMeta": "sample",
     "ShardWriter": "writer",
 }
 
 __all__ = [
-    "CODEC", "FORMAT_VERSION", "MODALITIES", "SPLITS", "UNITS", "UNITS_HU", "UNITS_RAW", "Dataset", "SampleMeta", "ShardFiles", "ShardWriter",
+    "CODEC", "FORMAT_VERSION", "KIND_SLICES", "KIND_VOLUMES", "KINDS", "MODALITIES", "SPLITS", "UNITS", "UNITS_HU", "UNITS_RAW", "Dataset", "SampleMeta", "ShardFiles", "ShardWriter",
     "salted_hash", "sample_key", "summarize", "write_dataset_json", "write_errors",
 ]
 

@@ -5,7 +5,10 @@ import argparse
 import sys
 from collections import Counter
 
+import pyarrow.compute as pc
+
 from .dataset import Dataset, error_counts, write_dataset_json
+from .sample import KIND_VOLUMES
 from .verify import DEFAULT_WORKERS, IN_PROCESS_MAX_SHARDS, verify
 
 
@@ -17,10 +20,32 @@ def _human(n: float) -> str:
     return f"{n}"
 
 
+def _print_volume_summary(ds: Dataset) -> None:
+    """Depth and spacing ranges per modality: reads the manifests' depth and spacing columns only."""
+    table = ds.manifest(columns=["modality", "depth", "spacing_z", "spacing_y", "spacing_x"])
+    for modality in sorted(set(table.column("modality").to_pylist())):
+        rows = table.filter(pc.equal(table.column("modality"), modality))
+        depth = pc.min_max(rows.column("depth")).as_py()
+        line = f"{modality} volumes: depth {depth['min']}-{depth['max']}"
+        for axis in ("z", "y", "x"):
+            values = rows.column(f"spacing_{axis}")
+            finite = values.filter(pc.is_finite(values))
+            if len(finite):
+                low, high = pc.min_max(finite).as_py().values()
+                line += f", spacing {axis} {low:.3g}-{high:.3g} mm"
+            else:
+                line += f", spacing {axis} unknown"
+            if len(finite) < len(values):
+                line += f" ({len(values) - len(finite)} unknown)"
+        print(line)
+
+
 def cmd_info(args) -> int:
     ds = Dataset(args.dataset)
     info = ds.info
-    print(f"dataset {ds.root}  (format {info.get('format')} v{info.get('format_version')}, codec {info.get('codec')})")
+    kind = ds.kind
+    print(f"dataset {ds.root}  (format {info.get('format')} v{info.get('format_version')}, codec {info.get('codec')}, "
+          f"kind {kind})")
     header = f"{'modality':<9}{'samples':>10}{'train':>10}{'val':>8}{'labelled':>10}{'shards':>8}{'bytes':>11}"
     print(header)
     print("-" * len(header))
@@ -30,6 +55,8 @@ def cmd_info(args) -> int:
     print(f"{'total':<9}{info.get('samples', 0):>10}{'':>28}{sum(m['shards'] for m in info.get('modalities', {}).values()):>8}{_human(info.get('bytes', 0)):>11}")
     if info.get("label_names"):
         print(f"labels: {', '.join(info['label_names'])}")
+    if kind == KIND_VOLUMES:
+        _print_volume_summary(ds)
     # from dataset.json (a dataset finalized before it carried error_reasons: from the error files' footers)
     reasons = info["error_reasons"] if "error_reasons" in info else error_counts(ds.root)
     counts = Counter({(stage, reason): n for stage, r in reasons.items() for reason, n in r.items()})
@@ -41,9 +68,10 @@ def cmd_info(args) -> int:
 
 def cmd_reindex(args) -> int:
     info = Dataset(args.dataset).info  # keeps the writer's own fields (ingest settings, generations)
-    computed = {"format", "format_version", "codec", "created", "label_names", "samples", "bytes", "modalities",
-                "errors", "error_reasons"}
-    summary = write_dataset_json(args.dataset, **{k: v for k, v in info.items() if k not in computed})
+    computed = {"format", "format_version", "kind", "codec", "created", "label_names", "samples", "bytes",
+                "modalities", "errors", "error_reasons"}
+    summary = write_dataset_json(args.dataset, kind=info.get("kind"),
+                                 **{k: v for k, v in info.items() if k not in computed})
     print(f"wrote the shard tables of {', '.join(sorted(summary['modalities'])) or 'no modality'} and dataset.json")
     return 0
 
@@ -62,7 +90,7 @@ def cmd_verify(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shards", description="Inspect and check a medswav dataset (see shards/FORMAT.md).")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="print the summary table of a dataset")
+    p = sub.add_parser("info", help="print the summary table of a dataset (and, for volumes, depth and spacing ranges)")
     p.add_argument("dataset", help="dataset folder (holds dataset.json)")
     p.add_argument("--top", type=int, default=10, help="most frequent rejection reasons to list (default 10)")
     p.set_defaults(func=cmd_info)

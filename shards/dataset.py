@@ -16,15 +16,24 @@ import pyarrow.parquet as pq
 from .atomic import write_parquet_atomically, write_text_atomically
 from .layout import (DATASET_JSON, ERRORS_DIR, MANIFEST_DIR, MODALITY_PARTITION, TABLE_DIR, errors_path, idx_path, manifest_dir,
                      modality_of_manifest_dir, table_path, tar_path)
-from .manifest import (ERROR_COUNTS_META, ERRORS_SCHEMA, LABEL_NAMES_META, MANIFEST_SCHEMA, SHARD_TABLE_SCHEMA,
-                       SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, UNITS_META)
-from .sample import SPLITS
+from .manifest import (ERROR_COUNTS_META, ERRORS_SCHEMA, KIND_META, LABEL_NAMES_META, MANIFEST_SCHEMA,
+                       SHARD_TABLE_SCHEMA, SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, UNITS_META, V2_COLUMN_DEFAULTS)
+from .sample import KIND_SLICES, KIND_VOLUMES, KINDS, SPLITS
 
 FOOTER_READ_THREADS = 16  # footer reads are small and latency-bound (network filesystems): overlap them
 
 FORMAT_NAME = "medswav-shards"
-FORMAT_VERSION = 1
+# Version 2 added volume samples (SampleMeta.depth/spacing/direction/origin, the manifest's depth and
+# spacing columns, dataset.json "kind"). A slices dataset stays version 1: readers of version 1 read it
+# (the new manifest columns are extra), only a volumes dataset needs a version 2 reader.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CODEC = "npy"
+
+
+def format_version(kind: str) -> int:
+    """The format version a dataset of `kind` is written with."""
+    return FORMAT_VERSION if kind == KIND_VOLUMES else 1
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,22 @@ class Dataset:
         path = self.root / DATASET_JSON
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: the ingestion job has not finished (rerun `python -m ingest`)")
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
+        version = info.get("format_version", 1)
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"{path}: format version {version} is not one this medswav reads {READABLE_VERSIONS}")
+        return info
+
+    @property
+    def kind(self) -> str:
+        """"slices" (2-D samples) or "volumes" (3-D samples): from dataset.json (missing kind: slices);
+        before the first dataset.json, from the committed manifest parts (none: slices)."""
+        if (self.root / DATASET_JSON).exists():
+            kind = self.info.get("kind", KIND_SLICES)
+            if kind not in KINDS:
+                raise ValueError(f"{self.root / DATASET_JSON}: unknown kind {kind!r}; expected one of {KINDS}")
+            return kind
+        return shard_kind(self.root) or KIND_SLICES
 
     @property
     def modalities(self) -> list[str]:
@@ -64,12 +88,18 @@ class Dataset:
 
     def manifest(self, modality: str | None = None, columns: list[str] | None = None) -> pa.Table:
         base = self.root / MANIFEST_DIR if modality is None else manifest_dir(self.root, modality)
+        schema = MANIFEST_SCHEMA.append(pa.field(MODALITY_PARTITION, pa.string()))
         if not base.is_dir() or not any(base.rglob("*.parquet")):
-            schema = MANIFEST_SCHEMA.append(pa.field(MODALITY_PARTITION, pa.string()))
             table = schema.empty_table()
             return table.select(columns) if columns else table
-        ds = pads.dataset(base, format="parquet", partitioning="hive" if modality is None else None)
+        # the full schema: parts written before format version 2 lack its columns and read as nulls there
+        ds = pads.dataset(base, format="parquet", partitioning="hive" if modality is None else None,
+                          schema=schema if modality is None else MANIFEST_SCHEMA)
         table = ds.to_table(columns=columns)
+        for name, default in V2_COLUMN_DEFAULTS.items():
+            if name in table.column_names and table.column(name).null_count:
+                table = table.set_column(table.column_names.index(name), name,
+                                         pc.fill_null(table.column(name), pa.scalar(default, MANIFEST_SCHEMA.field(name).type)))
         if modality is not None and (columns is None or MODALITY_PARTITION in columns):
             table = table.append_column(MODALITY_PARTITION, pa.array([modality] * table.num_rows, pa.string()))
         return table
@@ -245,6 +275,21 @@ def shard_table_problems(root: str | os.PathLike, footer_rows: dict[str, dict[st
     return problems
 
 
+def _part_kind(part: Path) -> str:
+    meta = pq.read_metadata(part).metadata or {}
+    return meta.get(KIND_META, KIND_SLICES.encode()).decode()
+
+
+def shard_kind(root: str | os.PathLike) -> str | None:
+    """The kind of the committed shards from their manifest footers (parts before version 2: slices),
+    None without shards; raises when shards of both kinds are committed."""
+    parts = sorted((Path(root) / MANIFEST_DIR).glob("modality=*/*.parquet"))
+    kinds = set(_footer_reads(_part_kind, parts))
+    if len(kinds) > 1:
+        raise ValueError(f"{root} holds shards of both kinds {sorted(kinds)}: a dataset holds one kind")
+    return kinds.pop() if kinds else None
+
+
 def _modality_counts(table: pa.Table) -> dict:
     """dataset.json's numbers of one modality from its shard table."""
     total = {c: int(pc.sum(table.column(c)).as_py() or 0) for c in ("samples", *SPLITS, "labelled", "bytes")}
@@ -280,11 +325,21 @@ def summarize(root: str | os.PathLike, per_sample: bool = False) -> dict:
     return _summary(ds, None if per_sample else {m: shard_summaries(root, m) for m in ds.modalities})
 
 
-def write_dataset_json(root: str | os.PathLike, **extra) -> dict:
+def write_dataset_json(root: str | os.PathLike, kind: str | None = None, **extra) -> dict:
     """Write the shard tables (`table/<modality>.parquet`) and then `dataset.json` from the per-shard
-    summaries in the manifest footers, plus `extra` fields of the caller (each file atomic)."""
+    summaries in the manifest footers, plus `extra` fields of the caller (each file atomic).
+
+    `kind` ("slices" or "volumes") defaults to that of the committed shards (none: slices); a kind the
+    shards contradict raises, as do shards of both kinds.
+    """
     root = Path(root)
     ds = Dataset(root)
+    found = shard_kind(root)
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown dataset kind {kind!r}; expected one of {KINDS}")
+    if kind is not None and found not in (None, kind):
+        raise ValueError(f"{root} holds {found} shards: cannot describe it as {kind}")
+    kind = kind or found or KIND_SLICES
     tables = {m: shard_summaries(root, m) for m in ds.modalities}
     for modality, table in tables.items():
         write_parquet_atomically(table, table_path(root, modality))
@@ -294,7 +349,8 @@ def write_dataset_json(root: str | os.PathLike, **extra) -> dict:
                 stale.unlink()
     summary = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(kind),
+        "kind": kind,
         "codec": CODEC,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "label_names": ds.label_names(),

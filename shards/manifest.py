@@ -31,8 +31,15 @@ MANIFEST_SCHEMA = pa.schema(
         ("labels_size", pa.int64()),
         ("labelled", pa.bool_()),
         ("labels", pa.string()),
+        # format version 2: 0 for a 2-D sample, the slice count of a volume; spacing in mm, NaN when unknown
+        ("depth", pa.int32()),
+        ("spacing_z", pa.float64()),
+        ("spacing_y", pa.float64()),
+        ("spacing_x", pa.float64()),
     ]
 )
+# Columns added by format version 2 and the value a manifest part written before them reads as.
+V2_COLUMN_DEFAULTS = {"depth": 0, "spacing_z": float("nan"), "spacing_y": float("nan"), "spacing_x": float("nan")}
 
 ERRORS_SCHEMA = pa.schema(
     [
@@ -65,5 +72,6 @@ SHARD_TABLE_SCHEMA = pa.schema(
         ("tar_crc32", pa.int64()),
     ]
 )
+KIND_META = b"medswav.kind"  # "slices" or "volumes" (shards.sample.KINDS); absent in version 1 parts: slices
 UNITS_META = b"medswav.units"  # JSON list: the distinct SampleMeta.units of the shard's samples, sorted
 

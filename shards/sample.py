@@ -10,11 +10,20 @@ UNITS_HU = "HU"    # Hounsfield units: CT whose modality LUT was applied exactly
 UNITS_RAW = "raw"  # anything else: stored values without a physical unit (MR, XR, US, 8-bit images, ...)
 UNITS = (UNITS_HU, UNITS_RAW)
 SPLITS = ("train", "val", "test")  # "test" only where a source brings its own split (e.g. MedMNIST)
+# What a dataset's samples are (dataset.json "kind"): one dataset holds one kind.
+KIND_SLICES = "slices"    # 2-D samples (rows, cols); a dataset.json without "kind" holds slices
+KIND_VOLUMES = "volumes"  # 3-D samples (depth, rows, cols), one per DICOM series / volume file
+KINDS = (KIND_SLICES, KIND_VOLUMES)
 
 
 @dataclass
 class SampleMeta:
-    """Non-identifying metadata of one 2-D sample, stored as `<key>.json`.
+    """Non-identifying metadata of one sample, stored as `<key>.json`.
+
+    A 2-D sample has `depth` 0. A volume sample (format version 2) has `depth` >= 2 slices of
+    `rows` x `cols`, `frame` 0, `frames` = depth, `spacing` [z, y, x] mm, `direction` (9 floats, row-major
+    3x3 whose columns are the x, y, z axes in patient LPS, as SimpleITK's GetDirection()) and `origin`
+    (3 floats, mm: the centre of voxel [0, 0, 0]).
 
     Identifiers appear only as salted hashes (`*_hash`). Free text, names, dates, accession numbers,
     institution and physician names have no field here on purpose.
@@ -48,8 +57,18 @@ class SampleMeta:
     window_width: float | None = None
     labels: dict[str, float] | None = None
     units: str = ""
+    depth: int = 0
+    spacing: list[float] | None = None
+    direction: list[float] | None = None
+    origin: list[float] | None = None
 
     def validate(self) -> None:
+        if self.depth == 1 or self.depth < 0:
+            raise ValueError(f"depth must be 0 (2-D sample) or >= 2 (volume), got {self.depth}")
+        for name, size in (("spacing", 3), ("direction", 9), ("origin", 3)):
+            value = getattr(self, name)
+            if value is not None and len(value) != size:
+                raise ValueError(f"{name} must hold {size} numbers, got {len(value)}")
         if self.units and self.units not in UNITS:
             raise ValueError(f"unknown units {self.units!r}; expected one of {UNITS}")
         if self.modality not in MODALITIES:

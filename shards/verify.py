@@ -33,7 +33,8 @@ from .keys import KEY_HEX
 from .layout import (DATASET_JSON, ERRORS_DIR, INVENTORY_DIR, LABELS_EXT, META_EXT, PIXELS_EXT, PLAN_DIR,
                      SHARDS_DIR, STATS_DIR, TABLE_DIR, TMP_MARK, idx_path, manifest_dir, manifest_path, split_member,
                      tar_path)
-from .manifest import SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META
+from .manifest import KIND_META, SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META
+from .sample import KIND_SLICES, KIND_VOLUMES
 
 
 @dataclass
@@ -231,7 +232,7 @@ def _npy_content(data: memoryview) -> tuple[str, tuple[int, ...]]:
 
 def _members_of(reader: TarReader, where: str) -> tuple[dict[int, tuple[str, int, int, object]], str | None]:
     """Every file member of the tar in one streaming pass: data offset -> (name, size, checksum, content),
-    content being the .npy array's (dtype, shape) or the .json member's split (None for other members);
+    content being the .npy array's (dtype, shape) or the .json member's (split, depth) (None for other members);
     and a problem line when the headers stop parsing (the members before it are kept)."""
     members, position = {}, 0
     try:
@@ -256,7 +257,8 @@ def _members_of(reader: TarReader, where: str) -> tuple[dict[int, tuple[str, int
                     if extension == PIXELS_EXT:
                         content = _npy_content(data)
                     elif extension == META_EXT:
-                        content = json.loads(bytes(data)).get("split")
+                        sample_meta = json.loads(bytes(data))
+                        content = (sample_meta.get("split"), sample_meta.get("depth", 0))
                 except (ValueError, SyntaxError, EOFError, AttributeError) as e:
                     content = e  # reported below only if the checksum matches (else the checksum says it)
                 members[position] = (info.name, size, crc32(data), content)
@@ -284,6 +286,7 @@ class ShardSummary:
     tar_bytes_read: int = 0
     counts: dict | None = None       # {split: n, "labelled": n} counted over the part's rows
     table_row: dict | None = None    # the shard table row its footer gives (compared with table/<m>.parquet)
+    kind: str | None = None          # slices or volumes, as its footer says (parts before version 2: slices)
 
 
 def verify_shard(root: str | os.PathLike, modality: str, name: str) -> ShardSummary:
@@ -304,6 +307,7 @@ def verify_shard(root: str | os.PathLike, modality: str, name: str) -> ShardSumm
     out.counts = split_counts(table)
     meta = table.schema.metadata or {}
     out.table_row = shard_table_row(part, meta, table.num_rows, table)
+    out.kind = meta.get(KIND_META, KIND_SLICES.encode()).decode()
     if SUMMARY_META in meta:
         footer = json.loads(meta[SUMMARY_META])
         if any(int(footer.get(k, 0)) != n for k, n in out.counts.items()) or int(footer.get("samples", -1)) != out.samples:
@@ -328,6 +332,12 @@ def _check_shard(root: Path, modality: str, name: str, table, out: ShardSummary)
     meta = table.schema.metadata or {}
     rows = table.to_pylist()
     problems = []
+    kind = meta.get(KIND_META, KIND_SLICES.encode()).decode()
+    if kind not in (KIND_SLICES, KIND_VOLUMES):
+        problems.append(f"{out.part}: unknown kind {kind!r}")
+    elif any((row.get("depth", 0) > 0) != (kind == KIND_VOLUMES) for row in rows):
+        problems.append(f"{out.part}: a shard of {kind} with samples of depth "
+                        f"{sorted({row.get('depth', 0) for row in rows})}")
 
     reader = TarReader(tar)
     out.tar_opens += 1
@@ -377,13 +387,16 @@ def _check_shard(root: Path, modality: str, name: str, table, out: ShardSummary)
                 problems.append(f"{where}: {key}.{ext} checksum mismatch")
                 continue
             content = member[3]
+            depth = row.get("depth", 0)  # absent in parts written before format version 2
             if ext == PIXELS_EXT:
-                expected = (row["dtype"], (row["rows"], row["cols"]))
-                if content != expected:
+                shape = (depth, row["rows"], row["cols"]) if depth else (row["rows"], row["cols"])
+                if content != (row["dtype"], shape):
                     found = f"{content[0]}{content[1]}" if isinstance(content, tuple) else f"unreadable ({content})"
-                    problems.append(f"{where}: {key}.npy is {found}, manifest says {row['dtype']}({row['rows']}, {row['cols']})")
-            elif content != row["split"]:
+                    problems.append(f"{where}: {key}.npy is {found}, manifest says {row['dtype']}{shape}")
+            elif not isinstance(content, tuple) or content[0] != row["split"]:
                 problems.append(f"{where}: {key}.json split differs from the manifest")
+            elif content[1] != depth:
+                problems.append(f"{where}: {key}.json depth is {content[1]}, manifest says {depth}")
         if row["labels_size"] >= 0:
             m = by_ext.get(LABELS_EXT)
             if m is None or (m.offset, m.size) != (row["labels_offset"], row["labels_size"]):
@@ -518,6 +531,7 @@ def _verify(root: Path, ds: Dataset, parts: list[tuple[str, Path]], client, prog
     readable, unreadable_manifest = [], False
     totals: dict[str, dict[str, int]] = {}          # modality -> counts over its readable parts
     footer_rows: dict[str, dict[str, dict]] = {}    # modality -> shard -> table row from its footer
+    kinds: set[str] = set()                         # the kinds the shards' footers give
     with tempfile.TemporaryDirectory(prefix="medswav-verify-keys-") as tmp:
         keys = KeyBuckets(Path(tmp))
         shard_problems = []  # (shard, its lines): tasks finish in any order, the report lists shards in order
@@ -545,6 +559,7 @@ def _verify(root: Path, ds: Dataset, parts: list[tuple[str, Path]], client, prog
                 for k, n in summary.counts.items():
                     total[k] = total.get(k, 0) + n
                 footer_rows.setdefault(modality, {})[summary.table_row["shard"]] = summary.table_row
+                kinds.add(summary.kind)
         for _, lines in sorted(shard_problems):
             report.problems.extend(lines)
         readable.sort()
@@ -579,6 +594,12 @@ def _verify(root: Path, ds: Dataset, parts: list[tuple[str, Path]], client, prog
             for k in ("samples", "train", "val", "test", "shards"):
                 if rec.get(k, 0) != numbers.get(k, 0):
                     report.problems.append(f"dataset.json: {name}.{k} is {rec.get(k)}, manifests give {numbers.get(k, 0)}")
+        if len(kinds) > 1:
+            report.problems.append(f"{root} holds shards of both kinds {sorted(kinds)}: a dataset holds one kind")
+        elif kinds:
+            recorded_kind = recorded.get("kind", KIND_SLICES)
+            if recorded_kind not in kinds:
+                report.problems.append(f"dataset.json: kind is {recorded_kind}, the shards hold {kinds.pop()}")
         extra = set(recorded.get("modalities", {})) - set(totals)
         if extra:
             report.problems.append(f"dataset.json lists modalities without shards: {sorted(extra)}")

@@ -20,8 +20,8 @@ from .atomic import write_atomically, write_parquet_atomically
 from .checksum import crc32
 from .index import Member, write_index
 from .layout import LABELS_EXT, META_EXT, PIXELS_EXT, idx_path, manifest_path, member_name, tar_path, temporary
-from .manifest import LABEL_NAMES_META, MANIFEST_SCHEMA, SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, UNITS_META
-from .sample import SPLITS, SampleMeta
+from .manifest import KIND_META, LABEL_NAMES_META, MANIFEST_SCHEMA, SUMMARY_META, TAR_CRC32_META, TAR_SIZE_META, UNITS_META
+from .sample import KIND_SLICES, KIND_VOLUMES, SPLITS, SampleMeta
 from .shardfile import ShardFile
 
 # A fixed integer mtime keeps tars reproducible and avoids PAX headers (a float mtime adds ~1 KB/member).
@@ -42,11 +42,25 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return b"".join((header.getvalue(), array.data.cast("B") if array.size else b""))
 
 
+def _spacing_columns(meta: SampleMeta) -> tuple[float, float, float]:
+    """The manifest's (spacing_z, spacing_y, spacing_x) in mm, NaN where unknown: a volume's `spacing`,
+    a 2-D sample's `pixel_spacing` (row spacing = y, column spacing = x; no z)."""
+    nan = float("nan")
+    if meta.depth and meta.spacing is not None:
+        return tuple(nan if v is None else float(v) for v in meta.spacing)
+    if not meta.depth and meta.pixel_spacing is not None and len(meta.pixel_spacing) == 2:
+        return (nan, *(nan if v is None else float(v) for v in meta.pixel_spacing))
+    return nan, nan, nan
+
+
 class ShardWriter:
     """Write samples of one modality into one shard.
 
     >>> with ShardWriter(root, modality="ct", name="ct-g000-000017") as w:
     ...     w.write(key, pixels, meta)
+
+    `pixels` is a 2-D integer array (a slice) or a 3-D one `(depth, rows, cols)` with depth >= 2 (a volume
+    sample, format version 2); one shard holds one kind.
     """
 
     def __init__(self, root: str | os.PathLike, modality: str, name: str, label_names: Sequence[str] = (),
@@ -65,6 +79,7 @@ class ShardWriter:
         self._samples: list[list[Member]] = []
         self._keys: set[str] = set()
         self._units: set[str] = set()
+        self._kind: str | None = None  # of the first sample: a shard (like its dataset) holds one kind
         from webdataset import TarWriter  # imported here: webdataset is slow to import
 
         self._file = ShardFile(self._tmp_tar, direct=direct_io)  # O_DIRECT where the filesystem allows
@@ -100,10 +115,18 @@ class ShardWriter:
         if key in self._keys:
             raise ValueError(f"sample key {key} written twice to shard {self.name}")
         pixels = np.asarray(pixels)
-        if pixels.ndim != 2 or pixels.dtype.kind not in "iu":
-            raise ValueError(f"pixels must be a 2-D integer array, got {pixels.dtype} {pixels.shape}")
+        if pixels.dtype.kind not in "iu" or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[0] >= 2)):
+            raise ValueError(f"pixels must be a 2-D integer array (rows, cols) or a 3-D one (depth >= 2, rows, "
+                             f"cols), got {pixels.dtype} {pixels.shape}")
+        kind = KIND_VOLUMES if pixels.ndim == 3 else KIND_SLICES
+        if self._kind not in (None, kind):
+            raise ValueError(f"shard {self.name} holds {self._kind}: cannot add a {pixels.ndim}-D sample")
         meta.modality = self.modality
-        meta.rows, meta.cols = int(pixels.shape[0]), int(pixels.shape[1])
+        meta.rows, meta.cols = int(pixels.shape[-2]), int(pixels.shape[-1])
+        if kind == KIND_VOLUMES:
+            meta.depth, meta.frame, meta.frames = int(pixels.shape[0]), 0, int(pixels.shape[0])
+        else:
+            meta.depth = 0
         meta.dtype = pixels.dtype.name  # stored little-endian whatever the source byte order
         meta.validate()
         label_vector = None
@@ -128,6 +151,8 @@ class ShardWriter:
         self._samples.append(members)
         self._keys.add(key)
         self._units.add(meta.units)
+        self._kind = kind
+        spacing_z, spacing_y, spacing_x = _spacing_columns(meta)
         self._rows.append(
             {
                 "key": key,
@@ -153,6 +178,10 @@ class ShardWriter:
                 "labels_size": labels_member.size if labels_member else -1,
                 "labelled": bool(meta.labels),
                 "labels": json.dumps(meta.labels, sort_keys=True) if meta.labels else None,
+                "depth": meta.depth,
+                "spacing_z": spacing_z,
+                "spacing_y": spacing_y,
+                "spacing_x": spacing_x,
             }
         )
 
@@ -174,6 +203,7 @@ class ShardWriter:
                 TAR_SIZE_META: str(self._file.size).encode(),
                 SUMMARY_META: json.dumps(self._summary(), sort_keys=True).encode(),
                 UNITS_META: json.dumps(sorted(self._units)).encode(),
+                KIND_META: (self._kind or KIND_SLICES).encode(),
             }
             table = table.replace_schema_metadata(meta)
             write_parquet_atomically(table, manifest_path(self.root, self.modality, self.name))

@@ -65,7 +65,7 @@ def test_keys_are_dot_free_stable_and_salted():
 
 def test_summary_counts(dataset, real_slices):
     info = shards.Dataset(dataset).info
-    assert info["format_version"] == shards.FORMAT_VERSION
+    assert info["format_version"] == 1 and info["kind"] == "slices"  # slices stay version 1 (FORMAT.md)
     assert info["modalities"]["ct"]["samples"] == 18 and info["modalities"]["mr"]["samples"] == 12
     assert info["modalities"]["ct"]["val"] == 4 and info["modalities"]["ct"]["train"] == 14
     assert info["samples"] == 30
@@ -556,3 +556,107 @@ def test_verify_counts_rows_on_workers_and_catches_a_lying_footer(dataset, monke
     assert f"manifest/modality=mr/{part.name}: footer summary {footer} disagrees with its rows" in report.problems
     assert f"dataset.json: mr.val is {rows_val - 1}, manifests give {rows_val}" in report.problems
     assert report.shards == 2 and report.samples == 30
+
+
+# ---- format version 2: volume samples ----
+
+@pytest.fixture(scope="module")
+def real_volumes(dicom_dir):
+    """(modality, series uid, volume, spacing, direction, origin) of two short real volumes: the first 4
+    CT slices and the first 3 MR slices along their slice normal."""
+    out = []
+    for folder, depth in (("ct_kits_abdomen_18", 4), ("mr_mprage_sagittal_192", 3)):
+        slices = [pydicom.dcmread(p) for p in sorted((dicom_dir / folder).glob("*.dcm"))]
+        iop = np.asarray(slices[0].ImageOrientationPatient, np.float64)
+        normal = np.cross(iop[:3], iop[3:])
+        slices.sort(key=lambda ds: float(np.dot(normal, np.asarray(ds.ImagePositionPatient, np.float64))))
+        slices = slices[:depth]
+        positions = np.array([np.dot(normal, np.asarray(ds.ImagePositionPatient, np.float64)) for ds in slices])
+        spacing = [float(np.diff(positions).mean()), *(float(v) for v in slices[0].PixelSpacing)]
+        direction = np.stack([iop[:3], iop[3:], normal], axis=1).reshape(9).tolist()
+        out.append((folder[:2], slices[0].SeriesInstanceUID, np.stack([ds.pixel_array for ds in slices]), spacing,
+                    direction, [float(v) for v in slices[0].ImagePositionPatient]))
+    return out
+
+
+def _write_volumes(root, real_volumes):
+    for modality, uid, volume, spacing, direction, origin in real_volumes:
+        with shards.ShardWriter(root, modality, f"{modality}-g000-000000") as w:
+            meta = shards.SampleMeta(modality=modality, split="train", series_hash=shards.salted_hash(uid, SALT),
+                                     spacing=spacing, direction=direction, origin=origin,
+                                     pixel_spacing=spacing[1:])
+            w.write(shards.sample_key(uid, 0, SALT), volume, meta)
+    return shards.write_dataset_json(root)
+
+
+def test_volume_samples_round_trip_with_depth_and_spacing(tmp_path, real_volumes):
+    info = _write_volumes(tmp_path, real_volumes)
+    assert info["format_version"] == 2 and info["kind"] == "volumes"
+    ds = shards.Dataset(tmp_path)
+    assert ds.kind == "volumes"
+    rows = {r["key"]: r for r in ds.manifest().to_pylist()}
+    expected = {shards.sample_key(uid, 0, SALT): (v, sp, d, o) for _, uid, v, sp, d, o in real_volumes}
+    for key, pixels, meta, _ in shards.reader.iter_samples(tmp_path):
+        volume, spacing, direction, origin = expected.pop(key)
+        assert pixels.dtype == volume.dtype and np.array_equal(pixels, volume)
+        assert (meta["depth"], meta["rows"], meta["cols"]) == volume.shape == (rows[key]["depth"], rows[key]["rows"], rows[key]["cols"])
+        assert meta["frames"] == volume.shape[0] and meta["frame"] == 0
+        assert meta["spacing"] == spacing and meta["direction"] == direction and meta["origin"] == origin
+        assert [rows[key][f"spacing_{a}"] for a in "zyx"] == spacing
+    assert not expected
+    assert verify(tmp_path).ok
+    out = subprocess.run([sys.executable, "-m", "shards", "info", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0 and "kind volumes" in out.stdout
+    assert "ct volumes: depth 4-4" in out.stdout and "mr volumes: depth 3-3" in out.stdout
+
+
+def test_verify_reports_a_volume_whose_shape_differs_from_its_manifest(tmp_path, real_volumes):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _write_volumes(tmp_path, real_volumes)
+    part = next((tmp_path / "manifest" / "modality=ct").glob("*.parquet"))
+    table = pq.read_table(part)
+    depth = table.column_names.index("depth")
+    table = table.set_column(depth, "depth", pa.array([3], pa.int32())).replace_schema_metadata(table.schema.metadata)
+    pq.write_table(table, part)
+    problems = verify(tmp_path).problems
+    assert any("npy is uint16(4, 512, 512), manifest says uint16(3, 512, 512)" in p for p in problems), problems
+    assert any(".json depth is 4, manifest says 3" in p for p in problems), problems
+
+
+def test_kinds_do_not_mix(tmp_path, real_volumes, real_slices):
+    modality, uid, volume, *_ = real_volumes[0]
+    with shards.ShardWriter(tmp_path, modality, "ct-g000-000000") as w:
+        w.write("a" * 24, volume, shards.SampleMeta(modality=modality, split="train"))
+        with pytest.raises(ValueError, match="holds volumes"):
+            w.write("b" * 24, volume[0], shards.SampleMeta(modality=modality, split="train"))
+        with pytest.raises(ValueError, match="depth >= 2"):
+            w.write("c" * 24, volume[:1], shards.SampleMeta(modality=modality, split="train"))
+    with pytest.raises(ValueError, match="holds volumes shards"):
+        shards.write_dataset_json(tmp_path, kind="slices")
+    _write(tmp_path / "slices", real_slices[:2])
+    assert shards.Dataset(tmp_path / "slices").kind == "slices"
+
+
+def test_manifest_parts_from_before_version_2_read_with_depth_0_and_nan_spacing(dataset):
+    import pyarrow.parquet as pq
+
+    old = next((dataset / "manifest" / "modality=ct").glob("*.parquet"))
+    table = pq.read_table(old)
+    pq.write_table(table.drop_columns(["depth", "spacing_z", "spacing_y", "spacing_x"]), old)
+    info = json.loads((dataset / "dataset.json").read_text())
+    del info["kind"]
+    (dataset / "dataset.json").write_text(json.dumps(info))
+    ds = shards.Dataset(dataset)
+    assert ds.kind == "slices"
+    manifest = ds.manifest()
+    assert manifest.num_rows == 30 and manifest.column("depth").null_count == 0
+    by_modality = {}
+    for row in manifest.to_pylist():
+        by_modality.setdefault(row["modality"], []).append(row)
+    assert {r["depth"] for r in manifest.to_pylist()} == {0}
+    assert all(np.isnan(r["spacing_y"]) for r in by_modality["ct"])
+    ct = ds.manifest("ct")
+    assert ct.column("depth").to_pylist() == [0] * 18 and np.isnan(ct.column("spacing_x").to_numpy()).all()
+    assert verify(dataset).ok

@@ -16,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from train import determinism
+from augment_dali.config import AugmentConfig
 from train.config import Config
 from train.models import SwAVModel
 from train.swav import code_stats, modality_losses
@@ -66,7 +67,7 @@ def test_densenet3d_head_pooling_is_deterministic_and_its_max_pool3d_refused():
     ops = _ops_of_a_step("densenet3d", crops)
     # Its in-network MaxPool3d has no deterministic CUDA backward: refused up front, naming the op.
     assert ops & NO_DETERMINISTIC_CUDA_KERNEL == {"max_pool3d_with_indices_backward"}
-    cfg = Config(synthetic=True, arch="densenet3d", crop_depths=(8, 4), deterministic=True)
+    cfg = Config(synthetic=True, arch="densenet3d", augment=AugmentConfig(crop_depths=(8, 4)), deterministic=True)
     assert "MaxPool3d" in determinism.refusal(cfg, "cuda")
     assert determinism.refusal(cfg, "cpu") is None
     assert determinism.refusal(Config(synthetic=True, arch="resnet50", deterministic=True), "cuda") is None

@@ -8,7 +8,10 @@ import math
 import pytest
 import torch
 
-from train.config import Config, load_config
+import subprocess
+import sys
+
+from train.config import Config, ConfigError, load_config
 from train.export import export_backbone, load_backbone
 from train.main import main
 
@@ -114,10 +117,54 @@ def test_config_defaults_toml_and_flags(tmp_path):
     cfg = load_config(["--config", str(toml), "--synthetic", "--batch-size", "8"])
     assert (cfg.arch, cfg.batch_size, cfg.crop_sizes, cfg.base_lr) == ("resnet18", 8, (96, 48), 1.0)
     toml.write_text('batch_sise = 16\n')
-    with pytest.raises(SystemExit, match="batch_sise"):
+    with pytest.raises(ConfigError, match="batch_sise"):
         load_config(["--config", str(toml), "--synthetic"])
-    with pytest.raises(SystemExit, match="--data"):
+    with pytest.raises(ConfigError, match="--data"):
         load_config([])
+
+
+def test_augment_section_of_the_config_tree(tmp_path):
+    """Every augmentation field is a key of the TOML [augment] table (and [augment.normalize]) and a
+    --augment.NAME flag; the crops are defined once, there; flags override the file."""
+    toml = tmp_path / "c.toml"
+    toml.write_text('arch = "resnet18"\n[augment]\ngamma_range = [2.0, 2.2]\nsigmas = [1, 3]\nborder = 0.25\n'
+                    'size_range = [40, 80]\ncrop_sizes = [32, 16]\nnum_crops = [2, 3]\np_gamma = 1\n'
+                    '[augment.normalize]\nhu_window = [-1000, 2000]\nmethod = { ct = "robust_percentile" }\n')
+    cfg = load_config(["--config", str(toml), "--synthetic", "--augment.linear-shift-range=-0.1,0.1",
+                       "--augment.num-crops", "2,4"])
+    aug = cfg.augment
+    assert (aug.gamma_range, aug.sigmas, aug.border, aug.size_range, aug.p_gamma) == \
+        ((2.0, 2.2), (1.0, 3.0), 0.25, (40, 80), 1.0)
+    assert (aug.crop_sizes, aug.num_crops, aug.linear_shift_range) == ((32, 16), (2, 4), (-0.1, 0.1))
+    assert (cfg.crop_sizes, cfg.num_crops) == ((32, 16), (2, 4))   # views of the one definition
+    assert aug.normalize.hu_window == (-1000.0, 2000.0)
+    assert aug.normalize.method == {"ct": "robust_percentile", "mr": "robust_percentile",
+                                    "xr": "robust_percentile", "us": "robust_percentile"}
+    # the former flat keys still land in the same place
+    assert load_config(["--synthetic", "--rescale-size-range", "48,96"]).augment.size_range == (48, 96)
+
+    for text, message in [('[augment]\ngamma_range = [1.8, "x"]\n', "augment.gamma_range: expected float, got 'x'"),
+                          ('[augment]\nsize_range = [1, 2, 3]\n', "augment.size_range: expected list of 2 int"),
+                          ('[augment]\nborder = "wide"\n', "augment.border: expected float"),
+                          ('[augment]\ngama_range = [1, 2]\n', "unknown config key 'augment.gama_range'"),
+                          ('augment = 3\n', r"\[augment\] must be a table"),
+                          ('[augment]\ncrop_sizes = [32]\n', "crop_sizes .* and num_crops .* differ")]:
+        toml.write_text(text)
+        with pytest.raises(ConfigError, match=message) as err:
+            load_config(["--config", str(toml), "--synthetic"])
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="--augment.sigmas '1,a': expected float, got 'a'"):
+        load_config(["--synthetic", "--augment.sigmas", "1,a"])
+
+
+def test_bad_config_type_is_one_line_and_exit_2_from_the_entry_point(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('[augment]\ngamma_range = "steep"\n')
+    run = subprocess.run([sys.executable, "-m", "train", "--config", str(toml), "--synthetic"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"error: {toml}: augment.gamma_range: expected list of 2 float, got 'steep'"]
 
 
 @pytest.mark.slow
@@ -190,5 +237,5 @@ def test_time_budget_stops_after_a_whole_step_and_checkpoints(tmp_path, medmnist
     # Without a budget the same run continues past that step.
     again = _run(tmp_path, *data, "--max-steps", "2", "--out", str(tmp_path / "run2"))
     assert again["step"] == 2 and again["losses"][0] == result["losses"][0]
-    with pytest.raises(SystemExit, match="max_seconds"):
+    with pytest.raises(ConfigError, match="max_seconds"):
         load_config(["--synthetic", "--max-seconds", "-1"])

@@ -82,3 +82,33 @@ def test_torchrun_two_nodes_on_shards(tmp_path, shard_dataset):
     assert state["step"] == 3 and state["world_size"] == 2
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_augment_section_reaches_the_dali_pipeline(tmp_path, shard_dataset):
+    """[augment] of a training TOML is the loader's AugmentConfig, and real augmented batches show it."""
+    from train.config import load_config
+    from train.data import build_source
+
+    toml = tmp_path / "c.toml"
+    toml.write_text('[augment]\ngamma_range = [2.0, 2.1]\nborder = 0.2\nsize_range = [40, 64]\n'
+                    'crop_sizes = [40, 12]\nnum_crops = [2, 3]\np_gamma = 1.0\n'
+                    '[augment.normalize]\nhu_window = [-1000.0, 1000.0]\n')
+    cfg = load_config(["--config", str(toml), "--data", str(shard_dataset), "--batch-size", "4",
+                       "--modalities", "ct,mr", "--num-workers", "1"])
+    source = build_source(cfg, 0, 1, "cpu")
+    try:
+        assert source.loader.config == cfg.augment
+        assert source.normalisation["ct"]["config"]["hu_window"] == [-1000.0, 1000.0]
+        batch = next(iter(source.epoch_iter(0)))
+        assert [tuple(c.shape) for c in batch["crops"]] == [(4, 2, 1, 40, 40), (4, 3, 1, 12, 12)]
+        # rescaled sides in [40, 64] and a border of 20 %: every 40-px crop lies inside a <= 64-px image,
+        # so no crop is padding only; values stay in [0, 1] (gamma only: p_gamma = 1)
+        for c in batch["crops"]:
+            assert float(c.min()) >= 0.0 and float(c.max()) <= 1.0 + 1e-6
+    finally:
+        source.close()
+    # the sigmas reach the pipeline too: stats measured with other sigmas are refused, naming both
+    toml.write_text('[augment]\nsigmas = [1.0, 3.0]\nsize_range = [40, 64]\ncrop_sizes = [40, 12]\n')
+    cfg = load_config(["--config", str(toml), "--data", str(shard_dataset), "--batch-size", "4"])
+    with pytest.raises(SystemExit, match=r"sigmas .*the pipeline uses \[1.0, 3.0\]"):
+        build_source(cfg, 0, 1, "cpu")

@@ -1,3 +1,5 @@
-from .main import main
+import sys
 
-main()
+from .main import cli
+
+sys.exit(cli())

@@ -169,20 +169,17 @@ class ShardSource:
 
     prefetches = True  # DALI runs ahead on its own: no extra thread
 
-    def __init__(self, root: str, batch_size: int, crop_sizes, num_crops, modalities=(), split="train",
+    def __init__(self, root: str, batch_size: int, augment, modalities=(), split="train",
                  seed: int = 0, rank: int = 0, world_size: int = 1, device: str = "cpu", num_threads: int = 2,
-                 size_range=(600, 1200), verify_shards: bool = True):
+                 verify_shards: bool = True):
         try:
-            from augment_dali.config import AugmentConfig
             from augment_dali.loader import DamagedShardError, SwavLoader
         except ImportError as e:
             raise SystemExit(f"error: cannot read shard dataset {root}: augment_dali.loader unavailable ({e})")
         try:
             self.loader = SwavLoader(root, batch_size=batch_size, modalities=list(modalities) or None,
                                      rank=rank, world_size=world_size, device="gpu" if device == "cuda" else "cpu",
-                                     seed=seed, crop_sizes=tuple(crop_sizes), num_crops=tuple(num_crops),
-                                     num_threads=num_threads, split=split,
-                                     augment=AugmentConfig(size_range=tuple(size_range)),
+                                     seed=seed, num_threads=num_threads, split=split, augment=augment,
                                      verify_shards=verify_shards)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {root}: {e}") from None
@@ -264,8 +261,8 @@ def build_source(cfg, rank: int, world_size: int, device: str):
             raise SystemExit(f"error: --data {cfg.data}: {e}") from None
     if not Path(cfg.data).is_dir():
         raise SystemExit(f"error: --data {cfg.data}: not a shard dataset folder nor .npz files")
-    return ShardSource(cfg.data, cfg.batch_size, cfg.crop_sizes, cfg.num_crops, cfg.modalities, cfg.split,
-                       cfg.seed, rank, world_size, device, cfg.num_workers, size_range=cfg.rescale_size_range,
+    return ShardSource(cfg.data, cfg.batch_size, cfg.augment, cfg.modalities, cfg.split,
+                       cfg.seed, rank, world_size, device, cfg.num_workers,
                        verify_shards=cfg.verify_shards)
 
 

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
 from . import determinism
-from .config import Config, load_config, to_dict
+from .config import Config, ConfigError, load_config, to_dict
 from .data import Prefetcher, build_source, gather_data_positions
 from .metrics import MetricsLogger
 from .models import SwAVModel
@@ -313,5 +313,15 @@ def main(argv: list[str] | None = None) -> dict:
             dist.destroy_process_group()
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: a bad configuration is one line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

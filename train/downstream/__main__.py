@@ -9,7 +9,7 @@ from pathlib import Path
 
 from train.export import backbone_normalisation
 
-from .data import load
+from .data import VOLUME_SHAPE, load
 from .protocols import ProtocolConfig, convergence_protocol, label_efficiency, robustness_protocol
 from .report import write_report
 
@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("protocol", choices=PROTOCOLS,
                    help="label-efficiency (AUC against label fraction), convergence (validation AUC per epoch), "
                         "robustness (prediction change under intensity transforms), or all")
-    p.add_argument("--data", required=True, help="MedMNIST-layout .npz, or a medswav dataset folder with labels")
+    p.add_argument("--data", required=True,
+                   help="MedMNIST-layout .npz, or a medswav dataset folder with labels (slices, or volumes for "
+                        "--arch densenet3d)")
     p.add_argument("--pretrained", required=True, help="backbone file from `python -m train.export`")
     p.add_argument("--out", required=True, help="output folder")
     defaults = ProtocolConfig()
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-fraction", type=float, default=defaults.train_fraction,
                    help="convergence/robustness: share of the training labels (stratified), default 1.0")
     p.add_argument("--device", default=defaults.device, help=f"cpu or cuda (default {defaults.device})")
+    p.add_argument("--volume-shape", type=lambda s: tuple(int(v) for v in s.split(",")), default=VOLUME_SHAPE,
+                   metavar="D,H,W", help="volume datasets (with --arch densenet3d): every volume resampled to this "
+                   f"depth,rows,cols (default {','.join(map(str, VOLUME_SHAPE))})")
     return p
 
 
@@ -61,7 +66,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = ProtocolConfig(**{f.name: getattr(args, f.name) for f in fields(ProtocolConfig)})
     try:
-        data = load(args.data, backbone_normalisation(args.pretrained))
+        data = load(args.data, backbone_normalisation(args.pretrained), volume_shape=args.volume_shape)
         start = time.time()
         results = {}
         if args.protocol in ("label-efficiency", "all"):

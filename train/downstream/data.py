@@ -7,6 +7,10 @@ the default NormalizeConfig. MedMNIST archives carry no units: their pixels are 
 per-image robust window, as 8-bit images ingested with `python -m ingest --modality M` do in pretraining.
 Samples of a medswav dataset get the method of their modality and the dataset's recorded units. Labels
 keep their shape: [N] int for binary and multi-class tasks, [N, L] float (NaN unknown) for multi-label ones.
+
+Volume datasets (kind "volumes", for the 3-D encoder): each labelled volume is normalised as a whole (as
+the 3-D pretraining pipeline does) and resampled trilinearly to one `volume_shape` (depth, rows, cols),
+so that volumes of different sizes batch: tensors [N, 1, D, H, W].
 """
 from __future__ import annotations
 
@@ -92,9 +96,13 @@ def load_npz(path: str | Path, normalisation: dict | None = None) -> LabelledDat
     return LabelledData(splits, task, n_outputs, str(path))
 
 
-def load_dataset(path: str | Path, size: int | None = None, normalisation: dict | None = None) -> LabelledData:
+VOLUME_SHAPE = (48, 96, 96)  # default (depth, rows, cols) of downstream volumes
+
+
+def load_dataset(path: str | Path, size: int | None = None, normalisation: dict | None = None,
+                 volume_shape: tuple[int, int, int] = VOLUME_SHAPE) -> LabelledData:
     """A medswav dataset with label names: `train` split for training; its `val` split is divided by
-    patient hash into validation and test halves (deterministic)."""
+    patient hash into validation and test halves (deterministic). Volumes become [1, *volume_shape]."""
     import shards
     import torch.nn.functional as F
 
@@ -102,6 +110,9 @@ def load_dataset(path: str | Path, size: int | None = None, normalisation: dict 
 
     config = _normalize_config(normalisation)
     ds = shards.Dataset(path)
+    volumes = ds.kind == "volumes"
+    if volumes and (len(volume_shape) != 3 or min(volume_shape) < 1):
+        raise ValueError(f"volume_shape {tuple(volume_shape)}: expected three positive sizes (depth, rows, cols)")
     methods = {m: config.method_for(m, modality_units(ds.units(m))) for m in ds.modalities}
     names = ds.info.get("label_names") or []
     if not names:
@@ -113,6 +124,14 @@ def load_dataset(path: str | Path, size: int | None = None, normalisation: dict 
         split = meta["split"]
         if split == "val":
             split = "test" if int(meta.get("patient_hash") or "0", 16) % 2 else "val"
+        if volumes:
+            from augment_dali.normalize import normalize_numpy
+
+            x = torch.from_numpy(normalize_numpy(pixels, methods[meta["modality"]], config))[None, None]
+            buckets[split][0].append(F.interpolate(x, size=tuple(volume_shape), mode="trilinear",
+                                                   align_corners=False)[0])
+            buckets[split][1].append(labels)
+            continue
         x = torch.from_numpy(to_unit_range(pixels, methods[meta["modality"]], config))[None, None]
         if size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -130,11 +149,13 @@ def load_dataset(path: str | Path, size: int | None = None, normalisation: dict 
     return LabelledData(splits, task, n_outputs, str(path))
 
 
-def load(path: str | Path, normalisation: dict | None = None) -> LabelledData:
-    """`normalisation`: the pretraining pipeline's, from `train.export.backbone_normalisation`."""
+def load(path: str | Path, normalisation: dict | None = None,
+         volume_shape: tuple[int, int, int] = VOLUME_SHAPE) -> LabelledData:
+    """`normalisation`: the pretraining pipeline's, from `train.export.backbone_normalisation`;
+    `volume_shape`: the size every volume of a volume dataset is resampled to."""
     p = Path(path)
     if p.suffix == ".npz":
         return load_npz(p, normalisation)
     if p.is_dir():
-        return load_dataset(p, normalisation=normalisation)
+        return load_dataset(p, normalisation=normalisation, volume_shape=volume_shape)
     raise ValueError(f"{path}: expected a MedMNIST-layout .npz file or a medswav dataset folder")

@@ -7,6 +7,8 @@ and a random isotropic scaling (both by an affine resampling that keeps the imag
 (max(q, 1 - q) for a positive-class probability q). Dividing by the positive-class probability itself
 would let confidently negative images (q near 0) dominate with arbitrarily large ratios; the predicted
 class's probability is at least 0.5, so the statistic lies in [0, 1].
+Volumes ([N, 1, D, H, W]): the same gamma, the rotation about the depth axis (in the rows/cols plane)
+and the isotropic scaling along all three axes.
 """
 from __future__ import annotations
 
@@ -35,15 +37,20 @@ def relative_change(p_original, p_transformed, eps: float = 1e-6) -> np.ndarray:
 
 
 def random_transform(images: torch.Tensor, generator: torch.Generator, cfg: RobustnessConfig) -> torch.Tensor:
-    """images: [N, 1, H, W] in [0, 1]. One independent transform per image."""
+    """images: [N, 1, H, W] (or volumes [N, 1, D, H, W]) in [0, 1]. One independent transform per image."""
     n = images.shape[0]
     u = torch.rand(n, 3, generator=generator)
     gamma = cfg.gamma[0] + (cfg.gamma[1] - cfg.gamma[0]) * u[:, 0]
     angle = (2 * u[:, 1] - 1) * math.radians(cfg.max_rotation_deg)
     scale = cfg.scale[0] + (cfg.scale[1] - cfg.scale[0]) * u[:, 2]
-    out = images.clamp(0, 1) ** gamma.view(n, 1, 1, 1)
+    out = images.clamp(0, 1) ** gamma.view(n, *[1] * (images.dim() - 1))
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+    zero = torch.zeros(n)
+    if images.dim() == 5:  # grid coordinates (x, y, z) = (cols, rows, depth): rotate x-y, scale all three
+        theta = torch.stack([torch.stack([cos, -sin, zero, zero], 1), torch.stack([sin, cos, zero, zero], 1),
+                             torch.stack([zero, zero, 1 / scale, zero], 1)], 1)
+    else:
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = F.affine_grid(theta, list(out.shape), align_corners=False)
     return F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
