@@ -56,46 +56,78 @@ def _floats(value, n: int) -> np.ndarray | None:
 
 
 class _Slice:
-    """One slice of a series: its plan entry, geometry and stored pixels."""
+    """One slice of a series: its plan entry and geometry from the header; its stored pixels once
+    `decode` ran (pixels are decoded only for series whose geometry makes a clean volume)."""
 
-    def __init__(self, spec: dict, pixels: np.ndarray, info, meta: dict, position: np.ndarray,
-                 orientation: np.ndarray, uid: str, series_uid: str):
-        self.spec, self.pixels, self.info, self.meta = spec, pixels, info, meta
-        self.position, self.orientation, self.uid, self.series_uid = position, orientation, uid, series_uid
+    def __init__(self, spec: dict, src: str, ds, position: np.ndarray, orientation: np.ndarray, uid: str,
+                 series_uid: str):
+        from .native import header_meta
+
+        self.spec, self.src, self.ds, self.uid, self.series_uid = spec, src, ds, uid, series_uid
+        self.position, self.orientation = position, orientation
+        self.shape = (int(ds.get("Rows") or 0), int(ds.get("Columns") or 0))
+        try:
+            self.meta = header_meta(ds, 0)
+        except Exception as e:  # a value that does not fit its VR (ingest.convert says which element)
+            raise Rejected("bad header value", type(e).__name__) from None
+        self.pixels: np.ndarray | None = None
+        self.info = None
+
+    def decode(self, salt: str, max_side: int | None) -> None:
+        """The stored pixels (ingest.pixels' rules), from this copy or else the other copies of the SOP
+        instance (ingest.convert's fallbacks); the parsed file is released."""
+        from .convert import convert_frame
+
+        failure = None
+        for src in [self.src, *(c for c in [self.spec["path"], *(self.spec.get("fallbacks") or [])] if c != self.src)]:
+            try:
+                ds = self.ds if src == self.src else _load(src, self.spec, salt)[0]
+                self.pixels, self.info = convert_frame(ds, 0, max_side)
+                self.ds = None
+                return
+            except Rejected as e:
+                failure = failure or e
+            except Exception as e:  # a bug or an exotic file: its reason, then the next copy
+                failure = failure or Rejected("conversion failed", f"{type(e).__name__}: {str(e)[:300]}")
+        raise failure
 
 
-def read_slice(spec: dict, salt: str, max_side: int | None) -> _Slice:
-    """The slice of a plan entry, from its planned copy or else its fallbacks (ingest.convert)."""
+def _load(src: str, spec: dict, salt: str):
+    """(parsed file, SOP UID, series UID) of one copy, checked against the plan entry."""
     from shards import salted_hash
 
-    from .convert import convert_frame, load_dataset
-    from .native import header_meta
+    from .convert import load_dataset
     from .scan import sop_uid
 
+    ds = load_dataset(text_path(src))
+    if str(ds.get("SOPInstanceUID", "") or "").strip():
+        uid = sop_uid(ds, None)
+    else:  # keyed by its content (ingest.scan.sop_uid), as scan did
+        with _open(text_path(src)) as fp:
+            uid = sop_uid(ds, fp)
+    if salted_hash(uid, salt) != spec["sop_hash"]:
+        raise Rejected("changed since scan", "the file's SOPInstanceUID differs from the inventory")
+    series_uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    if salted_hash(series_uid, salt) != spec["series_hash"]:
+        raise Rejected("changed since scan", "the file's SeriesInstanceUID differs from the inventory")
+    return ds, uid, series_uid
+
+
+def read_slice(spec: dict, salt: str) -> _Slice:
+    """The slice of a plan entry with its geometry, from its planned copy or else its fallbacks."""
     if spec["frames"] > 1:
         raise Rejected("multi-frame volume not supported yet",
-                       "an enhanced multi-frame file: its volume would come from the per-frame functional groups")
+                       "a multi-frame file: its volume would come from the per-frame functional groups")
     failure = None
     for src in [spec["path"], *(spec.get("fallbacks") or [])]:
         try:
-            ds = load_dataset(text_path(src))
-            if str(ds.get("SOPInstanceUID", "") or "").strip():
-                uid = sop_uid(ds, None)
-            else:  # keyed by its content (ingest.scan.sop_uid), as scan did
-                with _open(text_path(src)) as fp:
-                    uid = sop_uid(ds, fp)
-            if salted_hash(uid, salt) != spec["sop_hash"]:
-                raise Rejected("changed since scan", "the file's SOPInstanceUID differs from the inventory")
-            series_uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
-            if salted_hash(series_uid, salt) != spec["series_hash"]:
-                raise Rejected("changed since scan", "the file's SeriesInstanceUID differs from the inventory")
+            ds, uid, series_uid = _load(src, spec, salt)
             position = _floats(ds.get("ImagePositionPatient"), 3)
             orientation = _floats(ds.get("ImageOrientationPatient"), 6)
             if position is None or orientation is None:
                 raise Rejected("missing positions", "a slice without a valid ImagePositionPatient or "
                                                     "ImageOrientationPatient")
-            pixels, info = convert_frame(ds, 0, max_side)
-            return _Slice(spec, pixels, info, header_meta(ds, 0), position, orientation, uid, series_uid)
+            return _Slice(spec, src, ds, position, orientation, uid, series_uid)
         except Rejected as e:
             failure = failure or e
         except Exception as e:  # a bug or an exotic file: its reason, then the next copy
@@ -113,17 +145,18 @@ def split_series(slices: list[_Slice]) -> list[list[_Slice]]:
     groups: list[tuple[np.ndarray, tuple[int, int], list[_Slice]]] = []
     for s in slices:
         for orientation, shape, members in groups:
-            if shape == s.pixels.shape and np.abs(orientation - s.orientation).max() <= ORIENTATION_TOLERANCE:
+            if shape == s.shape and np.abs(orientation - s.orientation).max() <= ORIENTATION_TOLERANCE:
                 members.append(s)
                 break
         else:
-            groups.append((s.orientation, s.pixels.shape, [s]))
+            groups.append((s.orientation, s.shape, [s]))
     groups.sort(key=lambda g: (tuple(np.round(g[0], 4)), g[1]))
     return [members for _, _, members in groups]
 
 
-def stack(slices: list[_Slice]) -> tuple[np.ndarray, dict]:
-    """Rules 3-7 on one group: (volume, geometry {spacing, direction, origin}); raises Rejected."""
+def stack(slices: list[_Slice], salt: str, max_side: int | None) -> tuple[np.ndarray, dict]:
+    """Rules 3-7 on one group: (volume, geometry {spacing, direction, origin}); raises Rejected. The
+    slices are decoded only once their geometry passed."""
     if len(slices) < 2:
         raise Rejected("single slice", "a series (or one orientation and size of it) with one slice: no volume")
     orientation = slices[0].orientation
@@ -150,6 +183,8 @@ def stack(slices: list[_Slice]) -> tuple[np.ndarray, dict]:
     if drift > TILT_TOLERANCE_PIXELS * min(spacing_yx):
         raise Rejected("gantry tilt", f"the slices drift {drift:.3g} mm in-plane over the stack (tilted "
                                       f"acquisition); recorded, not resampled")
+    for s in slices:
+        s.decode(salt, max_side)
     volume = _pixels(slices)
     k = slices[0].info.downsample
     origin = slices[0].position + (k - 1) / 2 * (row * spacing_yx[1] + col * spacing_yx[0])
@@ -234,13 +269,13 @@ def run_volume_task(root: str, generation: int, name: str, modality: str, label_
                         reject([spec], Rejected("no SeriesInstanceUID", "a file without a series: no volume"))
                     continue
                 try:
-                    slices = [read_slice(spec, salt, max_side) for spec in specs]
+                    slices = [read_slice(spec, salt) for spec in specs]
                 except Rejected as e:
                     reject(specs, e)
                     continue
                 for n, group in enumerate(split_series(slices)):
                     try:
-                        volume, geometry = stack(group)
+                        volume, geometry = stack(group, salt, max_side)
                     except Rejected as e:
                         reject([s.spec for s in group], e)
                         continue
