@@ -212,7 +212,7 @@ def _pixels(slices: list[_Slice]) -> np.ndarray:
     return np.stack([s.pixels.astype(dtype, copy=False) for s in slices])
 
 
-def _series_meta(first: _Slice, geometry: dict, modality: str, volume: np.ndarray):
+def _series_meta(first: _Slice, geometry: dict, modality: str):
     from shards import SampleMeta
 
     from .convert import pixel_units
@@ -279,10 +279,14 @@ def run_volume_task(root: str, generation: int, name: str, modality: str, label_
                     except Rejected as e:
                         reject([s.spec for s in group], e)
                         continue
+                    except Exception as e:  # a bug or an exotic series: recorded, the task goes on
+                        reject([s.spec for s in group],
+                               Rejected("conversion failed", f"{type(e).__name__}: {str(e)[:300]}"))
+                        continue
                     first = geometry["slices"][0]
                     labels = first.spec["labels"]
                     writer.write(sample_key(first.series_uid, n, salt), volume,
-                                 _series_meta(first, geometry, modality, volume),
+                                 _series_meta(first, geometry, modality),
                                  labels=np.asarray(labels, np.float32) if labels is not None else None)
                 del slices
         write_errors(root, name, errors)  # before the commit, as in ingest.convert
