@@ -330,6 +330,12 @@ def plan_rows(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
     if threshold is not None and len(inventory):
         is_val = (pc.not_equal(group, "").to_numpy(zero_copy_only=False)
                   & pc.less(pc.utf8_slice_codeunits(group, 0, 15), threshold).to_numpy(zero_copy_only=False))
+    if volumes and len(inventory):  # one split per series (val if any of its files is), so it stays one shard's
+        series = pc.dictionary_encode(inventory.column("series_hash")).combine_chunks()
+        index = series.indices.to_numpy(zero_copy_only=False)
+        series_val = np.zeros(len(series.dictionary), dtype=bool)
+        np.logical_or.at(series_val, index, is_val)
+        is_val = series_val[index]
     out_r, out_c = rows_.astype(np.int64), cols_.astype(np.int64)
     if max_side:
         k = np.maximum(1, -(-np.maximum(out_r, out_c) // max_side))

