@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="what their pixel values mean (default raw: no physical unit, normalised per image); "
                         "HU only for CT volumes known to hold Hounsfield units (they then get the HU window)")
     s = p.add_argument_group("shards and pixels")
+    s.add_argument("--volumes", action="store_const", const=True,
+                   help="one 3-D sample per DICOM series (sorted along the slice normal; series that are not one "
+                        "clean volume are split or recorded in errors/, see docs/INGEST.md) instead of one 2-D "
+                        "sample per slice; a dataset holds one kind: volumes and slices do not mix")
     s.add_argument("--shard-size", metavar="SIZE", help="target shard size, e.g. 1GB (default), 256MB, 64MiB")
     s.add_argument("--max-pixel-bytes", metavar="SIZE",
                    help="reject files whose declared decoded pixels, or whose file size, exceed SIZE, before "
@@ -118,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             max_side=args.max_side, frames_per_unit=args.frames_per_unit, val_fraction=args.val_fraction,
             seed=args.seed, labels=args.labels, salt=salt, keep_paths=args.keep_paths, rescan=args.rescan,
             modality=args.modality, units=args.units, direct_io=args.direct_io, lock_timeout=args.lock_timeout,
+            volumes=args.volumes,
         )
         from .finalize import report
         from .job import JobFailed, run

@@ -74,6 +74,8 @@ class IngestConfig:
     modality: str | None = None                        # non-DICOM sources (arrays, PNG/TIFF, NIfTI): their partition
     units: str | None = None                           # their pixel units (SampleMeta.units); None = "raw"
     modality_map: dict[str, str] = field(default_factory=dict)  # overrides of plan.MODALITY_MAP
+    # sample kind
+    volumes: bool = False                              # one volume sample per DICOM series (ingest.volumes)
     # behaviour
     rescan: bool = False                               # rescan sources even when resuming the same job
     progress: bool = True
@@ -103,10 +105,19 @@ class IngestConfig:
         if self.units is not None and (self.modality is None or self.units not in UNITS):
             raise ConfigError(f"--units (raw or HU, got {self.units!r}) applies only with --modality (non-DICOM "
                               "sources); DICOM units come from the header")
+        if not isinstance(self.volumes, bool):
+            raise ConfigError(f"volumes must be true or false, got {self.volumes!r}")
+        if self.volumes and self.modality is not None:
+            raise ConfigError("--volumes applies to DICOM sources only (non-DICOM volumes are not supported yet)")
         bad = {k: v for k, v in self.modality_map.items() if v not in MODALITIES and v != "reject"}
         if bad:
             raise ConfigError(f"modality_map values must be one of {MODALITIES} or 'reject': {bad}")
         return self
+
+    @property
+    def kind(self) -> str:
+        """The kind of dataset this job writes (shards.KINDS): one dataset holds one kind."""
+        return "volumes" if self.volumes else "slices"
 
     @property
     def root(self) -> Path:

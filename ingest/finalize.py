@@ -4,12 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def finalize(root: Path, extra: dict) -> dict:
+def finalize(root: Path, extra: dict, kind: str | None = None) -> dict:
     """Shard tables and dataset.json from the per-shard summaries in the manifest and error footers:
-    O(shards + error files) small reads, nothing per sample (shards/FORMAT.md)."""
+    O(shards + error files) small reads, nothing per sample (shards/FORMAT.md). `kind`: "slices" or
+    "volumes" (None: that of the shards)."""
     from shards import write_dataset_json
 
-    return write_dataset_json(root, ingest=extra)
+    return write_dataset_json(root, kind=kind, ingest=extra)
 
 
 def _size(n: float) -> str:
@@ -24,7 +25,8 @@ def report(summary: dict, run: dict) -> str:
     """The table printed at the end of a job (also returned, for logs)."""
     lines = []
     mods = summary.get("modalities", {})
-    header = f"{'modality':<9}{'slices':>9}{'train':>9}{'val':>8}{'labelled':>10}{'shards':>8}{'bytes':>12}"
+    unit = "volumes" if summary.get("kind") == "volumes" else "slices"
+    header = f"{'modality':<9}{unit:>9}{'train':>9}{'val':>8}{'labelled':>10}{'shards':>8}{'bytes':>12}"
     lines += [header, "-" * len(header)]
     for m, c in sorted(mods.items()):
         lines.append(f"{m:<9}{c['samples']:>9,}{c['train']:>9,}{c['val']:>8,}{c['labelled']:>10,}{c['shards']:>8,}"

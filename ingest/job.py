@@ -98,7 +98,7 @@ def _convert_shards(client, root: Path, g: int, todo: list[tuple[str, str]], met
         client, f"convert g{g:03d}", _convert_item, todo, key_of=lambda it: f"convert-{it[0]}-{token}",
         progress=cfg.progress, root=str(root), generation=g, label_names=label_names, salt=salt,
         max_side=meta.get("max_side"), hash_paths=meta.get("hash_paths", False), direct_io=cfg.direct_io,
-        units=meta.get("units"))
+        units=meta.get("units"), volumes=cfg.volumes)
     stats.add_time("convert", time.perf_counter() - start)
     stats.shards_written += sum(1 for r in results if not r["skipped"] and r["samples"])  # committed ones
     if failures:
@@ -256,8 +256,13 @@ def _sources_hash(cfg: IngestConfig, salt: str) -> str:
     return salted_hash("\n".join(path_text(s) for s in cfg.sources), salt)
 
 
-def _convert_item(item, **kwargs):
+def _convert_item(item, volumes: bool = False, **kwargs):
     name, modality = item
+    if volumes:
+        from .volumes import run_volume_task
+
+        kwargs.pop("units", None)  # volumes are DICOM series: their units come from their headers
+        return run_volume_task(name=name, modality=modality, **kwargs)
     return run_convert_task(name=name, modality=modality, **kwargs)
 
 
@@ -271,8 +276,24 @@ def _scan_non_dicom_item(task, **kwargs):
     return run_non_dicom_scan_task(task, **kwargs)
 
 
-def check_out_folder(root: Path, sources: list[str]) -> None:
+def dataset_kind(root: Path) -> str | None:
+    """The kind ("slices" or "volumes") of the dataset at root, None when there is none yet: from
+    ingest.json (written when the dataset was created), else from dataset.json or the shards."""
+    from shards import Dataset
+
+    if not (root / STATE_FILE).exists() and not (root / "dataset.json").exists():
+        return None
+    recorded = read_state(root).get("kind")
+    try:
+        return recorded or Dataset(root).kind
+    except ValueError as e:  # shards of both kinds, or an unknown kind in dataset.json
+        raise ConfigError(str(e)) from None
+
+
+def check_out_folder(root: Path, sources: list[str], kind: str = "slices") -> None:
     """Refuse an --out that cannot be this job's dataset folder, before anything is created.
+
+    A dataset holds one kind of sample: a job writing `kind` is refused on a dataset of the other kind.
 
     A folder is a dataset once the first run has written ingest.json (or dataset.json); before that the
     only entries a crashed first run leaves are its lock file. Anything else means the folder belongs to
@@ -292,6 +313,11 @@ def check_out_folder(root: Path, sources: list[str]) -> None:
             entries = sorted(p.name for p in root.iterdir())
         except OSError as e:
             raise ConfigError(f"cannot read dataset folder {root}: {e.strerror or e}") from None
+        existing = dataset_kind(root)
+        if existing not in (None, kind):
+            hint = "drop --volumes" if kind == "volumes" else "add --volumes"
+            raise ConfigError(f"dataset {root} holds {existing}, this job writes {kind}: a dataset holds one kind "
+                              f"(use another --out, or {hint})")
         if STATE_FILE not in entries and DATASET_JSON not in entries:
             foreign = [n for n in entries if n != LOCK_FILE and not n.startswith(f".{LOCK_FILE}.")]
             if foreign:
@@ -355,7 +381,7 @@ def run(cfg: IngestConfig) -> tuple[dict, RunStats]:
     missing = [s for s in cfg.sources if "://" not in s and not Path(s).exists()]
     if missing:  # fail before starting a cluster
         raise ConfigError(f"source not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    check_out_folder(root, list(cfg.sources))
+    check_out_folder(root, list(cfg.sources), cfg.kind)
     exclude = own_folder_in_sources(root, list(cfg.sources))
     with ExitStack() as stack:
         lock = stack.enter_context(DatasetLock(root, cfg.lock_timeout)) if root.is_dir() else None
@@ -371,7 +397,7 @@ def run(cfg: IngestConfig) -> tuple[dict, RunStats]:
         if lock is None:
             make_dataset_folder(root)
             lock = stack.enter_context(DatasetLock(root, cfg.lock_timeout))
-            check_out_folder(root, list(cfg.sources))  # another job may have filled it while we connected
+            check_out_folder(root, list(cfg.sources), cfg.kind)  # another job may have filled it while we connected
         salt, origin = known or resolve_salt(root, cfg.salt)
         _log(f"salt: from {origin}")
         if dicom_labels and labels is None:
@@ -399,7 +425,7 @@ def _run_locked(client, lock: DatasetLock, root: Path, cfg: IngestConfig, salt: 
     check_path_privacy(root, state, cfg.hash_paths)
     make_map_dir(root)  # beside the dataset: the plan's slice lists always, the path map unless --keep-paths
     if not state:
-        write_state(root, {"label_names": label_names,
+        write_state(root, {"label_names": label_names, "kind": cfg.kind,
                            "hash_paths": cfg.hash_paths, "created": _now(), "ingest_version": INGEST_VERSION})
     stats = RunStats()
     job_start = time.perf_counter()
@@ -432,7 +458,7 @@ def _run_locked(client, lock: DatasetLock, root: Path, cfg: IngestConfig, salt: 
         "val_fraction": cfg.val_fraction, "seed": cfg.seed, "shard_size": cfg.shard_size,
         "max_side": cfg.max_side,
         "modality_map": {**planning.MODALITY_MAP, **{k.upper(): v for k, v in cfg.modality_map.items()}},
-    })
+    }, kind=cfg.kind)
     stats.add_time("finalize", time.perf_counter() - finalize_start)
     stats.job_seconds = time.perf_counter() - job_start  # the cluster's start and shutdown excluded
     return summary, stats
@@ -510,7 +536,7 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
             max_side=cfg.max_side, shard_size=cfg.shard_size, frames_per_unit=cfg.frames_per_unit,
             val_fraction=cfg.val_fraction, seed=cfg.seed, salt=salt, hash_paths=cfg.hash_paths,
             labels_path=str(cfg.labels) if cfg.labels and not cfg.modality else None, progress=cfg.progress,
-            token=token)
+            token=token, volumes=cfg.volumes)
     except planning.PlanFailed as e:
         raise JobFailed(f"{e}; rerun the same command") from None
     stats.new_slices, stats.already_ingested = plan.slices, plan.already_ingested

@@ -87,7 +87,10 @@ PLANNED_SCHEMA = pa.schema([*SPEC_SCHEMA, ("group", pa.int8()), ("order", pa.int
 # of sop_hash) so that a later generation's bucket task reads only its key range; `position` is the
 # slice's place in its shard's write order. (Generations planned before the cluster planner have one
 # plan/gNNN.parquet in write order, without these two columns; every reader takes both.)
-RECORD_PART_SCHEMA = pa.schema([*RECORD_SCHEMA, ("position", pa.int32()), ("sop_key", pa.int64())])
+RECORD_PART_SCHEMA = pa.schema([*RECORD_SCHEMA, ("position", pa.int32()), ("sop_key", pa.int64()),
+                                # volumes datasets only (null otherwise): which series a later generation
+                                # must not add slices to (plan_rows `volumes`)
+                                ("series_hash", pa.string())])
 # inventory rows (with the non-DICOM extension columns, null for DICOM) + where to read them
 BUCKETED_SCHEMA = pa.schema([*INVENTORY_SCHEMA, *INVENTORY_EXTENSION, ("path", pa.string())])
 ORDER_SHIFT = 30                   # shard_of works on order >> 30 (< 2**33), so order * n stays in int64
@@ -218,9 +221,14 @@ def _split_threshold(val_fraction: float) -> str | None:
 def plan_rows(inventory: pa.Table, *, generation: int, modality_map: dict[str, str], max_pixel_bytes: int,
               max_side: int | None, frames_per_unit: int, val_fraction: float, seed: int,
               previous: "pa.Table | set[tuple[str, int]]", labels: "LabelTable | None" = None,
-              shown=lambda r: r["source"]) -> tuple[Plan, pa.Table]:
+              shown=lambda r: r["source"], volumes: bool = False) -> tuple[Plan, pa.Table]:
     """Rules 1-5 on a set of inventory rows that holds every copy of its SOP instances (the whole
     inventory, or one bucket of it): (summary with errors and already_ingested, planned slices).
+
+    With `volumes` (a volumes dataset, ingest.volumes) the rows hold whole series, every slice of a
+    series is one planning unit (keyed by the series hash, so a series lands in one shard), and the new
+    slices of a series of which an earlier generation planned some are rejected ("series already
+    ingested"): a series is stored once, whole, by the generation that first saw it.
 
     The planned slices are SPEC_SCHEMA plus `group` (partition * len(SPLITS) + split index), `order` (the unit's
     seeded sort key, `unit_order`) and `est` (estimated bytes of the slice). Columnar (pyarrow + numpy);
@@ -306,6 +314,9 @@ def plan_rows(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
     if isinstance(previous, set):
         previous = pa.table({"sop_hash": pa.array([p[0] for p in previous], pa.string()),
                              "frame": pa.array([p[1] for p in previous], pa.int64())})
+    if volumes and "series_hash" in previous.column_names and len(slice_row):
+        # a series of which an earlier generation planned slices gets no more (whatever became of them)
+        slice_row, frame_no = _drop_partial_series(inventory, slice_row, frame_no, previous, plan, shown)
     if previous.num_rows and len(slice_row):
         probe = pa.table({"sop_hash": inventory.column("sop_hash").take(slice_row), "frame": frame_no,
                           "_i": np.arange(len(slice_row))})
@@ -324,6 +335,12 @@ def plan_rows(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
     if threshold is not None and len(inventory):
         is_val = (pc.not_equal(group, "").to_numpy(zero_copy_only=False)
                   & pc.less(pc.utf8_slice_codeunits(group, 0, 15), threshold).to_numpy(zero_copy_only=False))
+    if volumes and len(inventory):  # one split per series (val if any of its files is), so it stays one shard's
+        series = pc.dictionary_encode(inventory.column("series_hash")).combine_chunks()
+        index = series.indices.to_numpy(zero_copy_only=False)
+        series_val = np.zeros(len(series.dictionary), dtype=bool)
+        np.logical_or.at(series_val, index, is_val)
+        is_val = series_val[index]
     split_index = is_val.astype(np.int64)
     if "split" in inventory.column_names and inventory.column("split").null_count < len(inventory):
         own = inventory.column("split")  # the source's own split (ingest.arrays): kept as it is
@@ -358,7 +375,11 @@ def plan_rows(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
     unit_start[1:] |= unit_in_row[1:] != unit_in_row[:-1]
     unit_of_slice = np.cumsum(unit_start) - 1
     starts = np.nonzero(unit_start)[0]
-    u_order = unit_order(inventory.column("sop_hash").take(slice_row[starts]), frame_no[starts], seed, generation)
+    if volumes:  # one unit per series: its slices share the series' sort key, hence one shard
+        unit_of_slice = np.arange(n)
+        u_order = unit_order(inventory.column("series_hash").take(slice_row), np.zeros(n, np.int64), seed, generation)
+    else:
+        u_order = unit_order(inventory.column("sop_hash").take(slice_row[starts]), frame_no[starts], seed, generation)
     slice_group = partition[slice_row] * len(SPLITS) + split_index[slice_row]
     planned = pa.table({
         "path": inventory.column("path").take(slice_row), "frame": pa.array(frame_no, pa.int32()),
@@ -378,16 +399,42 @@ def plan_rows(inventory: pa.Table, *, generation: int, modality_map: dict[str, s
     return plan, planned
 
 
+def _drop_partial_series(inventory: pa.Table, slice_row: np.ndarray, frame_no: np.ndarray, previous: pa.Table,
+                         plan: Plan, shown) -> tuple[np.ndarray, np.ndarray]:
+    """Volumes: the slices of series that an earlier generation planned (in `previous`) that it did not
+    plan themselves (new files of such a series) are recorded as rejected and left out. A series is
+    stored once, whole, by the generation that first saw it. Returns the remaining slices."""
+    import pyarrow.compute as pc
+
+    planned_series = pc.unique(pc.drop_null(previous.column("series_hash")))
+    series = inventory.column("series_hash").take(slice_row)
+    old = np.nonzero(pc.is_in(series, value_set=planned_series).to_numpy(zero_copy_only=False))[0]
+    if not len(old):
+        return slice_row, frame_no
+    probe = pa.table({"sop_hash": inventory.column("sop_hash").take(slice_row[old]), "frame": frame_no[old],
+                      "_i": old})
+    prev = previous.select(["sop_hash", "frame"]).cast(pa.schema([("sop_hash", pa.string()), ("frame", pa.int64())]))
+    new = np.sort(probe.join(prev, keys=["sop_hash", "frame"], join_type="left anti").column("_i").to_numpy())
+    for r in inventory.take(slice_row[new]).to_pylist():
+        plan.errors.append(error_row(shown(r), "plan", "series already ingested",
+                                     "an earlier generation planned this file's series without it; a series is "
+                                     "stored once, whole (ingest it into a new dataset to rebuild its volume)"))
+    keep = np.ones(len(slice_row), dtype=bool)
+    keep[new] = False
+    return slice_row[keep], frame_no[keep]
+
+
 def make_plan(inventory: pa.Table, *, generation: int, modality_map: dict[str, str], max_pixel_bytes: int,
               max_side: int | None, shard_size: int, frames_per_unit: int, val_fraction: float, seed: int,
               previous: "pa.Table | set[tuple[str, int]]", labels: "LabelTable | None" = None,
-              shown=lambda r: r["source"]) -> tuple[Plan, dict[str, pa.Table]]:
+              shown=lambda r: r["source"], volumes: bool = False) -> tuple[Plan, dict[str, pa.Table]]:
     """All of planning in one process (small inventories, tests): the summary and, per shard, its slices
     (SPEC_SCHEMA) in write order. The same rules and the same cut as `plan_generation` on a cluster,
     which gives the same shards for the same inventory."""
     plan, planned = plan_rows(inventory, generation=generation, modality_map=modality_map,
                               max_pixel_bytes=max_pixel_bytes, max_side=max_side, frames_per_unit=frames_per_unit,
-                              val_fraction=val_fraction, seed=seed, previous=previous, labels=labels, shown=shown)
+                              val_fraction=val_fraction, seed=seed, previous=previous, labels=labels, shown=shown,
+                              volumes=volumes)
     totals = group_totals(planned)
     specs: dict[str, pa.Table] = {}
     for group, (_, est) in sorted(totals.items()):
@@ -503,6 +550,13 @@ def sop_key32(sop_hash) -> np.ndarray:
     return (_hex_prefix64(sop_hash) >> np.uint64(32)).astype(np.int64)
 
 
+def bucket_key32(table: pa.Table, volumes: bool) -> np.ndarray:
+    """The key of planning buckets and plan records (the records' `sop_key` column): the SOP hash's,
+    or in a volumes dataset the series hash's, so that a bucket holds whole series (every copy of a
+    SOP instance has its series, so deduplication stays exact)."""
+    return sop_key32(table.column("series_hash" if volumes else "sop_hash"))
+
+
 def bucket_of(key32: np.ndarray, buckets: int) -> np.ndarray:
     """Bucket b of `buckets` holds the key range [ceil(b * 2**32 / buckets), ceil((b + 1) * 2**32 / buckets))."""
     return (key32 * buckets) >> 32
@@ -612,13 +666,17 @@ def shard_records(root: Path, generation: int, names: list[str]) -> pa.Table:
     return table.sort_by([("shard", "ascending"), ("position", "ascending")]).select(RECORD_SCHEMA.names)
 
 
-def previous_frames(root: Path, key_range: tuple[int, int] | None = None) -> pa.Table:
+def previous_frames(root: Path, key_range: tuple[int, int] | None = None, with_series: bool = False) -> pa.Table:
     """(sop_hash, frame) of every slice planned by an existing generation; with key_range = [lo, hi),
-    only those whose sop_key32 lies in it (one bucket's, read from the records' sorted parts)."""
+    only those whose record key (`bucket_key32`: of the SOP, or of the series in a volumes dataset) lies
+    in it (one bucket's, read from the records' sorted parts). `with_series` adds their series_hash
+    (recorded in volumes datasets only, else null)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    schema = pa.schema([("sop_hash", pa.string()), ("frame", pa.int64())])
+    columns = ["sop_hash", "frame", *(["series_hash"] if with_series else [])]
+    schema = pa.schema([("sop_hash", pa.string()), ("frame", pa.int64()),
+                        *([("series_hash", pa.string())] if with_series else [])])
     parts = []
     for g in generations(root):
         legacy = plan_record_path(root, g)
@@ -627,6 +685,8 @@ def previous_frames(root: Path, key_range: tuple[int, int] | None = None) -> pa.
             if key_range is not None:
                 key = sop_key32(t.column("sop_hash"))
                 t = t.filter(pa.array((key >= key_range[0]) & (key < key_range[1])))
+            if with_series:
+                t = t.append_column("series_hash", pa.nulls(t.num_rows, pa.string()))
         else:
             files = _record_parts(root, g)
             if not files:
@@ -634,7 +694,7 @@ def previous_frames(root: Path, key_range: tuple[int, int] | None = None) -> pa.
             where = None
             if key_range is not None:
                 where = (pc.field("sop_key") >= key_range[0]) & (pc.field("sop_key") < key_range[1])
-            t = pads.dataset(files, schema=RECORD_PART_SCHEMA).to_table(columns=["sop_hash", "frame"], filter=where)
+            t = pads.dataset(files, schema=RECORD_PART_SCHEMA).to_table(columns=columns, filter=where)
         parts.append(t.cast(schema))
     if not parts:
         return schema.empty_table()
@@ -758,7 +818,8 @@ def _read_slots(path: Path, first: int, last: int, schema: pa.Schema) -> pa.Tabl
     return pa.Table.from_batches(batches, schema)
 
 
-def bucket_part(part: str, *, root: str, generation: int, buckets: int, hash_paths: bool) -> int:
+def bucket_part(part: str, *, root: str, generation: int, buckets: int, hash_paths: bool,
+                volumes: bool = False) -> int:
     """Phase A for one inventory part; returns its row count."""
     import pyarrow.compute as pc
 
@@ -781,7 +842,7 @@ def bucket_part(part: str, *, root: str, generation: int, buckets: int, hash_pat
             table = table.append_column("path", pa.array([""] * table.num_rows, pa.string()))
     else:
         table = table.append_column("path", table.column("source"))
-    bucket = bucket_of(sop_key32(table.column("sop_hash")), buckets).astype(np.int32)
+    bucket = bucket_of(bucket_key32(table, volumes), buckets).astype(np.int32)
     order = np.argsort(bucket, kind="stable")
     table = table.take(pa.array(order))
     table = table.select(BUCKETED_SCHEMA.names).cast(BUCKETED_SCHEMA)
@@ -841,7 +902,7 @@ def not_yet_reported(root: Path, generation: int, errors: list[dict]) -> list[di
 def plan_bucket(bucket: int, *, root: str, generation: int, buckets: int, slabs_log2: int,
                 modality_map: dict[str, str],
                 max_pixel_bytes: int, max_side: int | None, frames_per_unit: int, val_fraction: float, seed: int,
-                salt: str, hash_paths: bool, labels_path: str | None) -> dict:
+                salt: str, hash_paths: bool, labels_path: str | None, volumes: bool = False) -> dict:
     """Phase B for one bucket; returns {"groups": {group: [slices, est_bytes]}, "already": n, "rejected": n}."""
     import pyarrow.compute as pc
 
@@ -860,8 +921,8 @@ def plan_bucket(bucket: int, *, root: str, generation: int, buckets: int, slabs_
     plan, planned = plan_rows(
         table, generation=generation, modality_map=modality_map, max_pixel_bytes=max_pixel_bytes, max_side=max_side,
         frames_per_unit=frames_per_unit, val_fraction=val_fraction, seed=seed,
-        previous=previous_frames(root_, bucket_range(bucket, buckets)), labels=_labels_for(labels_path, salt),
-        shown=lambda r: shown_source(r["path"], salt, hash_paths))
+        previous=previous_frames(root_, bucket_range(bucket, buckets), with_series=volumes), labels=_labels_for(labels_path, salt),
+        shown=lambda r: shown_source(r["path"], salt, hash_paths), volumes=volumes)
     del table
     errors = not_yet_reported(root_, generation, plan.errors)
     write_errors(root_, f"plan-g{generation:03d}-b{bucket:06d}", errors)
@@ -875,7 +936,7 @@ def plan_bucket(bucket: int, *, root: str, generation: int, buckets: int, slabs_
 
 
 def write_shard_range(item: tuple[int, int, int, int, int], *, root: str, generation: int, seed: int,
-                      slabs_log2: int) -> dict:
+                      slabs_log2: int, volumes: bool = False) -> dict:
     """Phase C for shards first..last of one group (of n, names counted from index_offset): their spec
     files and one plan-record part. Returns {shard name: info}."""
     from shards.atomic import write_parquet_atomically
@@ -898,7 +959,8 @@ def write_shard_range(item: tuple[int, int, int, int, int], *, root: str, genera
             "split": spec.column("split"), "sop_hash": spec.column("sop_hash"), "frame": spec.column("frame"),
             "source_hash": spec.column("source_hash"),
             "position": pa.array(np.arange(spec.num_rows, dtype=np.int32)),
-            "sop_key": pa.array(sop_key32(spec.column("sop_hash"))),
+            "sop_key": pa.array(bucket_key32(spec, volumes)),
+            "series_hash": spec.column("series_hash") if volumes else pa.nulls(spec.num_rows, pa.string()),
         }, schema=RECORD_PART_SCHEMA))
     if records:
         record = pa.concat_tables(records).sort_by([("sop_key", "ascending")])
@@ -928,7 +990,8 @@ def clear_generation_plan(root: Path, generation: int) -> None:
 def plan_generation(client, root: Path, generation: int, *, rows: int, modality_map: dict[str, str],
                     max_pixel_bytes: int, max_side: int | None, shard_size: int, frames_per_unit: int,
                     val_fraction: float, seed: int, salt: str, hash_paths: bool, labels_path: str | None,
-                    progress: bool = False, token: str = "", buckets: int | None = None) -> Plan:
+                    progress: bool = False, token: str = "", buckets: int | None = None,
+                    volumes: bool = False) -> Plan:
     """Plan generation `generation` from its inventory parts as Dask tasks (phases A-C above): spec files
     under DATASET.paths/work/gNNN/shards, plan records under plan/gNNN/, errors under errors/. Returns the summary
     (per shard info; counts); raises PlanFailed when a task failed. The caller writes plan/gNNN.json."""
@@ -957,12 +1020,13 @@ def plan_generation(client, root: Path, generation: int, *, rows: int, modality_
         return results
 
     phase("plan: bucket", bucket_part, parts, lambda p: f"plan-bucket-{Path(p).stem}-{tag}", root=str(root),
-          generation=generation, buckets=buckets, hash_paths=hash_paths)
+          generation=generation, buckets=buckets, hash_paths=hash_paths, volumes=volumes)
     counted = phase("plan: dedup", plan_bucket, list(range(buckets)), lambda b: f"plan-dedup-{b}-{tag}",
                     root=str(root), generation=generation, buckets=buckets, slabs_log2=slabs_log2,
                     modality_map=modality_map,
                     max_pixel_bytes=max_pixel_bytes, max_side=max_side, frames_per_unit=frames_per_unit,
-                    val_fraction=val_fraction, seed=seed, salt=salt, hash_paths=hash_paths, labels_path=labels_path)
+                    val_fraction=val_fraction, seed=seed, salt=salt, hash_paths=hash_paths, labels_path=labels_path,
+                    volumes=volumes)
     plan = Plan(generation)
     totals: dict[int, int] = {}
     for r in counted:
@@ -977,7 +1041,7 @@ def plan_generation(client, root: Path, generation: int, *, rows: int, modality_
         offset = split_offset(group, shards)  # val shards are numbered after train shards, test after val
         ranges += [(group, first, min(n, first + per_task) - 1, n, offset) for first in range(0, n, per_task)]
     for infos in phase("plan: shards", write_shard_range, ranges, lambda it: f"plan-shards-{it[0]}-{it[1]}-{tag}",
-                       root=str(root), generation=generation, seed=seed, slabs_log2=slabs_log2):
+                       root=str(root), generation=generation, seed=seed, slabs_log2=slabs_log2, volumes=volumes):
         plan.shards.update(infos)
     plan.shards = dict(sorted(plan.shards.items()))
     plan.slices = sum(info["slices"] for info in plan.shards.values())
