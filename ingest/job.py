@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import plan as planning
-from shards.layout import DATASET_JSON
+from shards.layout import DATASET_JSON, ERRORS_DIR
 
 from .config import ConfigError, IngestConfig
 from .convert import run_convert_task, shard_done
@@ -247,6 +247,23 @@ def _rewrite_lost(client, root: Path, lost: list[tuple[int, str, str]], scan_gen
             _write_plan_meta(root, g, meta)
         _clear_work(root, g)
     return unrecoverable
+
+
+def _keep_unplanned_errors(root: Path, g: int) -> None:
+    """A run that planned no shard leaves generation number g to the next run, which clears g's scan and
+    plan error files and its path map: rename them out of its way first (`unplanned-<token>-<name>`, a
+    name no generation clears or skips as its own, so later runs also do not report these inputs again;
+    the map folder to `gNNN-unplanned-<token>`, still read by ingest.paths)."""
+    base = root / ERRORS_DIR
+    files = [base / f"scan-g{g:03d}.parquet", *sorted(base.glob(f"plan-g{g:03d}-b*.parquet"))] if base.is_dir() else []
+    kept = [p for p in files if p.exists() and pq.read_metadata(p).num_rows]
+    if not kept:
+        return
+    token = uuid.uuid4().hex[:8]
+    for path in kept:
+        path.rename(base / f"unplanned-{token}-{path.name}")
+    if generation_map_dir(root, g).is_dir():
+        generation_map_dir(root, g).rename(generation_map_dir(root, g).with_name(f"g{g:03d}-unplanned-{token}"))
 
 
 def _sources_hash(cfg: IngestConfig, salt: str) -> str:
@@ -548,6 +565,7 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
     _log(f"plan g{g:03d}: {stats.files:,} files, {plan.slices:,} new slices in {len(plan.shards):,} shard(s), "
          f"{stats.already_ingested:,} already ingested, {len(scan_errors) + plan.rejected:,} rejected")
     if not plan.shards:
+        _keep_unplanned_errors(root, g)  # before the number is reused: the rejections of this run stay recorded
         planning.clear_generation_plan(root, g)  # records of nothing; this generation number is reused
         _clear_work(root, g)  # the planning work files beside the dataset (they hold paths)
         stats.add_time("plan", time.perf_counter() - start)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pydicom
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
 from _ingest_fixtures import PY, REPO, SALT, all_files, cli, error_rows, manifest_rows, readable_error_rows, run_ingest
 
@@ -117,6 +119,19 @@ def test_declared_size_limit_rejects_before_decoding(tmp_path):
     assert errors[big]["stage"] == "plan" and errors[big]["reason"] == "declared size above limit"
     assert "1955x1841" in errors[big]["detail"]
     assert [r["modality"] for r in manifest_rows(out)] == ["ct"]
+    # runs that plan no shard at all (every input rejected) still record why, and a later run that reuses
+    # their generation number keeps those rows (and the map that resolves their sources)
+    later = []
+    for n in range(2):
+        ds = pydicom.dcmread(big)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        later.append(str(tmp_path / f"big{n}.dcm"))
+        ds.save_as(later[-1])
+        summary, stats = run_ingest([later[-1]], out, max_pixel_bytes="1MB")
+        assert stats.new_slices == 0
+    errors = {e["source"]: e for e in readable_error_rows(out)}
+    assert all(errors[p]["reason"] == "declared size above limit" for p in [big, *later])
+    assert summary["errors"] == len(errors) and len(manifest_rows(out)) == 1
 
 
 def test_default_keeps_no_source_path_inside_and_the_map_beside_resolves_errors(tmp_path, dicom_dir):
