@@ -97,21 +97,36 @@ void weighted_sum_dispatch(Src src, float *out, int64_t m, const float *taps, in
   weighted_sum_sse(src, out, m, taps, num_taps);
 }
 
+// Band moments taken while the last blur pass of a band writes its output (the rows are still in L1),
+// instead of re-reading both planes afterwards: sum and sum of squares of hi - lo (the band; hi = the
+// blur's input at the same position, lo = the output) and, for the last band, of lo (the residual).
+struct MomentSink {
+  const float *hi;  // the blur's input, indexed like the pass's dst
+  bool residual;
+  double sum = 0, sum_sq = 0, res_sum = 0, res_sum_sq = 0;
+  inline void add(int64_t offset, const float *lo, int64_t m);  // after band_moments, below
+};
+
+// The pass along an inner axis (the blur's last pass when the sample has >= 2 axes) feeds `sink`, if
+// given, with every output row it completes.
 inline void conv_axis_cpu(const float *src, float *dst, const AxisExtent &e, const float *taps, int r,
-                   std::vector<float> &pad) {
+                   std::vector<float> &pad, MomentSink *sink = nullptr) {
   int n = e.n, num_taps = 2 * r + 1;
   if (e.inner == 1) {  // lines are contiguous (last axis)
     pad.resize(n + 2 * r);
     for (int64_t o = 0; o < e.outer; o++) {
       const float *s = src + o * n;
-      for (int q = 0; q < n + 2 * r; q++) pad[q] = s[reflect101(q - r, n)];
+      for (int q = 0; q < r; q++) pad[q] = s[reflect101(q - r, n)];
+      std::copy_n(s, n, pad.data() + r);
+      for (int q = n + r; q < n + 2 * r; q++) pad[q] = s[reflect101(q - r, n)];
       weighted_sum_dispatch(PaddedLine{pad.data()}, dst + o * n, n, taps, num_taps);
     }
     return;
   }
-  // Vertical strips of kStrip columns: the 2r+1 source rows of one output row then stay in L1 for the
-  // next output rows, which reuse all but one of them.
-  constexpr int64_t kStrip = 128;
+  // Vertical strips of kStrip columns: the 2r+1 source rows of one output row then stay in L1/L2 for the
+  // next output rows, which reuse all but one of them. 512 columns (2 KiB per row) read each row as a
+  // long run the prefetcher follows: 128 halved the pass's speed on 1200-px images (memory stalls).
+  constexpr int64_t kStrip = 512;
   std::vector<const float *> rows(num_taps);
   for (int64_t o = 0; o < e.outer; o++) {
     const float *s = src + o * n * e.inner;
@@ -119,7 +134,9 @@ inline void conv_axis_cpu(const float *src, float *dst, const AxisExtent &e, con
       int64_t m = std::min(kStrip, e.inner - i0);
       for (int p = 0; p < n; p++) {
         for (int k = 0; k < num_taps; k++) rows[k] = s + reflect101(p - r + k, n) * e.inner + i0;
-        weighted_sum_dispatch(RowSet{rows.data()}, dst + (o * n + p) * e.inner + i0, m, taps, num_taps);
+        int64_t at = (o * n + p) * e.inner + i0;
+        weighted_sum_dispatch(RowSet{rows.data()}, dst + at, m, taps, num_taps);
+        if (sink) sink->add(at, dst + at, m);
       }
     }
   }
@@ -342,7 +359,7 @@ inline void rg_row(const RecursiveGaussian &c, const float *x, const double *y1,
 // One strip of m columns (spaced 1, rows spaced `stride`) of n rows through the recursion, src -> dst
 // (dst may alias src). `state` holds 3 * kColumnStrip doubles, `tail` pad * kColumnStrip floats.
 inline void rg_column_strip(const RecursiveGaussian &c, const float *src, float *dst, int64_t stride, int n,
-                            int64_t m, double *state, float *tail) {
+                            int64_t m, double *state, float *tail, MomentSink *sink, int64_t dst_offset) {
   int pad = c.pad, len = n + 2 * pad;
   double *y1 = state, *y2 = state + kColumnStrip, *y3 = state + 2 * kColumnStrip;
   const float *first = src + reflect101(-pad, n) * stride;
@@ -364,6 +381,7 @@ inline void rg_column_strip(const RecursiveGaussian &c, const float *src, float 
     float *row = q < pad + n ? dst + (q - pad) * stride : tail + (q - pad - n) * kColumnStrip;
     float *out = q < pad + n ? row : discard.data();
     rg_row(c, row, y1, y2, y3, out, m);
+    if (sink && q < pad + n) sink->add(dst_offset + (q - pad) * stride, out, m);
     double *t = y3;
     y3 = y2;
     y2 = y1;
@@ -375,7 +393,7 @@ inline void rg_column_strip(const RecursiveGaussian &c, const float *src, float 
 // into interleaved blocks for rg_lines, leftover lines go through the scalar recursive_gaussian_line;
 // along the other axes, strips of whole rows go through rg_column_strip.
 inline void recursive_axis_cpu(const float *src, float *dst, const AxisExtent &e, const RecursiveGaussian &c,
-                        std::vector<float> &scratch) {
+                        std::vector<float> &scratch, MomentSink *sink = nullptr) {
   int n = e.n, len = n + 2 * c.pad;
   if (e.inner == 1) {
     scratch.resize(static_cast<size_t>(2 * len + n) * kMaxLines);  // len * kMaxLines doubles, then a block
@@ -394,21 +412,25 @@ inline void recursive_axis_cpu(const float *src, float *dst, const AxisExtent &e
     const float *s = src + o * n * e.inner;
     float *d = dst + o * n * e.inner;
     for (int64_t i0 = 0; i0 < e.inner; i0 += kColumnStrip)
-      rg_column_strip(c, s + i0, d + i0, e.inner, n, std::min(kColumnStrip, e.inner - i0), state, tail);
+      rg_column_strip(c, s + i0, d + i0, e.inner, n, std::min(kColumnStrip, e.inner - i0), state, tail, sink,
+                      o * n * e.inner + i0);
   }
 }
 
-// Separable blur of cascade band b over all axes; `tmp` is scratch of the same size.
+// Separable blur of cascade band b over all axes; `tmp` is scratch of the same size. With >= 2 axes, the
+// last pass (axis 0) feeds `sink` (its hi is src) if given.
 inline void blur_cpu(const float *src, float *dst, float *tmp, const int64_t *shape, int nd,
-                     const CascadeKernels &k, int b, const float *all_taps, std::vector<float> &scratch) {
+                     const CascadeKernels &k, int b, const float *all_taps, std::vector<float> &scratch,
+                     MomentSink *sink = nullptr) {
   const float *cur = src;
   for (int a = nd - 1; a >= 0; a--) {
     // ping-pong so that the last pass (axis 0) lands in dst
     float *out = ((nd - 1 - a) % 2 == (nd - 1) % 2) ? dst : tmp;
+    MomentSink *pass_sink = a == 0 && nd >= 2 ? sink : nullptr;
     if (k.is_recursive(b))
-      recursive_axis_cpu(cur, out, axis_extent(shape, nd, a), k.recursive[b], scratch);
+      recursive_axis_cpu(cur, out, axis_extent(shape, nd, a), k.recursive[b], scratch, pass_sink);
     else
-      conv_axis_cpu(cur, out, axis_extent(shape, nd, a), all_taps + k.offset[b], k.radius[b], scratch);
+      conv_axis_cpu(cur, out, axis_extent(shape, nd, a), all_taps + k.offset[b], k.radius[b], scratch, pass_sink);
     cur = out;
   }
 }
@@ -460,6 +482,18 @@ inline void band_moments(const float *hi, const float *lo, int64_t n, double *su
   band_moments_sse(hi, lo, n, sum, sum_sq);
 }
 
+inline void MomentSink::add(int64_t offset, const float *lo, int64_t m) {
+  double s, ss;
+  band_moments(hi + offset, lo, m, &s, &ss);
+  sum += s;
+  sum_sq += ss;
+  if (residual) {
+    band_moments(lo, nullptr, m, &s, &ss);
+    res_sum += s;
+    res_sum_sq += ss;
+  }
+}
+
 // combine_bands for every element, evaluated band by band over blocks of elements: the same operations
 // in the same order per element, in a form the compiler vectorises.
 inline void combine_cpu(const float *const *planes, const float *gains, int nb, float res_mean, int64_t n,
@@ -498,13 +532,22 @@ inline void energy_bands_sample(const float *in, const int64_t *shape, int nd, c
   float *tmp = storage.data() + nb * vol;
   const float *planes[kMaxBands + 1];
   planes[0] = in;
+  double sum[kMaxBands + 1], sum_sq[kMaxBands + 1];
+  bool fused = nd >= 2;  // the blur's last pass runs along an inner axis and takes the moments
   for (int b = 0; b < nb; b++) {
     float *low = storage.data() + b * vol;
-    blur_cpu(planes[b], low, tmp, shape, nd, k, b, all_taps, pad);
+    MomentSink sink{planes[b], b == nb - 1};
+    blur_cpu(planes[b], low, tmp, shape, nd, k, b, all_taps, pad, fused ? &sink : nullptr);
     planes[b + 1] = low;
+    sum[b] = sink.sum;
+    sum_sq[b] = sink.sum_sq;
+    if (b == nb - 1) {
+      sum[nb] = sink.res_sum;
+      sum_sq[nb] = sink.res_sum_sq;
+    }
   }
-  double sum[kMaxBands + 1], sum_sq[kMaxBands + 1];
-  for (int b = 0; b <= nb; b++) band_moments(planes[b], b < nb ? planes[b + 1] : nullptr, vol, sum + b, sum_sq + b);
+  if (!fused)
+    for (int b = 0; b <= nb; b++) band_moments(planes[b], b < nb ? planes[b + 1] : nullptr, vol, sum + b, sum_sq + b);
   if (!ref) {
     for (int b = 0; b <= nb; b++) out[b] = static_cast<float>(std_from_moments(sum[b], sum_sq[b], vol));
     return;
