@@ -97,8 +97,8 @@ void weighted_sum_dispatch(Src src, float *out, int64_t m, const float *taps, in
   weighted_sum_sse(src, out, m, taps, num_taps);
 }
 
-// Band moments taken while the last blur pass of a band writes its output (the rows are still in L1),
-// instead of re-reading both planes afterwards: sum and sum of squares of hi - lo (the band; hi = the
+// Band moments taken while the last blur pass of a band writes its output (those rows are still in L1;
+// only the input's rows are read again), instead of re-reading both planes afterwards: sum and sum of squares of hi - lo (the band; hi = the
 // blur's input at the same position, lo = the output) and, for the last band, of lo (the residual).
 struct MomentSink {
   const float *hi;  // the blur's input, indexed like the pass's dst
