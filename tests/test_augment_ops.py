@@ -314,6 +314,21 @@ def test_energy_bands_matches_reference(ct, mr, mr_energies):
         assert np.abs(y - x).max() > 10 * MAX_ERR["energy_bands"]  # it did change the image
 
 
+def test_energy_bands_matches_reference_across_cpu_blocks(ct):
+    """The CPU blur splits an image into blocks: rows in groups of 16, then 8, then single lines;
+    columns in strips of 512 for the passes down the columns (the band moments are summed per strip
+    row). 523 x 1100 of real CT (the two slices side by side, then flipped rows below) crosses every one
+    of those boundaries, including a partial last strip."""
+    top = np.hstack([ct[0], ct[1], ct[0][:, :76]])
+    x = np.ascontiguousarray(np.vstack([top, top[::-1][:11]]))
+    assert x.shape == (523, 1100)
+    ref = (R.band_energies(x) * np.array([1.2, 0.8, 1.1, 0.9, 1.25, 0.85])).astype(np.float32)
+    (ys,), = run_pipeline(_energy_graph, [[x], [ref]])
+    np.testing.assert_allclose(ys[0], R.energy_bands(x, ref), atol=MAX_ERR["energy_bands"], rtol=0)
+    (es,), = run_pipeline(lambda x: fn.medswav.band_energies(x), [[x]])
+    np.testing.assert_allclose(es[0], R.band_energies(x), rtol=1e-4, atol=1e-7)
+
+
 def test_energy_bands_identity_with_own_energies(mr, mr_energies):
     refs = [e.astype(np.float32) for e in mr_energies]
     (ys,), = run_pipeline(_energy_graph, [mr, refs])

@@ -85,17 +85,6 @@ void map_pixels(Workspace &ws, MakePx make_px) {
   });
 }
 
-template <typename Fn>
-void with_input_type(dali::DALIDataType t, Fn &&fn) {
-  switch (t) {
-    case DALI_FLOAT: fn(float{}); break;
-    case DALI_INT16: fn(int16_t{}); break;
-    case DALI_UINT16: fn(uint16_t{}); break;
-    case DALI_UINT8: fn(uint8_t{}); break;
-    default: DALI_FAIL(dali::make_string("medswav: unsupported input type ", t));
-  }
-}
-
 // The fused map over [begin, end) of one sample: intensity_px with its gamma == 1 test taken once,
 // outside the loops, and the parameters in locals (a reference could alias dst and be reloaded per
 // element). With a power, the window goes through an L1-sized block first: GCC 12 does not vectorise

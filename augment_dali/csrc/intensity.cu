@@ -55,17 +55,6 @@ void map_pixels(Workspace &ws, MakePx make_px) {
   CUDA_CALL(cudaGetLastError());
 }
 
-template <typename Fn>
-void with_input_type(dali::DALIDataType t, Fn &&fn) {
-  switch (t) {
-    case DALI_FLOAT: fn(float{}); break;
-    case DALI_INT16: fn(int16_t{}); break;
-    case DALI_UINT16: fn(uint16_t{}); break;
-    case DALI_UINT8: fn(uint8_t{}); break;
-    default: DALI_FAIL(dali::make_string("medswav: unsupported input type ", t));
-  }
-}
-
 }  // namespace
 
 template <>

@@ -85,6 +85,19 @@ inline bool intensity_input_type_ok(dali::DALIDataType t) {
   return t == DALI_FLOAT || t == DALI_INT16 || t == DALI_UINT16 || t == DALI_UINT8;
 }
 
+// Calls fn with a value of the C++ type of `t` (one of the types above), so both backends instantiate
+// their loops for exactly the types intensity_input_type_ok accepts.
+template <typename Fn>
+void with_input_type(dali::DALIDataType t, Fn &&fn) {
+  switch (t) {
+    case DALI_FLOAT: fn(float{}); break;
+    case DALI_INT16: fn(int16_t{}); break;
+    case DALI_UINT16: fn(uint16_t{}); break;
+    case DALI_UINT8: fn(uint8_t{}); break;
+    default: DALI_FAIL(dali::make_string("medswav: unsupported input type ", t));
+  }
+}
+
 inline void check_percentiles(const char *op, const float *p) {
   DALI_ENFORCE(p[0] >= 0 && p[0] <= p[1] && p[1] <= 100,
                dali::make_string("medswav.", op, ": percentiles must satisfy 0 <= lo <= hi <= 100, got (",

@@ -97,21 +97,36 @@ void weighted_sum_dispatch(Src src, float *out, int64_t m, const float *taps, in
   weighted_sum_sse(src, out, m, taps, num_taps);
 }
 
+// Band moments taken while the last blur pass of a band writes its output (those rows are still in L1;
+// only the input's rows are read again), instead of re-reading both planes afterwards: sum and sum of squares of hi - lo (the band; hi = the
+// blur's input at the same position, lo = the output) and, for the last band, of lo (the residual).
+struct MomentSink {
+  const float *hi;  // the blur's input, indexed like the pass's dst
+  bool residual;
+  double sum = 0, sum_sq = 0, res_sum = 0, res_sum_sq = 0;
+  inline void add(int64_t offset, const float *lo, int64_t m);  // after band_moments, below
+};
+
+// The pass along an inner axis (the blur's last pass when the sample has >= 2 axes) feeds `sink`, if
+// given, with every output row it completes.
 inline void conv_axis_cpu(const float *src, float *dst, const AxisExtent &e, const float *taps, int r,
-                   std::vector<float> &pad) {
+                   std::vector<float> &pad, MomentSink *sink = nullptr) {
   int n = e.n, num_taps = 2 * r + 1;
   if (e.inner == 1) {  // lines are contiguous (last axis)
     pad.resize(n + 2 * r);
     for (int64_t o = 0; o < e.outer; o++) {
       const float *s = src + o * n;
-      for (int q = 0; q < n + 2 * r; q++) pad[q] = s[reflect101(q - r, n)];
+      for (int q = 0; q < r; q++) pad[q] = s[reflect101(q - r, n)];
+      std::copy_n(s, n, pad.data() + r);
+      for (int q = n + r; q < n + 2 * r; q++) pad[q] = s[reflect101(q - r, n)];
       weighted_sum_dispatch(PaddedLine{pad.data()}, dst + o * n, n, taps, num_taps);
     }
     return;
   }
-  // Vertical strips of kStrip columns: the 2r+1 source rows of one output row then stay in L1 for the
-  // next output rows, which reuse all but one of them.
-  constexpr int64_t kStrip = 128;
+  // Vertical strips of kStrip columns: the 2r+1 source rows of one output row then stay in L1/L2 for the
+  // next output rows, which reuse all but one of them. 512 columns (2 KiB per row) read each row as a
+  // long run the prefetcher follows: 128 halved the pass's speed on 1200-px images (memory stalls).
+  constexpr int64_t kStrip = 512;
   std::vector<const float *> rows(num_taps);
   for (int64_t o = 0; o < e.outer; o++) {
     const float *s = src + o * n * e.inner;
@@ -119,19 +134,22 @@ inline void conv_axis_cpu(const float *src, float *dst, const AxisExtent &e, con
       int64_t m = std::min(kStrip, e.inner - i0);
       for (int p = 0; p < n; p++) {
         for (int k = 0; k < num_taps; k++) rows[k] = s + reflect101(p - r + k, n) * e.inner + i0;
-        weighted_sum_dispatch(RowSet{rows.data()}, dst + (o * n + p) * e.inner + i0, m, taps, num_taps);
+        int64_t at = (o * n + p) * e.inner + i0;
+        weighted_sum_dispatch(RowSet{rows.data()}, dst + at, m, taps, num_taps);
+        if (sink) sink->add(at, dst + at, m);
       }
     }
   }
 }
 
-// --- recursive Gaussian (math/recursive_gaussian.h) on kLines lines at once --------------------------
-// The recursion of recursive_gaussian_line, run on a vector of kLines neighbouring lines per step:
-// element j of line l is src[l + j * stride] (lines interleaved), so each step loads one vector.
-// Lines are read and written as float, the recursion runs in double (see RecursiveGaussian) on U
-// native double vectors of W lanes (U * W == kLines), with the coefficients broadcast once into
-// registers.
-constexpr int kLines = 8;
+// --- recursive Gaussian (math/recursive_gaussian.h) on L lines at once -------------------------------
+// The recursion of recursive_gaussian_line, run on a vector of L neighbouring lines per step: element j
+// of line l is src[l + j * stride] (lines interleaved), so each step loads one vector. Lines are read
+// and written as float, the recursion runs in double (see RecursiveGaussian) on U native double vectors
+// of W lanes (U * W == L), with the coefficients broadcast once into registers. L = 16 lines use whole
+// 64-byte cache lines of a row per step (and give 4 independent dependency chains per step on AVX2);
+// L = 8 serves the leftover lines.
+constexpr int kMaxLines = 16;
 typedef double v2d __attribute__((vector_size(16)));
 typedef double v4d __attribute__((vector_size(32)));
 typedef double v8d __attribute__((vector_size(64)));
@@ -145,8 +163,7 @@ template <typename Vd, int U>
 inline __attribute__((always_inline)) void rg_lines(const RecursiveGaussian &rg, const float *src,
                                                     int64_t stride, float *dst, int64_t dst_stride, int n,
                                                     double *buf) {
-  constexpr int W = sizeof(Vd) / sizeof(double);
-  static_assert(U * W == kLines, "one step covers kLines lines");
+  constexpr int W = sizeof(Vd) / sizeof(double), L = U * W;
   typedef typename FloatsOf<Vd>::type Vf;
   const RecursiveGaussian c = rg;  // a local copy: stores through buf cannot alias it
   Vd y1[U], y2[U], y3[U];
@@ -161,16 +178,16 @@ inline __attribute__((always_inline)) void rg_lines(const RecursiveGaussian &rg,
     load(src + reflect101(q - pad, n) * stride, x);
     for (int u = 0; u < U; u++) {
       Vd y = rg_step(c, x[u], y1[u], y2[u], y3[u]);
-      std::memcpy(buf + q * kLines + u * W, &y, sizeof(Vd));
+      std::memcpy(buf + q * L + u * W, &y, sizeof(Vd));
       y3[u] = y2[u];
       y2[u] = y1[u];
       y1[u] = y;
     }
   }
-  for (int u = 0; u < U; u++) y1[u] = y2[u] = y3[u] = load_v<Vd>(buf + (len - 1) * kLines + u * W);
+  for (int u = 0; u < U; u++) y1[u] = y2[u] = y3[u] = load_v<Vd>(buf + (len - 1) * L + u * W);
   for (int q = len - 1; q >= pad; q--) {
     for (int u = 0; u < U; u++) {
-      Vd y = rg_step(c, load_v<Vd>(buf + q * kLines + u * W), y1[u], y2[u], y3[u]);
+      Vd y = rg_step(c, load_v<Vd>(buf + q * L + u * W), y1[u], y2[u], y3[u]);
       if (q < pad + n) {
         Vf f = __builtin_convertvector(y, Vf);
         std::memcpy(dst + (q - pad) * dst_stride + u * W, &f, sizeof(f));
@@ -182,36 +199,42 @@ inline __attribute__((always_inline)) void rg_lines(const RecursiveGaussian &rg,
   }
 }
 
-inline void rg_lines_sse(const RecursiveGaussian &c, const float *src, int64_t stride, float *dst,
+template <int L>
+void rg_lines_sse(const RecursiveGaussian &c, const float *src, int64_t stride, float *dst,
                   int64_t dst_stride, int n, double *buf) {
-  rg_lines<v2d, kLines / 2>(c, src, stride, dst, dst_stride, n, buf);
+  rg_lines<v2d, L / 2>(c, src, stride, dst, dst_stride, n, buf);
 }
 #ifdef MSW_HAVE_AVX2_PATH
-inline __attribute__((target("avx2,fma"))) void rg_lines_avx2(const RecursiveGaussian &c, const float *src,
+template <int L>
+__attribute__((target("avx2,fma"))) void rg_lines_avx2(const RecursiveGaussian &c, const float *src,
                                                        int64_t stride, float *dst, int64_t dst_stride,
                                                        int n, double *buf) {
-  rg_lines<v4d, kLines / 4>(c, src, stride, dst, dst_stride, n, buf);
+  rg_lines<v4d, L / 4>(c, src, stride, dst, dst_stride, n, buf);
 }
-inline __attribute__((target("avx512f"))) void rg_lines_avx512(const RecursiveGaussian &c, const float *src,
+template <int L>
+__attribute__((target("avx512f"))) void rg_lines_avx512(const RecursiveGaussian &c, const float *src,
                                                         int64_t stride, float *dst, int64_t dst_stride,
                                                         int n, double *buf) {
-  rg_lines<v8d, kLines / 8>(c, src, stride, dst, dst_stride, n, buf);
+  rg_lines<v8d, L / 8>(c, src, stride, dst, dst_stride, n, buf);
 }
 #endif
 
-inline void rg_lines_dispatch(const RecursiveGaussian &c, const float *src, int64_t stride, float *dst,
+// L (8 or 16) lines, interleaved, through the recursion; buf holds (n + 2 pad) * L doubles.
+template <int L>
+void rg_lines_dispatch(const RecursiveGaussian &c, const float *src, int64_t stride, float *dst,
                        int64_t dst_stride, int n, double *buf) {
+  static_assert(L == 8 || L == 16, "8 or 16 lines");
 #ifdef MSW_HAVE_AVX2_PATH
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx512) return rg_lines_avx512(c, src, stride, dst, dst_stride, n, buf);
-  if (avx2) return rg_lines_avx2(c, src, stride, dst, dst_stride, n, buf);
+  if (avx512) return rg_lines_avx512<L>(c, src, stride, dst, dst_stride, n, buf);
+  if (avx2) return rg_lines_avx2<L>(c, src, stride, dst, dst_stride, n, buf);
 #endif
-  rg_lines_sse(c, src, stride, dst, dst_stride, n, buf);
+  rg_lines_sse<L>(c, src, stride, dst, dst_stride, n, buf);
 }
 
-// Lines along the last axis are interleaved for rg_lines by transposing blocks of kLines (8) lines:
-// 8 x 8 tiles in registers (three shuffle stages), leftover columns one by one.
+// Lines along the last axis are interleaved for rg_lines by transposing blocks of L lines: 8 x 8 tiles
+// in registers (three shuffle stages), leftover columns one by one.
 typedef int v8i __attribute__((vector_size(32)));
 
 inline __attribute__((always_inline)) void transpose8x8(const float *src, int64_t src_stride, float *dst,
@@ -236,83 +259,178 @@ inline __attribute__((always_inline)) void transpose8x8(const float *src, int64_
   }
 }
 
-// to_block: to[q * 8 + j] = from[j * n + q] (8 lines of n -> interleaved); else the inverse.
+// to_block: to[q * L + j] = from[j * n + q] (L lines of n -> interleaved); else the inverse.
+template <int L>
 inline __attribute__((always_inline)) void interleave_lines(const float *from, float *to, int64_t n,
                                                             bool to_block) {
   int64_t q = 0;
   for (; q + 8 <= n; q += 8) {
-    if (to_block)
-      transpose8x8(from + q, n, to + q * kLines, kLines);
-    else
-      transpose8x8(from + q * kLines, kLines, to + q, n);
+    for (int h = 0; h < L; h += 8) {
+      if (to_block)
+        transpose8x8(from + h * n + q, n, to + q * L + h, L);
+      else
+        transpose8x8(from + q * L + h, L, to + h * n + q, n);
+    }
   }
   for (; q < n; q++)
-    for (int j = 0; j < kLines; j++) {
+    for (int j = 0; j < L; j++) {
       if (to_block)
-        to[q * kLines + j] = from[j * n + q];
+        to[q * L + j] = from[j * n + q];
       else
-        to[j * n + q] = from[q * kLines + j];
+        to[j * n + q] = from[q * L + j];
     }
 }
 
-inline void interleave_lines_sse(const float *from, float *to, int64_t n, bool to_block) {
-  interleave_lines(from, to, n, to_block);
+template <int L>
+void interleave_lines_sse(const float *from, float *to, int64_t n, bool to_block) {
+  interleave_lines<L>(from, to, n, to_block);
 }
 #ifdef MSW_HAVE_AVX2_PATH
-inline __attribute__((target("avx2"))) void interleave_lines_avx2(const float *from, float *to, int64_t n,
+template <int L>
+__attribute__((target("avx2"))) void interleave_lines_avx2(const float *from, float *to, int64_t n,
                                                            bool to_block) {
-  interleave_lines(from, to, n, to_block);
+  interleave_lines<L>(from, to, n, to_block);
 }
 #endif
 
-inline void interleave_lines_dispatch(const float *from, float *to, int64_t n, bool to_block) {
-  static_assert(kLines == 8, "8 x 8 tiles");
+template <int L>
+void interleave_lines_dispatch(const float *from, float *to, int64_t n, bool to_block) {
+  static_assert(L % 8 == 0, "8 x 8 tiles");
 #ifdef MSW_HAVE_AVX2_PATH
   static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return interleave_lines_avx2(from, to, n, to_block);
+  if (avx2) return interleave_lines_avx2<L>(from, to, n, to_block);
 #endif
-  interleave_lines_sse(from, to, n, to_block);
+  interleave_lines_sse<L>(from, to, n, to_block);
 }
 
-// Recursive blur along one axis. Along inner axes, kLines neighbouring columns are already interleaved
-// in memory; lines along the last axis are transposed in blocks of kLines first. Leftover lines run
-// through the scalar recursive_gaussian_line.
+// Lines along the last axis, L at a time: transposed into an interleaved block, filtered, transposed back.
+template <int L>
+inline void rg_rows(const RecursiveGaussian &c, const float *src, float *dst, int n, float *block,
+                    double *buf) {
+  interleave_lines_dispatch<L>(src, block, n, true);
+  rg_lines_dispatch<L>(c, block, L, block, L, n, buf);
+  interleave_lines_dispatch<L>(block, dst, n, false);
+}
+
+// --- the recursion down the columns of whole rows (axes other than the last) ------------------------
+// Along an inner axis, rows of a strip of up to kColumnStrip neighbouring columns go through the
+// recursion together: for each row, the loop over the strip's columns is the SIMD loop (no dependency
+// between columns; the one between rows is a strip's worth of work apart), and rows are read and written
+// as contiguous runs, which the hardware prefetcher follows (stepping 8 or 16 columns down a 1200-row
+// image stalls on memory and on the TLB). The state (the last three outputs of each column) stays in
+// double in three rotating strip-wide rows; the causal outputs are kept as float (in dst, and in `tail`
+// for the pad rows below the image) for the anti-causal pass, which rounds its input by < 1e-7 relative.
+constexpr int64_t kColumnStrip = 512;
+
+// y_row[j] = rg_step(x[j], y1[j], y2[j], y3[j]) over m columns, written to y3 (the oldest state row)
+// and, as float, to out. Causal and anti-causal steps alike.
+inline __attribute__((always_inline)) void rg_row_impl(const RecursiveGaussian &c, const float *__restrict x,
+                                                       const double *__restrict y1, const double *__restrict y2,
+                                                       double *__restrict y3, float *__restrict out, int64_t m) {
+  const double b = c.b, a1 = c.a1, a2 = c.a2, a3 = c.a3;
+  for (int64_t j = 0; j < m; j++) {
+    double y = ((b * double(x[j]) + a3 * y3[j]) + a2 * y2[j]) + a1 * y1[j];  // rg_step's order
+    y3[j] = y;
+    out[j] = static_cast<float>(y);
+  }
+}
+
+inline void rg_row_sse(const RecursiveGaussian &c, const float *x, const double *y1, const double *y2, double *y3,
+                       float *out, int64_t m) {
+  rg_row_impl(c, x, y1, y2, y3, out, m);
+}
+#ifdef MSW_HAVE_AVX2_PATH
+inline __attribute__((target("avx2"))) void rg_row_avx2(const RecursiveGaussian &c, const float *x,
+                                                        const double *y1, const double *y2, double *y3,
+                                                        float *out, int64_t m) {
+  rg_row_impl(c, x, y1, y2, y3, out, m);
+}
+#endif
+
+inline void rg_row(const RecursiveGaussian &c, const float *x, const double *y1, const double *y2, double *y3,
+                   float *out, int64_t m) {
+#ifdef MSW_HAVE_AVX2_PATH
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return rg_row_avx2(c, x, y1, y2, y3, out, m);
+#endif
+  rg_row_sse(c, x, y1, y2, y3, out, m);
+}
+
+// One strip of m columns (spaced 1, rows spaced `stride`) of n rows through the recursion, src -> dst
+// (dst may alias src). `state` holds 3 * kColumnStrip doubles, `tail` pad * kColumnStrip floats.
+inline void rg_column_strip(const RecursiveGaussian &c, const float *src, float *dst, int64_t stride, int n,
+                            int64_t m, double *state, float *tail, MomentSink *sink, int64_t dst_offset) {
+  int pad = c.pad, len = n + 2 * pad;
+  double *y1 = state, *y2 = state + kColumnStrip, *y3 = state + 2 * kColumnStrip;
+  const float *first = src + reflect101(-pad, n) * stride;
+  for (int64_t j = 0; j < m; j++) y1[j] = y2[j] = y3[j] = double(first[j]);
+  static thread_local std::vector<float> discard;  // causal outputs above the image are not kept
+  discard.resize(kColumnStrip);
+  for (int q = 0; q < len; q++) {
+    float *out = q < pad ? discard.data() : q < pad + n ? dst + (q - pad) * stride : tail + (q - pad - n) * kColumnStrip;
+    rg_row(c, src + reflect101(q - pad, n) * stride, y1, y2, y3, out, m);
+    double *t = y3;  // y3 now holds the newest output
+    y3 = y2;
+    y2 = y1;
+    y1 = t;
+  }
+  // Anti-causal: starts in the steady state of the last causal output (still exact, in y1).
+  std::copy_n(y1, m, y2);
+  std::copy_n(y1, m, y3);
+  for (int q = len - 1; q >= pad; q--) {
+    float *row = q < pad + n ? dst + (q - pad) * stride : tail + (q - pad - n) * kColumnStrip;
+    float *out = q < pad + n ? row : discard.data();
+    rg_row(c, row, y1, y2, y3, out, m);
+    if (sink && q < pad + n) sink->add(dst_offset + (q - pad) * stride, out, m);
+    double *t = y3;
+    y3 = y2;
+    y2 = y1;
+    y1 = t;
+  }
+}
+
+// Recursive blur along one axis. Along the last axis, lines are transposed in blocks of 16 (then 8)
+// into interleaved blocks for rg_lines, leftover lines go through the scalar recursive_gaussian_line;
+// along the other axes, strips of whole rows go through rg_column_strip.
 inline void recursive_axis_cpu(const float *src, float *dst, const AxisExtent &e, const RecursiveGaussian &c,
-                        std::vector<float> &scratch) {
+                        std::vector<float> &scratch, MomentSink *sink = nullptr) {
   int n = e.n, len = n + 2 * c.pad;
-  scratch.resize(static_cast<size_t>(2 * len + n) * kLines);  // len doubles, then n floats
-  double *buf = reinterpret_cast<double *>(scratch.data());
-  float *block = scratch.data() + static_cast<size_t>(2 * len) * kLines;
   if (e.inner == 1) {
+    scratch.resize(static_cast<size_t>(2 * len + n) * kMaxLines);  // len * kMaxLines doubles, then a block
+    double *buf = reinterpret_cast<double *>(scratch.data());
+    float *block = scratch.data() + static_cast<size_t>(2 * len) * kMaxLines;
     int64_t l = 0;
-    for (; l + kLines <= e.outer; l += kLines) {
-      interleave_lines_dispatch(src + l * n, block, n, true);
-      rg_lines_dispatch(c, block, kLines, block, kLines, n, buf);
-      interleave_lines_dispatch(block, dst + l * n, n, false);
-    }
+    for (; l + 16 <= e.outer; l += 16) rg_rows<16>(c, src + l * n, dst + l * n, n, block, buf);
+    for (; l + 8 <= e.outer; l += 8) rg_rows<8>(c, src + l * n, dst + l * n, n, block, buf);
     for (; l < e.outer; l++) recursive_gaussian_line(c, src + l * n, 1, dst + l * n, 1, n, buf, 1);
     return;
   }
+  scratch.resize(static_cast<size_t>(6 + c.pad) * kColumnStrip);  // 3 rows of doubles, then pad float rows
+  double *state = reinterpret_cast<double *>(scratch.data());
+  float *tail = scratch.data() + 6 * kColumnStrip;
   for (int64_t o = 0; o < e.outer; o++) {
     const float *s = src + o * n * e.inner;
     float *d = dst + o * n * e.inner;
-    int64_t i = 0;
-    for (; i + kLines <= e.inner; i += kLines) rg_lines_dispatch(c, s + i, e.inner, d + i, e.inner, n, buf);
-    for (; i < e.inner; i++) recursive_gaussian_line(c, s + i, e.inner, d + i, e.inner, n, buf, 1);
+    for (int64_t i0 = 0; i0 < e.inner; i0 += kColumnStrip)
+      rg_column_strip(c, s + i0, d + i0, e.inner, n, std::min(kColumnStrip, e.inner - i0), state, tail, sink,
+                      o * n * e.inner + i0);
   }
 }
 
-// Separable blur of cascade band b over all axes; `tmp` is scratch of the same size.
+// Separable blur of cascade band b over all axes; `tmp` is scratch of the same size. With >= 2 axes, the
+// last pass (axis 0) feeds `sink` (its hi is src) if given.
 inline void blur_cpu(const float *src, float *dst, float *tmp, const int64_t *shape, int nd,
-                     const CascadeKernels &k, int b, const float *all_taps, std::vector<float> &scratch) {
+                     const CascadeKernels &k, int b, const float *all_taps, std::vector<float> &scratch,
+                     MomentSink *sink = nullptr) {
   const float *cur = src;
   for (int a = nd - 1; a >= 0; a--) {
     // ping-pong so that the last pass (axis 0) lands in dst
     float *out = ((nd - 1 - a) % 2 == (nd - 1) % 2) ? dst : tmp;
+    MomentSink *pass_sink = a == 0 && nd >= 2 ? sink : nullptr;
     if (k.is_recursive(b))
-      recursive_axis_cpu(cur, out, axis_extent(shape, nd, a), k.recursive[b], scratch);
+      recursive_axis_cpu(cur, out, axis_extent(shape, nd, a), k.recursive[b], scratch, pass_sink);
     else
-      conv_axis_cpu(cur, out, axis_extent(shape, nd, a), all_taps + k.offset[b], k.radius[b], scratch);
+      conv_axis_cpu(cur, out, axis_extent(shape, nd, a), all_taps + k.offset[b], k.radius[b], scratch, pass_sink);
     cur = out;
   }
 }
@@ -364,6 +482,18 @@ inline void band_moments(const float *hi, const float *lo, int64_t n, double *su
   band_moments_sse(hi, lo, n, sum, sum_sq);
 }
 
+inline void MomentSink::add(int64_t offset, const float *lo, int64_t m) {
+  double s, ss;
+  band_moments(hi + offset, lo, m, &s, &ss);
+  sum += s;
+  sum_sq += ss;
+  if (residual) {
+    band_moments(lo, nullptr, m, &s, &ss);
+    res_sum += s;
+    res_sum_sq += ss;
+  }
+}
+
 // combine_bands for every element, evaluated band by band over blocks of elements: the same operations
 // in the same order per element, in a form the compiler vectorises.
 inline void combine_cpu(const float *const *planes, const float *gains, int nb, float res_mean, int64_t n,
@@ -402,13 +532,22 @@ inline void energy_bands_sample(const float *in, const int64_t *shape, int nd, c
   float *tmp = storage.data() + nb * vol;
   const float *planes[kMaxBands + 1];
   planes[0] = in;
+  double sum[kMaxBands + 1], sum_sq[kMaxBands + 1];
+  bool fused = nd >= 2;  // the blur's last pass runs along an inner axis and takes the moments
   for (int b = 0; b < nb; b++) {
     float *low = storage.data() + b * vol;
-    blur_cpu(planes[b], low, tmp, shape, nd, k, b, all_taps, pad);
+    MomentSink sink{planes[b], b == nb - 1};
+    blur_cpu(planes[b], low, tmp, shape, nd, k, b, all_taps, pad, fused ? &sink : nullptr);
     planes[b + 1] = low;
+    sum[b] = sink.sum;
+    sum_sq[b] = sink.sum_sq;
+    if (b == nb - 1) {
+      sum[nb] = sink.res_sum;
+      sum_sq[nb] = sink.res_sum_sq;
+    }
   }
-  double sum[kMaxBands + 1], sum_sq[kMaxBands + 1];
-  for (int b = 0; b <= nb; b++) band_moments(planes[b], b < nb ? planes[b + 1] : nullptr, vol, sum + b, sum_sq + b);
+  if (!fused)
+    for (int b = 0; b <= nb; b++) band_moments(planes[b], b < nb ? planes[b + 1] : nullptr, vol, sum + b, sum_sq + b);
   if (!ref) {
     for (int b = 0; b <= nb; b++) out[b] = static_cast<float>(std_from_moments(sum[b], sum_sq[b], vol));
     return;

@@ -22,7 +22,12 @@ inline void crop_one(const CropDesc &c, int depth, int s) {
         std::fill(row, row + s, 0.0f);
         continue;
       }
-      for (int x = 0; x < s; x++) row[x] = crop_fetch(c.src, c.d, c.h, c.w, sz, sy, c.x0 + x);
+      // crop_fetch along the row: zeros left and right of the image, one copy of the columns inside it.
+      int x_begin = std::clamp(-c.x0, 0, s), x_end = std::clamp(c.w - c.x0, x_begin, s);
+      std::fill(row, row + x_begin, 0.0f);
+      std::copy(c.src + (int64_t(sz) * c.h + sy) * c.w + c.x0 + x_begin,
+                c.src + (int64_t(sz) * c.h + sy) * c.w + c.x0 + x_end, row + x_begin);
+      std::fill(row + x_end, row + s, 0.0f);
     }
   }
 }
