@@ -255,7 +255,8 @@ def _keep_unplanned_errors(root: Path, g: int) -> None:
     name no generation clears or skips as its own, so later runs also do not report these inputs again;
     the map folder to `gNNN-unplanned-<token>`, still read by ingest.paths)."""
     base = root / ERRORS_DIR
-    files = [base / f"scan-g{g:03d}.parquet", *sorted(base.glob(f"plan-g{g:03d}-b*.parquet"))] if base.is_dir() else []
+    files = ([base / f"scan-g{g:03d}.parquet", *sorted(base.glob(f"scan-g{g:03d}-b*.parquet")),
+              *sorted(base.glob(f"plan-g{g:03d}-b*.parquet"))] if base.is_dir() else [])
     kept = [p for p in files if p.exists() and pq.read_metadata(p).num_rows]
     if not kept:
         return
@@ -289,8 +290,16 @@ def _scan_item(task, **kwargs):
 
 def _scan_non_dicom_item(task, **kwargs):
     from .arrays import run_scan_task as run_non_dicom_scan_task
+    from .paths import generation_map_dir, write_map
 
-    return run_non_dicom_scan_task(task, **kwargs)
+    result = run_non_dicom_scan_task(task, **kwargs)
+    # as the DICOM scan task does: its rejections stay on the worker (error part), the client gets a count
+    # (the map rows of rejected inputs are already in the task's map part)
+    errors = result["errors"]
+    if errors:
+        planning.write_scan_error_part(planning.scan_error_part(kwargs["root"], kwargs["generation"], task.index), errors)
+    result["errors"] = len(errors)
+    return result
 
 
 def dataset_kind(root: Path) -> str | None:
@@ -507,15 +516,14 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
                        stats: RunStats, exclude: frozenset[str], lost: list[tuple[int, str, str]]) -> dict[str, str]:
     """Scan, rewrite lost shards, plan and convert a new generation. Returns the lost shards that could
     not be rewritten ({shard: why})."""
-    from shards import write_errors
-
     gens = planning.generations(root)
     g = gens[-1] + 1 if gens else 0
     for stale in (root / INVENTORY_DIR).glob(f"part-g{g:03d}-*.parquet"):
         stale.unlink()  # from an interrupted scan of this same generation
     shutil.rmtree(root / WORK_DIR / f"g{g:03d}", ignore_errors=True)
     shutil.rmtree(generation_map_dir(root, g), ignore_errors=True)  # the map of that interrupted scan
-    shutil.rmtree(work_dir(root, g), ignore_errors=True)
+    shutil.rmtree(work_dir(root, g), ignore_errors=True)  # with the scan's error parts
+    planning.clear_scan_errors(root, g)
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     try:
         tasks = scan_tasks(list(cfg.sources), target_tasks=SCAN_TASKS_PER_WORKER * n_workers,
@@ -538,6 +546,16 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
     if failures:
         raise JobFailed(f"{len(failures)} scan task(s) failed: {failures[0][1]}; rerun the same command")
     stats.files = sum(r["files"] for r in results)
+    rejections = sum(r["errors"] for r in results)
+    scan_rejected = 0
+    if rejections:  # merged on the workers: the client sums counts
+        buckets = planning.scan_error_buckets(rejections)
+        merged, failures = run_phase(client, "scan: errors", planning.merge_scan_errors, list(range(buckets)),
+                                     key_of=lambda b: f"scan-errors-{b}-g{g:03d}-{token}", progress=cfg.progress,
+                                     root=str(root), generation=g, buckets=buckets)
+        if failures:
+            raise JobFailed(f"{len(failures)} scan error task(s) failed: {failures[0][1]}; rerun the same command")
+        scan_rejected = sum(merged)
     inventory_rows = sum(r.get("rows", r["files"]) for r in results)  # non-DICOM: one row per image
     if cfg.modality:
         label_names = _non_dicom_label_names(root, results, label_names)
@@ -557,13 +575,8 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
     except planning.PlanFailed as e:
         raise JobFailed(f"{e}; rerun the same command") from None
     stats.new_slices, stats.already_ingested = plan.slices, plan.already_ingested
-    # reported by an earlier generation: looked up for this run's scan errors only (the error files of
-    # earlier generations are not read into the client)
-    scan_errors = planning.not_yet_reported(root, g, list({(e["source"], e["reason"]): e for r in results
-                                                           for e in r["errors"]}.values()))
-    write_errors(root, f"scan-g{g:03d}", scan_errors)
     _log(f"plan g{g:03d}: {stats.files:,} files, {plan.slices:,} new slices in {len(plan.shards):,} shard(s), "
-         f"{stats.already_ingested:,} already ingested, {len(scan_errors) + plan.rejected:,} rejected")
+         f"{stats.already_ingested:,} already ingested, {scan_rejected + plan.rejected:,} rejected")
     if not plan.shards:
         _keep_unplanned_errors(root, g)  # before the number is reused: the rejections of this run stay recorded
         planning.clear_generation_plan(root, g)  # records of nothing; this generation number is reused

@@ -7,12 +7,13 @@ folder like the salt file `<DATASET>.salt`: copying or publishing the dataset fo
 
     DATASET.paths/                     mode 0700, files 0600
       gNNN/map/part-*.parquet          source_hash -> path text of every source the scan of generation NNN
-                                       saw (files read, files and folders rejected); written by the scan
-                                       tasks themselves, kept for good
+                                       saw (files read, files and folders rejected: rejected-*.parquet
+                                       for a DICOM scan); written by the scan tasks themselves, kept for good
       arrays/*.parquet                 rejected non-DICOM inputs of datasets written before those sources
                                        joined the generations (still read; new ones are in gNNN/map)
       work/gNNN/shards/<shard>.parquet each pending shard's slice list (with paths) that convert opens;
                                        removed when the generation completes
+      work/gNNN/scan-errors/*.arrows   each scan task's rejections until merged into errors/ (ingest.plan)
 
 With `--keep-paths` (config `keep_paths = true`) the dataset keeps clear paths inside instead
 (inventory `source`, errors `source` and details), for private use; only the pending work files are

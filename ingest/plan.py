@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards.layout import ERRORS_DIR, PLAN_DIR
+from shards.manifest import ERRORS_SCHEMA
 from shards.sample import MODALITIES
 
 from .scan import INVENTORY_EXTENSION, INVENTORY_SCHEMA, WORK_DIR, error_row
@@ -1047,3 +1048,66 @@ def plan_generation(client, root: Path, generation: int, *, rows: int, modality_
     plan.slices = sum(info["slices"] for info in plan.shards.values())
     plan.phase_seconds = seconds
     return plan
+
+
+# ---------------------------------------------------------------- scan rejections, merged on workers
+#
+# A scan task writes its rejections (already hashed and scrubbed: errors/ rows) into error parts beside
+# the dataset, DATASET.paths/work/gNNN/scan-errors/part-TTTTT-BBB.arrows, sorted into ERROR_SLOTS key
+# slots of a hash of the row's source; it returns only their count. Then one merge task per range of
+# slots reads that range of every part, keeps one row per (source, reason) (overlapping sources, /a
+# and /a/b, reject the same file twice; the lowest task's row wins), drops those an earlier generation
+# reported and writes errors/scan-gNNN-bBBBBB.parquet. The client sums counts: it never holds the rows.
+
+ERROR_SLOTS = 1024           # key slots of an error part (its index: ERROR_SLOTS + 1 offsets)
+ERROR_BUCKET_ROWS = 100_000  # rejections per merge task
+ERROR_PART_SCHEMA = ERRORS_SCHEMA
+
+
+def _error_slot(source: str | None) -> int:
+    import hashlib
+
+    text = (source or "").encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(), "big") * ERROR_SLOTS >> 32
+
+
+def scan_error_part(root: str | Path, generation: int, task_index: int, batch: int = 0) -> Path:
+    return _work(Path(root), generation, "scan-errors") / f"part-{task_index:05d}-{batch:03d}.arrows"
+
+
+def write_scan_error_part(path: Path, errors: list[dict]) -> None:
+    """One scan task's rejections (errors/ rows), sorted into key slots for the merge tasks."""
+    slots = np.array([_error_slot(e["source"]) for e in errors], np.int64)
+    order = np.argsort(slots, kind="stable")
+    table = pa.Table.from_pylist([{f: errors[i].get(f) for f in ERROR_PART_SCHEMA.names} for i in order.tolist()],
+                                 schema=ERROR_PART_SCHEMA)
+    _write_slots(table, path, slots[order], ERROR_SLOTS)
+
+
+def scan_error_buckets(rejections: int) -> int:
+    return min(ERROR_SLOTS, max(1, -(-rejections // ERROR_BUCKET_ROWS)))
+
+
+def merge_scan_errors(bucket: int, *, root: str, generation: int, buckets: int) -> int:
+    """One merge task (see above): writes errors/scan-gNNN-bBBBBB.parquet; returns its row count."""
+    from shards import write_errors
+
+    root_ = Path(root)
+    first, last = bucket * ERROR_SLOTS // buckets, (bucket + 1) * ERROR_SLOTS // buckets - 1
+    parts = sorted(_work(root_, generation, "scan-errors").glob("part-*.arrows"))  # task order: the winner is stable
+    unique: dict[tuple, dict] = {}
+    for part in parts:
+        for row in _read_slots(part, first, last, ERROR_PART_SCHEMA).to_pylist():
+            unique.setdefault((row["source"], row["reason"]), row)
+    errors = not_yet_reported(root_, generation, list(unique.values()))
+    write_errors(root_, f"scan-g{generation:03d}-b{bucket:06d}", errors)
+    return len(errors)
+
+
+def clear_scan_errors(root: Path, generation: int) -> None:
+    """Remove the scan error files an interrupted run of this generation left (the merged ones of an
+    earlier attempt may have used another bucket count)."""
+    base = Path(root) / ERRORS_DIR
+    if base.is_dir():
+        for stale in [*base.glob(f"scan-g{generation:03d}-b*.parquet"), base / f"scan-g{generation:03d}.parquet"]:
+            stale.unlink(missing_ok=True)

@@ -535,14 +535,26 @@ def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_pa
                   exclude: frozenset[str] = frozenset()) -> dict:
     """Dask task: walk + read headers, write inventory parts (and, with `hash_paths`, the matching parts
     of the path map beside the dataset: hash -> path of every file read and every source rejected).
-    Returns counts and error rows."""
+    Its rejections go into error parts beside the dataset (merged into errors/ by ingest.plan
+    merge_scan_errors: overlapping sources reject a file twice), with `hash_paths` their map rows too.
+    Returns counts only: the client never holds per-file rows."""
     from shards.atomic import write_parquet_atomically
 
-    from .paths import generation_map_part, write_map
+    from .paths import generation_map_dir, generation_map_part, write_map
+    from .plan import scan_error_part, write_scan_error_part
 
     rows, errors, paths = [], [], []
-    rejected: list[str] = []  # sources of this task's error rows, for the map
-    n_files = n_rows = batch = 0
+    rejected: list[str] = []  # sources of the unwritten error rows, for the map
+    n_files = n_rows = batch = error_batch = n_errors = 0
+
+    def flush_errors() -> None:
+        nonlocal errors, rejected, error_batch, n_errors
+        write_scan_error_part(scan_error_part(root, generation, task.index, error_batch), errors)
+        if hash_paths:  # every errors/ row can be resolved
+            write_map(generation_map_dir(root, generation) / "map" / f"rejected-{task.index:05d}-{error_batch:03d}.parquet",
+                      [map_row(src, salt) for src in rejected])
+        n_errors += len(errors)
+        errors, rejected, error_batch = [], [], error_batch + 1
 
     def flush() -> None:
         nonlocal rows, paths, batch
@@ -576,14 +588,16 @@ def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_pa
             paths.append({"source_hash": row["source_hash"], "path": path_text(src)})  # = map_row(src, salt)
         if len(rows) >= ROWS_PER_PART:
             flush()
+        if len(errors) >= ROWS_PER_PART:
+            flush_errors()
     for path, reason, detail in [*task.problems, *walker.problems]:
         errors.append(scan_error(path, "scan", reason, detail, salt, hash_paths))
         rejected.append(path)
-    if hash_paths:  # rejected sources go into the last part, so that every errors/ row can be resolved
-        paths.extend(map_row(src, salt) for src in rejected)
+    if errors:
+        flush_errors()
     if rows or paths or batch == 0:
         flush()
-    return {"files": n_files, "headers": n_rows, "errors": errors}
+    return {"files": n_files, "headers": n_rows, "errors": n_errors}
 
 
 def _shown(src: str, salt: str, hash_paths: bool) -> str:

@@ -253,6 +253,9 @@ def test_dataset_inside_a_source_tree_is_not_scanned(tmp_path, dicom_dir):
 
 def test_unreadable_folder_near_the_top_becomes_an_error_row(tmp_path, dicom_dir, monkeypatch):
     """Root reads every folder whatever its mode, so the refusal is simulated where the scan lists it."""
+    import pyarrow.parquet as pq
+
+    from ingest.plan import merge_scan_errors
     from ingest.scan import run_scan_task, scan_tasks
 
     src = tmp_path / "export"
@@ -273,7 +276,9 @@ def test_unreadable_folder_near_the_top_becomes_an_error_row(tmp_path, dicom_dir
     tasks = scan_tasks([str(src)], target_tasks=16, files_per_task=100)  # the client lists the top levels
     out = tmp_path / "ds"
     results = [run_scan_task(t, root=str(out), generation=0, salt=SALT, hash_paths=False) for t in tasks]
-    errors = [e for r in results for e in r["errors"]]
+    assert sum(r["errors"] for r in results) == 1
+    assert merge_scan_errors(0, root=str(out), generation=0, buckets=1) == 1  # as the job does on a worker
+    errors = pq.read_table(out / "errors" / "scan-g000-b000000.parquet").to_pylist()
     assert [(e["source"], e["stage"], e["reason"]) for e in errors] == [(locked, "scan", "unreadable folder")]
     assert "Permission denied" in errors[0]["detail"]
     scanned = pads.dataset(out / "inventory", format="parquet").to_table().column("source").to_pylist()

@@ -471,7 +471,50 @@ def test_walk_skips_excluded_folders_and_lists_each_file_once(tmp_path, dicom_di
     _diamond(src / "diamond", dicom_dir / "ct_kits_abdomen_18" / "1-003.dcm")
     exclude = frozenset({os.path.normpath(src / "out"), os.path.normpath(deep / "out")})
     tasks = scan_tasks([str(src)], target_tasks=2, files_per_task=64, exclude=exclude)
-    errors = [e for t in tasks for e in run_scan_task(t, str(tmp_path / "ds"), 0, SALT, False, exclude)["errors"]]
+    assert sum(run_scan_task(t, str(tmp_path / "ds"), 0, SALT, False, exclude)["errors"] for t in tasks) == 0
+    errors = list((tmp_path / "ds" / "errors").glob("*.parquet"))
     inventory = pq.read_table(tmp_path / "ds" / "inventory").column("source").to_pylist()
     assert not errors
     assert sorted(inventory) == sorted([str(deep / "kept.dcm"), str(src / "diamond" / "leaf_folder" / "slice.dcm")])
+
+
+# ---------------------------------------------------------------- rejections stay on the workers
+
+def test_junk_files_are_recorded_once_by_the_workers_not_the_client(tmp_path, dicom_dir, scheduler, monkeypatch):
+    """A folder of real DICOM plus many junk files, ingested from the overlapping sources /a and /a/b/c/d/e:
+    the scan tasks return counts only (no rows for the client to gather); the rows the workers merge
+    (several merge tasks, scan tasks writing several error parts) name each junk file exactly once,
+    every hash resolves through the map beside the dataset, and a second run reports none again."""
+    import ingest.plan as planning
+    import ingest.scan as scan
+    from _ingest_fixtures import readable_error_rows
+
+    a = tmp_path / "a"
+    b = a / "b" / "c" / "d" / "e"  # deeper than the client expands: /a's walk reaches it as well
+    b.mkdir(parents=True)
+    for f in sorted((dicom_dir / "ct_kits_abdomen_18").glob("*.dcm"))[:3]:
+        shutil.copyfile(f, a / f.name)
+    junk = [b / f"report_{i:03d}.txt" for i in range(120)] + [a / f"notes_{i:02d}.txt" for i in range(30)]
+    for i, path in enumerate(junk):
+        path.write_text(f"not an image {i}\n")
+    monkeypatch.setattr(scan, "ROWS_PER_PART", 40)  # a task writes several error parts
+    monkeypatch.setattr(planning, "ERROR_BUCKET_ROWS", 50)  # and several merge tasks read them
+
+    tasks = scan.scan_tasks([str(a), str(b)], target_tasks=4, files_per_task=64)
+    returned = [scan.run_scan_task(t, str(tmp_path / "probe"), 0, SALT, True) for t in tasks]
+    assert all(isinstance(v, int) for r in returned for v in r.values())
+    assert sum(r["errors"] for r in returned) == 120 * 2 + 30  # b's files rejected by both sources' tasks
+
+    out = tmp_path / "ds"
+    _, stats = run_ingest([a, b], out, scheduler=scheduler)
+    assert stats.new_slices == 3
+    merged = sorted((out / "errors").glob("scan-g000-b*.parquet"))
+    assert len(merged) > 1
+    rows = readable_error_rows(out)
+    assert sorted(e["source"] for e in rows) == sorted(str(p) for p in junk)  # each once
+    assert {e["reason"] for e in rows} == {"not DICOM"}
+    first = error_rows(out)
+    _, again = run_ingest([a, b], out, scheduler=scheduler)
+    assert again.new_slices == 0 and again.files == stats.files
+    assert error_rows(out) == first  # not reported again
+    assert not list((out / "errors").glob("scan-g001*"))
