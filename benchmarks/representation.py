@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.layout import DATASET_JSON
+from train.errors import TrainError
 
 from ._common import machine, parser, print_table, write_json
 
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                     pre = {"encoder": random_encoder(0), "steps": 0, "seconds": 0.0, "images_per_s": None}
                 else:
                     pre = pretrain_peer(arm.split("_", 1)[1], npz, budget, work, args.threads)
-            except (RuntimeError, SystemExit) as e:  # one arm's failure leaves the others' figures
+            except (RuntimeError, TrainError, SystemExit) as e:  # one arm's failure leaves the others' figures
                 print(f"error: [{name}] {arm}: {e}", file=sys.stderr, flush=True)
                 figures[name][arm] = {"error": str(e)[:2000]}
                 failed.append(f"{name}/{arm}")

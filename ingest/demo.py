@@ -13,13 +13,17 @@ import sys
 from pathlib import Path
 
 
+class DemoDataMissing(FileNotFoundError):
+    """pydicom's test files are not installed (python -m ingest.demo exits 1 with this one line)."""
+
+
 def demo_sources() -> list[str]:
     """Folders holding pydicom's test files and pydicom-data's files (each walked recursively)."""
     from pydicom.data import get_testdata_files
 
     files = [f for f in get_testdata_files() if os.path.isfile(f)]
     if not files:
-        raise SystemExit("ingest.demo: pydicom's test files are missing (pip install pydicom pydicom-data)")
+        raise DemoDataMissing("ingest.demo: pydicom's test files are missing (pip install pydicom pydicom-data)")
     # the deepest common folders: pydicom/data/test_files and data_store/data
     folders = sorted({str(Path(f).parent) for f in files})
     roots: list[str] = []
@@ -38,7 +42,11 @@ def main(argv: list[str] | None = None) -> Path:
     from .__main__ import main as ingest_main
 
     dataset = Path(args.out) / "dataset"
-    code = ingest_main([*demo_sources(), "--out", str(dataset), "--workers", str(args.workers),
+    try:
+        sources = demo_sources()
+    except DemoDataMissing as e:
+        raise SystemExit(str(e)) from None
+    code = ingest_main([*sources, "--out", str(dataset), "--workers", str(args.workers),
                         "--shard-size", args.shard_size, "--dashboard-address", ":0",
                         "--val-fraction", "0.2"])  # a few dozen patients only: a larger val share keeps val non-empty
     if code != 0:

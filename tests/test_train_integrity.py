@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from train.errors import CheckpointError, RunFolderError
 from train.main import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def test_checkpoint_with_code_in_its_pickle_is_refused_everywhere(pneumonia_run,
     state["config"]["note"] = MakesDirectoryWhenUnpickled(marker)
     torch.save(state, run / "checkpoint.pt")
 
-    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         main(args[:-1] + ["3", "--resume", "auto"])
     assert not marker.exists()
 
@@ -123,7 +124,7 @@ def test_resume_removes_stale_checkpoint_temporaries_and_tolerates_a_cut_log(pne
     # A damaged line that is not the last one is still an error, naming the line.
     lines = text.splitlines()
     log.write_text("\n".join([lines[0], lines[1][:20], lines[2]]) + "\n")
-    with pytest.raises(SystemExit, match="metrics.jsonl:2"):
+    with pytest.raises(RunFolderError, match="metrics.jsonl:2"):
         plot_run(run, tmp_path / "m2.png")
 
 
@@ -196,3 +197,30 @@ def test_loader_reports_uncommitted_tars_and_missing_shards(ingested_ct, tmp_pat
     with pytest.raises(DamagedShardError, match=f"shard ct/{ct[2].name}: tar missing"):
         next(iter(loader))
     loader.close()
+
+
+def test_unusable_data_raises_in_the_library_and_exits_1_with_one_line_from_the_cli(tmp_path, dicom_dir):
+    """A freshly ingested real dataset without its augmentation stats: building the training source
+    raises DataError (a caller can catch it; no SystemExit from library code), while `python -m train`
+    on it still exits 1 with the same single `error:` line and no traceback."""
+    import shutil
+
+    from _ingest_fixtures import run_ingest
+    from train.config import load_config
+    from train.data import build_source
+    from train.errors import DataError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in sorted((dicom_dir / "ct_kits_abdomen_18").glob("*.dcm"))[:3]:
+        shutil.copyfile(f, src / f.name)
+    data = tmp_path / "ds"
+    run_ingest([src], data)
+    args = ["--data", str(data), "--out", str(tmp_path / "run"), "--device", "cpu", "--batch-size", "4"]
+    with pytest.raises(DataError, match="energy.json is missing") as raised:
+        build_source(load_config(args), 0, 1, "cpu")
+    assert not isinstance(raised.value, SystemExit)
+    done = _cli("train", *args)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"error: {raised.value}"
+    assert "Traceback" not in done.stderr and not (tmp_path / "run" / "checkpoint.pt").exists()

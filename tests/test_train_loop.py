@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from train.config import Config, ConfigError, load_config
+from train.errors import RunError
 from train.export import export_backbone, load_backbone
 from train.main import main
 
@@ -89,7 +90,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
             "--checkpoint-every", "1", "--max-steps", "10"]
     _run(tmp_path, *args, "--max-steps", "1")
     good = _ckpt(tmp_path)
-    with pytest.raises(SystemExit, match="non-finite"):
+    with pytest.raises(RunError, match="non-finite"):
         _run(tmp_path, *args, "--resume", "auto", "--base-lr", "1e38", "--lars-trust", "1e38")
     kept = _ckpt(tmp_path)
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())

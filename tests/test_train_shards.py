@@ -11,6 +11,7 @@ from _augment_fixtures import build_dataset
 
 from augment_dali.config import AugmentConfig, NormalizeConfig
 from augment_dali.stats import compute_stats, write_stats
+from train.errors import DataError
 from train.export import backbone_normalisation, export_backbone
 from train.main import main
 
@@ -110,5 +111,5 @@ def test_augment_section_reaches_the_dali_pipeline(tmp_path, shard_dataset):
     # the sigmas reach the pipeline too: stats measured with other sigmas are refused, naming both
     toml.write_text('[augment]\nsigmas = [1.0, 3.0]\nsize_range = [40, 64]\ncrop_sizes = [40, 12]\n')
     cfg = load_config(["--config", str(toml), "--data", str(shard_dataset), "--batch-size", "4"])
-    with pytest.raises(SystemExit, match=r"sigmas .*the pipeline uses \[1.0, 3.0\]"):
+    with pytest.raises(DataError, match=r"sigmas .*the pipeline uses \[1.0, 3.0\]"):
         build_source(cfg, 0, 1, "cpu")

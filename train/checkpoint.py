@@ -16,6 +16,8 @@ import torch
 
 from shards.atomic import write_atomically
 
+from .errors import CheckpointError
+
 CHECKPOINT_NAME = "checkpoint.pt"
 
 # What a legacy checkpoint's numpy RNG state (a uint32 array) needs to be rebuilt; no code runs from it.
@@ -57,11 +59,11 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 
 def load(path: Path, map_location="cpu") -> dict:
-    """A training checkpoint; exits with a one-line error when it is damaged or holds anything unsafe."""
+    """A training checkpoint; raises CheckpointError (one line) when it is damaged or holds anything unsafe."""
     try:
         return load_plain(path, map_location)
     except UnsafeOrDamagedFile as e:
-        raise SystemExit(f"error: {e}") from None
+        raise CheckpointError(str(e)) from None
 
 
 def resolve_resume(resume: str, out: Path) -> Path | None:
@@ -72,7 +74,7 @@ def resolve_resume(resume: str, out: Path) -> Path | None:
         return path if path.exists() else None
     path = Path(resume)
     if not path.exists():
-        raise SystemExit(f"error: --resume {resume}: no such checkpoint")
+        raise CheckpointError(f"--resume {resume}: no such checkpoint")
     return path
 
 

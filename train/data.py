@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from shards.layout import DATASET_JSON
 
+from .errors import DataError
+
 
 def _generator(*key: int) -> torch.Generator:
     seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -175,14 +177,14 @@ class ShardSource:
         try:
             from augment_dali.loader import DamagedShardError, SwavLoader
         except ImportError as e:
-            raise SystemExit(f"error: cannot read shard dataset {root}: augment_dali.loader unavailable ({e})")
+            raise DataError(f"cannot read shard dataset {root}: augment_dali.loader unavailable ({e})") from None
         try:
             self.loader = SwavLoader(root, batch_size=batch_size, modalities=list(modalities) or None,
                                      rank=rank, world_size=world_size, device="gpu" if device == "cuda" else "cpu",
                                      seed=seed, num_threads=num_threads, split=split, augment=augment,
                                      verify_shards=verify_shards)
         except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"error: {root}: {e}") from None
+            raise DataError(f"{root}: {e}") from None
         self.damaged = DamagedShardError
         self.root = root
         self.modalities = list(self.loader.modalities)
@@ -226,7 +228,7 @@ class ShardSource:
         try:
             yield from self.loader
         except self.damaged as e:  # stop before reading it: training on damaged pixels is silently wrong
-            raise SystemExit(f"error: {e}. `python -m shards verify {self.root}` lists every damage; "
+            raise DataError(f"{e}. `python -m shards verify {self.root}` lists every damage; "
                              f"--no-verify-shards skips this check") from None
 
 
@@ -258,9 +260,9 @@ def build_source(cfg, rank: int, world_size: int, device: str):
                              cfg.max_scale_crops, split=cfg.split, seed=cfg.seed, rank=rank,
                              world_size=world_size, label_fraction=cfg.npz_label_fraction)
         except (OSError, ValueError, KeyError) as e:
-            raise SystemExit(f"error: --data {cfg.data}: {e}") from None
+            raise DataError(f"--data {cfg.data}: {e}") from None
     if not Path(cfg.data).is_dir():
-        raise SystemExit(f"error: --data {cfg.data}: not a shard dataset folder nor .npz files")
+        raise DataError(f"--data {cfg.data}: not a shard dataset folder nor .npz files")
     return ShardSource(cfg.data, cfg.batch_size, cfg.augment, cfg.modalities, cfg.split,
                        cfg.seed, rank, world_size, device, cfg.num_workers,
                        verify_shards=cfg.verify_shards)

@@ -23,9 +23,10 @@ PREFIX = "backbone."
 
 def export_backbone(checkpoint: Path, out: Path) -> dict:
     from .checkpoint import load, save_atomic
+    from .errors import CheckpointError
     state = load(checkpoint)
     if "model" not in state or "arch" not in state:
-        raise SystemExit(f"error: {checkpoint} is not a medswav training checkpoint (no model/arch)")
+        raise CheckpointError(f"{checkpoint} is not a medswav training checkpoint (no model/arch)")
     weights = {k[len(PREFIX):]: v for k, v in state["model"].items() if k.startswith(PREFIX)}
     encoder = build_encoder(state["arch"])
     encoder.load_state_dict(weights)  # proves the export loads before writing it
@@ -61,13 +62,18 @@ def load_backbone(path: str | Path, arch: str | None = None, map_location="cpu")
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .errors import TrainError
+
     parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="training checkpoint (run folder's checkpoint.pt)")
     parser.add_argument("--out", type=Path, required=True, help="output file for the backbone weights")
     args = parser.parse_args(argv)
     if not args.checkpoint.exists():
         raise SystemExit(f"error: no such checkpoint: {args.checkpoint}")
-    blob = export_backbone(args.checkpoint, args.out)
+    try:
+        blob = export_backbone(args.checkpoint, args.out)
+    except TrainError as e:  # a damaged, unsafe or foreign checkpoint: one line, exit status 1
+        raise SystemExit(f"error: {e}") from None
     print(f"wrote {args.out}: {blob['arch']} backbone ({len(blob['state_dict'])} tensors, "
           f"{blob['num_features']} features) from step {blob['step']}")
 

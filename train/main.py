@@ -22,6 +22,7 @@ from . import checkpoint as ckpt
 from . import determinism
 from .config import Config, ConfigError, load_config, to_dict
 from .data import Prefetcher, build_source, gather_data_positions
+from .errors import CheckpointError, DataError, RunError, TrainError
 from .metrics import MetricsLogger
 from .models import SwAVModel
 from .optim import LARS, lr_schedule, param_groups
@@ -39,7 +40,7 @@ def setup_distributed(cfg: Config):
     code of a multi-GPU job (SyncBatchNorm with one process normalises like BatchNorm)."""
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is visible")
+        raise RunError("--device cuda but no CUDA device is visible")
     rank, world, local = 0, 1, 0
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -82,11 +83,11 @@ def train(cfg: Config) -> dict:
         wants_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         reason = determinism.refusal(cfg, "cuda" if wants_cuda else "cpu")
         if reason:
-            raise SystemExit(f"error: {reason}")
+            raise RunError(reason)
         try:
             determinism.prepare_environment("cuda" if wants_cuda else "cpu")
         except determinism.DeterminismError as e:
-            raise SystemExit(f"error: {e}") from None
+            raise RunError(str(e)) from None
     rank, world, device = setup_distributed(cfg)
     is_main = rank == 0
     out = Path(cfg.out)
@@ -105,11 +106,11 @@ def train(cfg: Config) -> dict:
     source = build_source(cfg, rank, world, device.type)
     n_mod = len(source.modalities)
     if cfg.batch_size % n_mod:
-        raise SystemExit(f"error: batch size {cfg.batch_size} must be a multiple of the {n_mod} modalities")
+        raise DataError(f"batch size {cfg.batch_size} must be a multiple of the {n_mod} modalities")
     sub_batch = cfg.batch_size // n_mod
     num_labels = source.num_labels if cfg.beta > 0 else 0
     if cfg.beta > 0 and num_labels == 0:
-        raise SystemExit("error: beta > 0 needs labels, but the data set has no label columns")
+        raise DataError("beta > 0 needs labels, but the data set has no label columns")
     model = SwAVModel(cfg.arch, n_mod, cfg.num_prototypes, cfg.feat_dim, cfg.hidden_dim, num_labels,
                       assigned_views=len(cfg.crops_for_assign)).to(device)
     if on_gpu and dist.is_initialized() and cfg.sync_bn:
@@ -143,9 +144,9 @@ def train(cfg: Config) -> dict:
     if resume_path is not None:
         state = ckpt.load(resume_path)
         if state["arch"] != cfg.arch:
-            raise SystemExit(f"error: checkpoint {resume_path} is {state['arch']}, config asks for {cfg.arch}")
+            raise CheckpointError(f"checkpoint {resume_path} is {state['arch']}, config asks for {cfg.arch}")
         if list(state["modalities"]) != list(source.modalities):
-            raise SystemExit(f"error: checkpoint {resume_path} has modalities {state['modalities']}, "
+            raise CheckpointError(f"checkpoint {resume_path} has modalities {state['modalities']}, "
                              f"the data gives {source.modalities}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -214,7 +215,7 @@ def train(cfg: Config) -> dict:
                 batch = next(batches, None)
                 if batch is None:
                     if step % steps_per_epoch:
-                        raise SystemExit(f"error: the data source ended after {step % steps_per_epoch} of its "
+                        raise DataError(f"the data source ended after {step % steps_per_epoch} of its "
                                          f"{steps_per_epoch} steps in epoch {epoch}")
                     break
                 t_data = time.perf_counter() - t0
@@ -294,7 +295,7 @@ def train(cfg: Config) -> dict:
                     log.console(f"time budget of {cfg.max_seconds:g} s spent: stopped at step {step}/{stop_step}")
                     break
     except NonFiniteLoss as e:
-        raise SystemExit(f"error: {e}") from None
+        raise RunError(str(e)) from None
     finally:
         log.close()
         if hasattr(source, "close"):
@@ -314,12 +315,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """The command line: a bad configuration is one line on stderr and exit status 2."""
+    """The command line: a bad configuration is one line on stderr and exit status 2; a run that cannot
+    go on (train.errors: data, checkpoint, device) one line and exit status 1."""
     try:
         main(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,6 +11,8 @@ import argparse
 import math
 from pathlib import Path
 
+from .errors import RunFolderError, TrainError
+
 
 def plot_run(run: Path, out: Path) -> Path:
     try:
@@ -18,17 +20,17 @@ def plot_run(run: Path, out: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("error: plotting needs matplotlib (pip install matplotlib)") from None
+        raise TrainError("plotting needs matplotlib (pip install matplotlib)") from None
     path = run / "metrics.jsonl"
     if not path.exists():
-        raise SystemExit(f"error: {path} not found (is {run} a training run folder?)")
+        raise RunFolderError(f"{path} not found (is {run} a training run folder?)")
     from .metrics import read_metrics
     try:
         rows = read_metrics(path)  # a partial last line (run killed while writing) is left out
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise RunFolderError(str(e)) from None
     if not rows:
-        raise SystemExit(f"error: {path} is empty")
+        raise RunFolderError(f"{path} is empty")
     k = None
     cfg_path = run / "checkpoint.pt"
     if cfg_path.exists():
@@ -81,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", type=Path, help="run folder (holds metrics.jsonl)")
     parser.add_argument("--out", type=Path, help="PNG file (default RUN/metrics.png)")
     args = parser.parse_args(argv)
-    out = plot_run(args.run, args.out or args.run / "metrics.png")
+    try:
+        out = plot_run(args.run, args.out or args.run / "metrics.png")
+    except TrainError as e:  # no or a damaged metrics log, an unusable checkpoint: one line, exit status 1
+        raise SystemExit(f"error: {e}") from None
     print(f"wrote {out}")
 
 
