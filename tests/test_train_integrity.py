@@ -200,24 +200,16 @@ def test_loader_reports_uncommitted_tars_and_missing_shards(ingested_ct, tmp_pat
 
 
 def test_unusable_data_raises_in_the_library_and_exits_1_with_one_line_from_the_cli(tmp_path, dicom_dir):
-    """A freshly ingested real dataset without its augmentation stats: building the training source
-    raises DataError (a caller can catch it; no SystemExit from library code), while `python -m train`
-    on it still exits 1 with the same single `error:` line and no traceback."""
-    import shutil
-
-    from _ingest_fixtures import run_ingest
+    """--data at a folder of real DICOM files (the export, not the dataset ingested from it): building
+    the training source raises DataError (a caller can catch it; no SystemExit from library code),
+    while `python -m train` on it still exits 1 with the same single `error:` line, no traceback."""
     from train.config import load_config
     from train.data import build_source
     from train.errors import DataError
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for f in sorted((dicom_dir / "ct_kits_abdomen_18").glob("*.dcm"))[:3]:
-        shutil.copyfile(f, src / f.name)
-    data = tmp_path / "ds"
-    run_ingest([src], data)
-    args = ["--data", str(data), "--out", str(tmp_path / "run"), "--device", "cpu", "--batch-size", "4"]
-    with pytest.raises(DataError, match="energy.json is missing") as raised:
+    export = dicom_dir / "ct_kits_abdomen_18"
+    args = ["--data", str(export), "--out", str(tmp_path / "run"), "--device", "cpu", "--batch-size", "4"]
+    with pytest.raises(DataError, match=str(export)) as raised:
         build_source(load_config(args), 0, 1, "cpu")
     assert not isinstance(raised.value, SystemExit)
     done = _cli("train", *args)
