@@ -1,4 +1,5 @@
 """Volumes: one sample per DICOM series (`python -m ingest ... --volumes`, docs/INGEST.md "Volumes").
+NIfTI files (`--volumes --modality M`) take the same task, their volumes read by ingest.arrays.
 
 Scan and plan are those of slices, keyed by series (ingest.plan `volumes`): a planning bucket and a
 shard hold whole series. This module is the convert task of a volumes shard: it groups the shard's
@@ -234,11 +235,14 @@ def _series_meta(first: _Slice, geometry: dict, modality: str):
 
 
 def run_volume_task(root: str, generation: int, name: str, modality: str, label_names: list[str],
-                    salt: str, max_side: int | None, hash_paths: bool, direct_io: bool = True) -> dict:
-    """Dask task: write volumes shard `name` from its slice list (whole series, ingest.plan). Idempotent
+                    salt: str, max_side: int | None, hash_paths: bool, direct_io: bool = True,
+                    units: str | None = None) -> dict:
+    """Dask task: write volumes shard `name` from its slice list (whole series, ingest.plan), or from its
+    NIfTI files (one volume each, ingest.arrays.write_volumes; `units` applies to them only). Idempotent
     like ingest.convert.run_convert_task: a committed shard is left alone, a retry rewrites it."""
     from shards import ShardWriter, sample_key, write_errors
 
+    from .arrays import is_non_dicom, write_volumes
     from .convert import _remove_stale_temporaries, empty_marker, shard_done
     from .decoders import release_decoded
     from .plan import spec_path
@@ -250,7 +254,8 @@ def run_volume_task(root: str, generation: int, name: str, modality: str, label_
         return result
     _remove_stale_temporaries(root, modality, name)
     series: dict[str, list[dict]] = {}
-    for spec in pq.read_table(spec_path(root, generation, name)).to_pylist():
+    specs_read = pq.read_table(spec_path(root, generation, name)).to_pylist()
+    for spec in specs_read:
         series.setdefault(spec["series_hash"], []).append(spec)
     errors: list[dict] = []
     writer = ShardWriter(root, modality=modality, name=name, label_names=label_names, direct_io=direct_io)
@@ -261,6 +266,11 @@ def run_volume_task(root: str, generation: int, name: str, modality: str, label_
                                  salt, hash_paths))
 
     try:
+        if specs_read and is_non_dicom(specs_read[0].get("native_layout")):  # a generation is all NIfTI or all DICOM
+            series = {}
+            errors = write_volumes(writer, specs_read, modality=modality, salt=salt, hash_paths=hash_paths,
+                                   units=units)
+        del specs_read
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for series_hash, specs in series.items():
