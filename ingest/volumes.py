@@ -8,8 +8,10 @@ clean volume along the slice normal into one (depth, rows, cols) sample (shards 
 
 A series gives volumes by these rules, in order; anything else is one errors/ row for the series (its
 first file named) and nothing of it is stored:
-1. Every slice is a single-frame image with ImagePositionPatient and ImageOrientationPatient
-   ("missing positions"); enhanced multi-frame files are "multi-frame volume not supported yet".
+1. Every slice has ImagePositionPatient and ImageOrientationPatient ("missing positions"); a frame of
+   an enhanced multi-frame file is a slice whose position and orientation come from its functional
+   groups (PlanePositionSequence per frame, PlaneOrientationSequence per frame or shared; spacing and
+   rescale likewise), so its frames, and any other files of its series, stack by the rules below.
 2. Split: the slices are grouped by (orientation, rows, cols) (orientations equal within
    ORIENTATION_TOLERANCE); each group is a volume of its own, numbered n = 0, 1, ... in the order of its
    orientation and size (a scout or localizer mixed into an axial series thus becomes its own group).
@@ -61,14 +63,14 @@ class _Slice:
     `decode` ran (pixels are decoded only for series whose geometry makes a clean volume)."""
 
     def __init__(self, spec: dict, src: str, ds, position: np.ndarray, orientation: np.ndarray, uid: str,
-                 series_uid: str):
+                 series_uid: str, frame: int = 0):
         from .native import header_meta
 
         self.spec, self.src, self.ds, self.uid, self.series_uid = spec, src, ds, uid, series_uid
-        self.position, self.orientation = position, orientation
+        self.position, self.orientation, self.frame = position, orientation, frame
         self.shape = (int(ds.get("Rows") or 0), int(ds.get("Columns") or 0))
         try:
-            self.meta = header_meta(ds, 0)
+            self.meta = header_meta(ds, frame)
         except Exception as e:  # a value that does not fit its VR (ingest.convert says which element)
             raise Rejected("bad header value", type(e).__name__) from None
         self.pixels: np.ndarray | None = None
@@ -83,7 +85,7 @@ class _Slice:
         for src in [self.src, *(c for c in [self.spec["path"], *(self.spec.get("fallbacks") or [])] if c != self.src)]:
             try:
                 ds = self.ds if src == self.src else _load(src, self.spec, salt)[0]
-                self.pixels, self.info = convert_frame(ds, 0, max_side)
+                self.pixels, self.info = convert_frame(ds, self.frame, max_side)
                 self.ds = None
                 return
             except Rejected as e:
@@ -114,21 +116,32 @@ def _load(src: str, spec: dict, salt: str):
     return ds, uid, series_uid
 
 
-def read_slice(spec: dict, salt: str) -> _Slice:
-    """The slice of a plan entry with its geometry, from its planned copy or else its fallbacks."""
-    if spec["frames"] > 1:
-        raise Rejected("multi-frame volume not supported yet",
-                       "a multi-frame file: its volume would come from the per-frame functional groups")
+def read_slice(spec: dict, salt: str, loaded: dict | None = None) -> _Slice:
+    """The slice (a single-frame file, or one frame of an enhanced multi-frame file) of a plan entry with
+    its geometry, from its planned copy or else its fallbacks. `loaded` ({path: parsed copy}) lets the
+    frames of one multi-frame file share one parse."""
+    from .native import _functional
+
     failure = None
+    frame = int(spec.get("frame") or 0) if spec["frames"] > 1 else 0
     for src in [spec["path"], *(spec.get("fallbacks") or [])]:
         try:
-            ds, uid, series_uid = _load(src, spec, salt)
-            position = _floats(ds.get("ImagePositionPatient"), 3)
-            orientation = _floats(ds.get("ImageOrientationPatient"), 6)
+            if loaded is not None and spec["frames"] > 1:
+                if src not in loaded:
+                    loaded[src] = _load(src, spec, salt)
+                ds, uid, series_uid = loaded[src]
+            else:
+                ds, uid, series_uid = _load(src, spec, salt)
+            if spec["frames"] > 1:  # enhanced multi-frame: each frame's plane from its functional groups
+                position = _floats(_functional(ds, frame, "PlanePositionSequence", "ImagePositionPatient"), 3)
+                orientation = _floats(_functional(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+            else:
+                position = _floats(ds.get("ImagePositionPatient"), 3)
+                orientation = _floats(ds.get("ImageOrientationPatient"), 6)
             if position is None or orientation is None:
-                raise Rejected("missing positions", "a slice without a valid ImagePositionPatient or "
+                raise Rejected("missing positions", "a slice (or frame) without a valid ImagePositionPatient or "
                                                     "ImageOrientationPatient")
-            return _Slice(spec, src, ds, position, orientation, uid, series_uid)
+            return _Slice(spec, src, ds, position, orientation, uid, series_uid, frame)
         except Rejected as e:
             failure = failure or e
         except Exception as e:  # a bug or an exotic file: its reason, then the next copy
@@ -278,11 +291,14 @@ def run_volume_task(root: str, generation: int, name: str, modality: str, label_
                     for spec in specs:
                         reject([spec], Rejected("no SeriesInstanceUID", "a file without a series: no volume"))
                     continue
+                loaded: dict = {}  # the multi-frame files of this series, each parsed once
                 try:
-                    slices = [read_slice(spec, salt) for spec in specs]
+                    slices = [read_slice(spec, salt, loaded) for spec in specs]
                 except Rejected as e:
                     reject(specs, e)
                     continue
+                finally:
+                    del loaded
                 for n, group in enumerate(split_series(slices)):
                     try:
                         volume, geometry = stack(group, salt, max_side)
