@@ -99,3 +99,43 @@ def test_unusable_nifti_files_are_recorded_and_a_rerun_adds_only_new_files(built
     assert stats.generations == [1] and stats.new_slices == 1 and stats.already_ingested == 3
     assert again["samples"] == summary["samples"] + 1 == 3
     assert sorted(r["depth"] for r in manifest_rows(tmp_path / "ds")) == [3, 6, 8]
+
+
+def test_downstream_reads_nifti_volumes_listed_in_a_csv_with_labels(built, tmp_path):
+    """`train.downstream --data labels.csv`: the real-derived NIfTI files with a tiny CSV become labelled
+    [N, 1, D, H, W] inputs, each volume normalised as a whole as pretraining does (robust window for raw
+    units, the CT HU window for a CT file declared HU) and resampled to the volume shape."""
+    import shutil
+
+    import SimpleITK as sitk
+    import torch
+    import torch.nn.functional as F
+
+    from augment_dali.config import NormalizeConfig
+    from augment_dali.normalize import normalize_numpy
+    from train.downstream.data import load
+
+    _, _, _, paths = built
+    for name, copy in (("mr.nii.gz", "val_mr.nii.gz"), ("ct_float.nii", "test_ct.nii")):
+        shutil.copy(paths[name], tmp_path / copy)
+    (tmp_path / "labels.csv").write_text(
+        f"path,label,split,modality,units\n{paths['mr.nii.gz']},1,train,mr,raw\n{paths['ct_float.nii']},0,train,ct,HU\n"
+        "val_mr.nii.gz,1,val,mr,\ntest_ct.nii,0,test,,\n")
+    shape = (4, 16, 16)
+    data = load(tmp_path / "labels.csv", volume_shape=shape)
+    assert data.task == "binary" and [len(data[s].labels) for s in ("train", "val", "test")] == [2, 1, 1]
+    config = NormalizeConfig()
+    expected = {"train": [(paths["mr.nii.gz"], "mr", "raw", 1), (paths["ct_float.nii"], "ct", "HU", 0)],
+                "val": [(tmp_path / "val_mr.nii.gz", "mr", "raw", 1)], "test": [(tmp_path / "test_ct.nii", "ct", "raw", 0)]}
+    for split, files in expected.items():
+        assert data[split].images.shape == (len(files), 1, *shape), split
+        for i, (file, modality, units, label) in enumerate(sorted(files, key=lambda f: str(f[0]))):
+            voxels = sitk.GetArrayFromImage(sitk.ReadImage(str(file)))
+            x = torch.from_numpy(normalize_numpy(voxels, config.method_for(modality, units), config))[None, None]
+            reference = F.interpolate(x, size=shape, mode="trilinear", align_corners=False)[0]
+            assert torch.allclose(data[split].images[i], reference, atol=1e-6), (split, file)
+            assert data[split].labels[i] == label
+    assert config.method_for("ct", "HU") != config.method_for("ct", "raw")  # the HU row really took the HU window
+    (tmp_path / "bad.csv").write_text("path,label\nmissing.nii.gz,1\n")
+    with pytest.raises(FileNotFoundError, match="NIfTI file not found"):
+        load(tmp_path / "bad.csv", volume_shape=shape)
