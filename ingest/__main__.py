@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--volumes", action="store_const", const=True,
                    help="one 3-D sample per DICOM series (sorted along the slice normal; series that are not one "
                         "clean volume are split or recorded in errors/, see docs/INGEST.md) instead of one 2-D "
-                        "sample per slice; a dataset holds one kind: volumes and slices do not mix")
+                        "sample per slice; with --modality: one sample per 3-D NIfTI file; a dataset holds one "
+                        "kind: volumes and slices do not mix")
     s.add_argument("--shard-size", metavar="SIZE", help="target shard size, e.g. 1GB (default), 256MB, 64MiB")
     s.add_argument("--max-pixel-bytes", metavar="SIZE",
                    help="reject files whose declared decoded pixels, or whose file size, exceed SIZE, before "

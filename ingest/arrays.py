@@ -25,6 +25,10 @@ Splits: an `.npz` in MedMNIST layout keeps its own `train` / `val` / `test` spli
 plus numeric label columns). Pixels are stored exactly as read in their integer dtype (RGB becomes
 BT.601 luma as for DICOM); floating-point images are accepted only when every value is an integer.
 
+Volumes (`--volumes --modality M`, docs/INGEST.md "NIfTI volumes"): one row per 3-D NIfTI file
+(locator `volume`), written whole by `write_volumes` with SimpleITK's geometry; other formats, 2-D and
+4-D files are rejected at scan.
+
 Convert: a shard's images are grouped by source file and each file is read once per task (a whole
 NIfTI volume, each `.npz` member array once), then written in the plan's shuffled order; the task
 holds at most one source's arrays plus the shard's own decoded images.
@@ -138,10 +142,7 @@ def _nifti_images(path: str):
     reader.SetFileName(path)
     reader.ReadImageInformation()  # the header only
     size = reader.GetSize()  # (x, y[, z])
-    kind = sitk.GetPixelIDValueAsString(reader.GetPixelID())  # e.g. "16-bit signed integer"
-    bits = re.search(r"(\d+)-bit", kind)
-    itemsize = min(4, int(bits.group(1)) // 8) if bits else 2
-    dtype = np.dtype(f"{'i' if ' signed' in kind else 'u'}{max(1, itemsize)}")
+    dtype = _sitk_dtype(reader)
     if len(size) == 2:
         yield "z/0", (size[1], size[0]), dtype
     elif len(size) == 3:
@@ -149,6 +150,31 @@ def _nifti_images(path: str):
             yield f"z/{z}", (size[1], size[0]), dtype
     else:
         raise SourceError(f"expected a 2-D or 3-D image, got {len(size)} dimensions")
+
+
+def _nifti_volume(path: str):
+    """The one volume of a NIfTI file (--volumes): locator "volume", shape (depth, rows, cols). A 2-D
+    file has no depth and a 4-D file (a time series) is several volumes: both are rejected whole."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()  # the header only
+    size = reader.GetSize()  # (x, y, z[, t])
+    if len(size) != 3 or size[2] < 2:
+        raise SourceError(f"--volumes takes 3-D NIfTI volumes of depth >= 2, got size {tuple(size)} "
+                          f"(a 4-D file: split it into 3-D files first)")
+    yield "volume", (size[2], size[1], size[0]), _sitk_dtype(reader)
+
+
+def _sitk_dtype(reader) -> np.dtype:
+    """The integer type a SimpleITK pixel type is stored in (<= 32 bits; floats checked at convert)."""
+    import SimpleITK as sitk
+
+    kind = sitk.GetPixelIDValueAsString(reader.GetPixelID())  # e.g. "16-bit signed integer"
+    bits = re.search(r"(\d+)-bit", kind)
+    itemsize = min(4, int(bits.group(1)) // 8) if bits else 2
+    return np.dtype(f"{'i' if ' signed' in kind else 'u'}{max(1, itemsize)}")
 
 
 def _image_file(path: str):
@@ -162,15 +188,22 @@ def _image_file(path: str):
 
 
 def image_rows(source: str, *, modality: str, salt: str, hash_paths: bool,
-               path_labels=None) -> tuple[Iterator[dict], list[str]]:
+               path_labels=None, volumes: bool = False) -> tuple[Iterator[dict], list[str]]:
     """(inventory rows, label names) of every image of one source file, the rows as an iterator (an
     archive may hold millions of images: the scan task writes them in parts). The source is checked
     as a whole first: raises SourceError (or OSError, ValueError...) when it cannot be used; the rows
     themselves then only compute hashes. `path_labels(source)` gives the --labels table's row of an
-    image file (None: unlabelled). Each row has an extra "identity" (for the map; not a column)."""
+    image file (None: unlabelled). Each row has an extra "identity" (for the map; not a column).
+    `volumes`: one row per NIfTI file, its whole volume (labelled like an image file); other formats
+    are rejected."""
     fmt = source_format(source)
     names: list[str] = []
-    if fmt == "npz":
+    if volumes:
+        if fmt != "nifti":
+            raise SourceError("--volumes with --modality takes NIfTI volumes (.nii, .nii.gz) only")
+        labels = path_labels(source) if path_labels else None
+        found = ((loc, shape, dt, None, labels) for loc, shape, dt in _nifti_volume(source))
+    elif fmt == "npz":
         found = _npz_images(source)
         names = next(found)
     elif fmt == "npy":
@@ -196,18 +229,19 @@ def _rows(found, source: str, fmt: str, modality: str, salt: str, hash_paths: bo
     code, kind = MODALITY_CODES[modality], layout(fmt)
     for locator, shape, dtype, split, labels in found:
         identity = f"{file_text}#{locator}"
-        rows_, cols = int(shape[0]), int(shape[1])
+        rows_, cols = int(shape[-2]), int(shape[-1])  # a volume's shape is (depth, rows, cols)
         itemsize = min(4, max(1, np.dtype(dtype).itemsize))  # stored as an integer type of <= 32 bits
+        nbytes = int(np.prod(shape)) * itemsize
         image_hash = salted_hash(identity, salt)
         yield {
             "identity": identity, "source": "" if hash_paths else identity, "source_hash": image_hash,
-            "size": rows_ * cols * itemsize, "sop_hash": image_hash,
+            "size": nbytes, "sop_hash": image_hash,
             "series_hash": file_hash, "study_hash": file_hash, "patient_hash": file_hash,
             "modality_code": code, "sop_class_uid": "", "rows": rows_, "cols": cols, "frames": 1,
             "samples_per_pixel": 1, "bits_allocated": itemsize * 8, "bits_stored": itemsize * 8,
             "pixel_representation": int(np.dtype(dtype).kind == "i"), "photometric": "MONOCHROME2",
             "transfer_syntax": NON_DICOM_SYNTAX, "lossy": False, "has_pixels": True, "float_pixels": False,
-            "pixel_length": -1, "pixel_end": -1, "declared_bytes": rows_ * cols * itemsize,
+            "pixel_length": -1, "pixel_end": -1, "declared_bytes": nbytes,
             "native_layout": kind, "split": split, "labels": labels,
         }
 
@@ -250,7 +284,7 @@ def _label_table(path: str):
 
 def run_scan_task(task, root: str, generation: int, salt: str, hash_paths: bool, modality: str,
                   sources: list[str], labels_path: str | None = None,
-                  exclude: frozenset[str] = frozenset()) -> dict:
+                  exclude: frozenset[str] = frozenset(), volumes: bool = False) -> dict:
     """Dask task: the inventory part(s) of the non-DICOM files of one scan task (ingest.scan.ScanTask),
     with their map parts beside the dataset. A file given as a source whose format is unknown is
     rejected; inside folders such files are skipped. Returns counts, error rows and label names."""
@@ -295,7 +329,7 @@ def run_scan_task(task, root: str, generation: int, salt: str, hash_paths: bool,
         n_files += 1
         try:
             found, names = image_rows(src, modality=modality, salt=salt, hash_paths=hash_paths,
-                                      path_labels=path_labels)
+                                      path_labels=path_labels, volumes=volumes)
         except SourceError as e:
             errors.append(scan_error(src, "scan", "unusable source", str(e), salt, hash_paths))
             rejected.append(src)
@@ -447,4 +481,50 @@ def write_images(writer, specs: list[dict], *, modality: str, salt: str, hash_pa
                           units=units or "raw")  # "raw" unless the user vouches for Hounsfield units
         labels = np.asarray(spec["labels"], np.float32) if spec["labels"] is not None else None
         writer.write(sample_key(spec["path"], 0, salt), pixels, meta, labels=labels)
+    return errors
+
+
+def read_nifti_volume(path: str) -> tuple[np.ndarray, dict]:
+    """(voxels (depth, rows, cols) in their integer type, geometry {spacing [z, y, x], direction,
+    origin}) of a 3-D NIfTI file, as SimpleITK reads it (its qform/sform, scl_slope/scl_inter applied)."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(path)
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise SourceError(f"expected a 3-D scalar volume, got {image.GetDimension()}-D with "
+                          f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+    voxels = np.ascontiguousarray(_integral(sitk.GetArrayFromImage(image), "volume"))
+    return voxels, {"spacing": list(image.GetSpacing())[::-1], "direction": list(image.GetDirection()),
+                    "origin": list(image.GetOrigin())}
+
+
+def write_volumes(writer, specs: list[dict], *, modality: str, salt: str, hash_paths: bool,
+                  units: str | None) -> list[dict]:
+    """Write a volumes shard's NIfTI volumes (`specs`: its plan rows, one per file) to `writer`, each
+    file read once; returns the error rows of the files that failed."""
+    from shards import SampleMeta, sample_key
+
+    from .scan import scan_error, text_path
+
+    errors = []
+    for spec in specs:
+        identity = text_path(spec["path"])
+        try:
+            voxels, geometry = read_nifti_volume(split_identity(identity)[0])
+        except SourceError as e:  # readable, but not a volume stored losslessly (e.g. fractional values)
+            errors.append(scan_error(identity, "convert", "unusable volume", str(e)[:200], salt, hash_paths))
+            continue
+        except Exception as e:  # noqa: BLE001 - a damaged file: recorded, the task goes on
+            errors.append(scan_error(identity, "convert", "unreadable image",
+                                     f"{type(e).__name__}: {str(e)[:200]}", salt, hash_paths))
+            continue
+        bits = voxels.dtype.itemsize * 8
+        meta = SampleMeta(modality=modality, split=spec["split"], source_hash=spec["source_hash"],
+                          series_hash=spec["series_hash"], study_hash=spec["study_hash"],
+                          patient_hash=spec["patient_hash"], photometric="MONOCHROME2", bits_stored=bits,
+                          bits_allocated=bits, pixel_representation=int(voxels.dtype.kind == "i"),
+                          pixel_spacing=geometry["spacing"][1:], units=units or "raw", **geometry)
+        labels = np.asarray(spec["labels"], np.float32) if spec["labels"] is not None else None
+        writer.write(sample_key(spec["path"], 0, salt), voxels, meta, labels=labels)
+        del voxels
     return errors

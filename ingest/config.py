@@ -75,7 +75,7 @@ class IngestConfig:
     units: str | None = None                           # their pixel units (SampleMeta.units); None = "raw"
     modality_map: dict[str, str] = field(default_factory=dict)  # overrides of plan.MODALITY_MAP
     # sample kind
-    volumes: bool = False                              # one volume sample per DICOM series (ingest.volumes)
+    volumes: bool = False                              # one volume sample per DICOM series or NIfTI file (ingest.volumes)
     # behaviour
     rescan: bool = False                               # rescan sources even when resuming the same job
     progress: bool = True
@@ -107,8 +107,6 @@ class IngestConfig:
                               "sources); DICOM units come from the header")
         if not isinstance(self.volumes, bool):
             raise ConfigError(f"volumes must be true or false, got {self.volumes!r}")
-        if self.volumes and self.modality is not None:
-            raise ConfigError("--volumes applies to DICOM sources only (non-DICOM volumes are not supported yet)")
         bad = {k: v for k, v in self.modality_map.items() if v not in MODALITIES and v != "reject"}
         if bad:
             raise ConfigError(f"modality_map values must be one of {MODALITIES} or 'reject': {bad}")

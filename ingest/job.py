@@ -279,7 +279,7 @@ def _convert_item(item, volumes: bool = False, **kwargs):
     if volumes:
         from .volumes import run_volume_task
 
-        kwargs.pop("units", None)  # volumes are DICOM series: their units come from their headers
+        # DICOM series take their units from their headers; `units` applies to NIfTI volumes only
         return run_volume_task(name=name, modality=modality, **kwargs)
     return run_convert_task(name=name, modality=modality, **kwargs)
 
@@ -538,7 +538,7 @@ def _scan_plan_convert(client, lock: DatasetLock, root: Path, cfg: IngestConfig,
 
         scan_fn = _scan_non_dicom_item
         scan_kwargs = dict(modality=cfg.modality, sources=[str(s) for s in cfg.sources],
-                           labels_path=str(cfg.labels) if cfg.labels else None)
+                           labels_path=str(cfg.labels) if cfg.labels else None, volumes=cfg.volumes)
         modality_map = {**cfg.modality_map, **{code: m for m, code in MODALITY_CODES.items()}}
     results, failures = run_phase(client, "scan", scan_fn, tasks, key_of=lambda t: f"{t.name}-g{g:03d}-{token}",
                                   progress=cfg.progress, root=str(root), generation=g, salt=salt,

@@ -1,4 +1,5 @@
 """Volumes: one sample per DICOM series (`python -m ingest ... --volumes`, docs/INGEST.md "Volumes").
+NIfTI files (`--volumes --modality M`) take the same task, their volumes read by ingest.arrays.
 
 Scan and plan are those of slices, keyed by series (ingest.plan `volumes`): a planning bucket and a
 shard hold whole series. This module is the convert task of a volumes shard: it groups the shard's
@@ -7,8 +8,10 @@ clean volume along the slice normal into one (depth, rows, cols) sample (shards 
 
 A series gives volumes by these rules, in order; anything else is one errors/ row for the series (its
 first file named) and nothing of it is stored:
-1. Every slice is a single-frame image with ImagePositionPatient and ImageOrientationPatient
-   ("missing positions"); enhanced multi-frame files are "multi-frame volume not supported yet".
+1. Every slice has ImagePositionPatient and ImageOrientationPatient ("missing positions"); a frame of
+   an enhanced multi-frame file is a slice whose position and orientation come from its functional
+   groups (PlanePositionSequence per frame, PlaneOrientationSequence per frame or shared; spacing and
+   rescale likewise), so its frames, and any other files of its series, stack by the rules below.
 2. Split: the slices are grouped by (orientation, rows, cols) (orientations equal within
    ORIENTATION_TOLERANCE); each group is a volume of its own, numbered n = 0, 1, ... in the order of its
    orientation and size (a scout or localizer mixed into an axial series thus becomes its own group).
@@ -60,14 +63,14 @@ class _Slice:
     `decode` ran (pixels are decoded only for series whose geometry makes a clean volume)."""
 
     def __init__(self, spec: dict, src: str, ds, position: np.ndarray, orientation: np.ndarray, uid: str,
-                 series_uid: str):
+                 series_uid: str, frame: int = 0):
         from .native import header_meta
 
         self.spec, self.src, self.ds, self.uid, self.series_uid = spec, src, ds, uid, series_uid
-        self.position, self.orientation = position, orientation
+        self.position, self.orientation, self.frame = position, orientation, frame
         self.shape = (int(ds.get("Rows") or 0), int(ds.get("Columns") or 0))
         try:
-            self.meta = header_meta(ds, 0)
+            self.meta = header_meta(ds, frame)
         except Exception as e:  # a value that does not fit its VR (ingest.convert says which element)
             raise Rejected("bad header value", type(e).__name__) from None
         self.pixels: np.ndarray | None = None
@@ -82,7 +85,7 @@ class _Slice:
         for src in [self.src, *(c for c in [self.spec["path"], *(self.spec.get("fallbacks") or [])] if c != self.src)]:
             try:
                 ds = self.ds if src == self.src else _load(src, self.spec, salt)[0]
-                self.pixels, self.info = convert_frame(ds, 0, max_side)
+                self.pixels, self.info = convert_frame(ds, self.frame, max_side)
                 self.ds = None
                 return
             except Rejected as e:
@@ -113,21 +116,32 @@ def _load(src: str, spec: dict, salt: str):
     return ds, uid, series_uid
 
 
-def read_slice(spec: dict, salt: str) -> _Slice:
-    """The slice of a plan entry with its geometry, from its planned copy or else its fallbacks."""
-    if spec["frames"] > 1:
-        raise Rejected("multi-frame volume not supported yet",
-                       "a multi-frame file: its volume would come from the per-frame functional groups")
+def read_slice(spec: dict, salt: str, loaded: dict | None = None) -> _Slice:
+    """The slice (a single-frame file, or one frame of an enhanced multi-frame file) of a plan entry with
+    its geometry, from its planned copy or else its fallbacks. `loaded` ({path: parsed copy}) lets the
+    frames of one multi-frame file share one parse."""
+    from .native import _functional
+
     failure = None
+    frame = int(spec.get("frame") or 0) if spec["frames"] > 1 else 0
     for src in [spec["path"], *(spec.get("fallbacks") or [])]:
         try:
-            ds, uid, series_uid = _load(src, spec, salt)
-            position = _floats(ds.get("ImagePositionPatient"), 3)
-            orientation = _floats(ds.get("ImageOrientationPatient"), 6)
+            if loaded is not None and spec["frames"] > 1:
+                if src not in loaded:
+                    loaded[src] = _load(src, spec, salt)
+                ds, uid, series_uid = loaded[src]
+            else:
+                ds, uid, series_uid = _load(src, spec, salt)
+            if spec["frames"] > 1:  # enhanced multi-frame: each frame's plane from its functional groups
+                position = _floats(_functional(ds, frame, "PlanePositionSequence", "ImagePositionPatient"), 3)
+                orientation = _floats(_functional(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+            else:
+                position = _floats(ds.get("ImagePositionPatient"), 3)
+                orientation = _floats(ds.get("ImageOrientationPatient"), 6)
             if position is None or orientation is None:
-                raise Rejected("missing positions", "a slice without a valid ImagePositionPatient or "
+                raise Rejected("missing positions", "a slice (or frame) without a valid ImagePositionPatient or "
                                                     "ImageOrientationPatient")
-            return _Slice(spec, src, ds, position, orientation, uid, series_uid)
+            return _Slice(spec, src, ds, position, orientation, uid, series_uid, frame)
         except Rejected as e:
             failure = failure or e
         except Exception as e:  # a bug or an exotic file: its reason, then the next copy
@@ -234,11 +248,14 @@ def _series_meta(first: _Slice, geometry: dict, modality: str):
 
 
 def run_volume_task(root: str, generation: int, name: str, modality: str, label_names: list[str],
-                    salt: str, max_side: int | None, hash_paths: bool, direct_io: bool = True) -> dict:
-    """Dask task: write volumes shard `name` from its slice list (whole series, ingest.plan). Idempotent
+                    salt: str, max_side: int | None, hash_paths: bool, direct_io: bool = True,
+                    units: str | None = None) -> dict:
+    """Dask task: write volumes shard `name` from its slice list (whole series, ingest.plan), or from its
+    NIfTI files (one volume each, ingest.arrays.write_volumes; `units` applies to them only). Idempotent
     like ingest.convert.run_convert_task: a committed shard is left alone, a retry rewrites it."""
     from shards import ShardWriter, sample_key, write_errors
 
+    from .arrays import is_non_dicom, write_volumes
     from .convert import _remove_stale_temporaries, empty_marker, shard_done
     from .decoders import release_decoded
     from .plan import spec_path
@@ -250,7 +267,8 @@ def run_volume_task(root: str, generation: int, name: str, modality: str, label_
         return result
     _remove_stale_temporaries(root, modality, name)
     series: dict[str, list[dict]] = {}
-    for spec in pq.read_table(spec_path(root, generation, name)).to_pylist():
+    specs_read = pq.read_table(spec_path(root, generation, name)).to_pylist()
+    for spec in specs_read:
         series.setdefault(spec["series_hash"], []).append(spec)
     errors: list[dict] = []
     writer = ShardWriter(root, modality=modality, name=name, label_names=label_names, direct_io=direct_io)
@@ -261,6 +279,11 @@ def run_volume_task(root: str, generation: int, name: str, modality: str, label_
                                  salt, hash_paths))
 
     try:
+        if specs_read and is_non_dicom(specs_read[0].get("native_layout")):  # a generation is all NIfTI or all DICOM
+            series = {}
+            errors = write_volumes(writer, specs_read, modality=modality, salt=salt, hash_paths=hash_paths,
+                                   units=units)
+        del specs_read
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for series_hash, specs in series.items():
@@ -268,11 +291,14 @@ def run_volume_task(root: str, generation: int, name: str, modality: str, label_
                     for spec in specs:
                         reject([spec], Rejected("no SeriesInstanceUID", "a file without a series: no volume"))
                     continue
+                loaded: dict = {}  # the multi-frame files of this series, each parsed once
                 try:
-                    slices = [read_slice(spec, salt) for spec in specs]
+                    slices = [read_slice(spec, salt, loaded) for spec in specs]
                 except Rejected as e:
                     reject(specs, e)
                     continue
+                finally:
+                    del loaded
                 for n, group in enumerate(split_series(slices)):
                     try:
                         volume, geometry = stack(group, salt, max_side)

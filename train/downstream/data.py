@@ -11,6 +11,13 @@ keep their shape: [N] int for binary and multi-class tasks, [N, L] float (NaN un
 Volume datasets (kind "volumes", for the 3-D encoder): each labelled volume is normalised as a whole (as
 the 3-D pretraining pipeline does) and resampled trilinearly to one `volume_shape` (depth, rows, cols),
 so that volumes of different sizes batch: tensors [N, 1, D, H, W].
+
+NIfTI + CSV (for the 3-D encoder): a CSV with a `path` column (NIfTI files, relative to the CSV's
+folder or absolute) and numeric label columns, optionally `split` (train / val / test; without it,
+files sorted by path go 3 of every 5 to train, then one to val, one to test), `modality` (default ct)
+and `units` (raw, the default, or HU). Each file is read as `python -m ingest --volumes --modality`
+stores it (ingest.arrays.read_nifti_volume: SimpleITK, lossless integers) and normalised as a whole
+exactly as a volume dataset's samples are.
 """
 from __future__ import annotations
 
@@ -125,11 +132,7 @@ def load_dataset(path: str | Path, size: int | None = None, normalisation: dict 
         if split == "val":
             split = "test" if int(meta.get("patient_hash") or "0", 16) % 2 else "val"
         if volumes:
-            from augment_dali.normalize import normalize_numpy
-
-            x = torch.from_numpy(normalize_numpy(pixels, methods[meta["modality"]], config))[None, None]
-            buckets[split][0].append(F.interpolate(x, size=tuple(volume_shape), mode="trilinear",
-                                                   align_corners=False)[0])
+            buckets[split][0].append(_volume_input(pixels, methods[meta["modality"]], config, volume_shape))
             buckets[split][1].append(labels)
             continue
         x = torch.from_numpy(to_unit_range(pixels, methods[meta["modality"]], config))[None, None]
@@ -137,6 +140,20 @@ def load_dataset(path: str | Path, size: int | None = None, normalisation: dict 
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         buckets[split][0].append(x[0])
         buckets[split][1].append(labels)
+    return _labelled(buckets, path)
+
+
+def _volume_input(pixels: np.ndarray, method: str, config, volume_shape) -> torch.Tensor:
+    """One volume as the 3-D encoder takes it: normalised as a whole, resampled to [1, *volume_shape]."""
+    import torch.nn.functional as F
+
+    from augment_dali.normalize import normalize_numpy
+
+    x = torch.from_numpy(normalize_numpy(pixels, method, config))[None, None]
+    return F.interpolate(x, size=tuple(volume_shape), mode="trilinear", align_corners=False)[0]
+
+
+def _labelled(buckets: dict, path) -> LabelledData:
     splits = {}
     for split, (xs, ys) in buckets.items():
         if not xs:
@@ -149,6 +166,48 @@ def load_dataset(path: str | Path, size: int | None = None, normalisation: dict 
     return LabelledData(splits, task, n_outputs, str(path))
 
 
+NIFTI_CSV_COLUMNS = ("path", "split", "modality", "units")  # the CSV's columns that are not labels
+
+
+def load_nifti_csv(path: str | Path, normalisation: dict | None = None,
+                   volume_shape: tuple[int, int, int] = VOLUME_SHAPE) -> LabelledData:
+    """NIfTI volumes listed in a CSV with their labels (module docstring) as [N, 1, *volume_shape]."""
+    import csv
+
+    from augment_dali.normalize import modality_units
+    from ingest.arrays import read_nifti_volume
+
+    if len(volume_shape) != 3 or min(volume_shape) < 1:
+        raise ValueError(f"volume_shape {tuple(volume_shape)}: expected three positive sizes (depth, rows, cols)")
+    path = Path(path)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = [c for c in (rows[0].keys() if rows else []) if c not in NIFTI_CSV_COLUMNS]
+    if not rows or "path" not in rows[0] or not names:
+        raise ValueError(f"{path}: expected a CSV with a 'path' column, label columns and at least one row")
+    config = _normalize_config(normalisation)
+    buckets = {s: ([], []) for s in SPLITS}
+    for i, row in enumerate(sorted(rows, key=lambda r: r["path"])):
+        split = row.get("split") or ("train" if i % 5 < 3 else SPLITS[i % 5 - 2])
+        if split not in SPLITS:
+            raise ValueError(f"{path}: split {split!r} of {row['path']} is not one of {SPLITS}")
+        try:
+            labels = np.array([float(row[n]) if row[n] not in ("", None) else np.nan for n in names], np.float32)
+        except ValueError:
+            raise ValueError(f"{path}: label columns {names} must be numeric ({row['path']})") from None
+        units = row.get("units") or "raw"
+        if units not in ("raw", "HU"):
+            raise ValueError(f"{path}: units {units!r} of {row['path']}: expected raw or HU")
+        method = config.method_for(row.get("modality") or "ct", modality_units({units}))
+        file = Path(row["path"]) if Path(row["path"]).is_absolute() else path.parent / row["path"]
+        if not file.exists():
+            raise FileNotFoundError(f"{path}: NIfTI file not found: {file}")
+        voxels, _ = read_nifti_volume(str(file))  # raises SourceError (a ValueError) for unusable files
+        buckets[split][0].append(_volume_input(voxels, method, config, volume_shape))
+        buckets[split][1].append(labels)
+    return _labelled(buckets, path)
+
+
 def load(path: str | Path, normalisation: dict | None = None,
          volume_shape: tuple[int, int, int] = VOLUME_SHAPE) -> LabelledData:
     """`normalisation`: the pretraining pipeline's, from `train.export.backbone_normalisation`;
@@ -156,6 +215,9 @@ def load(path: str | Path, normalisation: dict | None = None,
     p = Path(path)
     if p.suffix == ".npz":
         return load_npz(p, normalisation)
+    if p.suffix.lower() == ".csv":
+        return load_nifti_csv(p, normalisation, volume_shape)
     if p.is_dir():
         return load_dataset(p, normalisation=normalisation, volume_shape=volume_shape)
-    raise ValueError(f"{path}: expected a MedMNIST-layout .npz file or a medswav dataset folder")
+    raise ValueError(f"{path}: expected a MedMNIST-layout .npz file, a medswav dataset folder or a CSV of "
+                     f"NIfTI volumes and labels")
