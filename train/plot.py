@@ -2,8 +2,10 @@
 
     python -m train.plot RUN_DIR [--out RUN_DIR/metrics.png]
 
-Reads RUN_DIR/metrics.jsonl (and K from RUN_DIR/checkpoint.pt's config when present). Collapse reads
-at a glance: a per-modality loss flat at the dashed ln(K) line with its code entropy near 0.
+Reads RUN_DIR/metrics.jsonl (and K from RUN_DIR/checkpoint.pt's config when present). The dashed ln(K)
+line is the loss of predictions that say nothing about the codes: every run starts there. Learning reads
+as a per-modality loss falling below it while the code entropy stays high; a loss that stays on the line
+means no learning yet (or collapse, when the code entropy also falls towards 0).
 """
 from __future__ import annotations
 
@@ -46,8 +48,9 @@ def plot_run(run: Path, out: Path) -> Path:
     if any("loss_sup" in r for r in rows):
         ax.plot(steps, [r.get("loss_sup", math.nan) for r in rows], label="L_sup", color="black", lw=1)
     if k:
-        ax.axhline(math.log(k), ls="--", color="grey", label=f"ln K = {math.log(k):.2f} (collapse)")
-    ax.set(title="losses", xlabel="step")
+        ax.axhline(math.log(k), ls="--", color="grey",
+                   label=f"ln K = {math.log(k):.2f}: uninformative\n(start; stuck here = not learning)")
+    ax.set(title="losses (learning: per-modality L_ss below ln K)", xlabel="step")
     ax.legend(fontsize=8)
     ax = axes[0, 1]
     for i, m in enumerate(modalities):
