@@ -29,8 +29,8 @@ $(STAMP): pyproject.toml $(shell find augment_dali/csrc -type f 2>/dev/null) aug
 
 demo: $(STAMP)
 	$(PY) -m ingest.demo --out demo_output
-	$(PY) -m augment_dali.stats demo_output/dataset --samples 200
-	$(PY) -m augment_dali.preview demo_output/dataset --out demo_output/preview.png
+	$(PY) -m augment_dali.stats demo_output/dataset --samples 200 --min-size 96 --max-size 160
+	$(PY) -m augment_dali.preview demo_output/dataset --config configs/cpu_demo_shards.toml --out demo_output/preview.png
 	$(PY) -m train --config configs/cpu_demo_shards.toml --data demo_output/dataset --out demo_output/train
 	$(PY) -m train.export demo_output/train/checkpoint.pt --out demo_output/backbone.pt
 	$(PY) -m train.plot demo_output/train
