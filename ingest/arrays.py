@@ -288,13 +288,9 @@ def run_scan_task(task, root: str, generation: int, salt: str, hash_paths: bool,
     """Dask task: the inventory part(s) of the non-DICOM files of one scan task (ingest.scan.ScanTask),
     with their map parts beside the dataset. A file given as a source whose format is unknown is
     rejected; inside folders such files are skipped. Returns counts, error rows and label names."""
-    from pathlib import Path
-
     import pyarrow as pa
-    from shards.manifest import write_parquet_atomically
 
-    from .paths import generation_map_part, write_map
-    from .scan import INVENTORY_EXTENSION, INVENTORY_SCHEMA, ROWS_PER_PART, Walker, map_row, part_path, scan_error
+    from .scan import INVENTORY_EXTENSION, INVENTORY_SCHEMA, ROWS_PER_PART, map_row, scan_error, task_sources, write_inventory_part
 
     schema = pa.schema([*INVENTORY_SCHEMA, *INVENTORY_EXTENSION])
     given = set(sources)
@@ -314,16 +310,11 @@ def run_scan_task(task, root: str, generation: int, salt: str, hash_paths: bool,
 
     def flush() -> None:
         nonlocal rows, paths, batch
-        write_parquet_atomically(pa.Table.from_pylist(rows, schema=schema),
-                                 part_path(Path(root), generation, task.index, batch))
-        if hash_paths:
-            write_map(generation_map_part(root, generation, task.index, batch), paths)
+        write_inventory_part(root, generation, task.index, batch, rows, schema, paths, hash_paths)
         rows, paths, batch = [], [], batch + 1
 
-    walker = Walker(roots=tuple(task.roots), exclude=exclude)
-    walked = itertools.chain(itertools.chain.from_iterable(walker.walk(d) for d in task.walk),
-                             itertools.chain.from_iterable(walker.walk(d, linked=True) for d in task.links))
-    for src in itertools.chain(task.files, walked):
+    walker, sources_of_task = task_sources(task, exclude)
+    for src in sources_of_task:
         if source_format(src) is None and src not in given:
             continue  # another kind of file inside an image folder
         n_files += 1

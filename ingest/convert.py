@@ -188,7 +188,18 @@ def _note_fallback(errors: list[dict], logged: dict[str, int], failed_copies: li
             row["detail"] = (row["detail"][:500 - len(note)] + note)
 
 
-def _finish(writer, root: Path, generation: int, name: str, errors: list[dict], result: dict) -> None:
+def start_shard(root: Path, generation: int, modality: str, name: str) -> dict:
+    """A convert task's result so far; `skipped` when the shard is committed already (a retried task
+    leaves it alone), else the temporaries of an earlier attempt are removed."""
+    result = {"name": name, "modality": modality, "samples": 0, "errors": Counter(), "skipped": False}
+    if shard_done(root, generation, modality, name):
+        result["skipped"] = True
+    else:
+        _remove_stale_temporaries(root, modality, name)
+    return result
+
+
+def finish_shard(writer, root: Path, generation: int, name: str, errors: list[dict], result: dict) -> None:
     """Errors first (a committed shard has its errors on disk), then the commit, or the empty marker of
     a shard whose every slice failed."""
     from shards import write_errors
@@ -212,17 +223,15 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
     from shards import ShardWriter, sample_key, salted_hash
 
     root = Path(root)
-    result = {"name": name, "modality": modality, "samples": 0, "errors": Counter(), "skipped": False}
-    if shard_done(root, generation, modality, name):
-        result["skipped"] = True
+    result = start_shard(root, generation, modality, name)
+    if result["skipped"]:
         return result
-    _remove_stale_temporaries(root, modality, name)
     specs = pq.read_table(spec_path(root, generation, name)).to_pylist()
     if specs and is_non_dicom(specs[0].get("native_layout")):  # a generation is all DICOM or all not
         writer = ShardWriter(root, modality=modality, name=name, label_names=label_names, direct_io=direct_io)
         try:
             errors = write_images(writer, specs, modality=modality, salt=salt, hash_paths=hash_paths, units=units)
-            _finish(writer, root, generation, name, errors, result)
+            finish_shard(writer, root, generation, name, errors, result)
         except BaseException:
             writer.abort()
             raise
@@ -296,7 +305,7 @@ def run_convert_task(root: str, generation: int, name: str, modality: str, label
                     if n > 0:
                         _note_fallback(errors, logged, copies[:n], shown_source(src, salt, hash_paths))
                     break
-        _finish(writer, root, generation, name, errors, result)
+        finish_shard(writer, root, generation, name, errors, result)
     except BaseException:
         writer.abort()
         raise

@@ -531,6 +531,28 @@ def part_path(root: Path, generation: int, task_index: int, batch: int = 0) -> P
     return Path(root) / INVENTORY_DIR / f"part-g{generation:03d}-{task_index:05d}-{batch:03d}.parquet"
 
 
+def write_inventory_part(root: str, generation: int, task_index: int, batch: int, rows: list[dict], schema: pa.Schema,
+                         paths: list[dict], hash_paths: bool) -> None:
+    """One batch of a scan task's inventory rows, and (hashing paths) their rows of the path map beside the
+    dataset (ingest.paths)."""
+    from shards.atomic import write_parquet_atomically
+
+    from .paths import generation_map_part, write_map
+
+    write_parquet_atomically(pa.Table.from_pylist(rows, schema=schema), part_path(Path(root), generation, task_index, batch))
+    if hash_paths:
+        write_map(generation_map_part(root, generation, task_index, batch), paths)
+
+
+def task_sources(task: ScanTask, exclude) -> tuple[Walker, Iterator[str]]:
+    """A scan task's files: those given, then its folders walked (symlink-safe, each real folder once);
+    and the walker, whose `problems` (unreadable folders, loops) are known once the files are consumed."""
+    walker = Walker(roots=tuple(task.roots), exclude=exclude)
+    walked = itertools.chain(itertools.chain.from_iterable(walker.walk(d) for d in task.walk),
+                             itertools.chain.from_iterable(walker.walk(d, linked=True) for d in task.links))
+    return walker, itertools.chain(task.files, walked)
+
+
 def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_paths: bool,
                   exclude: frozenset[str] = frozenset()) -> dict:
     """Dask task: walk + read headers, write inventory parts (and, with `hash_paths`, the matching parts
@@ -538,9 +560,7 @@ def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_pa
     Its rejections go into error parts beside the dataset (merged into errors/ by ingest.plan
     merge_scan_errors: overlapping sources reject a file twice), with `hash_paths` their map rows too.
     Returns counts only: the client never holds per-file rows."""
-    from shards.atomic import write_parquet_atomically
-
-    from .paths import generation_map_dir, generation_map_part, write_map
+    from .paths import generation_map_dir, write_map
     from .plan import scan_error_part, write_scan_error_part
 
     rows, errors, paths = [], [], []
@@ -558,16 +578,11 @@ def run_scan_task(task: ScanTask, root: str, generation: int, salt: str, hash_pa
 
     def flush() -> None:
         nonlocal rows, paths, batch
-        write_parquet_atomically(pa.Table.from_pylist(rows, schema=INVENTORY_SCHEMA),
-                                 part_path(Path(root), generation, task.index, batch))
-        if hash_paths:
-            write_map(generation_map_part(root, generation, task.index, batch), paths)
+        write_inventory_part(root, generation, task.index, batch, rows, INVENTORY_SCHEMA, paths, hash_paths)
         rows, paths, batch = [], [], batch + 1
 
-    walker = Walker(roots=tuple(task.roots), exclude=exclude)
-    walked = itertools.chain(itertools.chain.from_iterable(walker.walk(d) for d in task.walk),
-                             itertools.chain.from_iterable(walker.walk(d, linked=True) for d in task.links))
-    for src in itertools.chain(task.files, walked):
+    walker, sources_of_task = task_sources(task, exclude)
+    for src in sources_of_task:
         n_files += 1
         try:
             with warnings.catch_warnings():

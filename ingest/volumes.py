@@ -36,7 +36,6 @@ of the first block with --max-side), as SimpleITK's ImageSeriesReader gives them
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -253,19 +252,17 @@ def run_volume_task(root: str, generation: int, name: str, modality: str, label_
     """Dask task: write volumes shard `name` from its slice list (whole series, ingest.plan), or from its
     NIfTI files (one volume each, ingest.arrays.write_volumes; `units` applies to them only). Idempotent
     like ingest.convert.run_convert_task: a committed shard is left alone, a retry rewrites it."""
-    from shards import ShardWriter, sample_key, write_errors
+    from shards import ShardWriter, sample_key
 
     from .arrays import is_non_dicom, write_volumes
-    from .convert import _remove_stale_temporaries, empty_marker, shard_done
+    from .convert import finish_shard, start_shard
     from .decoders import release_decoded
     from .plan import spec_path
 
     root = Path(root)
-    result = {"name": name, "modality": modality, "samples": 0, "errors": Counter(), "skipped": False}
-    if shard_done(root, generation, modality, name):
-        result["skipped"] = True
+    result = start_shard(root, generation, modality, name)
+    if result["skipped"]:
         return result
-    _remove_stale_temporaries(root, modality, name)
     series: dict[str, list[dict]] = {}
     specs_read = pq.read_table(spec_path(root, generation, name)).to_pylist()
     for spec in specs_read:
@@ -315,15 +312,7 @@ def run_volume_task(root: str, generation: int, name: str, modality: str, label_
                                  _series_meta(first, geometry, modality),
                                  labels=np.asarray(labels, np.float32) if labels is not None else None)
                 del slices
-        write_errors(root, name, errors)  # before the commit, as in ingest.convert
-        result["errors"] = Counter(e["reason"] for e in errors)
-        if len(writer):
-            result["samples"] = writer.commit()
-        else:
-            writer.abort()
-            marker = empty_marker(root, generation, name)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+        finish_shard(writer, root, generation, name, errors, result)  # errors first, then the commit
     except BaseException:
         writer.abort()
         raise
