@@ -113,8 +113,13 @@ class Dataset:
         return []
 
     def units(self, modality: str) -> set[str]:
-        """The distinct pixel units (SampleMeta.units) of a modality's samples, from the manifest parts'
-        metadata; "" stands for shards written before units were recorded."""
+        """The distinct pixel units (SampleMeta.units) of a modality's samples: from dataset.json (one small
+        read, whatever the number of shards), else from the manifest parts' metadata; "" stands for shards
+        written before units were recorded."""
+        if (self.root / DATASET_JSON).exists():
+            recorded = self.info.get("modalities", {}).get(modality, {}).get("units")
+            if recorded is not None:
+                return set(recorded)
         found: set[str] = set()
         for part in sorted(manifest_dir(self.root, modality).glob("*.parquet")):
             meta = pq.read_schema(part).metadata or {}
@@ -235,6 +240,7 @@ def shard_table_row(part: Path, kv: dict, num_rows: int, rows: pa.Table | None =
         tar = tar_path(part.parents[2], modality_of_manifest_dir(part.parent.name), part.stem)
         row["bytes"] = tar.stat().st_size if tar.exists() else 0
     row["tar_crc32"] = int(kv[TAR_CRC32_META]) if TAR_CRC32_META in kv else -1
+    row["units"] = kv[UNITS_META].decode() if UNITS_META in kv else '[""]'
     return row
 
 
@@ -268,7 +274,9 @@ def shard_table_problems(root: str | os.PathLike, footer_rows: dict[str, dict[st
         for what, names in (("lacks committed shard", sorted(set(actual) - set(recorded))),
                             ("lists uncommitted shard", sorted(set(recorded) - set(actual))),
                             ("disagrees with the manifest footer of",
-                             sorted(n for n in set(actual) & set(recorded) if actual[n] != recorded[n]))):
+                             # a table written before a column existed is compared on its own columns
+                             sorted(n for n in set(actual) & set(recorded)
+                                    if {k: actual[n].get(k) for k in recorded[n]} != recorded[n]))):
             if names:
                 problems.append(f"{where} {what}(s) {', '.join(names[:3])}" + (" ..." if len(names) > 3 else "")
                                 + " (run `python -m shards reindex`)")
@@ -293,7 +301,8 @@ def shard_kind(root: str | os.PathLike) -> str | None:
 def _modality_counts(table: pa.Table) -> dict:
     """dataset.json's numbers of one modality from its shard table."""
     total = {c: int(pc.sum(table.column(c)).as_py() or 0) for c in ("samples", *SPLITS, "labelled", "bytes")}
-    return {**total, "shards": table.num_rows}
+    units = sorted({u for listed in pc.unique(table.column("units")).to_pylist() for u in json.loads(listed)})
+    return {**total, "shards": table.num_rows, "units": units}
 
 
 def _per_sample_counts(ds: Dataset, modality: str) -> dict:

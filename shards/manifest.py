@@ -70,6 +70,7 @@ SHARD_TABLE_SCHEMA = pa.schema(
         ("labelled", pa.int64()),
         ("bytes", pa.int64()),
         ("tar_crc32", pa.int64()),
+        ("units", pa.string()),  # the part's medswav.units (JSON list; '[""]' for parts written before units)
     ]
 )
 KIND_META = b"medswav.kind"  # "slices" or "volumes" (shards.sample.KINDS); absent in version 1 parts: slices

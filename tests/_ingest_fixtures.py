@@ -140,7 +140,16 @@ def expected_shard_table(root, modality) -> list[dict]:
     from shards import Dataset
     from shards.layout import tar_path
 
-    rows = Dataset(root).manifest(modality, columns=["shard", "split", "labelled"]).to_pylist()
+    import json
+
+    from shards.reader import iter_samples
+
+    rows = Dataset(root).manifest(modality, columns=["key", "shard", "split", "labelled"]).to_pylist()
+    shard_of = {r["key"]: r["shard"] for r in rows}
+    units: dict[str, set[str]] = {}
+    for key, _, meta, _ in iter_samples(root, modality):
+        if key in shard_of:
+            units.setdefault(shard_of[key], set()).add(meta.get("units", ""))
     out = []
     for shard in sorted({r["shard"] for r in rows}):
         mine = [r for r in rows if r["shard"] == shard]
@@ -148,5 +157,5 @@ def expected_shard_table(root, modality) -> list[dict]:
         data = tar_path(root, modality, shard).read_bytes()
         out.append({"shard": shard, "samples": len(mine), "train": splits["train"], "val": splits["val"],
                     "test": splits["test"], "labelled": sum(r["labelled"] for r in mine), "bytes": len(data),
-                    "tar_crc32": zlib.crc32(data)})
+                    "tar_crc32": zlib.crc32(data), "units": json.dumps(sorted(units[shard]))})
     return out

@@ -195,7 +195,7 @@ def test_derived_index_holds_exactly_the_split(aug_dataset, tmp_path):
     assert sorted(seen) == sorted(k for k, m in train.items() if m == "mr")
 
 
-def test_rank_start_up_reads_the_shard_table_and_only_its_own_share(aug_dataset, tmp_path):
+def test_rank_start_up_reads_the_shard_table_and_only_its_own_share(aug_dataset, tmp_path, monkeypatch):
     """Rank 0 of 3 starts and reads its first batch from a copy holding only its own share of every
     modality's shards (tars, indices, manifest parts) plus the shard tables: identical first batch."""
     from pathlib import Path
@@ -217,6 +217,19 @@ def test_rank_start_up_reads_the_shard_table_and_only_its_own_share(aug_dataset,
         return next(iter(_loader(root, rank=0, world_size=world, seed=seed, steps_per_epoch=1)))["key"]
 
     assert first_keys(copy) == first_keys(aug_dataset)
+
+    # and on the whole dataset no other shard's manifest part is opened, not even its footer (the units
+    # of each modality come from dataset.json)
+    import pyarrow.parquet as pq
+
+    opened = []
+    for name in ("read_schema", "read_metadata"):
+        original = getattr(pq, name)
+        monkeypatch.setattr(pq, name, lambda where, *a, _f=original, **k: (opened.append(Path(where)), _f(where, *a, **k))[1])
+    _loader(aug_dataset, rank=0, world_size=world, seed=seed, steps_per_epoch=1)
+    others = [p for p in opened if p.parent.name.startswith("modality=")
+              and p.stem not in share[p.parent.name.split("=", 1)[1]]]
+    assert not others, others
 
 
 # --- loader --------------------------------------------------------------------------------------

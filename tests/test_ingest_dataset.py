@@ -308,7 +308,8 @@ def test_finalize_reads_only_footers_and_equals_per_sample_counts(ingested, tmp_
     for m, table in expected.items():
         assert pq.read_table(table_path(root, m)).to_pylist() == table
         totals = {k: sum(t[k] for t in table) for k in ("samples", "train", "val", "test", "labelled", "bytes")}
-        assert summary["modalities"][m] == {**totals, "shards": len(table)}
+        units = sorted({u for t in table for u in json.loads(t["units"])})
+        assert summary["modalities"][m] == {**totals, "shards": len(table), "units": units}
     assert summary["samples"] == len(rows) and summary["bytes"] == sum(
         t["bytes"] for table in expected.values() for t in table)
     by_stage = defaultdict(Counter)
