@@ -225,15 +225,16 @@ def split_counts(table: pa.Table) -> dict[str, int]:
     return counts
 
 
-def shard_table_row(part: Path, kv: dict, num_rows: int, rows: pa.Table | None = None) -> dict:
+def shard_table_row(part: Path, kv: dict, num_rows: int, counts: dict[str, int] | None = None) -> dict:
     """The shard table row of manifest part `part` from its footer metadata `kv`; a part written
-    before shards carried their summary is counted from its rows (`rows`, or read here)."""
+    before shards carried their summary is counted from its rows (`counts`, split_counts of them when
+    the caller has them already, or read here)."""
     row = {"shard": part.stem, "samples": num_rows}
     if SUMMARY_META in kv:
         summary = json.loads(kv[SUMMARY_META])
         row.update({k: int(summary.get(k, 0)) for k in (*SPLITS, "labelled")})
     else:
-        row.update(split_counts(rows if rows is not None else pq.read_table(part, columns=["split", "labelled"])))
+        row.update(counts if counts is not None else split_counts(pq.read_table(part, columns=["split", "labelled"])))
     if TAR_SIZE_META in kv:
         row["bytes"] = int(kv[TAR_SIZE_META])
     else:

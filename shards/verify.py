@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .checksum import crc32
-from .dataset import Dataset, ShardFiles, shard_table_problems, shard_table_row, split_counts
+from .dataset import Dataset, shard_table_problems, shard_table_row, split_counts
 from .index import read_index
 from .keys import KEY_HEX
 from .layout import (DATASET_JSON, ERRORS_DIR, INVENTORY_DIR, LABELS_EXT, META_EXT, PIXELS_EXT, PLAN_DIR,
@@ -306,7 +306,7 @@ def verify_shard(root: str | os.PathLike, modality: str, name: str) -> ShardSumm
     # the client never reads a manifest row itself
     out.counts = split_counts(table)
     meta = table.schema.metadata or {}
-    out.table_row = shard_table_row(part, meta, table.num_rows, table)
+    out.table_row = shard_table_row(part, meta, table.num_rows, out.counts)
     out.kind = meta.get(KIND_META, KIND_SLICES.encode()).decode()
     if SUMMARY_META in meta:
         footer = json.loads(meta[SUMMARY_META])
@@ -332,7 +332,7 @@ def _check_shard(root: Path, modality: str, name: str, table, out: ShardSummary)
     meta = table.schema.metadata or {}
     rows = table.to_pylist()
     problems = []
-    kind = meta.get(KIND_META, KIND_SLICES.encode()).decode()
+    kind = out.kind  # from the footer, read by verify_shard
     if kind not in (KIND_SLICES, KIND_VOLUMES):
         problems.append(f"{out.part}: unknown kind {kind!r}")
     elif any((row.get("depth", 0) > 0) != (kind == KIND_VOLUMES) for row in rows):
