@@ -1,12 +1,15 @@
 """medswav augmentations as custom DALI operators (``nvidia.dali.fn.medswav.*``).
 
-Importing this package loads the plugin ``augment_dali/_lib/libmedswav_dali.so`` built by
-``python -m augment_dali.build``. It needs no GPU: the CUDA backend is only used by GPU pipelines.
+The operators live in the plugin ``augment_dali/_lib/libmedswav_dali.so`` built by
+``python -m augment_dali.build``. Importing this package loads nothing: the code that builds DALI graphs
+with the operators (`pipeline`, `normalize`, `stats`) calls `load_plugin()` first, so the configuration,
+the plan and the NumPy references import without DALI or the plugin (training on NPZ or synthetic data, the
+build itself, the kernel harness on a bare GPU machine). It needs no GPU: the CUDA backend is only used by
+GPU pipelines.
 """
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 LIB_DIR = Path(__file__).resolve().parent / "_lib"
@@ -70,21 +73,3 @@ def gpu_backend_usable(lib_dir: str | Path = LIB_DIR) -> bool:
         return GetCUDADeviceCount() > 0
     except Exception:  # no driver at all
         return False
-
-
-# Entry points that must run without the plugin: the build (before it exists) and the DALI-free kernel
-# harness.
-_PLUGIN_FREE_MODULES = ("augment_dali.build", "augment_dali.harness")
-
-
-def _running_build() -> bool:
-    """True under `python -m augment_dali.build` or `-m augment_dali.harness`, which need no plugin."""
-    argv = list(getattr(sys, "orig_argv", ()))
-    for i, arg in enumerate(argv[:-1]):
-        if arg == "-m":
-            return argv[i + 1] in _PLUGIN_FREE_MODULES
-    return any(a in ("-m" + m for m in _PLUGIN_FREE_MODULES) for a in argv)
-
-
-if not _running_build():
-    load_plugin()

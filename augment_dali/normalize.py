@@ -96,7 +96,8 @@ def normalize_dali(x, method: str, config: NormalizeConfig = NormalizeConfig(), 
 
     On the GPU, robust_percentile needs the same image on the CPU as `window_source` (the percentile
     window is computed there by `fn.medswav.robust_window`, one histogram pass, and applied on the GPU)."""
-    import augment_dali  # noqa: F401  (loads the medswav operator plugin)
+    import augment_dali
+    augment_dali.load_plugin()  # the medswav operators
     from nvidia.dali import fn
 
     _check(method)

@@ -75,7 +75,8 @@ def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig,
     Returns (crop groups, drawn parameters); the parameters (CPU nodes: scale, ref_energies, use_gamma,
     gamma, scale_a, shift_b, positions) are for previews and tests.
     """
-    import augment_dali  # noqa: F401  (loads the medswav operator plugin)
+    import augment_dali
+    augment_dali.load_plugin()  # the medswav operators
     from nvidia.dali import fn, math, types
 
     image = normalize_dali(image, cfg.normalize.method_for(modality, units), cfg.normalize, window_source=cpu_image)

@@ -80,7 +80,9 @@ def energy_pipeline(sigmas, batch_size: int = 16, num_threads: int = 2, prepare:
     """
     from nvidia.dali import fn, pipeline_def, types
 
-    import augment_dali  # noqa: F401  (the medswav operators)
+    import augment_dali
+
+    augment_dali.load_plugin()  # the medswav operators
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
     def pipe():
@@ -108,7 +110,9 @@ def volume_energy_pipeline(sigmas, batch_size: int = 4, num_threads: int = 2,
     the 3-D cascade that fn.medswav.energy_bands applies to volumes (sigmas in voxels along every axis)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    import augment_dali  # noqa: F401  (the medswav operators)
+    import augment_dali
+
+    augment_dali.load_plugin()  # the medswav operators
 
     (d_lo, lo, _), (d_hi, hi, _) = size_range
 

@@ -264,7 +264,8 @@ def stage_costs(cfg, workers: int, batch: int = 8, iters: int = 4) -> list[dict]
     pixel values like decoded shard pixels (12-bit range), the others values in [0, 1]. The two
     intensity rows are the pipeline's one pass (gamma drawn, or linear drawn); gamma and linear are the
     separate operators it replaces."""
-    import augment_dali  # noqa: F401
+    import augment_dali
+    augment_dali.load_plugin()  # the medswav operators
     from nvidia.dali import fn, pipeline_def
 
     from augment_dali.normalize import normalize_dali

@@ -80,7 +80,9 @@ def _process_cpu(pid: int) -> float:
 def run_dali(volumes, spacings, stats, workers: int, samples: int) -> tuple[int, float, float]:
     from nvidia.dali import fn, math, pipeline_def, types
 
-    import augment_dali  # noqa: F401  (the medswav operators)
+    import augment_dali
+
+    augment_dali.load_plugin()  # the medswav operators
 
     (d_lo, lo, _), (d_hi, hi, _) = SIZE_RANGE
     mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)

@@ -17,6 +17,8 @@ from augment_dali import build as plugin_build
 from augment_dali import harness as H
 from nvidia.dali import fn, pipeline_def
 
+augment_dali.load_plugin()  # the medswav operators (importing the package loads nothing)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGMAS = [1.0, 2.0, 4.0, 8.0, 16.0]
 

@@ -24,6 +24,8 @@ import augment_dali
 from augment_dali import reference as R
 from nvidia.dali import fn, pipeline_def, types
 
+augment_dali.load_plugin()  # the medswav operators (importing the package loads nothing)
+
 MAX_ERR = {"gamma": 1e-6, "linear": 1e-6, "rescale": 1e-4, "energy_bands": 2e-4}
 
 
@@ -585,9 +587,11 @@ def test_build_command_runs_on_a_checkout_without_plugin(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "--no-cuda" in run.stdout
-    run = subprocess.run([sys.executable, "-c", "import augment_dali"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
+    # Importing the package and its configuration needs no plugin; asking for the operators names the build.
+    run = subprocess.run([sys.executable, "-c", "import augment_dali.config; import augment_dali; "
+                          "augment_dali.load_plugin()"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "python -m augment_dali.build" in run.stderr
+    assert "load_plugin" in run.stderr
 
 
 def test_build_reports_a_missing_compiler(monkeypatch, tmp_path):

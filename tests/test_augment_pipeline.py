@@ -25,6 +25,8 @@ from augment_dali.normalize import normalize_dali, normalize_numpy
 from augment_dali.plan import EpochPlanner, _rotate, rank_range, steps_per_epoch
 from augment_dali.stats import StatsMissingError, compute_stats, load_energy_stats, write_stats
 
+augment_dali.load_plugin()  # the medswav operators (importing the package loads nothing)
+
 SMALL = AugmentConfig.small()
 B = 8  # 4 modalities x 2 samples per step
 

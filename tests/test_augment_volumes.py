@@ -20,6 +20,8 @@ from augment_dali import reference as R
 from augment_dali import stats
 from nvidia.dali import fn, pipeline_def
 
+augment_dali.load_plugin()  # the medswav operators (importing the package loads nothing)
+
 MAX_ERR = {"gamma": 1e-6, "linear": 1e-6, "rescale": 1e-4, "energy_bands": 2e-4}
 RANGE_3D = dict(min_size=112, max_size=250, min_depth=96, max_depth=200)  # METHOD.md section 5
 (D_LO, H_LO, _), (D_HI, H_HI, _) = stats.VOLUME_SIZE_RANGE

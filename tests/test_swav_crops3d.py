@@ -16,13 +16,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import augment_dali  # noqa: F401  (loads the medswav operators)
+import augment_dali
 from nvidia.dali import fn, pipeline_def
 from train.config import load_config
 from train.models import SwAVModel
 from train.swav import sinkhorn, swapped_prediction_loss
 
 from _volume_fixtures import load_series
+
+augment_dali.load_plugin()  # the medswav operators (importing the package loads nothing)
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "swav_3d_ct.toml"
 SHRINK = 4  # production crop sizes / SHRINK

@@ -24,32 +24,13 @@ import sys
 import typing
 from dataclasses import dataclass, field, fields
 
-
-
-def _augment_config_module():
-    """`augment_dali.config` without running `augment_dali/__init__.py`, which loads the DALI plugin:
-    training on NPZ or synthetic data needs no DALI (e.g. the bare GPU machine of docs/GPU.md). The
-    module is registered under its own name, so a later `import augment_dali.config` (after the package
-    and its plugin load) finds this same module, and its classes stay the same classes."""
-    import importlib.util
-    from pathlib import Path
-
-    name = "augment_dali.config"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "augment_dali" / "config.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-AugmentConfig = _augment_config_module().AugmentConfig
-NormalizeConfig = _augment_config_module().NormalizeConfig
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+# Plain dataclasses: importing them loads neither DALI nor the operator plugin (augment_dali's __init__).
+from augment_dali.config import AugmentConfig, NormalizeConfig
 
 
 @dataclass
