@@ -11,7 +11,7 @@ one arm at a time on the same cores (`--threads`, default 2), each pretraining f
 budget on the train split's images (labels unused):
 
 - medswav: `python -m ingest X.npz --modality M` -> `augment_dali.stats` -> `python -m train` with
-  configs/pneumoniamnist_pretrain.toml and `--max-seconds BUDGET` (shards read and augmented by DALI)
+  configs/medmnist_small.toml (the small-data defaults) and `--max-seconds BUDGET` (shards read and augmented by DALI)
   -> `python -m train.export`;
 - lightly_swav, lightly_simclr: `benchmarks.peer_ssl` in the peer environment (`make bench-peer-env`);
 - random: the seeded random initialisation of the same encoder.
@@ -52,7 +52,7 @@ MODALITY_OF = {"pneumoniamnist": "xr", "chestmnist": "xr", "breastmnist": "us", 
 ARMS = ("medswav", "lightly_swav", "lightly_simclr", "random")
 FRACTIONS = (0.1, 0.01)
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-MEDSWAV_CONFIG = REPO / "configs" / "pneumoniamnist_pretrain.toml"
+MEDSWAV_CONFIG = REPO / "configs" / "medmnist_small.toml"  # the small-data defaults
 PEER_PYTHON = Path(os.environ.get("MEDSWAV_PEER_PYTHON", REPO / ".venv-peer" / "bin" / "python"))
 
 
@@ -132,6 +132,62 @@ def evaluate_encoder(encoder, data, seeds=(0, 1, 2), fractions=FRACTIONS) -> dic
     return out
 
 
+def neighbour_agreement(encoder, data, k: int = 5, gallery_size: int = 2000, seed: int = 0):
+    """Each test image's k nearest training images (cosine similarity of frozen features, a seeded gallery
+    of up to `gallery_size` training images): the fraction of neighbours with the query's label (chance:
+    the classes' shares), and the neighbour indices for the picture."""
+    rng = np.random.default_rng(seed)
+    n = len(data["train"].labels)
+    gallery = np.sort(rng.choice(n, min(n, gallery_size), replace=False))
+    g = extract_features(encoder, data["train"].images[gallery])
+    q = extract_features(encoder, data["test"].images)
+    g /= np.linalg.norm(g, axis=1, keepdims=True) + 1e-12
+    q /= np.linalg.norm(q, axis=1, keepdims=True) + 1e-12
+    nearest = np.argsort(-(q @ g.T), axis=1)[:, :k]
+    labels = data["train"].labels[gallery][nearest]
+    agree = float(np.mean(labels == data["test"].labels[:, None]))
+    return agree, gallery[nearest]
+
+
+def draw_neighbours(path: Path, name: str, data, neighbours: dict, queries: int = 6) -> Path:
+    """One row per (query, arm): a test image, then its nearest training images; a neighbour's frame is
+    green when its label is the query's, red when not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(1)
+    picks = np.sort(rng.choice(len(data["test"].labels), queries, replace=False))
+    arms = list(neighbours)
+    k = next(iter(neighbours.values()))[1].shape[1]
+    fig, axes = plt.subplots(queries * len(arms), k + 1, figsize=(1.1 * (k + 1), 1.1 * queries * len(arms)),
+                             squeeze=False)
+    for qi, query in enumerate(picks):
+        for ai, arm in enumerate(arms):
+            row = axes[qi * len(arms) + ai]
+            row[0].imshow(data["test"].images[query, 0], cmap="gray", vmin=0, vmax=1)
+            row[0].set_ylabel(f"{arm}\nagree {neighbours[arm][0]:.2f}" if qi == 0 else arm, fontsize=6)
+            row[0].set_title(f"test {query}, y={data['test'].labels[query]}" if ai == 0 else "", fontsize=6)
+            for j, idx in enumerate(neighbours[arm][1][query]):
+                ax = row[j + 1]
+                ax.imshow(data["train"].images[idx, 0], cmap="gray", vmin=0, vmax=1)
+                same = data["train"].labels[idx] == data["test"].labels[query]
+                for spine in ax.spines.values():
+                    spine.set_color("tab:green" if same else "tab:red")
+                    spine.set_linewidth(2)
+            for ax in row:
+                ax.set_xticks([])
+                ax.set_yticks([])
+    fig.suptitle(f"{name}: each arm's {k} nearest training images (frozen features, cosine); "
+                 f"agree = neighbours with the query's label, all test images", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ---- the pretraining arms
 
 def _run(cmd: list[str], what: str) -> str:
@@ -149,14 +205,17 @@ def pretrain_medswav(npz: Path, modality: str, budget: float, work: Path, thread
     from train.main import main as train_main
 
     dataset = work / "dataset"
-    if not (dataset / DATASET_JSON).exists():
-        _run([sys.executable, "-m", "ingest", str(npz), "--modality", modality, "--out", str(dataset),
-              "--workers", str(threads), "--no-progress", "--salt", "medswav-bench"], "ingest")
-        _run([sys.executable, "-m", "augment_dali.stats", str(dataset), "--small", "--samples", "1000"],
-             "augment_dali.stats")
     args = ["--config", str(MEDSWAV_CONFIG), "--data", str(dataset), "--out", str(work / "pretrain"),
             "--max-seconds", str(budget), "--resume", "", "--no-tensorboard", "--num-workers", str(threads)]
-    batch = load_config(args).batch_size
+    config = load_config(args)
+    if not (dataset / DATASET_JSON).exists():
+        _run([sys.executable, "-m", "ingest", str(npz), "--modality", modality, "--out", str(dataset),
+              "--workers", str(threads), "--no-progress", "--salt", "medswav-representation-benchmark"], "ingest")
+        # Band energies measured at the sizes the recipe rescales to (they depend on the image size).
+        lo, hi = config.augment.size_range
+        _run([sys.executable, "-m", "augment_dali.stats", str(dataset), "--min-size", str(lo), "--max-size", str(hi),
+              "--samples", "1000"], "augment_dali.stats")
+    batch = config.batch_size
     torch.set_num_threads(threads)
     cpu_start = time.process_time()
     result = train_main(args)
@@ -165,7 +224,19 @@ def pretrain_medswav(npz: Path, modality: str, budget: float, work: Path, thread
     steps = len(result["losses"])
     return {"encoder": load_backbone(work / "backbone.pt", "resnet18"), "steps": steps,
             "seconds": result["seconds"], "images_per_s": steps * batch / result["seconds"], "cpu_s": cpu_s,
-            "first_loss": result["losses"][0], "last_loss": float(np.mean(result["losses"][-10:]))}
+            "first_loss": result["losses"][0], "last_loss": float(np.mean(result["losses"][-10:])),
+            **code_health(work / "pretrain" / "metrics.jsonl")}
+
+
+def code_health(metrics_jsonl: Path, last: int = 3) -> dict:
+    """Mean code entropy and prototype usage (train.swav.code_statistics, per modality, averaged) over the
+    last `last` logged rows of a run: near 0 is collapse onto few prototypes."""
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()][-last:]
+    out = {}
+    for key in ("code_entropy", "proto_usage"):
+        values = [v for r in rows for k, v in r.items() if k.startswith(key + "/")]
+        out[key] = float(np.mean(values)) if values else None
+    return out
 
 
 def check_peer_env() -> Path:
@@ -219,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default=",".join(ARMS), help=f"arms to run, comma-separated (default all: {','.join(ARMS)})")
     p.add_argument("--seeds", type=int, help="probe seeds (label subsets) per fraction (default 3; --quick: 1)")
     p.add_argument("--threads", type=int, default=2, help="cores each arm may use: torch threads, DALI threads (default 2)")
+    p.add_argument("--pictures", type=Path, metavar="DIR",
+                   help="also draw each data set's nearest neighbours per arm to DIR/neighbours_NAME.png")
     p.add_argument("--work", type=Path, help="folder for datasets, runs and backbones, kept (default: a temporary one, removed at the end)")
     args = p.parse_args(argv)
     budget = args.budget or (15.0 if args.quick else 240.0)
@@ -247,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     for npz, modality in data_sets:
         name = npz.stem
         data = load_npz(npz)
-        figures[name] = {}
+        figures[name], neighbours = {}, {}
         for arm in arms:
             work = work_root / name
             work.mkdir(parents=True, exist_ok=True)
@@ -267,13 +340,18 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             encoder = pre.pop("encoder")
             result = {**evaluate_encoder(encoder, data, seeds), **pre, "wall_s": time.perf_counter() - t0}
+            if data.task != "multilabel":
+                neighbours[arm] = neighbour_agreement(encoder, data)
+                result["knn5_agree"] = neighbours[arm][0]
             figures[name][arm] = result
             rows.append({"data": name, "arm": arm, **{k: result.get(k) for k in
-                         ("auc_10", "auc_1", "acc_10", "acc_1", "images_per_s", "steps", "cpu_s")}})
+                         ("auc_10", "auc_1", "acc_10", "acc_1", "knn5_agree", "images_per_s", "steps", "cpu_s")}})
             print(f"[{name}] {arm}: auc_10 {result['auc_10']:.3f} auc_1 {result['auc_1']:.3f} "
                   f"acc_10 {result['acc_10']:.3f} acc_1 {result['acc_1']:.3f}", flush=True)
+        if args.pictures and neighbours:
+            print(f"picture: {draw_neighbours(args.pictures / f'neighbours_{name}.png', name, data, neighbours)}")
     print_table(f"Linear probe, frozen features, {len(seeds)} seed(s); pretraining {budget:g} s per arm",
-                rows, ["data", "arm", "auc_10", "auc_1", "acc_10", "acc_1", "images_per_s", "steps", "cpu_s"])
+                rows, ["data", "arm", "auc_10", "auc_1", "acc_10", "acc_1", "knn5_agree", "images_per_s", "steps", "cpu_s"])
     settings = {"budget_s": budget, "seeds": len(seeds), "threads": args.threads, "fractions": list(FRACTIONS),
                 "c_grid": list(C_GRID), "medswav_config": str(MEDSWAV_CONFIG.relative_to(REPO)),
                 "data": [str(p) for p, _ in data_sets], "load_average": list(os.getloadavg())}

@@ -58,3 +58,35 @@ def test_probe_refuses_what_it_cannot_score(pneumonia_features):
         probe(x["train"], np.zeros_like(y["train"]), x["val"], y["val"], x["test"], y["test"], "binary")
     with pytest.raises(ValueError, match="multilabel"):
         probe(x["train"], y["train"], x["val"], y["val"], x["test"], y["test"], "multilabel")
+
+
+def test_neighbour_agreement_matches_sklearns_nearest_neighbours_and_beats_shuffled_labels(medmnist_dir, tmp_path):
+    from sklearn.neighbors import NearestNeighbors
+
+    from benchmarks.representation import draw_neighbours, neighbour_agreement
+
+    torch.set_num_threads(2)
+    data = load_npz(medmnist_dir / "breastmnist.npz")
+    encoder = random_encoder(0)
+    agree, nearest = neighbour_agreement(encoder, data, k=5, gallery_size=300, seed=0)
+    assert nearest.shape == (len(data["test"].labels), 5)
+
+    # The same neighbours found by scikit-learn (cosine distance, brute force) over the same seeded gallery.
+    gallery = np.sort(np.random.default_rng(0).choice(len(data["train"].labels), 300, replace=False))
+    g = extract_features(encoder, data["train"].images[gallery])
+    q = extract_features(encoder, data["test"].images)
+    ref = NearestNeighbors(n_neighbors=5, metric="cosine", algorithm="brute").fit(g).kneighbors(q, return_distance=False)
+    assert np.mean(np.sort(gallery[ref], axis=1) == np.sort(nearest, axis=1)) > 0.99  # ties may swap
+    expected = np.mean(data["train"].labels[gallery[ref]] == data["test"].labels[:, None])
+    assert agree == pytest.approx(expected, abs=0.01)
+    # Neighbours drawn blind to the image agree with the query's label at the rate sum_c p_gallery(c) p_test(c)
+    # (about 0.6 here); neighbours in feature space do better.
+    shares = np.bincount(data["train"].labels[gallery]) / 300
+    test_shares = np.bincount(data["test"].labels, minlength=len(shares)) / len(data["test"].labels)
+    assert agree > float(shares @ test_shares) + 0.02
+
+    png = draw_neighbours(tmp_path / "n.png", "breastmnist", data, {"random": (agree, nearest)}, queries=2)
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size[0] > 300 and im.size[1] > 150
