@@ -9,7 +9,7 @@ torch, torchvision, lightly, numpy and `train.models` (pure torch), so that ever
 encoder (`train.models.build_encoder`: 1-channel input, 7x7/2 stem + max-pool, 512 features).
 
 Images: the npz's train split, labels unused, as 1-channel PIL images; lightly's transforms with
-`normalize=None` give tensors in [0, 1], the scaling every arm and the probe use (uint8 / 255). The crop
+`normalize=None` give tensors in [0, 1] (uint8 / 255), the scaling the probe then feeds these encoders. The crop
 sizes are lightly's stock ones scaled to 28-pixel images (SimCLR 224 -> 28; SwAV 224/96 -> 28/12).
 The output is a backbone file in `python -m train.export`'s format; the last line printed is a JSON
 summary (steps, seconds, images_per_s, cpu_s: CPU seconds of all the process's threads).

@@ -16,8 +16,11 @@ budget on the train split's images (labels unused):
 - lightly_swav, lightly_simclr: `benchmarks.peer_ssl` in the peer environment (`make bench-peer-env`);
 - random: the seeded random initialisation of the same encoder.
 
-Every arm yields the same encoder (`train.models.build_encoder("resnet18")`: 1-channel, 512 features), fed
-28-pixel images scaled to [0, 1] (uint8 / 255, as `train.downstream.data`). The probe: frozen features of
+Every arm yields the same encoder (`train.models.build_encoder("resnet18")`: 1-channel, 512 features), and
+the probe feeds each encoder the 28-pixel images scaled to [0, 1] exactly as its own pretraining scaled
+them: medswav's per-image robust window (`train.downstream.data.load_npz`: the NumPy twin of the DALI
+operator, with the default normalisation the recipe keeps), uint8 / 255 for the lightly arms (their transforms
+with `normalize=None`), the robust window for random initialisation. The probe: frozen features of
 the labelled images, val and test; for each label fraction (10 %, 1 %, class-stratified and nested, `train.downstream.subsets`) and seed, scikit-learn's
 LogisticRegression on features standardised by
 the labelled subset's statistics at each C of a grid, the C with the best validation AUC kept; test AUC (binary, or
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -179,8 +183,8 @@ def draw_neighbours(path: Path, name: str, data, neighbours: dict, queries: int 
             for ax in row:
                 ax.set_xticks([])
                 ax.set_yticks([])
-    fig.suptitle(f"{name}: each arm's {k} nearest training images (frozen features, cosine); "
-                 f"agree = neighbours with the query's label, all test images", fontsize=7)
+    fig.suptitle(f"{name}: each arm's {k} nearest training images\n(frozen features, cosine); agree = share of\n"
+                 f"neighbours with the query's label over all test images", fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -197,7 +201,8 @@ def _run(cmd: list[str], what: str) -> str:
     return proc.stdout
 
 
-def pretrain_medswav(npz: Path, modality: str, budget: float, work: Path, threads: int) -> dict:
+def pretrain_medswav(npz: Path, modality: str, budget: float, work: Path, threads: int,
+                     flags: tuple[str, ...] = ()) -> dict:
     import torch
 
     from train.config import load_config
@@ -206,7 +211,7 @@ def pretrain_medswav(npz: Path, modality: str, budget: float, work: Path, thread
 
     dataset = work / "dataset"
     args = ["--config", str(MEDSWAV_CONFIG), "--data", str(dataset), "--out", str(work / "pretrain"),
-            "--max-seconds", str(budget), "--resume", "", "--no-tensorboard", "--num-workers", str(threads)]
+            "--max-seconds", str(budget), "--resume", "", "--no-tensorboard", "--num-workers", str(threads), *flags]
     config = load_config(args)
     if not (dataset / DATASET_JSON).exists():
         _run([sys.executable, "-m", "ingest", str(npz), "--modality", modality, "--out", str(dataset),
@@ -258,6 +263,24 @@ def pretrain_peer(method: str, npz: Path, budget: float, work: Path, threads: in
             ("steps", "seconds", "images_per_s", "cpu_s", "first_loss", "last_loss")}, "peer_torch": summary["torch"]}
 
 
+def scaled_by_255(npz: Path, data):
+    """`data` with its images as the lightly arms saw them in pretraining: uint8 / 255 (grey levels; RGB
+    sets as luminance, like `load_npz`), labels unchanged."""
+    import copy
+
+    import torch
+
+    out = copy.copy(data)
+    out.splits = {}
+    with np.load(npz) as archive:
+        for split, s in data.splits.items():
+            images = archive[f"{split}_images"].astype(np.float32)
+            if images.ndim == 4:
+                images = images @ np.array([0.299, 0.587, 0.114], np.float32)
+            out.splits[split] = type(s)(torch.from_numpy(images / np.float32(255.0))[:, None], s.labels)
+    return out
+
+
 def random_encoder(seed: int = 0):
     from train.downstream.finetune import build_encoder
 
@@ -290,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default=",".join(ARMS), help=f"arms to run, comma-separated (default all: {','.join(ARMS)})")
     p.add_argument("--seeds", type=int, help="probe seeds (label subsets) per fraction (default 3; --quick: 1)")
     p.add_argument("--threads", type=int, default=2, help="cores each arm may use: torch threads, DALI threads (default 2)")
+    p.add_argument("--medswav-flags", default="", metavar="FLAGS",
+                   help="extra `python -m train` flags for the medswav arm, for ablations, e.g. "
+                        "\"--augment.num-crops 2,6 --base-lr 0.3\" (default: none, the config as it is)")
     p.add_argument("--pictures", type=Path, metavar="DIR",
                    help="also draw each data set's nearest neighbours per arm to DIR/neighbours_NAME.png")
     p.add_argument("--work", type=Path, help="folder for datasets, runs and backbones, kept (default: a temporary one, removed at the end)")
@@ -297,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget or (15.0 if args.quick else 240.0)
     seeds = tuple(range(args.seeds or (1 if args.quick else 3)))
     arms = [a for a in args.arms.split(",") if a]
+    medswav_flags = tuple(shlex.split(args.medswav_flags))
     unknown = set(arms) - set(ARMS)
     try:
         if unknown:
@@ -319,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     figures, rows, failed = {}, [], []
     for npz, modality in data_sets:
         name = npz.stem
-        data = load_npz(npz)
+        data = load_npz(npz)  # medswav's scaling (the default normalisation, which the recipe keeps)
+        data_255 = scaled_by_255(npz, data)  # the lightly arms' scaling
         figures[name], neighbours = {}, {}
         for arm in arms:
             work = work_root / name
@@ -328,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] {arm}: pretraining for {budget:g} s ...", flush=True)
             try:
                 if arm == "medswav":
-                    pre = pretrain_medswav(npz, modality, budget, work, args.threads)
+                    pre = pretrain_medswav(npz, modality, budget, work, args.threads, medswav_flags)
                 elif arm == "random":
                     pre = {"encoder": random_encoder(0), "steps": 0, "seconds": 0.0, "images_per_s": None}
                 else:
@@ -339,9 +367,10 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(f"{name}/{arm}")
                 continue
             encoder = pre.pop("encoder")
-            result = {**evaluate_encoder(encoder, data, seeds), **pre, "wall_s": time.perf_counter() - t0}
+            inputs = data_255 if arm.startswith("lightly") else data
+            result = {**evaluate_encoder(encoder, inputs, seeds), **pre, "wall_s": time.perf_counter() - t0}
             if data.task != "multilabel":
-                neighbours[arm] = neighbour_agreement(encoder, data)
+                neighbours[arm] = neighbour_agreement(encoder, inputs)
                 result["knn5_agree"] = neighbours[arm][0]
             figures[name][arm] = result
             rows.append({"data": name, "arm": arm, **{k: result.get(k) for k in
@@ -354,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows, ["data", "arm", "auc_10", "auc_1", "acc_10", "acc_1", "knn5_agree", "images_per_s", "steps", "cpu_s"])
     settings = {"budget_s": budget, "seeds": len(seeds), "threads": args.threads, "fractions": list(FRACTIONS),
                 "c_grid": list(C_GRID), "medswav_config": str(MEDSWAV_CONFIG.relative_to(REPO)),
+                "medswav_flags": list(medswav_flags),
                 "data": [str(p) for p, _ in data_sets], "load_average": list(os.getloadavg())}
     write_json(args.json, "representation", {**figures, "machine_detail": machine()}, settings)
     if args.work is None:  # the temporary folder holds the ingested datasets and runs: hundreds of MB
