@@ -263,24 +263,6 @@ def pretrain_peer(method: str, npz: Path, budget: float, work: Path, threads: in
             ("steps", "seconds", "images_per_s", "cpu_s", "first_loss", "last_loss")}, "peer_torch": summary["torch"]}
 
 
-def scaled_by_255(npz: Path, data):
-    """`data` with its images as the lightly arms saw them in pretraining: uint8 / 255 (grey levels; RGB
-    sets as luminance, like `load_npz`), labels unchanged."""
-    import copy
-
-    import torch
-
-    out = copy.copy(data)
-    out.splits = {}
-    with np.load(npz) as archive:
-        for split, s in data.splits.items():
-            images = archive[f"{split}_images"].astype(np.float32)
-            if images.ndim == 4:
-                images = images @ np.array([0.299, 0.587, 0.114], np.float32)
-            out.splits[split] = type(s)(torch.from_numpy(images / np.float32(255.0))[:, None], s.labels)
-    return out
-
-
 def random_encoder(seed: int = 0):
     from train.downstream.finetune import build_encoder
 
@@ -347,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     for npz, modality in data_sets:
         name = npz.stem
         data = load_npz(npz)  # medswav's scaling (the default normalisation, which the recipe keeps)
-        data_255 = scaled_by_255(npz, data)  # the lightly arms' scaling
+        # the lightly arms' scaling: uint8 / 255
+        data_255 = load_npz(npz, window=(0, 255)) if any(a.startswith("lightly") for a in arms) else None
         figures[name], neighbours = {}, {}
         for arm in arms:
             work = work_root / name

@@ -37,6 +37,18 @@ def test_npz_loading_matches_the_archive(pneumonia, medmnist_dir):
             assert torch.equal(pneumonia[split].images[i, 0], torch.from_numpy(want))
 
 
+def test_npz_fixed_window_gives_other_libraries_uint8_over_255(pneumonia, medmnist_dir):
+    """Encoders pretrained elsewhere (lightly, in benchmarks.representation) saw uint8 / 255: window (0, 255)."""
+    raw = np.load(medmnist_dir / "pneumoniamnist.npz")
+    fixed = load_npz(medmnist_dir / "pneumoniamnist.npz", window=(0, 255))
+    for split in ("train", "val", "test"):
+        assert np.array_equal(fixed[split].labels, pneumonia[split].labels)
+        want = raw[f"{split}_images"].astype(np.float32) / np.float32(255)
+        np.testing.assert_allclose(fixed[split].images[:, 0].numpy(), want, rtol=0, atol=1e-7)
+    # not the robust window: that one stretches each image to its own 0.5-99.5 percentiles
+    assert float((fixed["train"].images - pneumonia["train"].images).abs().max()) > 0.05
+
+
 def test_npz_inputs_equal_the_pretraining_pipeline_normalisation(pneumonia, medmnist_dir):
     """The downstream input of an image is what the DALI operator makes of the same stored pixels."""
     from test_units import dali_normalize

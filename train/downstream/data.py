@@ -78,11 +78,18 @@ def infer_task(labels: np.ndarray) -> tuple[str, int]:
     return "multiclass", int(classes.max()) + 1
 
 
-def load_npz(path: str | Path, normalisation: dict | None = None) -> LabelledData:
-    """MedMNIST layout: `{split}_images` [N, H, W] (uint8) and `{split}_labels` [N, 1] or [N, L]."""
-    from augment_dali.config import ROBUST_PERCENTILE
+def load_npz(path: str | Path, normalisation: dict | None = None,
+             window: tuple[float, float] | None = None) -> LabelledData:
+    """MedMNIST layout: `{split}_images` [N, H, W] (uint8) and `{split}_labels` [N, 1] or [N, L].
+
+    `window`: a fixed (lo, hi) mapped to [0, 1] for every image instead of pretraining's per-image robust
+    window, for encoders pretrained elsewhere: (0, 255) is the uint8 / 255 of most libraries' pipelines."""
+    from augment_dali.config import HU_WINDOW, ROBUST_PERCENTILE, NormalizeConfig
 
     config = _normalize_config(normalisation)
+    method = ROBUST_PERCENTILE
+    if window is not None:  # the fixed-window method (named after its CT use) with this window
+        method, config = HU_WINDOW, NormalizeConfig(hu_window=tuple(window))
     archive = np.load(path)
     splits = {}
     for split in SPLITS:
@@ -95,7 +102,7 @@ def load_npz(path: str | Path, normalisation: dict | None = None) -> LabelledDat
         if images.ndim == 4:  # RGB MedMNIST sets: luminance
             images = images @ np.array([0.299, 0.587, 0.114])
         labels = labels.reshape(len(labels), -1)
-        splits[split] = Split(torch.from_numpy(to_unit_range(images, ROBUST_PERCENTILE, config))[:, None], labels)
+        splits[split] = Split(torch.from_numpy(to_unit_range(images, method, config))[:, None], labels)
     task, n_outputs = infer_task(np.concatenate([s.labels for s in splits.values()]))
     if task != "multilabel":
         for s in splits.values():
