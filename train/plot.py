@@ -16,6 +16,19 @@ from pathlib import Path
 from .errors import RunFolderError, TrainError
 
 
+SMOOTH = 5  # logged rows per trailing mean, when there are at least twice as many rows
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the window - 1 before it (fewer at the start), NaN (a modality missing
+    from a row) left out; NaN only where the whole window is."""
+    out = []
+    for i in range(len(values)):
+        seen = [v for v in values[max(0, i - window + 1) : i + 1] if not math.isnan(v)]
+        out.append(sum(seen) / len(seen) if seen else math.nan)
+    return out
+
+
 def plot_run(run: Path, out: Path) -> Path:
     try:
         import matplotlib
@@ -41,10 +54,19 @@ def plot_run(run: Path, out: Path) -> Path:
     steps = [r["step"] for r in rows]
     modalities = sorted({key.split("/", 1)[1] for r in rows for key in r if key.startswith("loss_ss/")})
 
+    # A per-step loss of a few images per modality jumps by about +-0.1 ln K from step to step; with many
+    # logged steps the trend is drawn as a trailing mean over SMOOTH rows, the raw values faint behind it.
+    smooth = SMOOTH if len(rows) >= 2 * SMOOTH else 1
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     ax = axes[0, 0]
     for i, m in enumerate(modalities):
-        ax.plot(steps, [r.get(f"loss_ss/{m}", math.nan) for r in rows], color=f"C{i}", label=f"L_ss {m}")
+        values = [r.get(f"loss_ss/{m}", math.nan) for r in rows]
+        if smooth > 1:
+            ax.plot(steps, values, color=f"C{i}", lw=0.8, alpha=0.3)
+            ax.plot(steps, trailing_mean(values, smooth), color=f"C{i}", lw=2,
+                    label=f"L_ss {m} (mean of {smooth} logged steps)")
+        else:
+            ax.plot(steps, values, color=f"C{i}", label=f"L_ss {m}")
     if any("loss_sup" in r for r in rows):
         ax.plot(steps, [r.get("loss_sup", math.nan) for r in rows], label="L_sup", color="black", lw=1)
     if k:
@@ -54,9 +76,12 @@ def plot_run(run: Path, out: Path) -> Path:
     ax.legend(fontsize=8)
     ax = axes[0, 1]
     for i, m in enumerate(modalities):
-        ax.plot(steps, [r.get(f"code_entropy/{m}", math.nan) for r in rows], color=f"C{i}", label=m)
-        ax.plot(steps, [r.get(f"proto_usage/{m}", math.nan) for r in rows], color=f"C{i}", ls=":")
-    ax.set(title="code entropy (solid), prototype usage (dotted)\n1 = spread, 0 = collapse",
+        ax.plot(steps, trailing_mean([r.get(f"code_entropy/{m}", math.nan) for r in rows], smooth),
+                color=f"C{i}", label=m)
+        ax.plot(steps, trailing_mean([r.get(f"proto_usage/{m}", math.nan) for r in rows], smooth),
+                color=f"C{i}", ls=":")
+    ax.set(title="code entropy (solid), prototype usage (dotted)\n1 = spread, 0 = collapse"
+                 + (f"; means of {smooth} logged steps" if smooth > 1 else ""),
            xlabel="step", ylim=(-0.05, 1.05))
     ax.legend(fontsize=8)
     ax = axes[1, 0]
@@ -68,7 +93,8 @@ def plot_run(run: Path, out: Path) -> Path:
     if queue:
         ax.axvline(queue[0], color="tab:green", ls="--", label="queue in use")
     ax.set(title="learning rate", xlabel="step")
-    ax.legend(fontsize=8)
+    if frozen or queue:
+        ax.legend(fontsize=8)
     ax = axes[1, 1]
     ax.plot(steps, [r["images_per_s"] for r in rows], label="images/s")
     ax.set(title="throughput", xlabel="step", ylabel="images/s")
