@@ -68,7 +68,6 @@ def test_queue_starts_at_its_epoch_and_is_used_once_full(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-
 def test_plot_trend_is_a_trailing_mean_that_skips_missing_modalities():
     import math
 
@@ -79,6 +78,7 @@ def test_plot_trend_is_a_trailing_mean_that_skips_missing_modalities():
     assert got == [4.0, 3.0, 3.0, 1.0, 3.0]  # NaN rows are left out of each window, not counted as 0
     assert math.isnan(trailing_mean([math.nan, math.nan, 1.0], 2)[1])
     assert trailing_mean(values, 1)[:2] == [4.0, 2.0]
+
 
 def test_resume_is_exact(tmp_path, medmnist_dir):
     data = ["--data", str(medmnist_dir / "pneumoniamnist.npz"), "--epochs", "1", "--queue-length", "8",

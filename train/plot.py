@@ -63,10 +63,8 @@ def plot_run(run: Path, out: Path) -> Path:
         values = [r.get(f"loss_ss/{m}", math.nan) for r in rows]
         if smooth > 1:
             ax.plot(steps, values, color=f"C{i}", lw=0.8, alpha=0.3)
-            ax.plot(steps, trailing_mean(values, smooth), color=f"C{i}", lw=2,
-                    label=f"L_ss {m} (mean of {smooth} logged steps)")
-        else:
-            ax.plot(steps, values, color=f"C{i}", label=f"L_ss {m}")
+        ax.plot(steps, trailing_mean(values, smooth), color=f"C{i}", lw=2 if smooth > 1 else 1.5,
+                label=f"L_ss {m}" + (f" (mean of {smooth} logged steps)" if smooth > 1 else ""))
     if any("loss_sup" in r for r in rows):
         ax.plot(steps, [r.get("loss_sup", math.nan) for r in rows], label="L_sup", color="black", lw=1)
     if k:

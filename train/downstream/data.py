@@ -86,6 +86,8 @@ def load_npz(path: str | Path, normalisation: dict | None = None,
     window, for encoders pretrained elsewhere: (0, 255) is the uint8 / 255 of most libraries' pipelines."""
     from augment_dali.config import HU_WINDOW, ROBUST_PERCENTILE, NormalizeConfig
 
+    if window is not None and normalisation is not None:
+        raise ValueError("load_npz: give either a backbone's normalisation or a fixed window, not both")
     config = _normalize_config(normalisation)
     method = ROBUST_PERCENTILE
     if window is not None:  # the fixed-window method (named after its CT use) with this window
