@@ -168,6 +168,8 @@ def test_augment_section_of_the_config_tree(tmp_path):
         assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="--augment.sigmas '1,a': expected float, got 'a'"):
         load_config(["--synthetic", "--augment.sigmas", "1,a"])
+    with pytest.raises(ConfigError, match="epsilon 0.001: must be >= 0.003"):
+        load_config(["--synthetic", "--epsilon", "0.001"])
 
 
 def test_bad_config_type_is_one_line_and_exit_2_from_the_entry_point(tmp_path):

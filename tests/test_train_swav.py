@@ -58,6 +58,25 @@ def test_sinkhorn_is_overflow_safe_and_matches_plain_formula():
     torch.testing.assert_close(q.sum(1), torch.ones(10), rtol=0, atol=1e-5)
 
 
+def test_sinkhorn_small_epsilon_keeps_a_far_prototype_finite():
+    """eps 0.01 (the demo's sharper codes): a prototype 1.6 below the best score of every sample has
+    exp(-160) = 0 in fp32, a column of zeros and 1 / 0. The codes must stay the plain formula's (in
+    float64), returned in fp32, equipartition giving the far prototype its share all the same."""
+    scores, _, _ = _scores(1, 8, 4, seed=3)
+    s = torch.cat([scores[0].clamp(0.2, 1.0), torch.full((8, 1), -0.6)], dim=1)   # [8, 5], column 4 far
+    assert (torch.exp((s - s.max()) / 0.01).float()[:, 4] == 0).all()           # what fp32 would compute
+    q_ref = torch.exp(s.double() / 0.01).t()
+    for _ in range(3):
+        q_ref /= q_ref.sum(1, keepdim=True); q_ref /= 5
+        q_ref /= q_ref.sum(0, keepdim=True); q_ref /= 8
+    q = sinkhorn(s, eps=0.01, iterations=3)
+    assert q.dtype == torch.float32 and torch.isfinite(q).all()
+    torch.testing.assert_close(q.double(), (q_ref * 8).t(), rtol=1e-5, atol=1e-7)
+    assert q[:, 4].sum() > 1.0                                                     # B / K = 1.6 in the limit
+    with pytest.raises(ValueError, match="underflows"):
+        sinkhorn(s, eps=0.002)
+
+
 def _reference_loss(scores: np.ndarray, tau: float, assigned=(0, 1)) -> float:
     """Straight from METHOD.md section 1, in float64 loops."""
     v_count, b, k = scores.shape

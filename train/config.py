@@ -337,6 +337,8 @@ def validate(cfg: Config) -> None:
         fail(f"device {cfg.device!r}: choose auto, cpu or cuda")
     if cfg.max_seconds < 0:
         fail(f"max_seconds {cfg.max_seconds}: must be >= 0 (0: no time budget)")
+    if cfg.epsilon < 2.0 / 700:
+        fail(f"epsilon {cfg.epsilon}: must be >= 0.003 (exp(-2 / epsilon) underflows below; METHOD uses 0.03-0.05)")
     if not cfg.synthetic and not cfg.data:
         fail("give --data DATASET (a shard dataset folder or .npz files) or --synthetic")
 

@@ -11,6 +11,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+MIN_EPSILON = 2.0 / 700   # exp(-2 / eps) is then still a normal float64 (smallest: exp(-708))
+
+
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -30,19 +33,25 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.03, iterations: int = 3,
     two matrix-vector products over E instead of rewriting the matrix (the same arithmetic; a
     (queue + batch) x K problem costs a few reads of E). Subtracting the global max is a constant
     factor removed by the first normalisation (as is SwAV's first division by the total mass, skipped
-    here); scores of normalised features lie in [-1, 1], so E >= exp(-2 / 0.03) stays far above
-    fp32's smallest normal number. Runs in fp32 whatever autocast says.
+    here); scores of normalised features lie in [-1, 1], so E >= exp(-2 / eps). That must stay a normal
+    number, or a prototype far from every sample gets a column of zeros and 1 / 0 turns every code into
+    NaN: fp32 holds it down to eps = 2 / 80 = 0.025 (METHOD's 0.03 and 0.05 run in fp32, whatever
+    autocast says); a smaller eps (sharper codes, as the short demo uses) runs in float64, which holds
+    down to eps ~ 0.003. The codes are returned in fp32 either way.
     """
+    if eps < MIN_EPSILON:
+        raise ValueError(f"Sinkhorn epsilon {eps} is below {MIN_EPSILON}: exp(-2 / eps) underflows even float64")
+    work = torch.float32 if eps >= 2.0 / 80 else torch.float64
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        peak = scores.max().float()
+        peak = scores.max().to(work)
         if _dist_on():
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        e = scores if inplace and scores.dtype == torch.float32 else scores.float().clone()
+        e = scores if inplace and scores.dtype == work else scores.to(work, copy=True)
         e.sub_(peak).mul_(1.0 / eps).exp_()                 # [B, K]
         k = e.shape[1]
         b = e.shape[0] * (dist.get_world_size() if _dist_on() else 1)
-        u = torch.ones(e.shape[0], device=e.device)        # per-sample scale
-        v = torch.ones(k, device=e.device)                 # per-prototype scale
+        u = torch.ones(e.shape[0], device=e.device, dtype=work)   # per-sample scale
+        v = torch.ones(k, device=e.device, dtype=work)            # per-prototype scale
         for _ in range(iterations):
             per_prototype = u @ e                           # [K], before its scale v
             if _dist_on():
@@ -51,7 +60,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.03, iterations: int = 3,
             u = 1.0 / (b * (e @ v))
         if rows is not None:
             e, u = e[-rows:], u[-rows:]
-        return (u[:, None] * b) * e * v[None, :]
+        return ((u[:, None] * b) * e * v[None, :]).float()
 
 
 class FeatureQueue:
