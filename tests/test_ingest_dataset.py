@@ -236,7 +236,8 @@ def test_no_identifying_header_value_reaches_shards_or_manifests(ingested):
     text, binary = "\n".join(texts), b"\n".join(binaries)
     leaks = []
     for v, where in values.items():
-        if re.search(r"(?<![\w.-])" + re.escape(v) + r"(?![\w.-])", text):
+        # the substring test first: a regex with a look-behind cannot skip ahead to its literal (~10x slower)
+        if v in text and re.search(r"(?<![\w.-])" + re.escape(v) + r"(?![\w.-])", text):
             leaks.append((v, where, "text"))
         elif not re.fullmatch(r"[\d.+-]+", v) and v.encode() in binary:
             leaks.append((v, where, "tar bytes"))
