@@ -61,6 +61,7 @@ class AugmentConfig:
     size_range: tuple[int, int] = (600, 1200)         # output sides (rows, cols) clamped into [min, max]
     depth_range: tuple[int, int] = (96, 200)          # volumes: output depth clamped into [min, max]
     sigmas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)  # Gaussian cascade (px) -> 5 bands + residual
+    energy_bands: bool = True  # re-weight the bands to drawn reference energies (off: ablations, docs/EVALUATION.md s7)
     gamma_range: tuple[float, float] = (1.8, 2.6)     # gamma ~ U[lo, hi] of the gamma transform
     linear_scale_range: tuple[float, float] = (0.9, 1.1)   # a ~ U[lo, hi] of the linear transform a*x + b
     linear_shift_range: tuple[float, float] = (-0.2, 0.2)  # b ~ U[lo, hi], in units of the [0, 1] range

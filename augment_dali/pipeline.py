@@ -89,7 +89,8 @@ def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig,
     std = types.Constant(np.asarray(energy_std, np.float32), device="cpu")
     unit = fn.random.uniform(range=[-1.0, 1.0], shape=[cfg.num_bands])
     ref = math.max(mean + unit * std, 0.0)
-    image = fn.medswav.energy_bands(image, ref_energies=ref, sigmas=list(cfg.sigmas))
+    if cfg.energy_bands:
+        image = fn.medswav.energy_bands(image, ref_energies=ref, sigmas=list(cfg.sigmas))
 
     use_gamma = fn.cast(fn.random.coin_flip(probability=cfg.p_gamma), dtype=types.FLOAT)
     gamma = fn.random.uniform(range=list(cfg.gamma_range))
