@@ -85,6 +85,10 @@ class AugmentConfig:
         lo, hi = self.depth_range
         if not 0 < lo <= hi:
             raise ValueError(f"depth_range must satisfy 0 < min <= max, got {self.depth_range}")
+        for name in ("scale_range", "gamma_range", "linear_scale_range", "linear_shift_range"):
+            lo, hi = getattr(self, name)
+            if not lo <= hi:
+                raise ValueError(f"{name} must satisfy min <= max (equal: a fixed value), got {getattr(self, name)}")
         if not 0.0 <= self.border < 0.5:
             raise ValueError(f"border must be in [0, 0.5), got {self.border}")
 

@@ -64,6 +64,13 @@ class Branch:
     volumes: bool = False      # samples are "DHW" volumes (dataset kind "volumes")
 
 
+def _uniform(fn, bounds):
+    """A per-sample draw from U[lo, hi]; lo == hi (a stage held fixed, e.g. no linear shift) draws from
+    {lo}, since DALI refuses an empty range."""
+    lo, hi = bounds
+    return fn.random.uniform(values=[float(lo)]) if lo == hi else fn.random.uniform(range=[lo, hi])
+
+
 def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig,
             cpu_image=None, units: str = "") -> tuple[list, dict]:
     """The augmentation graph for one modality, from a decoded "HW" image or, when `cfg.volumes`
@@ -81,7 +88,7 @@ def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig,
 
     image = normalize_dali(image, cfg.normalize.method_for(modality, units), cfg.normalize, window_source=cpu_image)
 
-    scale = fn.random.uniform(range=list(cfg.scale_range))
+    scale = _uniform(fn, cfg.scale_range)
     depth = dict(min_depth=cfg.depth_range[0], max_depth=cfg.depth_range[1]) if cfg.volumes else {}
     image = fn.medswav.rescale(image, scale=scale, min_size=cfg.size_range[0], max_size=cfg.size_range[1], **depth)
 
@@ -93,9 +100,9 @@ def augment(image, modality: str, energy_mean, energy_std, cfg: AugmentConfig,
         image = fn.medswav.energy_bands(image, ref_energies=ref, sigmas=list(cfg.sigmas))
 
     use_gamma = fn.cast(fn.random.coin_flip(probability=cfg.p_gamma), dtype=types.FLOAT)
-    gamma = fn.random.uniform(range=list(cfg.gamma_range))
-    a = fn.random.uniform(range=list(cfg.linear_scale_range))
-    b = fn.random.uniform(range=list(cfg.linear_shift_range))
+    gamma = _uniform(fn, cfg.gamma_range)
+    a = _uniform(fn, cfg.linear_scale_range)
+    b = _uniform(fn, cfg.linear_shift_range)
     image = fn.medswav.intensity(image, gamma=use_gamma * gamma + (1.0 - use_gamma),
                                  scale=use_gamma + (1.0 - use_gamma) * a, shift=(1.0 - use_gamma) * b)
 

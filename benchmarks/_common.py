@@ -51,7 +51,7 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
         return str(v)
 
     cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]   # rows may be none
     print(f"\n{title}")
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("  ".join("-" * w for w in widths))

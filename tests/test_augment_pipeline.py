@@ -404,16 +404,15 @@ def test_augment_graph_survives_constant_tiny_and_real_images(aug_dataset, dicom
 
 def test_energy_bands_can_be_switched_off(aug_dataset, dicom_dir):
     """`energy_bands = false` (the ablation of docs/EVALUATION.md section 7) removes exactly that stage:
-    with rescale and intensity held at the identity, every full-resolution crop is then a window of the
-    normalised slice; with the bands on, the same draws give a different image."""
+    with rescale and intensity held at the identity (ranges of one value), every full-resolution crop
+    is then a window of the normalised slice; with the bands on, the same draws give a different image."""
     import dataclasses
 
     from augment_dali.preview import augment_images
 
     stats = load_energy_stats(aug_dataset)["modalities"]["mr"]
     real = pydicom.dcmread(sorted((dicom_dir / "mr_mprage_sagittal_192").glob("*.dcm"))[90]).pixel_array
-    identity = dict(scale_range=(1.0, 1.0 + 1e-7), p_gamma=0.0, linear_scale_range=(1.0, 1.0 + 1e-7),
-                    linear_shift_range=(0.0, 1e-7))   # DALI's uniform needs lo < hi
+    identity = dict(scale_range=(1.0, 1.0), p_gamma=0.0, linear_scale_range=(1.0, 1.0), linear_shift_range=(0.0, 0.0))
     off = dataclasses.replace(AugmentConfig.small(size_range=(8, 512)), energy_bands=False, **identity)
     crops_off, _ = augment_images([real], "mr", stats, off, seed=1)
     crops_on, _ = augment_images([real], "mr", stats, dataclasses.replace(off, energy_bands=True), seed=1)
@@ -422,6 +421,8 @@ def test_energy_bands_can_be_switched_off(aug_dataset, dicom_dir):
         windows = np.lib.stride_tricks.sliding_window_view(norm, crop.shape)
         assert np.abs(windows - crop).max(axis=(2, 3)).min() < 1e-6
     assert np.abs(crops_on[0] - crops_off[0]).max() > 0.05
+    with pytest.raises(ValueError, match="linear_shift_range must satisfy min <= max"):
+        AugmentConfig(linear_shift_range=(0.1, -0.1))
 
 
 def test_preview_cli_draws_every_modality(aug_dataset, tmp_path):
