@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="cores each arm may use: torch threads, DALI threads (default 2)")
     p.add_argument("--medswav-flags", default="", metavar="FLAGS",
                    help="extra `python -m train` flags for the medswav arm, for ablations, e.g. "
-                        "\"--augment.num-crops 2,6 --base-lr 0.3\" (default: none, the config as it is)")
+                        "\"--augment.num-crops 2,6 --base-lr 0.3\"; one flag alone needs the = form, "
+                        "--medswav-flags=--no-augment.energy-bands (default: none, the config as it is)")
     p.add_argument("--pictures", type=Path, metavar="DIR",
                    help="also draw each data set's nearest neighbours per arm to DIR/neighbours_NAME.png")
     p.add_argument("--work", type=Path, help="folder for datasets, runs and backbones, kept (default: a temporary one, removed at the end)")
