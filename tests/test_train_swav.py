@@ -42,15 +42,21 @@ def test_sinkhorn_marginals():
     torch.testing.assert_close(q_many.sum(1), torch.ones(24), rtol=0, atol=1e-5)
 
 
+def _plain_sinkhorn(scores: torch.Tensor, eps: float, iterations: int = 3) -> torch.Tensor:
+    """SwAV's Sinkhorn-Knopp as written in its paper, in float64, without the max shift: [B, K] codes."""
+    b, k = scores.shape
+    q = torch.exp(scores.double() / eps).t()
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= q.sum(1, keepdim=True); q /= k
+        q /= q.sum(0, keepdim=True); q /= b
+    return (q * b).t()
+
+
 def test_sinkhorn_is_overflow_safe_and_matches_plain_formula():
     scores, _, _ = _scores(1, 10, 5)
     # Reference without the max shift, in float64 (no overflow there): the shift changes nothing.
-    q = torch.exp(scores[0].double() / 0.03).t()
-    q /= q.sum()
-    for _ in range(3):
-        q /= q.sum(1, keepdim=True); q /= 5
-        q /= q.sum(0, keepdim=True); q /= 10
-    torch.testing.assert_close(sinkhorn(scores[0]).double(), (q * 10).t(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sinkhorn(scores[0]).double(), _plain_sinkhorn(scores[0], 0.03), rtol=1e-5, atol=1e-7)
     # The extreme spread of normalised features (+1 vs -1): exp(66.7) would overflow fp16; fp32 is safe.
     extreme = torch.where(scores[0] > 0, 1.0, -1.0).half()
     q = sinkhorn(extreme)
@@ -65,13 +71,9 @@ def test_sinkhorn_small_epsilon_keeps_a_far_prototype_finite():
     scores, _, _ = _scores(1, 8, 4, seed=3)
     s = torch.cat([scores[0].clamp(0.2, 1.0), torch.full((8, 1), -0.6)], dim=1)   # [8, 5], column 4 far
     assert (torch.exp((s - s.max()) / 0.01).float()[:, 4] == 0).all()           # what fp32 would compute
-    q_ref = torch.exp(s.double() / 0.01).t()
-    for _ in range(3):
-        q_ref /= q_ref.sum(1, keepdim=True); q_ref /= 5
-        q_ref /= q_ref.sum(0, keepdim=True); q_ref /= 8
     q = sinkhorn(s, eps=0.01, iterations=3)
     assert q.dtype == torch.float32 and torch.isfinite(q).all()
-    torch.testing.assert_close(q.double(), (q_ref * 8).t(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(q.double(), _plain_sinkhorn(s, 0.01), rtol=1e-5, atol=1e-7)
     assert q[:, 4].sum() > 1.0                                                     # B / K = 1.6 in the limit
     with pytest.raises(ValueError, match="underflows"):
         sinkhorn(s, eps=0.002)

@@ -32,6 +32,8 @@ else:  # pragma: no cover
 # Plain dataclasses: importing them loads neither DALI nor the operator plugin (augment_dali's __init__).
 from augment_dali.config import AugmentConfig, NormalizeConfig
 
+MIN_EPSILON = 0.003   # Sinkhorn: exp(-2 / epsilon) is then still a normal float64 (smallest: exp(-708))
+
 
 @dataclass
 class Config:
@@ -337,8 +339,8 @@ def validate(cfg: Config) -> None:
         fail(f"device {cfg.device!r}: choose auto, cpu or cuda")
     if cfg.max_seconds < 0:
         fail(f"max_seconds {cfg.max_seconds}: must be >= 0 (0: no time budget)")
-    if cfg.epsilon < 2.0 / 700:
-        fail(f"epsilon {cfg.epsilon}: must be >= 0.003 (exp(-2 / epsilon) underflows below; METHOD uses 0.03-0.05)")
+    if cfg.epsilon < MIN_EPSILON:
+        fail(f"epsilon {cfg.epsilon}: must be >= {MIN_EPSILON} (exp(-2 / epsilon) underflows below; METHOD uses 0.03-0.05)")
     if not cfg.synthetic and not cfg.data:
         fail("give --data DATASET (a shard dataset folder or .npz files) or --synthetic")
 

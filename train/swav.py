@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
-MIN_EPSILON = 2.0 / 700   # exp(-2 / eps) is then still a normal float64 (smallest: exp(-708))
+from .config import MIN_EPSILON
 
 
 def _dist_on() -> bool:
