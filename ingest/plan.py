@@ -704,9 +704,10 @@ def previous_frames(root: Path, key_range: tuple[int, int] | None = None, with_s
 
 # ---------------------------------------------------------------- planning on a cluster
 #
-# A. one task per inventory part: attach the source path, add the bucket of each row (a range of the
-#    SOP hash), write the part again sorted by bucket (a row group per bucket) under DATASET.paths/work/gNNN/buckets
-#    (ingest.paths.work_dir: the rows carry source paths).
+# A. one task per few consecutive inventory parts (`part_groups`): attach the source path, add the bucket
+#    of each row (a range of the SOP hash), write the rows again sorted by bucket (with an index of each
+#    bucket's byte range) under DATASET.paths/work/gNNN/buckets (ingest.paths.work_dir: the rows carry
+#    source paths).
 # B. one task per bucket: read the bucket's rows of every part (row-group statistics skip the rest),
 #    keep one row per source file, plan them (`plan_rows`: every copy of a SOP instance is in the same
 #    bucket, so dedup is exact), write the errors (errors/plan-gNNN-bBBBBB.parquet) and the planned
@@ -819,14 +820,12 @@ def _read_slots(path: Path, first: int, last: int, schema: pa.Schema) -> pa.Tabl
     return pa.Table.from_batches(batches, schema)
 
 
-def bucket_part(part: str, *, root: str, generation: int, buckets: int, hash_paths: bool,
-                volumes: bool = False) -> int:
-    """Phase A for one inventory part; returns its row count."""
+def _part_with_paths(part: str, root: Path, generation: int, hash_paths: bool) -> pa.Table:
+    """One inventory part with every column phase A writes, "path" included."""
     import pyarrow.compute as pc
 
     from .paths import PATHS_SCHEMA, generation_map_dir
 
-    root_ = Path(root)
     table = pq.read_table(part)
     for name, kind in [("native_layout", pa.string()), *((f.name, f.type) for f in INVENTORY_EXTENSION)]:
         # absent: an older part, or a DICOM one (the extension is for non-DICOM rows)
@@ -834,21 +833,38 @@ def bucket_part(part: str, *, root: str, generation: int, buckets: int, hash_pat
             table = table.append_column(name, pa.nulls(table.num_rows, kind))
     table = table.select([*INVENTORY_SCHEMA.names, *INVENTORY_EXTENSION.names])
     if hash_paths:  # the scan task wrote its path map beside the dataset: part-gNNN-TTTTT-BBB <-> map/part-TTTTT-BBB
-        paths_file = generation_map_dir(root_, generation) / "map" / ("part-" + Path(part).name.split("-", 2)[2])
+        paths_file = generation_map_dir(root, generation) / "map" / ("part-" + Path(part).name.split("-", 2)[2])
         if paths_file.exists():
             paths = first_per_source(pq.read_table(paths_file, schema=PATHS_SCHEMA))
             table = with_paths(table, paths)
-            table = table.set_column(table.column_names.index("path"), "path", pc.fill_null(table.column("path"), ""))
-        else:
-            table = table.append_column("path", pa.array([""] * table.num_rows, pa.string()))
-    else:
-        table = table.append_column("path", table.column("source"))
+            return table.set_column(table.column_names.index("path"), "path", pc.fill_null(table.column("path"), ""))
+        return table.append_column("path", pa.array([""] * table.num_rows, pa.string()))
+    return table.append_column("path", table.column("source"))
+
+
+def bucket_parts(parts: list[str], *, root: str, generation: int, buckets: int, hash_paths: bool,
+                 volumes: bool = False) -> int:
+    """Phase A for a few inventory parts (one file out); returns their row count."""
+    root_ = Path(root)
+    table = pa.concat_tables([_part_with_paths(p, root_, generation, hash_paths).select(BUCKETED_SCHEMA.names)
+                              .cast(BUCKETED_SCHEMA) for p in parts])
     bucket = bucket_of(bucket_key32(table, volumes), buckets).astype(np.int32)
     order = np.argsort(bucket, kind="stable")
     table = table.take(pa.array(order))
-    table = table.select(BUCKETED_SCHEMA.names).cast(BUCKETED_SCHEMA)
-    _write_slots(table, _work(root_, generation, "buckets") / f"{Path(part).stem}.arrows", bucket[order], buckets)
+    _write_slots(table, _work(root_, generation, "buckets") / f"{Path(parts[0]).stem}.arrows", bucket[order], buckets)
     return table.num_rows
+
+
+def part_groups(parts: list[str], rows: int, workers: int) -> list[list[str]]:
+    """Phase A's tasks: consecutive inventory parts, about two tasks per worker, at most about BUCKET_ROWS
+    rows each. One task per part would make phase A (a Dask round trip and a file written per task) and
+    phase B (every bucket task reads every phase-A file) grow with the scan's task count, 16 per worker."""
+    if not parts:
+        return []
+    by_tasks = -(-len(parts) // (2 * max(1, workers)))
+    by_rows = max(1, BUCKET_ROWS * len(parts) // max(1, rows))  # parts of average size that fit in a task
+    per = max(1, min(by_tasks, by_rows))
+    return [parts[i:i + per] for i in range(0, len(parts), per)]
 
 
 _LABELS: dict = {}
@@ -1020,7 +1036,7 @@ def plan_generation(client, root: Path, generation: int, *, rows: int, modality_
             raise PlanFailed(f"{len(failures)} {desc} task(s) failed: {type(first).__name__}: {first}")
         return results
 
-    phase("plan: bucket", bucket_part, parts, lambda p: f"plan-bucket-{Path(p).stem}-{tag}", root=str(root),
+    phase("plan: bucket", bucket_parts, part_groups(parts, rows, workers), lambda ps: f"plan-bucket-{Path(ps[0]).stem}-{tag}", root=str(root),
           generation=generation, buckets=buckets, hash_paths=hash_paths, volumes=volumes)
     counted = phase("plan: dedup", plan_bucket, list(range(buckets)), lambda b: f"plan-dedup-{b}-{tag}",
                     root=str(root), generation=generation, buckets=buckets, slabs_log2=slabs_log2,

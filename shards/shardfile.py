@@ -30,6 +30,31 @@ IN_FLIGHT = 2    # O_DIRECT writes at once: the disk's queue never runs dry whil
 SYNC_EVERY = 8 << 20  # without O_DIRECT: bytes between background fdatasyncs
 ALIGN = 4096     # O_DIRECT offset / length / address alignment (mmap memory is page-aligned)
 
+# Blocks of closed shard files, reused by the next one in this process: a fresh anonymous mapping costs
+# one page fault per 4 KiB on first touch (1,536 per shard with three 2 MiB blocks; on the development
+# VM a fault costs ~6 us, so a worker writing a shard every 0.2 s spent ~5 % of its time faulting).
+_SPARE_BLOCKS: list[mmap.mmap] = []
+_SPARE_LOCK = threading.Lock()
+MAX_SPARE_BLOCKS = 2 * (IN_FLIGHT + 1)
+
+
+def _new_block() -> mmap.mmap:
+    with _SPARE_LOCK:
+        while _SPARE_BLOCKS:
+            block = _SPARE_BLOCKS.pop()
+            if len(block) == BLOCK:
+                return block
+            block.close()  # BLOCK was changed (tests do): a block of the old size would not fit
+    return mmap.mmap(-1, BLOCK)
+
+
+def _release_block(block: mmap.mmap) -> None:
+    with _SPARE_LOCK:
+        if len(_SPARE_BLOCKS) < MAX_SPARE_BLOCKS:
+            _SPARE_BLOCKS.append(block)
+            return
+    block.close()
+
 
 class ShardFile:
     """Write-only, sequential, checksummed; `close(sync=True)` returns once the bytes are durable."""
@@ -49,7 +74,7 @@ class ShardFile:
         self.path = Path(path)
         self.crc = 0
         self.size = 0
-        self._blocks = [mmap.mmap(-1, BLOCK) for _ in range(IN_FLIGHT + 1)]
+        self._blocks = [_new_block() for _ in range(IN_FLIGHT + 1)]
         self._current = 0     # index of the block being filled
         self._fill = 0        # bytes in it
         self._offset = 0      # file offset of its first byte
@@ -167,6 +192,7 @@ class ShardFile:
         sync=False: stop writing (an aborted shard, whose file the caller deletes)."""
         if self.closed:
             return
+        clean = False  # every write joined without error: the blocks are free for the next shard file
         try:
             if sync:
                 self._wait()  # first: a failed O_DIRECT write may have switched to buffered writes
@@ -176,15 +202,20 @@ class ShardFile:
                     self._wait()
                     os.ftruncate(self._fd, self.size)
                 os.fsync(self._fd)
+                clean = True
             else:
                 try:
                     self._wait()
+                    clean = True
                 except Exception:
                     pass  # the shard is being thrown away
         finally:
             self.closed = True
             os.close(self._fd)
             for block in self._blocks:
+                if clean:
+                    _release_block(block)  # padding past the true size is stale bytes, cut by ftruncate
+                    continue
                 try:
                     block.close()
                 except BufferError:

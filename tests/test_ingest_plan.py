@@ -93,9 +93,10 @@ def test_cluster_planning_equals_one_process_planning_for_any_bucket_count(real_
     assert len(expected) >= 8 and {i["split"] for i in expected_plan.shards.values()} == {"train", "val"}
     assert any(e["reason"] == "duplicate SOPInstanceUID" for e in expected_plan.errors)
     assert any(len(f) for t in expected.values() for f in t.column("fallbacks").to_pylist())
-    for buckets in (1, 7):
+    for buckets, parts in ((1, 3), (7, 9)):  # 9 parts on 2 workers: phase A reads 3 parts per task
         root = tmp_path / f"b{buckets}"
-        _write_inventory(root, 0, real_inventory, parts=3)
+        _write_inventory(root, 0, real_inventory, parts=parts)
+        assert len(planning.part_groups([str(i) for i in range(parts)], len(real_inventory), 2)) == 3  # 3 x 1 part, 3 x 3 parts
         plan = planning.plan_generation(client, root, 0, rows=len(real_inventory), shard_size=1_500_000, salt=SALT,
                                         hash_paths=False, labels_path=None, buckets=buckets, **SETTINGS)
         assert plan.shards == expected_plan.shards
@@ -109,6 +110,17 @@ def test_cluster_planning_equals_one_process_planning_for_any_bucket_count(real_
             mine = records.filter(pa.compute.equal(records.column("shard"), name))
             assert mine.column("sop_hash").to_pylist() == spec.column("sop_hash").to_pylist()
             assert mine.column("frame").to_pylist() == spec.column("frame").to_pylist()
+
+
+def test_phase_a_tasks_group_parts_without_exceeding_a_bucket_of_rows():
+    from ingest.plan import BUCKET_ROWS, part_groups
+
+    parts = [f"p{i:03d}" for i in range(100)]
+    for rows, workers, tasks in ((20_000, 1, 2), (20_000, 2, 4), (10 * BUCKET_ROWS, 2, 10), (300 * BUCKET_ROWS, 8, 100)):
+        groups = part_groups(parts, rows, workers)
+        assert len(groups) == tasks and [p for g in groups for p in g] == parts  # every part once, in order
+        assert max(map(len, groups)) * rows / len(parts) <= max(BUCKET_ROWS, rows / len(parts))
+    assert part_groups([], 0, 2) == []
 
 
 def test_a_later_generation_skips_every_slice_planned_before_whatever_the_bucket_counts(real_inventory, client,

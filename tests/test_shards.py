@@ -189,6 +189,38 @@ def test_shard_file_switches_to_buffered_writes_when_o_direct_is_refused(tmp_pat
     assert all(offset % shardfile.BLOCK == 0 for offset in refused)
 
 
+def test_shard_files_reuse_blocks_and_a_short_file_holds_none_of_the_last_ones_bytes(tmp_path, monkeypatch):
+    """A closed shard file's blocks serve the next one (no fresh pages to fault in); the next file's
+    padded last block still carries the earlier file's bytes, which must never reach the file."""
+    import zlib
+
+    import shards.shardfile as shardfile
+
+    monkeypatch.setattr(shardfile, "BLOCK", 1 << 20)
+    monkeypatch.setattr(shardfile, "_SPARE_BLOCKS", [])
+    rng = np.random.default_rng(2)
+    first = rng.integers(1, 256, (2 << 20) + 5000, dtype=np.uint8).tobytes()  # no zero byte anywhere
+    f = shardfile.ShardFile(tmp_path / "a.tar")
+    f.write(first)
+    f.close(sync=True)
+    spare = list(shardfile._SPARE_BLOCKS)
+    assert len(spare) == shardfile.IN_FLIGHT + 1
+    second = bytes(777)  # zeros, shorter than one alignment unit
+    g = shardfile.ShardFile(tmp_path / "b.tar")
+    assert {id(b) for b in g._blocks} == {id(b) for b in spare}  # the same blocks, not new mappings
+    g.write(second)
+    g.close(sync=True)
+    assert (tmp_path / "b.tar").read_bytes() == second and g.crc == zlib.crc32(second)
+    assert (tmp_path / "a.tar").read_bytes() == first
+    # an aborted file (close without sync after a failed write) does not hand its blocks on
+    monkeypatch.setattr(shardfile, "_SPARE_BLOCKS", [])
+    h = shardfile.ShardFile(tmp_path / "c.tar")
+    h._error = OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        h.close(sync=True)
+    assert shardfile._SPARE_BLOCKS == [] and all(b.closed for b in h._blocks)
+
+
 def test_checksums_are_zlib_crc32():
     import zlib
 
