@@ -11,11 +11,14 @@ WORKER_MALLOC_THRESHOLD = 256 * 2**20
 
 
 def _warm_imports() -> None:
+    import pyarrow.acero  # noqa: F401  planning's joins, sorts and datasets (~50 ms on a worker's first plan task)
+    import pyarrow.compute  # noqa: F401
+    import pyarrow.dataset  # noqa: F401
     import pydicom.pixels  # noqa: F401  decoders and plugins
     import shards.writer  # noqa: F401
     import webdataset  # noqa: F401  (imports torch when installed: seconds per process)
 
-    from . import convert, scan  # noqa: F401
+    from . import convert, finalize, plan, scan  # noqa: F401
 
 
 @contextmanager
