@@ -97,6 +97,10 @@ BUCKETED_SCHEMA = pa.schema([*INVENTORY_SCHEMA, *INVENTORY_EXTENSION, ("path", p
 ORDER_SHIFT = 30                   # shard_of works on order >> 30 (< 2**33), so order * n stays in int64
 MAX_SHARDS_PER_GROUP = (1 << 30) - 1
 BUCKET_ROWS = 100_000              # inventory rows per planning bucket (~0.5 GB of worker memory each)
+# The planning work files are written once and read once or twice, then deleted: LZ4 costs a third of
+# zstd's CPU to write and read (20 k slices on 2 workers: plan 0.70 -> 0.53 s) for files ~1.8x larger
+# (~170 against ~95 bytes per inventory row), which at 1 B rows is ~0.3 TB more transient I/O.
+WORK_COMPRESSION = "lz4"
 ROW_GROUP_ROWS = 16_384            # row groups / record batches of the planning work files
 
 
@@ -777,7 +781,7 @@ def _write_slots(table: pa.Table, path: Path, slot: np.ndarray, slots: int) -> N
 
     bounds = np.searchsorted(slot, np.arange(slots + 1)).tolist()
     offsets = np.empty(slots + 1, np.int64)
-    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    options = pa.ipc.IpcWriteOptions(compression=WORK_COMPRESSION)
 
     def write(tmp: Path) -> None:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema, options=options) as writer:
