@@ -146,6 +146,11 @@ def test_tar_is_byte_identical_to_webdatasets_stream_writer(tmp_path, real_slice
             meta = shards.SampleMeta(modality="ct", split="train", sop_hash=shards.salted_hash(uid, SALT))
             w.write(key, pixels, meta)
             tw.write({"__key__": key, "json": meta.to_json(), "npy": writer.npy_bytes(pixels.astype(pixels.dtype.newbyteorder("<")))})
+        # a key too long for a ustar header: the member gets a PAX extended header, as with TarWriter
+        key = "k" * 110
+        meta = shards.SampleMeta(modality="ct", split="train", sop_hash=shards.salted_hash("long", SALT))
+        w.write(key, pixels, meta)
+        tw.write({"__key__": key, "json": meta.to_json(), "npy": writer.npy_bytes(pixels.astype(pixels.dtype.newbyteorder("<")))})
     tw.close()
     written = (tmp_path / "shards" / "ct" / "ct-g000-000000.tar").read_bytes()
     assert len(written) > 3 << 20 and written == reference.getvalue()
