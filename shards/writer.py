@@ -103,10 +103,10 @@ class ShardWriter:
 
     def _add_member(self, key: str, extension: str, data: bytes) -> Member:
         name = member_name(key, extension)
-        # A name that fits the ustar header gets exactly the bytes the PAX writer would give it (which adds
-        # an extended header only for what does not fit), without its ~20 us of checks per member.
-        self._tarwriter.tarstream.format = tarfile.USTAR_FORMAT if len(name) <= 100 and name.isascii() \
-            else tarfile.PAX_FORMAT
+        # A member whose name and size fit the ustar header gets exactly the bytes the PAX writer would give
+        # it (which adds an extended header only for what does not fit), without its ~20 us of checks.
+        fits = len(name) <= 100 and name.isascii() and len(data) < 8 ** 11  # 100 bytes, 11 octal digits
+        self._tarwriter.tarstream.format = tarfile.USTAR_FORMAT if fits else tarfile.PAX_FORMAT
         self._tarwriter.write({"__key__": key, extension: data})
         end = self._tarwriter.tarstream.offset  # end of the data, padded to a 512-byte block
         padded = -(-len(data) // 512) * 512
