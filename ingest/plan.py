@@ -712,7 +712,7 @@ def previous_frames(root: Path, key_range: tuple[int, int] | None = None, with_s
 #    of each row (a range of the SOP hash), write the rows again sorted by bucket (with an index of each
 #    bucket's byte range) under DATASET.paths/work/gNNN/buckets (ingest.paths.work_dir: the rows carry
 #    source paths).
-# B. one task per bucket: read the bucket's rows of every part (row-group statistics skip the rest),
+# B. one task per bucket: read the bucket's byte range of every phase-A file (its index gives the range),
 #    keep one row per source file, plan them (`plan_rows`: every copy of a SOP instance is in the same
 #    bucket, so dedup is exact), write the errors (errors/plan-gNNN-bBBBBB.parquet) and the planned
 #    slices sorted by (group, order) under DATASET.paths/work/gNNN/planned. Returns counts per group only.

@@ -37,7 +37,7 @@ ALIGN = 4096     # O_DIRECT offset / length / address alignment (mmap memory is 
 # one page fault per 4 KiB on first touch (1,536 per shard with three 2 MiB blocks; on the development
 # VM a fault costs ~6 us, so a worker writing a shard every 0.2 s spent ~5 % of its time faulting).
 _SPARE_BLOCKS: list[mmap.mmap] = []
-_SPARE_LOCK = threading.Lock()
+_POOLS_LOCK = threading.Lock()  # guards the spare blocks and the write pool below
 MAX_SPARE_BLOCKS = 2 * (IN_FLIGHT + 1)
 
 
@@ -47,14 +47,14 @@ _WRITE_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a fork
 
 def _write_pool() -> ThreadPoolExecutor:
     global _WRITE_POOL
-    with _SPARE_LOCK:
+    with _POOLS_LOCK:
         if _WRITE_POOL is None or _WRITE_POOL[0] != os.getpid():
             _WRITE_POOL = (os.getpid(), ThreadPoolExecutor(MAX_WRITE_THREADS, thread_name_prefix="shardfile-write"))
         return _WRITE_POOL[1]
 
 
 def _new_block() -> mmap.mmap:
-    with _SPARE_LOCK:
+    with _POOLS_LOCK:
         while _SPARE_BLOCKS:
             block = _SPARE_BLOCKS.pop()
             if len(block) == BLOCK:
@@ -64,7 +64,7 @@ def _new_block() -> mmap.mmap:
 
 
 def _release_block(block: mmap.mmap) -> None:
-    with _SPARE_LOCK:
+    with _POOLS_LOCK:
         if len(_SPARE_BLOCKS) < MAX_SPARE_BLOCKS:
             _SPARE_BLOCKS.append(block)
             return
