@@ -15,10 +15,11 @@ def _warm_imports() -> None:
     import pyarrow.compute  # noqa: F401
     import pyarrow.dataset  # noqa: F401
     import pydicom.pixels  # noqa: F401  decoders and plugins
+    import shards.dataset  # noqa: F401  error parts (plan, convert)
     import shards.writer  # noqa: F401
     import webdataset  # noqa: F401  (imports torch when installed: seconds per process)
 
-    from . import convert, finalize, plan, scan  # noqa: F401
+    from . import convert, finalize, header, plan, scan  # noqa: F401
 
 
 @contextmanager
